@@ -1,0 +1,65 @@
+"""KV pool with one index-key row per KV slot for each sparse layer.
+
+The index key of a token lives in the same slot as its K and V, so everything SGLang does with slots —
+radix-cache prefix sharing, chunked prefill, eviction, retraction — carries the index lane for free, as long
+as every path that moves K/V rows moves index rows too. This class owns those paths.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+
+def index_k_bytes_per_token(sparse_layer_ids, start_layer: int, end_layer: int, index_dim: int,
+                            dtype: torch.dtype) -> int:
+    """Bytes the index lane adds to one KV slot on this rank (only this pipeline stage's sparse layers)."""
+    local = [l for l in sparse_layer_ids if start_layer <= l < end_layer]
+    return len(local) * index_dim * torch._utils._element_size(dtype)
+
+
+class M3KVPool(MHATokenToKVPool):
+    def __init__(self, *args, sparse_layer_ids=(), index_dim: int = 128, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.index_dim = index_dim
+        self.sparse_layer_ids = tuple(l for l in sparse_layer_ids if self.start_layer <= l < self.end_layer)
+        self._index_slot = {layer_id: i for i, layer_id in enumerate(self.sparse_layer_ids)}
+        # Same row count as K/V (slot 0 included, which padded tokens write into).
+        rows = self.k_buffer[0].shape[0] if self.layer_num else self.size + self.page_size
+        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
+            self.index_k_buffer = [torch.zeros(rows, index_dim, dtype=self.dtype, device=self.device)
+                                   for _ in self.sparse_layer_ids]
+
+    # ---- the index lane -------------------------------------------------------------------------------
+    def get_index_k_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.index_k_buffer[self._index_slot[layer_id]]
+
+    def set_index_k_buffer(self, layer_id: int, loc: torch.Tensor, index_k: torch.Tensor) -> None:
+        self.get_index_k_buffer(layer_id)[loc] = index_k.reshape(-1, self.index_dim).to(self.dtype)
+
+    # ---- lifecycle paths that must carry the lane with K/V --------------------------------------------
+    def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
+        super().move_kv_cache(tgt_loc, src_loc)
+        for buf in self.index_k_buffer:
+            buf[tgt_loc] = buf[src_loc]
+
+    def get_cpu_copy(self, indices, mamba_indices=None):
+        kv = super().get_cpu_copy(indices, mamba_indices)
+        index_k = [buf[indices].to("cpu", non_blocking=True) for buf in self.index_k_buffer]
+        torch.get_device_module(self.device).synchronize() if self.device != "cpu" else None
+        return {"kv": kv, "index_k": index_k}
+
+    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
+        super().load_cpu_copy(kv_cache_cpu["kv"], indices, mamba_indices)
+        for buf, rows in zip(self.index_k_buffer, kv_cache_cpu["index_k"]):
+            buf[indices] = rows.to(buf.device, non_blocking=True)
+
+    def get_kv_size_bytes(self):
+        """(K bytes, V bytes); the index lane is counted with K — it is the indexer's key cache."""
+        k_bytes, v_bytes = super().get_kv_size_bytes()
+        return k_bytes + sum(b.numel() * b.element_size() for b in self.index_k_buffer), v_bytes
+
+    def _clear_buffers(self):
+        del self.index_k_buffer
+        super()._clear_buffers()

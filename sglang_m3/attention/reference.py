@@ -1,0 +1,261 @@
+"""MiniMax Sparse Attention (MSA) in plain torch, over SGLang's paged KV cache.
+
+This file is the executable spec of MSA (M3_SPEC.md §3.2-3.6). It is used
+  * as the CPU execution path of the M3 sparse layers, and
+  * as the test oracle of the Triton kernels, which keep exactly these signatures.
+So it favours obviously-correct, fp32 computation over speed; it is vectorised with torch
+only so that it stays usable for real sequence lengths (tens of thousands of tokens).
+
+Batch layout (SGLang extend/decode conventions):
+  * request i has ``seq_lens[i]`` visible tokens after this forward; its ``extend_seq_lens[i]``
+    new tokens are packed along the token axis T starting at ``extend_start_loc[i]``;
+  * new token r of request i sits at absolute position ``seq_lens[i] - extend_seq_lens[i] + r``;
+  * ``req_to_token[req_pool_indices[i], pos]`` is the cache slot of position ``pos``;
+  * keys (K, V and the index key) of every position < seq_lens[i], the new tokens included,
+    are already in the caches ("update before index": a token's own key takes part).
+
+MSA per new token p (absolute position) and index head h == KV head h:
+  s_h(p, j)     = <index_q[p, h], index_k(j)>             (fp32, only keys j <= p)
+  score_h(p, b) = max_{j in block b, j <= p} s_h(p, j)     (blocks anchored at absolute positions)
+  nb(p)         = p // block_size + 1                      (visible blocks)
+  forced        = {b < init_blocks} U {b >= nb(p) - local_blocks}, within the visible blocks
+  sel_h(p)      = the min(topk_blocks, nb(p)) visible blocks with the highest score, forced first
+  out[p, qh]    = softmax attention of query head qh over the keys j <= p whose block is in
+                  sel_{qh // group}(p)   (group = Hq // Hkv; selection is per KV group, never pooled)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["store_index_k", "index_block_topk", "sparse_attention"]
+
+# Upper bound on the number of fp32 elements of one [queries, heads, keys] score tile. Queries of
+# a request are processed in chunks so memory stays bounded for long sequences (e.g. 64 query
+# heads x 64k keys -> 4 queries per chunk). Module-level so tests can shrink it.
+_TILE_ELEMS = 1 << 24
+_MAX_QUERY_CHUNK = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _request_metadata(req_to_token, req_pool_indices, seq_lens, extend_seq_lens,
+                      extend_start_loc, num_tokens):
+    """Validate the per-request metadata and return it as Python lists.
+
+    This is the only host<->device sync of the module: one transfer per metadata tensor, needed
+    anyway because the loop over requests is on the host.
+    """
+    _check(req_to_token.dim() == 2, f"req_to_token must be 2-D [pool, max_len], got {tuple(req_to_token.shape)}")
+    bs = req_pool_indices.numel()
+    for name, t in (("seq_lens", seq_lens), ("extend_seq_lens", extend_seq_lens),
+                    ("extend_start_loc", extend_start_loc)):
+        _check(t.dim() == 1 and t.numel() == bs,
+               f"{name} must be 1-D with one entry per request ({bs}), got shape {tuple(t.shape)}")
+    rows = req_pool_indices.tolist()
+    lens = seq_lens.tolist()
+    ext = extend_seq_lens.tolist()
+    start = extend_start_loc.tolist()
+    for i in range(bs):
+        _check(0 <= rows[i] < req_to_token.shape[0],
+               f"req_pool_indices[{i}]={rows[i]} out of range for req_to_token with {req_to_token.shape[0]} rows")
+        _check(0 <= ext[i] <= lens[i],
+               f"request {i}: need 0 <= extend_seq_lens ({ext[i]}) <= seq_lens ({lens[i]})")
+        _check(lens[i] <= req_to_token.shape[1],
+               f"request {i}: seq_lens {lens[i]} exceeds req_to_token width {req_to_token.shape[1]}")
+        _check(start[i] >= 0 and start[i] + ext[i] <= num_tokens,
+               f"request {i}: tokens [{start[i]}, {start[i] + ext[i]}) fall outside the {num_tokens} packed tokens")
+    return rows, lens, ext, start
+
+
+def _query_chunk(heads: int, keys: int) -> int:
+    return max(1, min(_MAX_QUERY_CHUNK, _TILE_ELEMS // max(1, heads * keys)))
+
+
+# ----------------------------------------------------------------------------------------------
+# index-key cache
+# ----------------------------------------------------------------------------------------------
+
+
+def store_index_k(index_k_cache: Tensor, loc: Tensor, index_k: Tensor) -> None:
+    """Write the (single-head) index keys of the new tokens into their cache slots, in place.
+
+    index_k_cache [num_slots, Di]; loc [T] int64 slots; index_k [T, Di] or [T, 1, Di].
+    Values are cast to the cache dtype (bf16 / fp8 caches).
+    """
+    _check(index_k_cache.dim() == 2, f"index_k_cache must be [num_slots, Di], got {tuple(index_k_cache.shape)}")
+    _check(loc.dim() == 1, f"loc must be 1-D [T], got {tuple(loc.shape)}")
+    di = index_k_cache.shape[1]
+    if index_k.dim() == 3:
+        _check(index_k.shape[1] == 1, f"index_k has {index_k.shape[1]} heads; M3 has ONE shared index-key head")
+        index_k = index_k[:, 0]
+    _check(index_k.dim() == 2 and index_k.shape == (loc.numel(), di),
+           f"index_k must be [T={loc.numel()}, Di={di}] (or [T, 1, Di]), got {tuple(index_k.shape)}")
+    index_k_cache[loc] = index_k.to(index_k_cache.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# lightning indexer: block scores + forced top-k
+# ----------------------------------------------------------------------------------------------
+
+
+def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tensor,
+                     req_pool_indices: Tensor, seq_lens: Tensor, extend_seq_lens: Tensor,
+                     extend_start_loc: Tensor, *, block_size: int, topk_blocks: int,
+                     init_blocks: int = 0, local_blocks: int = 1, out: Tensor | None = None) -> Tensor:
+    """Select, per new token and per index head, the key blocks it attends to.
+
+    index_q [T, H, Di]; index_k_cache [num_slots, Di] (ONE index-key head shared by all H heads).
+    Returns int32 [T, H, topk_blocks] (written into ``out`` if given): the selected block ids of
+    each (token, head) sorted ascending, padded with -1. Rows of tokens not owned by any request
+    are left untouched in ``out`` (and are -1 in a freshly allocated result).
+    """
+    _check(index_q.dim() == 3, f"index_q must be [T, H, Di], got {tuple(index_q.shape)}")
+    _check(index_k_cache.dim() == 2, f"index_k_cache must be [num_slots, Di], got {tuple(index_k_cache.shape)}")
+    T, H, di = index_q.shape
+    _check(index_k_cache.shape[1] == di,
+           f"index head dim mismatch: index_q has Di={di}, index_k_cache has Di={index_k_cache.shape[1]}")
+    _check(block_size >= 1, f"block_size must be >= 1, got {block_size}")
+    _check(topk_blocks >= 1, f"topk_blocks must be >= 1, got {topk_blocks}")
+    _check(init_blocks >= 0 and local_blocks >= 0,
+           f"init_blocks ({init_blocks}) and local_blocks ({local_blocks}) must be >= 0")
+    # Otherwise the forced blocks could not all fit into the selection.
+    _check(init_blocks + local_blocks <= topk_blocks,
+           f"init_blocks + local_blocks ({init_blocks} + {local_blocks}) must be <= topk_blocks ({topk_blocks})")
+    if out is None:
+        out = torch.full((T, H, topk_blocks), -1, dtype=torch.int32, device=index_q.device)
+    else:
+        _check(tuple(out.shape) == (T, H, topk_blocks),
+               f"out must have shape {(T, H, topk_blocks)}, got {tuple(out.shape)}")
+    rows, lens, ext, start = _request_metadata(req_to_token, req_pool_indices, seq_lens,
+                                               extend_seq_lens, extend_start_loc, T)
+    dev = index_q.device
+
+    for i in range(len(rows)):
+        n_new, prefix = ext[i], lens[i] - ext[i]
+        if n_new == 0:
+            continue
+        slots = req_to_token[rows[i], : lens[i]].long()
+        ik = index_k_cache[slots].float()  # [S, Di]; gathered once, fp32 (bf16/fp8 caches)
+        chunk = _query_chunk(H, lens[i])
+        for c0 in range(0, n_new, chunk):
+            c1 = min(n_new, c0 + chunk)
+            pos = torch.arange(prefix + c0, prefix + c1, device=dev)  # absolute query positions
+            n_keys = prefix + c1  # keys beyond the chunk's last query are never visible
+            n_blk = -(-n_keys // block_size)
+            iq = index_q[start[i] + c0: start[i] + c1].float()  # [C, H, Di]
+
+            # s_h(p, j), -inf for future keys and for the padding of the last (partial) block.
+            s = torch.einsum("chd,sd->chs", iq, ik[:n_keys])
+            key_pos = torch.arange(n_blk * block_size, device=dev)
+            s = torch.nn.functional.pad(s, (0, n_blk * block_size - n_keys), value=float("-inf"))
+            s = s.masked_fill((key_pos[None, :] > pos[:, None])[:, None, :], float("-inf"))
+            score = s.view(c1 - c0, H, n_blk, block_size).amax(dim=-1)  # [C, H, n_blk]
+
+            blk = torch.arange(n_blk, device=dev)[None, :]  # [1, n_blk]
+            nb = (pos // block_size + 1)[:, None]  # [C, 1] visible blocks per query
+            visible = blk < nb
+            forced = visible & ((blk < init_blocks) | (blk >= nb - local_blocks))
+            # Visible blocks hold >= 1 visible key, so their score is finite; clamp NaN/-inf anyway
+            # (kernels map NaN to -1e30) so that a visible block always outranks an invisible one.
+            score = torch.nan_to_num(score, nan=-1e30, neginf=-1e30)
+            score = score.masked_fill(forced[:, None, :], float("inf"))  # forced always win
+            score = score.masked_fill(~visible[:, None, :], float("-inf"))
+
+            # K(p) = min(topk, nb(p)): take min(topk, n_blk) and drop picks that are not visible
+            # (only happens when nb(p) < topk, where every visible block is picked first).
+            width = min(topk_blocks, n_blk)
+            ids = score.topk(width, dim=-1).indices  # [C, H, width]
+            ids = torch.where(ids < nb[:, :, None], ids, n_blk)  # n_blk sorts after every real id
+            ids = ids.sort(dim=-1).values
+            ids = torch.where(ids == n_blk, -1, ids).to(torch.int32)
+            res = torch.full((c1 - c0, H, topk_blocks), -1, dtype=torch.int32, device=dev)
+            res[:, :, :width] = ids
+            out[start[i] + c0: start[i] + c1] = res.to(out.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# block-sparse attention
+# ----------------------------------------------------------------------------------------------
+
+
+def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
+                     req_pool_indices: Tensor, seq_lens: Tensor, extend_seq_lens: Tensor,
+                     extend_start_loc: Tensor, block_topk: Tensor, *, block_size: int,
+                     sm_scale: float, out: Tensor | None = None) -> Tensor:
+    """Exact softmax attention of each new token over the keys of its selected blocks.
+
+    q [T, Hq, D]; k_cache [num_slots, Hkv, D]; v_cache [num_slots, Hkv, Dv];
+    block_topk int32 [T, Hkv, topk] (-1 = unused). Query head qh reads KV head qh // (Hq // Hkv)
+    and that KV head's block list. Key j is used by query p iff j <= p and j // block_size is
+    listed (duplicate ids count once; ids outside the sequence's blocks are ignored like -1).
+    Returns [T, Hq, Dv] in q.dtype (written into ``out`` if given). A (token, head) with no
+    usable key gets 0. Rows not owned by any request are left untouched in ``out``.
+    """
+    _check(q.dim() == 3, f"q must be [T, Hq, D], got {tuple(q.shape)}")
+    _check(k_cache.dim() == 3 and v_cache.dim() == 3,
+           f"k_cache/v_cache must be [num_slots, Hkv, D], got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    T, hq, d = q.shape
+    hkv, dv = k_cache.shape[1], v_cache.shape[2]
+    _check(k_cache.shape[2] == d, f"head dim mismatch: q has D={d}, k_cache has D={k_cache.shape[2]}")
+    _check(v_cache.shape[:2] == k_cache.shape[:2],
+           f"v_cache {tuple(v_cache.shape)} does not match k_cache {tuple(k_cache.shape)} in slots/heads")
+    _check(hkv >= 1 and hq % hkv == 0, f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
+    _check(block_topk.dim() == 3 and block_topk.shape[:2] == (T, hkv),
+           f"block_topk must be [T={T}, Hkv={hkv}, topk], got {tuple(block_topk.shape)}")
+    _check(block_size >= 1, f"block_size must be >= 1, got {block_size}")
+    if out is None:
+        out = torch.zeros((T, hq, dv), dtype=q.dtype, device=q.device)
+    else:
+        _check(tuple(out.shape) == (T, hq, dv), f"out must have shape {(T, hq, dv)}, got {tuple(out.shape)}")
+    rows, lens, ext, start = _request_metadata(req_to_token, req_pool_indices, seq_lens,
+                                               extend_seq_lens, extend_start_loc, T)
+    group = hq // hkv
+    dev = q.device
+
+    for i in range(len(rows)):
+        n_new, prefix = ext[i], lens[i] - ext[i]
+        if n_new == 0:
+            continue
+        slots = req_to_token[rows[i], : lens[i]].long()
+        k = k_cache[slots].float()  # [S, Hkv, D]
+        v = v_cache[slots].float()  # [S, Hkv, Dv]
+        chunk = _query_chunk(hq, lens[i])
+        for c0 in range(0, n_new, chunk):
+            c1 = min(n_new, c0 + chunk)
+            C = c1 - c0
+            pos = torch.arange(prefix + c0, prefix + c1, device=dev)
+            n_keys = prefix + c1
+            n_blk = -(-n_keys // block_size)
+            rows_t = slice(start[i] + c0, start[i] + c1)
+
+            # Block list -> boolean block mask [C, Hkv, n_blk]; unused (-1) and out-of-range ids are
+            # routed to an extra dummy column that is dropped.
+            sel = block_topk[rows_t].long()
+            sel = torch.where((sel >= 0) & (sel < n_blk), sel, n_blk)
+            blk_mask = torch.zeros((C, hkv, n_blk + 1), dtype=torch.bool, device=dev)
+            blk_mask.scatter_(2, sel, True)
+            key_pos = torch.arange(n_keys, device=dev)
+            allowed = blk_mask[:, :, key_pos // block_size]  # [C, Hkv, S]
+            pass  # token-level causal mask
+
+            qc = q[rows_t].float().view(C, hkv, group, d)
+            logits = torch.einsum("chgd,shd->chgs", qc, k[:n_keys]) * sm_scale
+            logits = logits.masked_fill(~allowed[:, :, None, :], float("-inf"))
+            # Plain softmax, except that rows with no allowed key give 0 instead of NaN.
+            m = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+            p = torch.exp(logits - m)
+            denom = p.sum(dim=-1, keepdim=True)
+            o = torch.einsum("chgs,shd->chgd", p, v[:n_keys]) / denom.clamp_min(torch.finfo(torch.float32).tiny)
+            out[rows_t] = o.reshape(C, hq, dv).to(out.dtype)
+    return out

@@ -1,0 +1,201 @@
+"""Typed view of a MiniMax-M3 checkpoint config, and the checks that refuse what we cannot serve.
+
+The released checkpoint is VL-packaged (`minimax_m3_vl` with a nested `text_config`); text-only exports are
+flat (`model_type: minimax_m3`). Both end up as one `M3TextView` so the model never looks at packaging.
+Every unsupported value fails at start-up with the field's name: serving a model whose config we silently
+misread would produce plausible garbage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# Names under which the released checkpoints declare themselves (config.json `architectures[0]`).
+VL_ARCH = "MiniMaxM3SparseForConditionalGeneration"
+TEXT_ARCH = "MiniMaxM3SparseForCausalLM"
+M3_ARCHS = (VL_ARCH, TEXT_ARCH)
+
+
+class MiniMaxM3Config(PretrainedConfig):
+    """Config class for the flat text-only packaging (`model_type: minimax_m3`).
+
+    Neither SGLang 0.5.17 nor transformers 5.12.1 registers this model_type; the plugin registers this class
+    with `AutoConfig`. Fields are kept as in config.json; interpretation lives in `M3TextView`.
+    """
+
+    model_type = "minimax_m3"
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+
+class M3ConfigError(ValueError):
+    """A config value this implementation does not support (the message names the field)."""
+
+
+def text_config_of(hf_config) -> PretrainedConfig:
+    """The text backbone's config: `text_config` of the VL packaging, else the config itself."""
+    return getattr(hf_config, "text_config", None) or hf_config
+
+
+def _get(cfg, name: str, default: Any = None) -> Any:
+    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
+
+
+def _per_layer(value, num_layers: int, field: str) -> list[int]:
+    """`moe_layer_freq`-style fields: a per-layer 0/1 list (an int means every layer)."""
+    if isinstance(value, int):
+        return [value] * num_layers
+    value = list(value)
+    if len(value) != num_layers:
+        raise M3ConfigError(f"config field {field!r} has {len(value)} entries, expected num_hidden_layers={num_layers}")
+    return [int(v) for v in value]
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    """`sparse_attention_config` of M3_SPEC §1.1: geometry of MSA and the lightning indexer."""
+
+    num_index_heads: int
+    index_dim: int
+    block_size: int
+    topk_blocks: int
+    init_blocks: int
+    local_blocks: int
+
+    @property
+    def dense_limit(self) -> int:
+        """Sequences up to this many tokens select every block: MSA is then exactly dense attention."""
+        return self.topk_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class M3TextView:
+    """The fields of the text backbone the model reads, validated."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    rope_theta: float
+    max_position_embeddings: int
+    rms_norm_eps: float
+    vocab_size: int
+    dense_intermediate_size: int
+    moe_intermediate_size: int
+    shared_intermediate_size: int
+    num_experts: int
+    top_k: int
+    routed_scaling_factor: float
+    swiglu_alpha: float
+    swiglu_limit: float
+    moe_layers: tuple[int, ...]
+    sparse_layers: tuple[int, ...]
+    sparse: SparseAttentionConfig
+
+    def is_sparse(self, layer_id: int) -> bool:
+        return layer_id in self.sparse_layers
+
+    def is_moe(self, layer_id: int) -> bool:
+        return layer_id in self.moe_layers
+
+
+def _require(ok: bool, field: str, value: Any, why: str) -> None:
+    if not ok:
+        raise M3ConfigError(f"unsupported MiniMax-M3 config: {field}={value!r} ({why})")
+
+
+def m3_text_view(hf_config) -> M3TextView:
+    """Read and validate the text config (either packaging). Raises M3ConfigError naming the field."""
+    cfg = text_config_of(hf_config)
+    n_layers = int(_get(cfg, "num_hidden_layers"))
+    heads, kv_heads = int(_get(cfg, "num_attention_heads")), int(_get(cfg, "num_key_value_heads"))
+    head_dim = int(_get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads)
+    rotary_dim = _get(cfg, "rotary_dim")
+    if rotary_dim is None:
+        rotary_dim = int(head_dim * float(_get(cfg, "partial_rotary_factor", 1.0)))
+
+    # Values whose alternatives exist in some M3-family code but are not part of the released model.
+    _require(not _get(cfg, "attention_output_gate", False), "attention_output_gate", True, "no output gate is implemented")
+    _require(_get(cfg, "use_gemma_norm", True), "use_gemma_norm", False, "only Gemma-style RMSNorm (x*(1+w)) is implemented")
+    _require(_get(cfg, "use_qk_norm", True), "use_qk_norm", False, "QK norm is always applied in M3")
+    qk_norm = _get(cfg, "qk_norm_type", "per_head")
+    _require(qk_norm == "per_head", "qk_norm_type", qk_norm, "only 'per_head' is implemented")
+    act = _get(cfg, "hidden_act", "swigluoai")
+    _require(act == "swigluoai", "hidden_act", act, "only the clamped SwiGLU 'swigluoai' is implemented")
+    beta = _get(cfg, "swiglu_beta", 1.0)
+    _require(beta is None or float(beta) == 1.0, "swiglu_beta", beta, "FusedMoE fixes the up-projection offset at 1.0")
+    scoring = _get(cfg, "scoring_func", "sigmoid")
+    _require(scoring == "sigmoid", "scoring_func", scoring, "only sigmoid routing is implemented")
+    _require(_get(cfg, "rope_scaling") is None, "rope_scaling", _get(cfg, "rope_scaling"), "M3 uses plain RoPE")
+    _require(_get(cfg, "use_routing_bias", True), "use_routing_bias", False, "the router's correction bias is required")
+    n_shared = int(_get(cfg, "n_shared_experts", 1))
+    _require(n_shared == 1, "n_shared_experts", n_shared, "exactly one shared expert is implemented")
+    _require(_get(cfg, "quantization_config") is None, "quantization_config", _get(cfg, "quantization_config"),
+             "only unquantized (bf16/fp16/fp32) checkpoints are supported")
+    _require(not _get(cfg, "tie_word_embeddings", False), "tie_word_embeddings", True, "M3 has a separate lm_head")
+    _require(rotary_dim % 2 == 0 and rotary_dim <= head_dim, "rotary_dim", rotary_dim, f"must be even and <= head_dim={head_dim}")
+    _require(heads % kv_heads == 0, "num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
+
+    moe_layers = _per_layer(_get(cfg, "moe_layer_freq", 1), n_layers, "moe_layer_freq")
+    sac = _get(cfg, "sparse_attention_config") or {}
+    use_sparse = bool(_get(sac, "use_sparse_attention", False))
+    sparse_freq = _per_layer(_get(sac, "sparse_attention_freq", 1 if use_sparse else 0), n_layers, "sparse_attention_config.sparse_attention_freq")
+    if not use_sparse:
+        sparse_freq = [0] * n_layers
+    no_index_value = _per_layer(_get(sac, "sparse_disable_index_value", 1), n_layers, "sparse_attention_config.sparse_disable_index_value")
+    for layer, (is_sparse, disabled) in enumerate(zip(sparse_freq, no_index_value)):
+        _require(not is_sparse or disabled, f"sparse_attention_config.sparse_disable_index_value[{layer}]", disabled,
+                 "the index value/output branch is not implemented (M3 disables it on every sparse layer)")
+
+    score_type = _get(sac, "sparse_score_type", "max")
+    _require(score_type == "max", "sparse_attention_config.sparse_score_type", score_type, "only 'max' block scoring is implemented")
+    block_size = int(_get(sac, "sparse_block_size", 128))
+    topk = int(_get(sac, "sparse_topk_blocks", 16))
+    init_blocks = int(_get(sac, "sparse_init_block", 0))
+    local_blocks = int(_get(sac, "sparse_local_block", 1))
+    _require(block_size > 0 and topk > 0, "sparse_attention_config.sparse_topk_blocks", topk, "block size and top-k must be positive")
+    _require(local_blocks >= 1, "sparse_attention_config.sparse_local_block", local_blocks, "the query's own block must be forced (>= 1)")
+    _require(init_blocks + local_blocks <= topk, "sparse_attention_config.sparse_init_block + sparse_local_block",
+             init_blocks + local_blocks, f"forced blocks must fit in sparse_topk_blocks={topk}")
+    index_heads = int(_get(sac, "sparse_num_index_heads", kv_heads))
+    if any(sparse_freq):
+        _require(index_heads == kv_heads, "sparse_attention_config.sparse_num_index_heads", index_heads,
+                 f"one index head per KV head is implemented (num_key_value_heads={kv_heads})")
+
+    return M3TextView(
+        hidden_size=int(_get(cfg, "hidden_size")),
+        num_layers=n_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rotary_dim=int(rotary_dim),
+        rope_theta=float(_get(cfg, "rope_theta", 5e6)),
+        max_position_embeddings=int(_get(cfg, "max_position_embeddings", 1 << 20)),
+        rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
+        vocab_size=int(_get(cfg, "vocab_size")),
+        dense_intermediate_size=int(_get(cfg, "dense_intermediate_size", _get(cfg, "intermediate_size"))),
+        moe_intermediate_size=int(_get(cfg, "intermediate_size")),
+        shared_intermediate_size=int(_get(cfg, "shared_intermediate_size") or _get(cfg, "intermediate_size")),
+        num_experts=int(_get(cfg, "num_local_experts")),
+        top_k=int(_get(cfg, "num_experts_per_tok")),
+        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", 1.0)),
+        swiglu_alpha=float(_get(cfg, "swiglu_alpha", 1.702)),
+        swiglu_limit=float(_get(cfg, "swiglu_limit", 7.0)),
+        moe_layers=tuple(i for i, m in enumerate(moe_layers) if m),
+        sparse_layers=tuple(i for i, s in enumerate(sparse_freq) if s),
+        sparse=SparseAttentionConfig(
+            num_index_heads=index_heads,
+            index_dim=int(_get(sac, "sparse_index_dim", head_dim)),
+            block_size=block_size,
+            topk_blocks=topk,
+            init_blocks=init_blocks,
+            local_blocks=local_blocks,
+        ),
+    )

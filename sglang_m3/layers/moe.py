@@ -1,0 +1,86 @@
+"""M3's MoE block (M3_SPEC §2.7): sigmoid router with a selection-only bias, top-k renormalised and scaled
+routed experts, plus one unscaled shared expert.
+
+On CUDA the routed experts run through SGLang's `FusedMoE` (Triton runner) with the clamped SwiGLU expressed
+as `activation="silu", gemm1_alpha, gemm1_clamp_limit, gate_up_interleaved=False`. SGLang's CPU MoE fallback
+cannot run that activation or layout, so on CPU the same weights go through `routed_experts_torch`, which
+is also the oracle for the fused path.
+"""
+
+import torch
+from torch import nn
+from sglang.srt.layers.linear import ReplicatedLinear
+from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+from sglang.srt.layers.moe.topk import TopK
+from sglang.srt.utils import add_prefix
+
+from sglang_m3.layers.swiglu import SwiGLUOAIMLP, swigluoai
+
+
+def route(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits → (weights [T, k] fp32 summing to 1, expert ids [T, k]).
+
+    The correction bias only decides *which* experts win; the weights are the unbiased sigmoid scores,
+    renormalised over the winners.
+    """
+    scores = torch.sigmoid(router_logits.float())
+    _, ids = torch.topk(scores + correction_bias.float(), top_k, dim=-1)
+    weights = scores.gather(-1, ids)
+    return weights / (weights.sum(-1, keepdim=True) + 1e-20), ids
+
+
+def routed_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                         ids: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Σ_j weights_j · Expert_{ids_j}(x) with stacked `w13 [E, 2I, H]` ([gate; up]) and `w2 [E, H, I]`.
+
+    Loops over the experts that were actually chosen, so its cost follows the tokens, not E.
+    """
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for expert in ids.unique().tolist():
+        token, slot = (ids == expert).nonzero(as_tuple=True)
+        h = swigluoai(x[token] @ w13[expert].t(), alpha, limit)
+        out.index_add_(0, token, (h @ w2[expert].t()).float() * weights[token, slot, None])
+    return out.to(x.dtype)
+
+
+class M3MoE(nn.Module):
+    def __init__(self, view, layer_id: int, prefix: str = ""):
+        super().__init__()
+        self.top_k, self.routed_scaling_factor = view.top_k, view.routed_scaling_factor
+        self.alpha, self.limit = view.swiglu_alpha, view.swiglu_limit
+        # The checkpoint keeps router and bias in fp32; routing decisions are sensitive to bf16 rounding.
+        self.gate = ReplicatedLinear(view.hidden_size, view.num_experts, bias=False, params_dtype=torch.float32,
+                                     prefix=add_prefix("gate", prefix))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(view.num_experts, dtype=torch.float32),
+                                                    requires_grad=False)
+        self.topk = TopK(top_k=view.top_k, layer_id=layer_id, renormalize=True, scoring_func="sigmoid",
+                         correction_bias=self.e_score_correction_bias)
+        self.experts = FusedMoE(
+            num_experts=view.num_experts, hidden_size=view.hidden_size,
+            intermediate_size=view.moe_intermediate_size, layer_id=layer_id, top_k=view.top_k,
+            reduce_results=False, prefix=add_prefix("experts", prefix), activation="silu",
+            gemm1_alpha=view.swiglu_alpha, gemm1_clamp_limit=view.swiglu_limit, gate_up_interleaved=False)
+        # Shared expert and routed experts are summed before one all-reduce.
+        self.shared_experts = SwiGLUOAIMLP(view.hidden_size, view.shared_intermediate_size, self.alpha, self.limit,
+                                           prefix=add_prefix("shared_experts", prefix), reduce_results=False)
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.gate(x.float())
+        return logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router_logits(x)
+        if x.is_cuda:
+            routed = self.experts(x, self.topk(x, logits))
+        else:
+            weights, ids = route(logits, self.e_score_correction_bias, self.top_k)
+            routed = routed_experts_torch(x, self.experts.w13_weight, self.experts.w2_weight, weights, ids,
+                                          self.alpha, self.limit)
+        out = routed * self.routed_scaling_factor + self.shared_experts(x)
+        return _all_reduce(out)
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    from sglang.srt.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(x) if get_tensor_model_parallel_world_size() > 1 else x

@@ -1,0 +1,201 @@
+"""MiniMax-M3 text backbone for SGLang, top-down as in M3_SPEC.md §2–§3.
+
+    embed → [ layer_l: x + Attn_l(norm_in x) ; x + FFN_l(norm_post x) ] × L → final norm → lm_head
+
+Attention is dense GQA on the leading layers and MSA (lightning indexer + block-sparse attention) on the
+rest; both hand their tensors to the attention backend through `RadixAttention`, the sparse layers adding
+their index queries/keys. FFN is the clamped-SwiGLU MLP on dense layers and the MoE block on the others.
+Weight loading (name mapping, strictness) lives in `loader.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from sglang.srt.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from sglang.srt.layers.layernorm import GemmaRMSNorm
+from sglang.srt.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.utils import add_prefix
+
+from sglang_m3.config import M3TextView, m3_text_view
+from sglang_m3.layers.moe import M3MoE
+from sglang_m3.layers.norm import PerHeadGemmaRMSNorm
+from sglang_m3.layers.swiglu import SwiGLUOAIMLP
+
+
+class M3Attention(nn.Module):
+    """§2.4 (+ §3.1 on sparse layers): q/k/v projections, per-head Gemma QK norm, partial NeoX RoPE."""
+
+    def __init__(self, view: M3TextView, layer_id: int, prefix: str = ""):
+        super().__init__()
+        tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        self.head_dim = view.head_dim
+        self.num_heads = view.num_heads // tp_size
+        self.num_kv_heads = max(1, view.num_kv_heads // tp_size)
+        self.qkv_proj = QKVParallelLinear(view.hidden_size, view.head_dim, view.num_heads, view.num_kv_heads,
+                                          bias=False, prefix=add_prefix("qkv_proj", prefix))
+        self.o_proj = RowParallelLinear(view.num_heads * view.head_dim, view.hidden_size, bias=False,
+                                        prefix=add_prefix("o_proj", prefix))
+        self.q_norm = PerHeadGemmaRMSNorm(view.head_dim, view.rms_norm_eps)
+        self.k_norm = PerHeadGemmaRMSNorm(view.head_dim, view.rms_norm_eps)
+        self.rotary_emb = get_rope(view.head_dim, rotary_dim=view.rotary_dim,
+                                   max_position=view.max_position_embeddings, base=view.rope_theta,
+                                   is_neox_style=True)
+        self.attn = RadixAttention(self.num_heads, view.head_dim, view.head_dim ** -0.5,
+                                   num_kv_heads=self.num_kv_heads, layer_id=layer_id,
+                                   prefix=add_prefix("attn", prefix))
+
+        self.is_sparse = view.is_sparse(layer_id)
+        if self.is_sparse:
+            sparse = view.sparse
+            self.index_dim = sparse.index_dim
+            # One index head per KV head: this rank keeps the index heads of its KV heads (replicated like
+            # them when TP exceeds the KV head count). The single index-key head is shared by all.
+            self.index_head_start = tp_rank * view.num_kv_heads // tp_size
+            self.num_index_heads = self.num_kv_heads
+            self.index_q_proj = ReplicatedLinear(view.hidden_size, sparse.num_index_heads * sparse.index_dim,
+                                                 bias=False, prefix=add_prefix("index_q_proj", prefix))
+            self.index_k_proj = ReplicatedLinear(view.hidden_size, sparse.index_dim, bias=False,
+                                                 prefix=add_prefix("index_k_proj", prefix))
+            self.index_q_norm = PerHeadGemmaRMSNorm(sparse.index_dim, view.rms_norm_eps)
+            self.index_k_norm = PerHeadGemmaRMSNorm(sparse.index_dim, view.rms_norm_eps)
+            self.index_rotary_emb = get_rope(sparse.index_dim, rotary_dim=view.rotary_dim,
+                                             max_position=view.max_position_embeddings, base=view.rope_theta,
+                                             is_neox_style=True)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        tokens = x.shape[0]
+        qkv, _ = self.qkv_proj(x)
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                             self.num_kv_heads * self.head_dim], dim=-1)
+        q = self.q_norm(q.reshape(tokens, self.num_heads, self.head_dim)).reshape(tokens, -1)
+        k = self.k_norm(k.reshape(tokens, self.num_kv_heads, self.head_dim)).reshape(tokens, -1)
+        q, k = self.rotary_emb(positions, q, k)  # norm before rope (§2.4)
+        if self.is_sparse:
+            index_q, index_k = self.index_qk(positions, x)
+            out = self.attn(q, k, v, forward_batch, index_q=index_q, index_k=index_k)
+        else:
+            out = self.attn(q, k, v, forward_batch)
+        out, _ = self.o_proj(out)
+        return out
+
+    def index_qk(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """§3.1: index queries `[T, local index heads, Di]` and the shared index key `[T, Di]`."""
+        tokens = x.shape[0]
+        index_q, _ = self.index_q_proj(x)
+        index_q = index_q.reshape(tokens, -1, self.index_dim)
+        index_q = index_q[:, self.index_head_start:self.index_head_start + self.num_index_heads]
+        index_q = self.index_q_norm(index_q).reshape(tokens, -1)
+        index_k, _ = self.index_k_proj(x)
+        index_k = self.index_k_norm(index_k)
+        index_q, index_k = self.index_rotary_emb(positions, index_q, index_k)
+        return index_q.reshape(tokens, self.num_index_heads, self.index_dim), index_k.reshape(tokens, self.index_dim)
+
+
+class M3DecoderLayer(nn.Module):
+    """§2.3: pre-norm residual block; the residual add is fused into the next Gemma norm."""
+
+    def __init__(self, view: M3TextView, layer_id: int, prefix: str = ""):
+        super().__init__()
+        self.self_attn = M3Attention(view, layer_id, prefix=add_prefix("self_attn", prefix))
+        if view.is_moe(layer_id):
+            self.block_sparse_moe = M3MoE(view, layer_id, prefix=add_prefix("block_sparse_moe", prefix))
+        else:
+            self.mlp = SwiGLUOAIMLP(view.hidden_size, view.dense_intermediate_size, view.swiglu_alpha,
+                                    view.swiglu_limit, prefix=add_prefix("mlp", prefix))
+        self.is_moe = view.is_moe(layer_id)
+        self.input_layernorm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
+
+    def forward(self, positions, hidden_states, forward_batch, residual):
+        if residual is None:
+            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, forward_batch)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        ffn = self.block_sparse_moe if self.is_moe else self.mlp
+        return ffn(hidden_states), residual
+
+
+class M3Model(nn.Module):
+    def __init__(self, view: M3TextView, prefix: str = ""):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(view.vocab_size, view.hidden_size,
+                                                   prefix=add_prefix("embed_tokens", prefix))
+        self.layers = nn.ModuleList(
+            M3DecoderLayer(view, i, prefix=add_prefix(f"layers.{i}", prefix)) for i in range(view.num_layers))
+        self.norm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
+        self.start_layer, self.end_layer = 0, view.num_layers
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None):
+        hidden_states = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # no √H scaling
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, forward_batch, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class MiniMaxM3SparseForCausalLM(nn.Module):
+    """The text model, flat packaging (`model.*`, `lm_head.*`)."""
+
+    # Prefix of the text tensors inside the checkpoint; the VL packaging nests them under `language_model.`.
+    checkpoint_prefix = ""
+
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        if quant_config is not None:
+            raise ValueError("sglang-m3 serves unquantized MiniMax-M3 checkpoints only "
+                             f"(got quantization {type(quant_config).__name__})")
+        self.config = config
+        self.view = m3_text_view(config)
+        self.model = M3Model(self.view, prefix=add_prefix("model", prefix))
+        self.lm_head = ParallelLMHead(self.view.vocab_size, self.view.hidden_size, prefix=add_prefix("lm_head", prefix))
+        self.logits_processor = LogitsProcessor(_text_config(config))
+
+    @property
+    def start_layer(self) -> int:
+        return self.model.start_layer
+
+    @property
+    def end_layer(self) -> int:
+        return self.model.end_layer
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
+                input_embeds: Optional[torch.Tensor] = None, **_):
+        hidden_states = self.model(input_ids, positions, forward_batch, input_embeds)
+        return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from sglang_m3.loader import load_m3_weights
+
+        load_m3_weights(self, weights, checkpoint_prefix=self.checkpoint_prefix)
+
+
+class MiniMaxM3SparseForConditionalGeneration(MiniMaxM3SparseForCausalLM):
+    """The released VL packaging served as a text model: text tensors under `language_model.`, vision skipped.
+
+    Image inputs are not supported; SGLang is told this architecture is text-only (plugin.py), so requests
+    carrying images are refused by the tokenizer manager instead of being silently dropped.
+    """
+
+    checkpoint_prefix = "language_model."
+
+
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+EntryClass = [MiniMaxM3SparseForCausalLM, MiniMaxM3SparseForConditionalGeneration]

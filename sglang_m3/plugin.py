@@ -1,0 +1,176 @@
+"""Every touch-point between sglang-m3 and SGLang 0.5.17, in one place.
+
+`register()` is the `sglang.srt.plugins` entry point. SGLang calls it in the launching process before CLI
+parsing and again in every scheduler subprocess (spawned, so nothing is inherited); it must be idempotent
+and do all registration itself. `SGLANG_PLUGINS` without `sglang_m3` leaves SGLang's own M3 in charge.
+
+What it changes, all keyed on the two released M3 architecture names:
+- config: `AutoConfig` learns the flat text-only `model_type: minimax_m3`;
+- model: our classes replace SGLang's under both names; the VL packaging is served as a text model;
+- in-tree M3 logic (`is_minimax_sparse`: its pool, cell size, hybrid backend, per-arch defaults) is off;
+- attention: backend `m3_msa` (dense layers through an SGLang backend, sparse layers through ours),
+  chosen by default; any dense backend named with --attention-backend is wrapped the same way;
+- KV pool: `M3KVPool` (index-key lane) with a cell size that counts it;
+- flags that would silently drop the index lane (HiCache) or that we do not serve are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "m3_msa"
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    from transformers import AutoConfig
+    from sglang.srt.arg_groups import overrides
+    from sglang.srt.configs import model_config
+    from sglang.srt.layers.attention import attention_registry
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import add_attention_backend_choices
+
+    from sglang_m3 import model as m3_model
+    from sglang_m3.config import M3_ARCHS, VL_ARCH, MiniMaxM3Config
+
+    AutoConfig.register(MiniMaxM3Config.model_type, MiniMaxM3Config, exist_ok=True)
+    for cls in m3_model.EntryClass:
+        ModelRegistry.models[cls.__name__] = cls
+
+    # The VL packaging carries a vision tower we do not serve: treat the architecture as text-only so
+    # SGLang neither loads an image processor nor routes image inputs to a model that would drop them.
+    if VL_ARCH in model_config.multimodal_model_archs:
+        model_config.multimodal_model_archs.remove(VL_ARCH)
+
+    # In-tree M3 logic keys on the architecture name; with our classes behind those names it must not fire.
+    HookRegistry.register("sglang.srt.configs.model_config.is_minimax_sparse", _never, HookType.REPLACE)
+    for arch in M3_ARCHS:
+        overrides._MODEL_OVERRIDE_FNS[arch] = [_m3_server_overrides]
+
+    attention_registry.register_attention_backend(BACKEND_NAME)(_create_m3_backend)
+    add_attention_backend_choices([BACKEND_NAME])
+    HookRegistry.register("sglang.srt.layers.attention.attention_registry.attn_backend_wrapper",
+                          _wrap_dense_backend, HookType.AROUND)
+    HookRegistry.register("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
+                          _build_m3_pool, HookType.AROUND)
+    HookRegistry.register("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+                          _cell_size_with_index_k, HookType.AROUND)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs._handle_cuda_graph_config",
+                          _eager_prefill, HookType.AROUND)
+
+
+def enable() -> None:
+    """Register sglang-m3 in this process — needed only where SGLang does not load plugins itself, e.g. before
+    `sgl.Runtime(...)` / `sgl.Engine(...)` builds its ServerArgs in the user's process."""
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+
+
+# ---- helpers the hooks use ------------------------------------------------------------------------------
+def _never(*_args, **_kwargs) -> bool:
+    return False
+
+
+def _is_m3(hf_config) -> bool:
+    from sglang_m3.config import M3_ARCHS
+
+    return (getattr(hf_config, "architectures", None) or [None])[0] in M3_ARCHS
+
+
+def _m3_server_overrides(server_args, hf_config) -> dict:
+    """Per-architecture defaults and refusals, applied by ServerArgs before anything is built."""
+    from sglang_m3.config import VL_ARCH, m3_text_view
+
+    m3_text_view(hf_config)  # an unsupported config fails here, before weights are read
+    if getattr(server_args, "enable_hierarchical_cache", False):
+        raise ValueError("sglang-m3: --enable-hierarchical-cache is not supported for MiniMax-M3: its host pool "
+                         "does not carry the per-slot index keys of the sparse layers (they would be lost on "
+                         "reload, corrupting sparse attention). Run without HiCache.")
+    if getattr(server_args, "speculative_algorithm", None):
+        raise ValueError("sglang-m3: speculative decoding is not supported for MiniMax-M3 yet "
+                         f"(got --speculative-algorithm {server_args.speculative_algorithm}).")
+    if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
+        raise ValueError("sglang-m3: PD disaggregation is not supported for MiniMax-M3 yet "
+                         "(the index-key lane is not transferred).")
+    kv_dtype = getattr(server_args, "kv_cache_dtype", "auto")
+    if kv_dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32"):
+        raise ValueError(f"sglang-m3: --kv-cache-dtype {kv_dtype} is not supported for MiniMax-M3 yet "
+                         "(use auto: the model dtype).")
+    declared: dict = {}
+    if server_args.is_attention_backend_not_set():
+        declared["attention_backend"] = BACKEND_NAME
+    if (getattr(hf_config, "architectures", None) or [None])[0] == VL_ARCH:
+        declared["enable_multimodal"] = False
+    return declared
+
+
+def _eager_prefill(original, server_args):
+    """Prefill runs eagerly for M3; decode CUDA graphs stay on.
+
+    The sparse extend path hands extra tensors (index q/k) to the backend, which the graphed-prefill custom op
+    of RadixAttention rejects. Model overrides apply too late to steer the graph config, hence this hook.
+    """
+    if _is_m3(server_args.get_model_config().hf_config):
+        requested = server_args.cuda_graph_backend_prefill
+        if requested not in (None, "disabled"):
+            raise ValueError(f"sglang-m3: --cuda-graph-backend-prefill {requested} is not supported for MiniMax-M3 "
+                             "(prefill runs eagerly; decode CUDA graphs are on). Drop the flag.")
+        server_args.disable_prefill_cuda_graph = True
+    return original(server_args)
+
+
+def _dense_backend_name(runner) -> str:
+    return "triton" if str(runner.device).startswith("cuda") else "torch_native"
+
+
+def _create_m3_backend(runner):
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    from sglang_m3.attention.backend import M3SparseAttnBackend
+
+    return M3SparseAttnBackend(runner, ATTENTION_BACKENDS[_dense_backend_name(runner)](runner))
+
+
+def _wrap_dense_backend(original, runner, full_attn_backend):
+    from sglang_m3.attention.backend import M3SparseAttnBackend
+
+    if not _is_m3(runner.model_config.hf_config):
+        return original(runner, full_attn_backend)
+    if isinstance(full_attn_backend, M3SparseAttnBackend):
+        return full_attn_backend
+    return M3SparseAttnBackend(runner, full_attn_backend)
+
+
+def _build_m3_pool(original, configurator, *, max_total_num_tokens, mha_pool_class, **kwargs):
+    import functools
+
+    from sglang_m3.attention.pool import M3KVPool
+    from sglang_m3.config import m3_text_view
+
+    if _is_m3(configurator.model_config.hf_config):
+        view = m3_text_view(configurator.model_config.hf_config)
+        mha_pool_class = functools.partial(M3KVPool, sparse_layer_ids=view.sparse_layers,
+                                           index_dim=view.sparse.index_dim)
+    return original(configurator, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
+                    **kwargs)
+
+
+def _cell_size_with_index_k(original, pool_configurator, kvc, num_layers: int) -> int:
+    from sglang_m3.attention.pool import index_k_bytes_per_token
+    from sglang_m3.config import m3_text_view
+
+    cell = original(pool_configurator, kvc, num_layers)
+    if _is_m3(kvc.model_config.hf_config):
+        view = m3_text_view(kvc.model_config.hf_config)
+        cell += index_k_bytes_per_token(view.sparse_layers, kvc.layer_info.start_layer, kvc.layer_info.end_layer,
+                                        view.sparse.index_dim, kvc.kv_cache_dtype)
+    return cell

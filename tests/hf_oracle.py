@@ -1,0 +1,186 @@
+"""HF-transformers oracle for tiny MiniMax-M3 checkpoints (test helper; transformers is *used*, not copied).
+
+    from tests.hf_oracle import hf_model, hf_logits, hf_greedy
+    logits = hf_logits(ckpt_dir, input_ids)      # [T, vocab] float32, CPU, eager attention
+
+Loading path (transformers 5.12.1, ``transformers/models/minimax_m3_vl/``):
+
+- VL packaging (``model_type: minimax_m3_vl``, tensors under ``language_model.``, the release's layout):
+  ``MiniMaxM3SparseForConditionalGeneration.from_pretrained(dir, dtype=float32)`` — the class
+  ``AutoModelForImageTextToText`` maps ``minimax_m3_vl`` to. transformers loads the *released* names itself
+  through its conversion mapping for ``minimax_m3_vl`` (``transformers/conversion_mapping.py``):
+  ``language_model.model.`` -> ``model.language_model.``, ``language_model.lm_head`` -> ``lm_head``;
+  ``block_sparse_moe.{gate.weight,e_score_correction_bias}`` -> ``mlp.gate.{weight,e_score_correction_bias}``;
+  per-expert ``w1``/``w3`` -> stacked ``mlp.experts.gate_up_proj [E, 2I, H]`` (``MergeModulelist`` then
+  ``Concatenate(dim=1)``: gate rows first, then up rows), ``w2`` -> ``mlp.experts.down_proj [E, H, I]``;
+  dense ``mlp.{gate,up}_proj`` and ``shared_experts.{gate,up}_proj`` -> fused ``gate_up_proj`` ([gate; up]);
+  ``self_attn.index_{q,k}_{proj,norm}`` -> ``self_attn.indexer.{q,k}_{proj,norm}``; vision:
+  ``vision_tower.vision_model.{embeddings.patch_embedding,encoder.layers,pre_layrnorm}`` ->
+  ``model.vision_tower.{embeddings.proj,layers,pre_layrnorm}``, ``multi_modal_projector.linear_{1,2}`` ->
+  ``model.multi_modal_projector.linear_{1,2}``, ``patch_merge_mlp.linear_{1,2}`` ->
+  ``model.multi_modal_projector.merge_linear_{1,2}``. With the tiny writer's checkpoint this load reports
+  **no missing, no unexpected and no mismatched keys** (the tiny VL checkpoint carries a complete vision
+  tower). The only non-loaded state is non-persistent buffers (rotary ``inv_freq``), which are not keys.
+- Flat packaging (``model_type: minimax_m3``, no prefix): transformers has no config class for
+  ``minimax_m3`` and its conversion mapping is keyed on ``minimax_m3_vl`` and on the ``.language_model.``
+  prefix, so ``from_pretrained`` cannot load released flat names. The oracle builds
+  ``MiniMaxM3VLTextConfig(**text_config)`` and ``MiniMaxM3VLForCausalLM`` (text-only class, fp32, eager) and
+  converts the released names itself (``released_to_hf``: the same renames/stacking as above), then
+  ``load_state_dict`` and asserts no missing/unexpected keys. ``hf_model(dir, text_only=True)`` takes this
+  path for a VL checkpoint too (vision tensors are then skipped on purpose).
+
+What the HF implementation does (read in ``modeling_minimax_m3_vl.py`` / ``configuration_minimax_m3_vl.py``):
+
+- **Index-head pooling**: ``MiniMaxM3VLIndexer.forward`` computes token scores ``iq·ik`` (fp32, no scale,
+  -inf for future keys), max-pools per block, and then ``block_scores = scores.amax(-1).amax(dim=1)`` —
+  it *also max-pools over the index heads*, so one block selection ``[B, S_q, topk]`` is shared by all KV
+  heads (build_block_mask broadcasts it over every head). True M3 MSA (spec §3.3-3.5) selects per index
+  head = per KV group. HF therefore equals per-group MSA only when there is one index head
+  (``--num-kv-heads 1``) or when every query sees ≤ topk blocks (T ≤ topk·block_size, where MSA is dense).
+  ``hf_is_exact_msa(cfg, T)`` says which case applies.
+- Block selection uses the config: ``index_block_size`` <- ``sparse_block_size``, ``index_topk_blocks`` <-
+  ``sparse_topk_blocks``, ``index_local_blocks`` <- ``sparse_local_block`` (own block forced with +inf),
+  ``index_n_heads``/``index_head_dim`` <- ``sparse_num_index_heads``/``sparse_index_dim``. Blocks are
+  anchored at absolute key positions; K = min(topk, visible blocks); future blocks -> -1.
+  Not read: ``sparse_init_block`` (HF assumes 0 = M3), ``sparse_score_type`` (always max = M3),
+  ``sparse_disable_index_value`` (no value branch = M3), ``use_sparse_attention``.
+- Layer kinds: ``layer_types`` from ``sparse_attention_freq``, ``mlp_layer_types`` from ``moe_layer_freq``.
+- RoPE: partial NeoX (rotate-half) over ``int(head_dim * partial_rotary_factor)`` channels — it reads
+  ``partial_rotary_factor``, *not* ``rotary_dim`` (the tiny writer keeps both consistent); the indexer uses
+  the same cos/sin (``cos[..., :index_head_dim]``). QK norm per head before RoPE, Gemma RMSNorm (1+w) in fp32.
+- SwiGLU-OAI: ``gate.clamp(max=limit)``, ``up.clamp(-limit, limit)``, ``(up + 1) * gate * sigmoid(alpha*gate)``,
+  gate/up halves un-interleaved (``chunk(2)``); ``hidden_act`` is normalised to ``silu`` and ignored.
+- Routing: ``F.linear(x.to(router_dtype), W)`` (fp32 router stays fp32), ``sigmoid``, top-k on
+  ``scores + e_score_correction_bias`` (bias only for selection), renormalise without eps, multiply the routed
+  sum by ``routed_scaling_factor``, add the shared expert (``shared_intermediate_size``) unscaled.
+- Chat template: transformers ships none for M3 (no template in the model code; the processor only expands
+  ``]<]image[>[``/``]<]video[>[`` with ``]<]start of image[>[``/``]<]end of image[>[`` brackets); the
+  template comes from the checkpoint's tokenizer files (here: ``sglang_m3.tiny.CHAT_TEMPLATE``).
+- ``bos_token_id``/``eos_token_id`` default to 200034/200020 in ``MiniMaxM3VLTextConfig``; the tiny writer
+  puts its own ids into the configs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+
+def read_config(ckpt_dir) -> tuple[dict, bool]:
+    """(text_config dict, is_vl) of a checkpoint directory."""
+    cfg = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    if "text_config" in cfg:
+        return cfg["text_config"], True
+    return cfg, False
+
+
+def hf_is_exact_msa(text_config: dict, seq_len: int) -> bool:
+    """True when HF's head-pooled block selection equals per-KV-group MSA for a sequence of seq_len tokens."""
+    sp = text_config["sparse_attention_config"]
+    return sp["sparse_num_index_heads"] == 1 or seq_len <= sp["sparse_topk_blocks"] * sp["sparse_block_size"]
+
+
+def released_to_hf(tensors: dict[str, torch.Tensor], text_config: dict) -> dict[str, torch.Tensor]:
+    """Released text tensor names (``language_model.`` prefix optional) -> ``MiniMaxM3VLForCausalLM`` state dict.
+
+    Same renames/stacking as transformers' ``minimax_m3_vl`` conversion mapping; non-text tensors are skipped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if name.startswith("language_model."):
+            name = name[len("language_model."):]
+        elif name.startswith(("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")):
+            continue
+        parts = name.split(".")
+        if name.startswith("model.layers.") and parts[3] == "block_sparse_moe":
+            layer, rest = int(parts[2]), parts[4:]
+            p = f"model.layers.{layer}.mlp."
+            if rest[0] == "experts":  # experts.{e}.w{1,2,3}.weight
+                experts.setdefault((layer, rest[2]), {})[int(rest[1])] = t
+                continue
+            if rest == ["gate", "weight"]:
+                name = p + "gate.weight"
+            elif rest == ["e_score_correction_bias"]:
+                name = p + "gate.e_score_correction_bias"
+            elif rest[0] == "shared_experts":
+                name = p + "shared_experts." + ".".join(rest[1:])
+            else:
+                raise KeyError(name)
+        elif ".self_attn.index_" in name:
+            name = name.replace(".self_attn.index_", ".self_attn.indexer.")
+        out[name] = t
+    # fuse [gate; up] pairs of the dense MLPs and shared experts
+    for name in [n for n in out if n.endswith(".gate_proj.weight")]:
+        up = name.replace(".gate_proj.", ".up_proj.")
+        out[name.replace(".gate_proj.", ".gate_up_proj.")] = torch.cat([out.pop(name), out.pop(up)], dim=0)
+    n_exp = text_config["num_local_experts"]
+    for layer in sorted({layer for layer, _ in experts}):
+        w = {k: [experts[(layer, k)][e] for e in range(n_exp)] for k in ("w1", "w2", "w3")}
+        p = f"model.layers.{layer}.mlp.experts."
+        out[p + "gate_up_proj"] = torch.stack([torch.cat([g, u], dim=0) for g, u in zip(w["w1"], w["w3"])])
+        out[p + "down_proj"] = torch.stack(w["w2"])
+    return out
+
+
+def _hf_text_config(text_config: dict):
+    from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLTextConfig
+
+    kwargs = {k: v for k, v in text_config.items() if k not in ("model_type", "architectures", "torch_dtype")}
+    return MiniMaxM3VLTextConfig(**kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, mtime: float, text_only: bool):
+    from safetensors.torch import load_file
+    from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
+        MiniMaxM3SparseForConditionalGeneration,
+        MiniMaxM3VLForCausalLM,
+    )
+
+    text_config, is_vl = read_config(path)
+    if is_vl and not text_only:
+        model, info = MiniMaxM3SparseForConditionalGeneration.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v and k != "error_msgs" or (k == "error_msgs" and v)}
+        assert not problems, f"HF VL load of {path} is not clean: {problems}"
+    else:
+        model = MiniMaxM3VLForCausalLM._from_config(
+            _hf_text_config(text_config), dtype=torch.float32, attn_implementation="eager")
+        sd = released_to_hf(load_file(str(Path(path) / "model.safetensors")), text_config)
+        sd = {k: v.to(torch.float32) for k, v in sd.items()}
+        result = model.load_state_dict(sd, strict=False)
+        assert not result.missing_keys and not result.unexpected_keys, (
+            f"HF text load of {path}: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    return model.eval()
+
+
+def hf_model(ckpt_dir, *, text_only: bool = False):
+    """The HF model for a tiny checkpoint (float32, CPU, eager attention), cached per path and file mtime.
+
+    VL packaging -> MiniMaxM3SparseForConditionalGeneration via from_pretrained (released names, HF's own
+    conversion); flat packaging or text_only=True -> MiniMaxM3VLForCausalLM with ``released_to_hf``.
+    Raises AssertionError if any key is missing or unexpected.
+    """
+    path = Path(ckpt_dir).resolve()
+    return _load(str(path), (path / "model.safetensors").stat().st_mtime, text_only)
+
+
+@torch.no_grad()
+def hf_logits(ckpt_dir, input_ids: list[int], *, text_only: bool = False) -> torch.Tensor:
+    """Logits [T, vocab] float32 of one sequence (positions 0..T-1, no cache)."""
+    model = hf_model(ckpt_dir, text_only=text_only)
+    ids = torch.tensor([list(input_ids)], dtype=torch.long)
+    return model(input_ids=ids, use_cache=False).logits[0].float()
+
+
+@torch.no_grad()
+def hf_greedy(ckpt_dir, input_ids: list[int], max_new_tokens: int, *, text_only: bool = False) -> list[int]:
+    """Greedy continuation by full recomputation each step (no KV cache involved: the plain definition)."""
+    ids = list(input_ids)
+    for _ in range(max_new_tokens):
+        ids.append(int(hf_logits(ckpt_dir, ids, text_only=text_only)[-1].argmax()))
+    return ids[len(input_ids):]
