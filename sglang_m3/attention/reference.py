@@ -26,6 +26,8 @@ MSA per new token p (absolute position) and index head h == KV head h:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -81,6 +83,22 @@ def _query_chunk(heads: int, keys: int) -> int:
     return max(1, min(_MAX_QUERY_CHUNK, _TILE_ELEMS // max(1, heads * keys)))
 
 
+def _exact_fp32(fn):
+    """Run fn with full-precision fp32 matmuls: as an oracle on GPU, TF32 (often enabled globally
+    by serving stacks) would perturb index scores enough to flip near-tied block selections."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_float32_matmul_precision(prev)
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------------------------
 # index-key cache
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +126,7 @@ def store_index_k(index_k_cache: Tensor, loc: Tensor, index_k: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+@_exact_fp32
 def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tensor,
                      req_pool_indices: Tensor, seq_lens: Tensor, extend_seq_lens: Tensor,
                      extend_start_loc: Tensor, *, block_size: int, topk_blocks: int,
@@ -189,6 +208,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
 # ----------------------------------------------------------------------------------------------
 
 
+@_exact_fp32
 def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
                      req_pool_indices: Tensor, seq_lens: Tensor, extend_seq_lens: Tensor,
                      extend_start_loc: Tensor, block_topk: Tensor, *, block_size: int,
@@ -247,7 +267,7 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
             blk_mask.scatter_(2, sel, True)
             key_pos = torch.arange(n_keys, device=dev)
             allowed = blk_mask[:, :, key_pos // block_size]  # [C, Hkv, S]
-            pass  # token-level causal mask
+            allowed &= (key_pos[None, :] <= pos[:, None])[:, None, :]  # token-level causal mask
 
             qc = q[rows_t].float().view(C, hkv, group, d)
             logits = torch.einsum("chgd,shd->chgs", qc, k[:n_keys]) * sm_scale
