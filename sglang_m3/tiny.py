@@ -424,12 +424,16 @@ def build_state_dict(cfg: dict, *, seed: int, dtype: str, vl_cfg: dict | None, n
         mean, std = _init_std(name, shape, cfg)
         t = _random_tensor(name, shape, mean, std, seed, torch.float32)
         if name == "lm_head.weight":
-            # Ids the model should never emit get a zero row: padding ids beyond the tokenizer (vocab_size is
-            # larger than the byte tokenizer) and the structural specials (BOD, role prefix, image/video
-            # placeholders). Their logit is then 0 while real tokens spread ~N(0, 3), so greedy output is
-            # always decodable text. EOS keeps a real row so generation can stop by itself now and then.
+            # Ids the model should not emit get a zero row: padding ids beyond the tokenizer (vocab_size is
+            # larger than the byte tokenizer), bytes other than printable ASCII and newline (a random model
+            # would otherwise produce invalid UTF-8, which makes streamed text and string comparisons murky),
+            # and the structural specials (BOD, role prefix, image/video placeholders). Their logit is 0 while
+            # the others spread ~N(0, 3): greedy output (and top-k sampled output) is printable text. EOS, the
+            # think tags and the tool-call namespace token keep real rows, so generation stops by itself now
+            # and then and the reasoning/tool parsers see their tokens.
             t[n_tokens:] = 0
             t[unused_token_ids] = 0
+            t[[b for b in range(BYTE_TOKENS) if b not in PRINTABLE_BYTES]] = 0
         out[prefix + name] = t.to(torch.float32 if kind == "fp32" else model_dtype)
     if vl_cfg is not None:
         for name, shape, kind in vision_tensor_specs(vl_cfg):
@@ -474,6 +478,7 @@ SPECIAL_TOKENS: list[tuple[str, bool]] = [
     (NS, False),
 ]
 BYTE_TOKENS = 256
+PRINTABLE_BYTES = frozenset([ord("\n")] + list(range(32, 127)))  # the bytes the tiny model emits
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -523,6 +528,8 @@ def tokenizer_config(chat_template: str, model_max_length: int) -> dict:
         },
         "bos_token": BOS,
         "eos_token": EOS,
+        # the remaining special (skipped-on-decode) strings, so all_special_ids lists them too
+        "extra_special_tokens": [c for c, special in SPECIAL_TOKENS if special and c not in (BOS, EOS)],
         "pad_token": None,
         "unk_token": None,
         "add_bos_token": False,
@@ -676,7 +683,7 @@ def write_tokenizer(out_dir: Path, *, model_max_length: int) -> None:
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps(tokenizer_config(CHAT_TEMPLATE, model_max_length), indent=2, ensure_ascii=False) + "\n")
     # transformers >= 4.43 also reads (and 5.x writes) the template as its own file; the two are identical.
-    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE + "\n")
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
 def write_tiny_checkpoint(out_dir, *, flat: bool = False, config_only: bool = False, real_dims: bool = False,

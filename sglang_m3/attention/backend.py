@@ -83,7 +83,7 @@ class M3SparseAttnBackend(AttentionBackend):
     def _forward_sparse(self, q, k, v, layer, fb, index_q, index_k):
         if index_q is None or index_k is None:
             raise ValueError(f"sparse layer {layer.layer_id} called without index_q/index_k")
-        pool = fb.token_to_kv_pool
+        pool = self.token_to_kv_pool
         # K/V and the index key are always stored together: a later token (or a radix-cache hit) reads both.
         pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
         pool.set_index_k_buffer(layer.layer_id, fb.out_cache_loc, index_k)

@@ -21,14 +21,19 @@ def index_k_bytes_per_token(sparse_layer_ids, start_layer: int, end_layer: int, 
 
 class M3KVPool(MHATokenToKVPool):
     def __init__(self, *args, sparse_layer_ids=(), index_dim: int = 128, **kwargs):
-        super().__init__(*args, **kwargs)
+        # Set before the base constructor: it allocates (and logs the size of) all buffers via _create_buffers.
         self.index_dim = index_dim
-        self.sparse_layer_ids = tuple(l for l in sparse_layer_ids if self.start_layer <= l < self.end_layer)
+        self._all_sparse_layer_ids = tuple(sparse_layer_ids)
+        super().__init__(*args, **kwargs)
+
+    def _create_buffers(self):
+        super()._create_buffers()
+        self.sparse_layer_ids = tuple(l for l in self._all_sparse_layer_ids if self.start_layer <= l < self.end_layer)
         self._index_slot = {layer_id: i for i, layer_id in enumerate(self.sparse_layer_ids)}
         # Same row count as K/V (slot 0 included, which padded tokens write into).
-        rows = self.k_buffer[0].shape[0] if self.layer_num else self.size + self.page_size
+        rows = self.size + self.page_size
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
-            self.index_k_buffer = [torch.zeros(rows, index_dim, dtype=self.dtype, device=self.device)
+            self.index_k_buffer = [torch.zeros(rows, self.index_dim, dtype=self.dtype, device=self.device)
                                    for _ in self.sparse_layer_ids]
 
     # ---- the index lane -------------------------------------------------------------------------------
