@@ -197,11 +197,11 @@ def build_text_config(*, real_dims: bool = False, dense_layers: int | None = Non
         merged["sparse_num_index_heads"] = explicit["num_key_value_heads"]  # one index head per KV group
     elif "sparse_num_index_heads" not in merged:
         merged["sparse_num_index_heads"] = merged.get("num_key_value_heads", cfg["num_key_value_heads"])
-    if "head_dim" in explicit:  # the release has index dim == head dim and rotates half the head
-        if "sparse_index_dim" not in explicit:
-            merged["sparse_index_dim"] = explicit["head_dim"]
-        if "rotary_dim" not in explicit:
-            merged["rotary_dim"] = int(explicit["head_dim"] * cfg["partial_rotary_factor"])
+    if "head_dim" in explicit and "sparse_index_dim" not in explicit:
+        merged["sparse_index_dim"] = explicit["head_dim"]  # the release has index dim == head dim
+    if ("head_dim" in explicit or "partial_rotary_factor" in explicit) and "rotary_dim" not in explicit:
+        head_dim = merged.get("head_dim", cfg["head_dim"])
+        merged["rotary_dim"] = int(head_dim * merged.get("partial_rotary_factor", cfg["partial_rotary_factor"]))
     if "intermediate_size" in explicit and "shared_intermediate_size" not in explicit:
         # engines size the shared expert as intermediate_size * n_shared_experts (spec §7.5): keep them equal
         merged["shared_intermediate_size"] = explicit["intermediate_size"] * cfg["n_shared_experts"]
@@ -397,7 +397,7 @@ def _init_std(name: str, shape: tuple[int, ...], cfg: dict) -> tuple[float, floa
     if name.endswith(("w1.weight", "w3.weight", "gate_proj.weight", "up_proj.weight")):
         return 0.0, 2.5 / math.sqrt(fan_in)
     if name.endswith(("w2.weight", "down_proj.weight")):
-        return 0.0, 0.15 / math.sqrt(fan_in)  # SwiGLU-OAI outputs are ~3x larger than their inputs
+        return 0.0, 0.15 / math.sqrt(fan_in)  # the activations are large (gate/up std 2.5): MLP out rms ~0.7
     if name.endswith("o_proj.weight"):
         return 0.0, 0.7 / math.sqrt(fan_in)
     return 0.0, 1.0 / math.sqrt(fan_in)  # q/k/v, index_q/k, router gate
@@ -462,7 +462,8 @@ IMAGE_START, IMAGE_END = "]<]start of image[>[", "]<]end of image[>["
 
 # (content, special). "special" tokens are dropped by skip_special_tokens=True. The think tags and the
 # namespace token must stay visible in decoded text: SGLang's minimax-m3 reasoning and tool-call parsers
-# look for them there. The release's relative order is kept (role < eos < image < video < think < </think>).
+# look for them there. The release's relative id order is kept (]~b] 200019 < [e~[ 200020 < image 200025 <
+# video 200026 < ]~!b[ 200034 < <think> 200050 < <mm:think> 200059); the bracket and NS ids are not known.
 SPECIAL_TOKENS: list[tuple[str, bool]] = [
     (ROLE, True),
     (EOS, True),
@@ -741,7 +742,7 @@ def write_tiny_checkpoint(out_dir, *, flat: bool = False, config_only: bool = Fa
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(prog="python -m sglang_m3.tiny", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m sglang_m3.tiny", description=__doc__.split("\nWhy")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--flat", action="store_true", help="text-only packaging (model_type minimax_m3)")

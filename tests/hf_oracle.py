@@ -2,6 +2,7 @@
 
     from tests.hf_oracle import hf_model, hf_logits, hf_greedy
     logits = hf_logits(ckpt_dir, input_ids)      # [T, vocab] float32, CPU, eager attention
+    tokens = hf_greedy(ckpt_dir, input_ids, 32)  # greedy continuation through HF's KV/index-key cache
 
 Loading path (transformers 5.12.1, ``transformers/models/minimax_m3_vl/``):
 
@@ -145,7 +146,7 @@ def _load(path: str, mtime: float, text_only: bool):
     if is_vl and not text_only:
         model, info = MiniMaxM3SparseForConditionalGeneration.from_pretrained(
             path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
-        problems = {k: v for k, v in info.items() if v and k != "error_msgs" or (k == "error_msgs" and v)}
+        problems = {k: v for k, v in info.items() if v}  # missing/unexpected/mismatched keys, error_msgs
         assert not problems, f"HF VL load of {path} is not clean: {problems}"
     else:
         model = MiniMaxM3VLForCausalLM._from_config(
@@ -178,9 +179,23 @@ def hf_logits(ckpt_dir, input_ids: list[int], *, text_only: bool = False) -> tor
 
 
 @torch.no_grad()
-def hf_greedy(ckpt_dir, input_ids: list[int], max_new_tokens: int, *, text_only: bool = False) -> list[int]:
-    """Greedy continuation by full recomputation each step (no KV cache involved: the plain definition)."""
+def hf_greedy(ckpt_dir, input_ids: list[int], max_new_tokens: int, *, use_cache: bool = True,
+              text_only: bool = False) -> list[int]:
+    """Greedy continuation of exactly max_new_tokens tokens (EOS does not stop it).
+
+    use_cache=True runs HF's own incremental decode (DynamicCache with the sparse layers' index-key cache);
+    use_cache=False recomputes the whole sequence every step (the plain definition; slow). Both agree on
+    the tiny checkpoints, also past the dense region (see test_tiny.py).
+    """
+    model = hf_model(ckpt_dir, text_only=text_only)
     ids = list(input_ids)
-    for _ in range(max_new_tokens):
-        ids.append(int(hf_logits(ckpt_dir, ids, text_only=text_only)[-1].argmax()))
+    if not use_cache:
+        for _ in range(max_new_tokens):
+            ids.append(int(hf_logits(ckpt_dir, ids, text_only=text_only)[-1].argmax()))
+        return ids[len(input_ids):]
+    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    for step in range(max_new_tokens):
+        ids.append(int(out.logits[0, -1].argmax()))
+        if step + 1 < max_new_tokens:
+            out = model(input_ids=torch.tensor([[ids[-1]]]), past_key_values=out.past_key_values, use_cache=True)
     return ids[len(input_ids):]
