@@ -49,6 +49,10 @@ def register() -> None:
     # SGLang neither loads an image processor nor routes image inputs to a model that would drop them.
     if VL_ARCH in model_config.multimodal_model_archs:
         model_config.multimodal_model_archs.remove(VL_ARCH)
+    HookRegistry.register("sglang.srt.configs.model_config.ModelConfig.__init__", _text_only_model_config,
+                          HookType.AROUND)
+    HookRegistry.register("sglang.srt.utils.hf_transformers.config.get_config", _typed_sub_configs,
+                          HookType.AROUND)
 
     # In-tree M3 logic keys on the architecture name; with our classes behind those names it must not fire.
     HookRegistry.register("sglang.srt.configs.model_config.is_minimax_sparse", _never, HookType.REPLACE)
@@ -88,7 +92,7 @@ def _is_m3(hf_config) -> bool:
 
 def _m3_server_overrides(server_args, hf_config) -> dict:
     """Per-architecture defaults and refusals, applied by ServerArgs before anything is built."""
-    from sglang_m3.config import VL_ARCH, m3_text_view
+    from sglang_m3.config import m3_text_view
 
     m3_text_view(hf_config)  # an unsupported config fails here, before weights are read
     if getattr(server_args, "enable_hierarchical_cache", False):
@@ -108,8 +112,6 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
     declared: dict = {}
     if server_args.is_attention_backend_not_set():
         declared["attention_backend"] = BACKEND_NAME
-    if (getattr(hf_config, "architectures", None) or [None])[0] == VL_ARCH:
-        declared["enable_multimodal"] = False
     return declared
 
 
@@ -126,6 +128,34 @@ def _eager_prefill(original, server_args):
                              "(prefill runs eagerly; decode CUDA graphs are on). Drop the flag.")
         server_args.disable_prefill_cuda_graph = True
     return original(server_args)
+
+
+def _typed_sub_configs(original, *args, **kwargs):
+    """SGLang's VL config class leaves `text_config`/`vision_config` as plain dicts when loaded from a file,
+    which code reading `.model_type` off them trips over; give them config objects."""
+    from transformers import PretrainedConfig
+
+    from sglang_m3.config import MiniMaxM3Config
+
+    config = original(*args, **kwargs)
+    if _is_m3(config):
+        if isinstance(getattr(config, "text_config", None), dict):
+            config.text_config = MiniMaxM3Config(**config.text_config)
+        if isinstance(getattr(config, "vision_config", None), dict):
+            config.vision_config = PretrainedConfig(**config.vision_config)
+    return config
+
+
+def _text_only_model_config(original, model_config, *args, **kwargs):
+    """Build the VL-packaged M3 config as a text model (its nested text_config otherwise marks it multimodal)."""
+    from sglang_m3.config import VL_ARCH
+
+    original(model_config, *args, **kwargs)
+    if (model_config.hf_config.architectures or [None])[0] == VL_ARCH and model_config.is_multimodal:
+        if kwargs.get("enable_multimodal"):
+            raise ValueError("sglang-m3 serves the text model of MiniMax-M3; image/video inputs are not "
+                             "supported. Drop --enable-multimodal.")
+        original(model_config, *args, **{**kwargs, "enable_multimodal": False})
 
 
 def _dense_backend_name(runner) -> str:

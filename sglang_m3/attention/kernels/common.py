@@ -1,0 +1,236 @@
+"""Shared pieces of the MSA Triton kernels: launch heuristics, workspace, per-token metadata.
+
+Nothing here syncs with the host: every per-request quantity (lengths, positions, pool rows) stays
+on the device and is read by the kernels; the host only sees tensor *shapes*. That is what makes the
+decode entry points CUDA-graph capturable (see ``__init__.py`` for the capture/replay recipe).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------
+# launch heuristics (functions of shapes only -> identical at capture and replay)
+# ----------------------------------------------------------------------------------------------
+
+# Rows (tokens x index heads) of one indexer tile in extend mode. Each index-key block loaded from
+# memory is reused by all rows of the tile, so larger tiles cut the (dominant) key traffic of long
+# prefills; 64 keeps the [64, 128] fp32 score tile plus the running top-k in registers.
+INDEXER_EXTEND_ROWS = 64
+# Upper bound on the number of programs one (token/tile) is split over. The indexer merge costs two
+# bitonic top-k passes per chunk of splits, so more splits than this does not pay for itself.
+INDEXER_MAX_SPLITS = 64
+# A split of the indexer scans at least this many key blocks (short contexts use fewer splits).
+INDEXER_MIN_BLOCKS_PER_SPLIT = 4
+# Programs we aim for to fill the GPU when a batch is small (about 1-2 per SM).
+_DEFAULT_SMS = 132
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must get fp32 operands (with input_precision='ieee').
+
+    fp32 caches: exact fp32 products like the twin (no TF32). Under TRITON_INTERPRET the
+    interpreter's tl.dot mishandles bf16/fp16 operands, so they are upcast there (exact: products of
+    bf16 values are exact in fp32, which is what the tensor cores compute too).
+    """
+    return dtype == torch.float32 or interpret_mode()
+
+
+def is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# ----------------------------------------------------------------------------------------------
+# workspace
+# ----------------------------------------------------------------------------------------------
+
+
+class MSAWorkspace:
+    """Named, grow-only device scratch buffers reused across calls.
+
+    Every call carves views of the same buffers (same addresses), which is what a CUDA graph needs.
+    Buffers grow only in eager mode; growing while a graph is being captured, or after ``freeze()``,
+    raises instead (a captured graph would keep pointers to the freed buffer). Recipe: size it with
+    ``kernels.warmup(...)`` at the largest captured batch size, then ``freeze()``; use a *separate*
+    workspace (or none) for eager extend calls.
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else None
+        self.frozen = False
+        self._bufs: dict[str, Tensor] = {}
+
+    def freeze(self) -> "MSAWorkspace":
+        self.frozen = True
+        return self
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            if self.frozen or is_capturing(device):
+                have = None if buf is None else (tuple(buf.shape), buf.dtype)
+                raise RuntimeError(
+                    f"MSAWorkspace buffer {name!r} needs {n} x {dtype} but holds {have}; it cannot grow while "
+                    "frozen or during CUDA-graph capture: call kernels.warmup(...) with the largest shapes first")
+            buf = torch.empty(max(n, 1), dtype=dtype, device=device)
+            self._bufs[name] = buf
+        return buf[:n].view(shape)
+
+
+def scratch(workspace: MSAWorkspace | None, name: str, shape, dtype, device) -> Tensor:
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.get(name, tuple(shape), dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-token / per-tile metadata
+# ----------------------------------------------------------------------------------------------
+
+
+def indexer_block_t(num_tokens: int, batch_size: int, index_heads: int, decode: bool) -> int:
+    """Tokens per indexer tile. Decode-shaped batches (one token per request) use 1: tiles never
+    span requests, so bigger tiles would only add masked rows."""
+    if decode or num_tokens <= batch_size:
+        return 1
+    return max(1, INDEXER_EXTEND_ROWS // next_pow2(index_heads))
+
+
+@dataclass
+class MSAMeta:
+    """Device-side layout of the new tokens, shared by all sparse layers of one forward.
+
+    tok_row[t] / tok_pos[t]: req_to_token row and absolute position of token t (row -1: token owned
+    by no request; kernels skip it and leave its output rows untouched).
+    Indexer tiles (block_t > 1 only): runs of <= block_t consecutive tokens of one request;
+    tile_ntok == 0 marks unused tile slots (the tile count is only known on the device).
+    """
+
+    num_tokens: int
+    batch_size: int
+    index_heads: int
+    block_t: int
+    tok_row: Tensor
+    tok_pos: Tensor
+    tile_tok0: Tensor | None = None
+    tile_ntok: Tensor | None = None
+    tile_row: Tensor | None = None
+    tile_pos0: Tensor | None = None
+
+    @property
+    def num_tiles(self) -> int:
+        return self.num_tokens if self.block_t == 1 else self.tile_ntok.numel()
+
+
+def max_tiles(num_tokens: int, batch_size: int, block_t: int) -> int:
+    # sum_i ceil(ext_i / bt) <= (T + bs * (bt - 1)) / bt, and never more than T.
+    return max(1, min(num_tokens, (num_tokens + batch_size * (block_t - 1)) // block_t))
+
+
+@triton.jit
+def _meta_kernel(rpi_ptr, seq_ptr, ext_ptr, start_ptr,
+                 tok_row_ptr, tok_pos_ptr,
+                 tile_tok0_ptr, tile_ntok_ptr, tile_row_ptr, tile_pos0_ptr,
+                 DECODE: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
+    # One program per request: writes the row/position of each of its new tokens and, for
+    # BLOCK_T > 1, its indexer tiles at an exclusive prefix sum of the tile counts of the requests
+    # before it (recomputed per program: O(bs^2 / CHUNK) loads, trivial next to any real work).
+    i = tl.program_id(0)
+    row = tl.load(rpi_ptr + i).to(tl.int32)
+    seq = tl.load(seq_ptr + i).to(tl.int32)
+    if DECODE:
+        tl.store(tok_row_ptr + i, row)
+        tl.store(tok_pos_ptr + i, seq - 1)
+    else:
+        offs = tl.arange(0, CHUNK)
+        ext = tl.load(ext_ptr + i).to(tl.int32)
+        start = tl.load(start_ptr + i).to(tl.int32)
+        prefix = seq - ext
+        for r0 in range(0, ext, CHUNK):
+            r = r0 + offs
+            m = r < ext
+            tl.store(tok_row_ptr + start + r, row + 0 * r, mask=m)
+            tl.store(tok_pos_ptr + start + r, prefix + r, mask=m)
+        if BLOCK_T > 1:
+            base = tl.sum(tl.zeros([CHUNK], tl.int32), axis=0)
+            for c0 in range(0, i, CHUNK):
+                j = c0 + offs
+                e = tl.load(ext_ptr + j, mask=j < i, other=0).to(tl.int32)
+                base += tl.sum((e + BLOCK_T - 1) // BLOCK_T, axis=0)
+            n_tiles = (ext + BLOCK_T - 1) // BLOCK_T
+            for k0 in range(0, n_tiles, CHUNK):
+                k = k0 + offs
+                m = k < n_tiles
+                tl.store(tile_tok0_ptr + base + k, start + k * BLOCK_T, mask=m)
+                tl.store(tile_ntok_ptr + base + k, tl.minimum(ext - k * BLOCK_T, BLOCK_T), mask=m)
+                tl.store(tile_row_ptr + base + k, row + 0 * k, mask=m)
+                tl.store(tile_pos0_ptr + base + k, prefix + k * BLOCK_T, mask=m)
+
+
+def prepare_meta(req_pool_indices: Tensor, seq_lens: Tensor, extend_seq_lens: Tensor | None,
+                 extend_start_loc: Tensor | None, num_tokens: int, *, index_heads: int,
+                 workspace: MSAWorkspace | None = None) -> MSAMeta:
+    """Per-token metadata for one forward (1 fill + 1 tiny launch, no host sync).
+
+    ``extend_seq_lens``/``extend_start_loc`` None means decode: token i belongs to request i and sits
+    at position seq_lens[i] - 1 (num_tokens must equal the batch size). Build it once per forward
+    (in ``init_forward_metadata[_in_graph]``) and pass it to every layer's kernels as ``meta=``.
+    """
+    bs = req_pool_indices.numel()
+    decode = extend_seq_lens is None
+    if decode != (extend_start_loc is None):
+        raise ValueError("extend_seq_lens and extend_start_loc must both be given or both be None (decode)")
+    if decode and num_tokens != bs:
+        raise ValueError(f"decode metadata needs one token per request: num_tokens={num_tokens}, batch={bs}")
+    dev = seq_lens.device
+    bt = indexer_block_t(num_tokens, bs, index_heads, decode)
+    tok_row = scratch(workspace, "meta.tok_row", (num_tokens,), torch.int32, dev)
+    tok_pos = scratch(workspace, "meta.tok_pos", (num_tokens,), torch.int32, dev)
+    tiles = [None] * 4
+    if not decode:
+        tok_row.fill_(-1)  # tokens owned by no request
+    if bt > 1:
+        nt = max_tiles(num_tokens, bs, bt)
+        tiles = [scratch(workspace, f"meta.tile{k}", (nt,), torch.int32, dev) for k in range(4)]
+        tiles[1].zero_()  # tile_ntok: unused slots
+    if bs > 0 and num_tokens > 0:
+        dummy = tok_row
+        _meta_kernel[(bs,)](
+            req_pool_indices, seq_lens,
+            extend_seq_lens if not decode else seq_lens, extend_start_loc if not decode else seq_lens,
+            tok_row, tok_pos, *(t if t is not None else dummy for t in tiles),
+            DECODE=decode, BLOCK_T=bt, CHUNK=128, num_warps=1)
+    return MSAMeta(num_tokens, bs, index_heads, bt, tok_row, tok_pos, *tiles)
+
+
+def check_meta(meta: MSAMeta, num_tokens: int, index_heads: int | None = None) -> None:
+    if meta.num_tokens != num_tokens:
+        raise ValueError(f"meta was built for {meta.num_tokens} tokens, called with {num_tokens}")
+    if index_heads is not None and meta.index_heads != index_heads:
+        raise ValueError(f"meta was built for {meta.index_heads} index heads, called with {index_heads}")

@@ -1,0 +1,298 @@
+"""Lightning indexer: per-(token, index head) top-k key blocks, in Triton. Twin: reference.index_block_topk.
+
+Work decomposition
+  * A *tile* is a run of consecutive new tokens of one request (1 token in decode; up to
+    64 / H_pad tokens in extend). Its rows are (token, index head) pairs, packed along the M
+    dimension of one tl.dot: the single shared index-key head means one key block loaded from
+    memory serves every head of every token of the tile. Key traffic (S x Di bf16 per tile) is the
+    cost of this kernel, so packing heads (and, in extend, tokens) is what makes it fast.
+  * The key axis of a tile (blocks 0 .. nb(last token) - 1) is cut into ``n_splits`` contiguous
+    ranges, one program each, so that a small decode batch still occupies the GPU.
+  * A program scans its blocks one at a time: key tile = one block (block_size keys) gathered
+    through req_to_token, scores [rows, block] in fp32, per-row max over the visible keys, then the
+    block is inserted into a running per-row top-k held in registers. Nothing of size
+    O(context) is ever written to memory.
+  * Running top-k entries are packed int64 keys: (order-preserving fp32 bits of the score) << 32 |
+    (2^31 - 1 - block id). One integer compare orders by score, ties by the lower block id, so
+    selection is deterministic and a merge is a plain integer top-k.
+  * With n_splits > 1 each split stores its top-k; a second kernel merges them per tile with
+    Triton's bitonic tl.topk. With n_splits == 1 the main kernel writes the result directly.
+  * The result row is the selected block ids sorted ascending, -1 padded (as the twin).
+
+Graph safety: grid = (max tiles, n_splits), both functions of tensor shapes only; context lengths
+are read on the device (loop bounds), so one capture serves every replay.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import common
+from .common import MSAMeta, MSAWorkspace
+
+_MINKEY = tl.constexpr(-(2**63))  # empty slot / invisible block (below every packed key)
+_MAXKEY = tl.constexpr(2**63 - 1)  # padding slot beyond topk (never evicted, never reported)
+_BIG_ID = tl.constexpr(2**31 - 1)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _max_nan(a, b):
+    # max that propagates NaN, like torch.amax in the twin (a NaN score becomes -1e30 below).
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _pack(score, block_id):
+    """Order-preserving int64 key of (fp32 score desc, block id asc)."""
+    bits = score.to(tl.int32, bitcast=True)
+    skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse magnitude order
+    return (skey.to(tl.int64) << 32) | (block_id ^ _BIG_ID).to(tl.int64)  # = 2^31-1-id
+
+
+@triton.jit
+def _finalize(keys, kcol, TOPK: tl.constexpr):
+    """keys [R, K_PAD] -> block ids of the valid keys among columns < TOPK, ascending, -1 padded."""
+    valid = (keys != _MINKEY) & (keys != _MAXKEY) & (kcol[None, :] < TOPK)
+    ids = keys.to(tl.int32) ^ _BIG_ID  # low word (truncation) holds 2^31 - 1 - id
+    ids = tl.where(valid, ids, _BIG_ID)
+    ids = tl.sort(ids, dim=1)
+    return tl.where(ids == _BIG_ID, -1, ids)
+
+
+@triton.jit
+def _tile(tile, tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr, tile_row_ptr, tile_pos0_ptr,
+          BLOCK_T: tl.constexpr):
+    """(first token, token count, req_to_token row, first position) of a tile; ntok 0 = no work."""
+    if BLOCK_T == 1:
+        row = tl.load(tok_row_ptr + tile)
+        ntok = tl.where(row >= 0, 1, 0)
+        return tile, ntok, row, tl.load(tok_pos_ptr + tile)
+    else:
+        return (tl.load(tile_tok0_ptr + tile), tl.load(tile_ntok_ptr + tile),
+                tl.load(tile_row_ptr + tile), tl.load(tile_pos0_ptr + tile))
+
+
+@triton.jit
+def _split_range(nb_tile, n_splits, min_chunk):
+    chunk = tl.maximum((nb_tile + n_splits - 1) // n_splits, min_chunk)
+    n_active = (nb_tile + chunk - 1) // chunk
+    return chunk, n_active
+
+
+@triton.jit
+def _indexer_kernel(
+    q_ptr, stride_qt, stride_qh,                 # index_q [T, H, DI]
+    k_ptr, stride_ks,                            # index_k_cache [slots, DI]
+    r2t_ptr, stride_r2t,                         # req_to_token [rows, max_len]
+    tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr, tile_row_ptr, tile_pos0_ptr,
+    out_ptr, stride_ot, stride_oh,               # out [T, H, TOPK] (n_splits == 1)
+    part_ptr,                                    # int64 [T, H, n_splits, TOPK] (n_splits > 1)
+    n_splits, min_chunk,
+    H: tl.constexpr, H_PAD: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BN: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    tok0, ntok, row, pos0 = _tile(tile, tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr,
+                                  tile_row_ptr, tile_pos0_ptr, BLOCK_T)
+    if ntok == 0:
+        return
+    p_last = pos0 + ntok - 1
+    nb_tile = p_last // BLOCK_SIZE + 1
+    chunk, n_active = _split_range(nb_tile, n_splits, min_chunk)
+    if split >= n_active:
+        return
+    b_lo = split * chunk
+    b_hi = tl.minimum(b_lo + chunk, nb_tile)
+
+    # rows = (token in tile, head) pairs; padding rows get pos -1 (nothing visible).
+    offs_m = tl.arange(0, M)
+    t_in = offs_m // H_PAD
+    head = offs_m % H_PAD
+    row_ok = (t_in < ntok) & (head < H)
+    tok = tok0 + t_in
+    row_pos = tl.where(row_ok, pos0 + t_in, -1)
+    nb_row = tl.where(row_ok, row_pos // BLOCK_SIZE + 1, 0)  # visible blocks per row
+
+    offs_d = tl.arange(0, DI_PAD)
+    d_ok = offs_d < DI
+    q = tl.load(q_ptr + tok.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, DI]
+
+    offs_n = tl.arange(0, BN)
+    kcol = tl.arange(0, K_PAD)
+    keys = tl.full([M, K_PAD], _MINKEY, tl.int64)
+    keys = tl.where(kcol[None, :] < TOPK, keys, _MAXKEY)
+    r2t_row = r2t_ptr + row.to(tl.int64) * stride_r2t
+
+    for b in range(b_lo, b_hi):
+        j = b * BLOCK_SIZE + offs_n
+        kv = (offs_n < BLOCK_SIZE) & (j <= p_last)
+        slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
+        kt = tl.load(k_ptr + slot[None, :] * stride_ks + offs_d[:, None],
+                     mask=kv[None, :] & d_ok[:, None], other=0.0)  # [DI, BN]
+        s = _dot(q, kt, DOT_F32)  # [M, BN] fp32
+        s = tl.where(kv[None, :] & (j[None, :] <= row_pos[:, None]), s, float("-inf"))
+        sc = tl.reduce(s, 1, _max_nan)  # block score per row
+        # twin: nan_to_num(nan=-1e30, neginf=-1e30, posinf=FLT_MAX) on visible blocks
+        sc = tl.where(sc != sc, -1e30, sc)
+        sc = tl.where(sc == float("-inf"), -1e30, sc)
+        sc = tl.where(sc == float("inf"), _FLT_MAX, sc)
+        visible = b < nb_row
+        forced = visible & ((b < INIT_BLOCKS) | (b >= nb_row - LOCAL_BLOCKS))
+        sc = tl.where(forced, float("inf"), sc)
+        new = tl.where(visible, _pack(sc, b + 0 * nb_row), _MINKEY)  # [M]
+        # insert into the running top-k: replace the row's smallest key if the new one beats it
+        low, at = tl.min(keys, axis=1, return_indices=True)
+        hit = (new > low)[:, None] & (kcol[None, :] == at[:, None])
+        keys = tl.where(hit, new[:, None], keys)
+
+    if n_splits == 1:
+        ids = _finalize(keys, kcol, TOPK)
+        tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + kcol[None, :],
+                 ids.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (kcol[None, :] < TOPK))
+    else:
+        prow = ((tok * H + head) * n_splits + split).to(tl.int64) * TOPK
+        tl.store(part_ptr + prow[:, None] + kcol[None, :], keys,
+                 mask=row_ok[:, None] & (kcol[None, :] < TOPK))
+
+
+@triton.jit
+def _indexer_merge_kernel(
+    tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr, tile_row_ptr, tile_pos0_ptr,
+    out_ptr, stride_ot, stride_oh, part_ptr,
+    n_splits, min_chunk,
+    H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+    R: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CS: tl.constexpr,
+):
+    # One program per tile: top-k over the split partials (only the splits that ran), CS splits at
+    # a time, then ascending ids. Recomputes the split layout exactly as the main kernel did.
+    tile = tl.program_id(0)
+    tok0, ntok, row, pos0 = _tile(tile, tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr,
+                                  tile_row_ptr, tile_pos0_ptr, BLOCK_T)
+    if ntok == 0:
+        return
+    nb_tile = (pos0 + ntok - 1) // BLOCK_SIZE + 1
+    chunk, n_active = _split_range(nb_tile, n_splits, min_chunk)
+
+    offs_r = tl.arange(0, R)
+    t_in = offs_r // H_PAD
+    head = offs_r % H_PAD
+    row_ok = (t_in < ntok) & (head < H)
+    tok = tok0 + t_in
+    base = ((tok * H + head) * n_splits).to(tl.int64) * TOPK  # [R]
+
+    kcol = tl.arange(0, K_PAD)
+    ccol = tl.arange(0, CS * K_PAD)
+    c_split = ccol // K_PAD
+    c_k = ccol % K_PAD
+    run = tl.full([R, K_PAD], _MINKEY, tl.int64)
+    for s0 in range(0, n_active, CS):
+        sp = s0 + c_split
+        cand = tl.load(part_ptr + base[:, None] + (sp * TOPK + c_k)[None, :],
+                       mask=row_ok[:, None] & ((sp < n_active) & (c_k < TOPK))[None, :], other=_MINKEY)
+        top = tl.topk(cand, K_PAD, dim=1)
+        run = tl.topk(tl.reshape(tl.join(run, top), [R, 2 * K_PAD]), K_PAD, dim=1)
+    # run is sorted descending: its first TOPK columns are the selection.
+    ids = _finalize(run, kcol, TOPK)
+    tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + kcol[None, :],
+             ids.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (kcol[None, :] < TOPK))
+
+
+def indexer_num_splits(num_tiles: int, device: torch.device) -> int:
+    """Key-range splits per tile: enough programs for ~1 wave of SMs, capped (merge cost)."""
+    return max(1, min(common.INDEXER_MAX_SPLITS, triton.cdiv(common.num_sms(device), max(1, num_tiles))))
+
+
+def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tensor,
+                     req_pool_indices: Tensor, seq_lens: Tensor, extend_seq_lens: Tensor | None,
+                     extend_start_loc: Tensor | None, *, block_size: int, topk_blocks: int,
+                     init_blocks: int = 0, local_blocks: int = 1, out: Tensor | None = None,
+                     meta: MSAMeta | None = None, workspace: MSAWorkspace | None = None,
+                     num_splits: int | None = None) -> Tensor:
+    """Triton twin of ``reference.index_block_topk`` (same arguments, result and ``out`` semantics).
+
+    Extra keyword arguments (all optional):
+      meta       -- ``common.prepare_meta(...)`` for this forward (built here if None);
+      workspace  -- MSAWorkspace holding the split partials (allocated per call if None);
+      num_splits -- override the key-range split count (tests; must be fixed under a graph).
+    ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
+    Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
+    """
+    if index_q.dim() != 3:
+        raise ValueError(f"index_q must be [T, H, Di], got {tuple(index_q.shape)}")
+    if index_k_cache.dim() != 2:
+        raise ValueError(f"index_k_cache must be [num_slots, Di], got {tuple(index_k_cache.shape)}")
+    T, H, di = index_q.shape
+    if index_k_cache.shape[1] != di:
+        raise ValueError(f"index head dim mismatch: index_q has Di={di}, index_k_cache has Di={index_k_cache.shape[1]}")
+    if block_size < 1 or topk_blocks < 1 or init_blocks < 0 or local_blocks < 0:
+        raise ValueError(f"bad block_size/topk_blocks/init_blocks/local_blocks: "
+                         f"{block_size}/{topk_blocks}/{init_blocks}/{local_blocks}")
+    if init_blocks + local_blocks > topk_blocks:
+        raise ValueError(f"init_blocks + local_blocks ({init_blocks} + {local_blocks}) must be <= topk_blocks ({topk_blocks})")
+    if req_to_token.dim() != 2:
+        raise ValueError(f"req_to_token must be 2-D [pool, max_len], got {tuple(req_to_token.shape)}")
+    if out is None:
+        out = torch.full((T, H, topk_blocks), -1, dtype=torch.int32, device=index_q.device)
+    elif tuple(out.shape) != (T, H, topk_blocks):
+        raise ValueError(f"out must have shape {(T, H, topk_blocks)}, got {tuple(out.shape)}")
+    if T == 0 or req_pool_indices.numel() == 0:
+        return out
+    if index_q.stride(2) != 1:
+        index_q = index_q.contiguous()
+    if index_k_cache.stride(1) != 1 or out.stride(2) != 1 or req_to_token.stride(1) != 1:
+        raise ValueError("index_k_cache, out and req_to_token need a contiguous last dimension")
+    if meta is None:
+        meta = common.prepare_meta(req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc, T,
+                                   index_heads=H, workspace=workspace)
+    common.check_meta(meta, T, H)
+
+    dev = index_q.device
+    bt = meta.block_t
+    h_pad = common.next_pow2(H)
+    m_rows = max(16, bt * h_pad)  # tl.dot needs M >= 16; extra rows are masked
+    k_pad = max(2, common.next_pow2(topk_blocks))
+    n_tiles = meta.num_tiles
+    n_splits = num_splits if num_splits is not None else indexer_num_splits(n_tiles, dev)
+    part = (common.scratch(workspace, "indexer.part", (T, H, n_splits, topk_blocks), torch.int64, dev)
+            if n_splits > 1 else out)
+    tiles = [t if t is not None else meta.tok_row for t in
+             (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
+    min_chunk = common.INDEXER_MIN_BLOCKS_PER_SPLIT
+
+    _indexer_kernel[(n_tiles, n_splits)](
+        index_q, index_q.stride(0), index_q.stride(1),
+        index_k_cache, index_k_cache.stride(0),
+        req_to_token, req_to_token.stride(0),
+        meta.tok_row, meta.tok_pos, *tiles,
+        out, out.stride(0), out.stride(1), part,
+        n_splits, min_chunk,
+        H=H, H_PAD=h_pad, DI=di, DI_PAD=max(16, common.next_pow2(di)),
+        BLOCK_SIZE=block_size, BN=max(16, common.next_pow2(block_size)), BLOCK_T=bt, M=m_rows,
+        TOPK=topk_blocks, K_PAD=k_pad, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
+        DOT_F32=common.dot_in_fp32(index_k_cache.dtype),
+        num_warps=4, num_stages=3)
+    if n_splits > 1:
+        _indexer_merge_kernel[(n_tiles,)](
+            meta.tok_row, meta.tok_pos, *tiles,
+            out, out.stride(0), out.stride(1), part,
+            n_splits, min_chunk,
+            H=H, H_PAD=h_pad, BLOCK_SIZE=block_size, BLOCK_T=bt, R=bt * h_pad,
+            TOPK=topk_blocks, K_PAD=k_pad, CS=max(1, 64 // k_pad),
+            num_warps=4)
+    return out
