@@ -225,7 +225,7 @@ def test_per_head_gemma_rmsnorm(sglang_env):
 
     got = norm(x.float())
     _close("PerHeadGemmaRMSNorm [T,H,D]", got, want, rtol=1e-5, atol=1e-6)
-    # the model also feeds it [T, H*D]-contiguous views reshaped to [T, H, D]; a 2-D [T*H, D] input too
+    # a flattened [T*H, D] input is the same op
     _close("PerHeadGemmaRMSNorm [T*H,D]", norm(x.float().reshape(T * H, D)), want.reshape(T * H, D),
            rtol=1e-5, atol=1e-6)
     # per_layer (M2-style: one RMS over all heads' channels) gives different numbers on this input

@@ -11,11 +11,15 @@ The torch twins in `reference.py` run steps 2–3 on CPU; the Triton kernels rep
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_m3.attention import reference
 from sglang_m3.config import m3_text_view
+
+logger = logging.getLogger(__name__)
 
 
 class M3SparseAttnBackend(AttentionBackend):
@@ -29,6 +33,9 @@ class M3SparseAttnBackend(AttentionBackend):
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.device = model_runner.device
         self._meta = None
+        logger.info("sglang-m3 MSA backend: %d sparse layers (block %d, top-%d), dense layers via %s",
+                    len(self.sparse_layer_ids), self.sparse.block_size, self.sparse.topk_blocks,
+                    type(dense_backend).__name__)
 
     # Attributes the model runner reads off its backend (forward_metadata, capability flags, ...) come
     # from the dense backend, which handles every non-sparse layer.

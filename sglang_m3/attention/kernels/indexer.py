@@ -15,8 +15,8 @@ Work decomposition
   * Running top-k entries are packed int64 keys: (order-preserving fp32 bits of the score) << 32 |
     (2^31 - 1 - block id). One integer compare orders by score, ties by the lower block id, so
     selection is deterministic and a merge is a plain integer top-k.
-  * With n_splits > 1 each split stores its top-k; a second kernel merges them per tile with
-    Triton's bitonic tl.topk. With n_splits == 1 the main kernel writes the result directly.
+  * With n_splits > 1 each split stores its top-k; a second kernel merges them per tile (topk
+    rounds of max over the partials). With n_splits == 1 the main kernel writes the result directly.
   * The result row is the selected block ids sorted ascending, -1 padded (as the twin).
 
 Graph safety: grid = (max tiles, n_splits), both functions of tensor shapes only; context lengths
@@ -40,35 +40,20 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+def _store_ids(out_ptr, row_off, row_ok, keys, kcol, TOPK: tl.constexpr):
+    """Store the block ids of the valid keys among columns < TOPK of keys [R, K_PAD], ascending,
+    -1 padded, at out_ptr + row_off[r] + column.
 
-
-@triton.jit
-def _max_nan(a, b):
-    # max that propagates NaN, like torch.amax in the twin (a NaN score becomes -1e30 below).
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _pack(score, block_id):
-    """Order-preserving int64 key of (fp32 score desc, block id asc)."""
-    bits = score.to(tl.int32, bitcast=True)
-    skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse magnitude order
-    return (skey.to(tl.int64) << 32) | (block_id ^ _BIG_ID).to(tl.int64)  # = 2^31-1-id
-
-
-@triton.jit
-def _finalize(keys, kcol, TOPK: tl.constexpr):
-    """keys [R, K_PAD] -> block ids of the valid keys among columns < TOPK, ascending, -1 padded."""
+    No sort: each entry's output column is its rank under a unique sort key (id for valid
+    entries, 2^30 + column for the rest), computed by one [R, K, K] comparison -- cheaper than a
+    bitonic sort for K = 16 and a single reduction in the interpreter.
+    """
     valid = (keys != _MINKEY) & (keys != _MAXKEY) & (kcol[None, :] < TOPK)
     ids = keys.to(tl.int32) ^ _BIG_ID  # low word (truncation) holds 2^31 - 1 - id
-    ids = tl.where(valid, ids, _BIG_ID)
-    ids = tl.sort(ids, dim=1)
-    return tl.where(ids == _BIG_ID, -1, ids)
+    skey = tl.where(valid, ids, (1 << 30) + kcol[None, :])
+    rank = tl.sum((skey[:, None, :] < skey[:, :, None]).to(tl.int32), axis=2)  # [R, K]
+    tl.store(out_ptr + row_off[:, None] + rank, tl.where(valid, ids, -1).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (rank < TOPK))
 
 
 @triton.jit
@@ -145,26 +130,32 @@ def _indexer_kernel(
         slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
         kt = tl.load(k_ptr + slot[None, :] * stride_ks + offs_d[:, None],
                      mask=kv[None, :] & d_ok[:, None], other=0.0)  # [DI, BN]
-        s = _dot(q, kt, DOT_F32)  # [M, BN] fp32
+        if DOT_F32:  # (inlined, not a helper: the interpreter pays ~ms per nested jit call)
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")  # [M, BN]
+        else:
+            s = tl.dot(q, kt)  # [M, BN] fp32 accumulation
         s = tl.where(kv[None, :] & (j[None, :] <= row_pos[:, None]), s, float("-inf"))
-        sc = tl.reduce(s, 1, _max_nan)  # block score per row
-        # twin: nan_to_num(nan=-1e30, neginf=-1e30, posinf=FLT_MAX) on visible blocks
-        sc = tl.where(sc != sc, -1e30, sc)
-        sc = tl.where(sc == float("-inf"), -1e30, sc)
+        sc = tl.max(s, axis=1)  # block score per row
+        # twin: amax propagates NaN, then nan_to_num(nan=-1e30, neginf=-1e30, posinf=FLT_MAX)
+        # (explicit NaN test: GPU max ignores NaN, the interpreter's propagates it)
+        nan_row = tl.max((s != s).to(tl.int32), axis=1) > 0
+        sc = tl.where(nan_row | (sc == float("-inf")), -1e30, sc)
         sc = tl.where(sc == float("inf"), _FLT_MAX, sc)
         visible = b < nb_row
         forced = visible & ((b < INIT_BLOCKS) | (b >= nb_row - LOCAL_BLOCKS))
         sc = tl.where(forced, float("inf"), sc)
-        new = tl.where(visible, _pack(sc, b + 0 * nb_row), _MINKEY)  # [M]
+        # packed key (inlined): order-preserving int32 image of the score, then 2^31-1-id below it
+        bits = sc.to(tl.int32, bitcast=True)
+        skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse magnitude order
+        new = (skey.to(tl.int64) << 32) | ((b + 0 * nb_row) ^ _BIG_ID).to(tl.int64)
+        new = tl.where(visible, new, _MINKEY)  # [M]
         # insert into the running top-k: replace the row's smallest key if the new one beats it
         low, at = tl.min(keys, axis=1, return_indices=True)
         hit = (new > low)[:, None] & (kcol[None, :] == at[:, None])
         keys = tl.where(hit, new[:, None], keys)
 
     if n_splits == 1:
-        ids = _finalize(keys, kcol, TOPK)
-        tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + kcol[None, :],
-                 ids.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (kcol[None, :] < TOPK))
+        _store_ids(out_ptr, tok.to(tl.int64) * stride_ot + head * stride_oh, row_ok, keys, kcol, TOPK)
     else:
         prow = ((tok * H + head) * n_splits + split).to(tl.int64) * TOPK
         tl.store(part_ptr + prow[:, None] + kcol[None, :], keys,
@@ -200,17 +191,21 @@ def _indexer_merge_kernel(
     ccol = tl.arange(0, CS * K_PAD)
     c_split = ccol // K_PAD
     c_k = ccol % K_PAD
-    run = tl.full([R, K_PAD], _MINKEY, tl.int64)
+    run = tl.full([R, K_PAD], _MINKEY, tl.int64)  # best TOPK keys so far, descending
     for s0 in range(0, n_active, CS):
         sp = s0 + c_split
         cand = tl.load(part_ptr + base[:, None] + (sp * TOPK + c_k)[None, :],
                        mask=row_ok[:, None] & ((sp < n_active) & (c_k < TOPK))[None, :], other=_MINKEY)
-        top = tl.topk(cand, K_PAD, dim=1)
-        run = tl.topk(tl.reshape(tl.join(run, top), [R, 2 * K_PAD]), K_PAD, dim=1)
-    # run is sorted descending: its first TOPK columns are the selection.
-    ids = _finalize(run, kcol, TOPK)
-    tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + kcol[None, :],
-             ids.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (kcol[None, :] < TOPK))
+        # TOPK rounds of "take the largest of run U cand": keys are unique per row (distinct block
+        # ids), so removing the picked key removes exactly one entry.
+        new = tl.full([R, K_PAD], _MINKEY, tl.int64)
+        for r in tl.static_range(TOPK):
+            best = tl.maximum(tl.max(cand, axis=1), tl.max(run, axis=1))
+            new = tl.where(kcol[None, :] == r, best[:, None], new)
+            cand = tl.where(cand == best[:, None], _MINKEY, cand)
+            run = tl.where(run == best[:, None], _MINKEY, run)
+        run = new
+    _store_ids(out_ptr, tok.to(tl.int64) * stride_ot + head * stride_oh, row_ok, run, kcol, TOPK)
 
 
 def indexer_num_splits(num_tiles: int, device: torch.device) -> int:

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from . import common
 from .common import MSAMeta, MSAWorkspace
-from .indexer import _dot
 
 _LOG2E = 1.4426950408889634
 
@@ -69,9 +68,16 @@ def _sparse_attn_kernel(
     q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + qh[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G, D]
 
+    # Which list entries to use, decided once for the whole list (not per iteration): an id is used
+    # iff 0 <= id < nb and no earlier entry holds the same id (duplicates count once). The verdicts
+    # are packed into a 64-bit mask so the block loop only does a scalar bit test.
     sel_row = sel_ptr + t.to(tl.int64) * stride_st + h * stride_sh
     kcol = tl.arange(0, K_PAD)
-    ids = tl.load(sel_row + kcol, mask=kcol < TOPK, other=-1)  # whole list: duplicate detection
+    ids = tl.load(sel_row + kcol, mask=kcol < TOPK, other=-1)
+    earlier = (ids[:, None] == ids[None, :]) & (kcol[None, :] < kcol[:, None])
+    first = tl.max(earlier.to(tl.int32), axis=1) == 0
+    use_vec = first & (ids >= 0) & (ids < nb)
+    use_bits = tl.sum(tl.where(use_vec, tl.full([K_PAD], 1, tl.int64) << kcol.to(tl.int64), 0), axis=0)
     r2t_row = r2t_ptr + row.to(tl.int64) * stride_r2t
     k_head = k_ptr + h * stride_kh
     v_head = v_ptr + h * stride_vh
@@ -84,14 +90,17 @@ def _sparse_attn_kernel(
     hi = tl.minimum(lo + per_split, TOPK)
     for i in range(lo, hi):
         b = tl.load(sel_row + i)
-        first = tl.sum(((ids == b) & (kcol < i)).to(tl.int32), axis=0) == 0  # count duplicates once
-        use = (b >= 0) & (b < nb) & first
+        use = ((use_bits >> i) & 1) != 0
         j = b * BLOCK_SIZE + offs_n
         kv = (offs_n < BLOCK_SIZE) & (j <= pos) & use
         slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
         k = tl.load(k_head + slot[:, None] * stride_ks + offs_d[None, :],
                     mask=kv[:, None] & d_ok[None, :], other=0.0)  # [BN, D]
-        s = _dot(q, tl.trans(k), DOT_F32) * qk_scale  # [G, BN], log2 domain
+        if DOT_F32:  # (inlined, not a helper: the interpreter pays ~ms per nested jit call)
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale  # [G, BN], log2 domain
         s = tl.where(kv[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: avoid inf - inf
@@ -100,7 +109,11 @@ def _sparse_attn_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_head + slot[:, None] * stride_vs + offs_dv[None, :],
                     mask=kv[:, None] & dv_ok[None, :], other=0.0)  # [BN, DV]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        if DOT_F32:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     if n_splits == 1:
@@ -188,6 +201,8 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
     elif tuple(out.shape) != (T, hq, dv):
         raise ValueError(f"out must have shape {(T, hq, dv)}, got {tuple(out.shape)}")
     topk = block_topk.shape[2]
+    if topk > 64:
+        raise ValueError(f"block_topk lists of width {topk} > 64 are not supported by the Triton kernel")
     if T == 0 or topk == 0 or req_pool_indices.numel() == 0:
         return out
     if q.stride(2) != 1:
