@@ -265,10 +265,23 @@ def build_vl_config(text_config: dict, *, image_token_id: int, video_token_id: i
     }
 
 
+FLAT_CONFIG_MODULE = "configuration_minimax_m3"
+FLAT_CONFIG_SOURCE = '''"""Config class for a flat text-only MiniMax-M3 export (model_type minimax_m3); fields as in config.json."""
+from transformers import PretrainedConfig
+
+
+class MiniMaxM3Config(PretrainedConfig):
+    model_type = "minimax_m3"
+'''
+
+
 def build_flat_config(text_config: dict, *, dtype: str) -> dict:
     """Text-only packaging, as in reference/m3_text_config.json (model_type first, dtype and ids last)."""
     cfg = {"model_type": "minimax_m3", **copy.deepcopy(text_config)}
     cfg["architectures"] = ["MiniMaxM3SparseForCausalLM"]
+    # No library registers `minimax_m3`: sglang-m3 does so itself, but SGLang's in-tree M3 (the peer we compare
+    # against, plugin switched off) needs the config class from the checkpoint (--trust-remote-code).
+    cfg["auto_map"] = {"AutoConfig": f"{FLAT_CONFIG_MODULE}.MiniMaxM3Config"}
     cfg["torch_dtype"] = dtype
     # keep bos/eos at the end like the reference file
     cfg["bos_token_id"] = cfg.pop("bos_token_id")
@@ -719,6 +732,8 @@ def write_tiny_checkpoint(out_dir, *, flat: bool = False, config_only: bool = Fa
                                  real_dims=real_dims)
         vl = config
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if flat:
+        (out / f"{FLAT_CONFIG_MODULE}.py").write_text(FLAT_CONFIG_SOURCE)
     (out / "generation_config.json").write_text(json.dumps({
         # sampling defaults as inferred for the release (reference/m3_generation_config_inferred.json)
         "bos_token_id": ids[BOS], "eos_token_id": ids[EOS],

@@ -16,6 +16,8 @@ import logging
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+import os
+
 from sglang_m3.attention import reference
 from sglang_m3.config import m3_text_view
 
