@@ -12,13 +12,13 @@ The torch twins in `reference.py` run steps 2–3 on CPU; the Triton kernels rep
 from __future__ import annotations
 
 import logging
-
-import torch
-from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-
 import os
 
-from sglang_m3.attention import reference
+import torch
+from sglang.srt.distributed import get_tensor_model_parallel_world_size
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from sglang_m3.attention import kernels, reference
 from sglang_m3.config import m3_text_view
 
 logger = logging.getLogger(__name__)
@@ -33,11 +33,22 @@ class M3SparseAttnBackend(AttentionBackend):
         self.sparse_layer_ids = frozenset(view.sparse_layers)
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.req_to_token_pool = model_runner.req_to_token_pool
-        self.device = model_runner.device
+        self.device = torch.device(model_runner.device)
+        self.dtype = model_runner.model_config.dtype
+        # Per-rank head counts, as the pool and the attention layers see them.
+        self.num_kv_heads = self.token_to_kv_pool.head_num
+        self.head_dim = self.token_to_kv_pool.head_dim
+        self.num_q_heads = view.num_heads // get_tensor_model_parallel_world_size()
+        # The Triton kernels on CUDA; the torch reference on CPU (or on CUDA when asked, as an oracle).
+        self.use_kernels = self.device.type == "cuda" and os.environ.get("SGLANG_M3_SPARSE_IMPL", "triton") != "torch"
+        self.impl = kernels if self.use_kernels else reference
         self._meta = None
-        logger.info("sglang-m3 MSA backend: %d sparse layers (block %d, top-%d), dense layers via %s",
+        self._workspace = None        # None: scratch from the caching allocator (eager)
+        self._graph_workspace = None  # fixed addresses for captured decode graphs
+        self._graph_block_topk = None
+        logger.info("sglang-m3 MSA backend: %d sparse layers (block %d, top-%d) via %s, dense layers via %s",
                     len(self.sparse_layer_ids), self.sparse.block_size, self.sparse.topk_blocks,
-                    type(dense_backend).__name__)
+                    "Triton kernels" if self.use_kernels else "torch reference", type(dense_backend).__name__)
 
     # Attributes the model runner reads off its backend (forward_metadata, capability flags, ...) come
     # from the dense backend, which handles every non-sparse layer.
@@ -46,20 +57,38 @@ class M3SparseAttnBackend(AttentionBackend):
             raise AttributeError(name)
         return getattr(self.dense, name)
 
-    # ---- metadata -----------------------------------------------------------------------------------
+    # ---- metadata (plan once per forward; every sparse layer reuses it) -----------------------------
     def init_forward_metadata(self, forward_batch):
         self.dense.init_forward_metadata(forward_batch)
+        self._workspace = None
         self._meta = self._sparse_metadata(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
 
     def init_forward_metadata_in_graph(self, forward_batch):
+        # Captured: device-only work on static shapes; replays recompute it from the new seq_lens.
         self.dense.init_forward_metadata_in_graph(forward_batch)
+        self._workspace = self._graph_workspace
         self._meta = self._sparse_metadata(forward_batch)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+        if not self.use_kernels:
+            return
+        # Compile every kernel variant and size the scratch for the longest context before any capture:
+        # a captured graph keeps the workspace's addresses, so it must never grow afterwards.
+        self._graph_workspace = kernels.MSAWorkspace(self.device)
+        kernels.warmup(self._graph_workspace, batch_sizes=range(1, max_bs + 1), num_q_heads=self.num_q_heads,
+                       num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                       head_dim_v=self.token_to_kv_pool.v_head_dim, index_dim=self.sparse.index_dim,
+                       block_size=self.sparse.block_size, topk_blocks=self.sparse.topk_blocks,
+                       init_blocks=self.sparse.init_blocks, local_blocks=self.sparse.local_blocks,
+                       dtype=self.token_to_kv_pool.dtype, device=self.device,
+                       context_len=self.req_to_token_pool.req_to_token.shape[1])
+        self._graph_workspace.freeze()
+        self._graph_block_topk = torch.full((max_bs, self.num_kv_heads, self.sparse.topk_blocks), -1,
+                                            dtype=torch.int32, device=self.device)
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.dense.get_cuda_graph_seq_len_fill_value()
@@ -68,15 +97,26 @@ class M3SparseAttnBackend(AttentionBackend):
         self.dense.on_after_cuda_graph_warmup()
 
     def _sparse_metadata(self, fb):
-        """Per-request layout of the new tokens, in the form `reference.py`'s functions take."""
-        bs = fb.req_pool_indices.shape[0]
-        if fb.forward_mode.is_decode_or_idle():
-            extend_seq_lens = torch.ones(bs, dtype=torch.int32, device=fb.seq_lens.device)
-            extend_start_loc = torch.arange(bs, dtype=torch.int32, device=fb.seq_lens.device)
+        """Where each new token sits (request row, position), in the form the MSA functions take."""
+        decode = fb.forward_mode.is_decode_or_idle()
+        seq_lens = fb.seq_lens
+        if decode and not self.use_kernels:
+            bs = seq_lens.shape[0]
+            extend_seq_lens = torch.ones(bs, dtype=torch.int32, device=seq_lens.device)
+            extend_start_loc = torch.arange(bs, dtype=torch.int32, device=seq_lens.device)
+        elif decode:
+            extend_seq_lens = extend_start_loc = None  # the kernels' graph-safe decode form
         else:
             extend_seq_lens, extend_start_loc = fb.extend_seq_lens, fb.extend_start_loc
-        return dict(req_to_token=self.req_to_token_pool.req_to_token, req_pool_indices=fb.req_pool_indices,
-                    seq_lens=fb.seq_lens, extend_seq_lens=extend_seq_lens, extend_start_loc=extend_start_loc)
+        meta = dict(req_to_token=self.req_to_token_pool.req_to_token, req_pool_indices=fb.req_pool_indices,
+                    seq_lens=seq_lens, extend_seq_lens=extend_seq_lens, extend_start_loc=extend_start_loc)
+        plan = {}
+        if self.use_kernels:
+            plan["meta"] = kernels.prepare_meta(fb.req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc,
+                                                fb.out_cache_loc.shape[0], index_heads=self.num_kv_heads,
+                                                workspace=self._workspace)
+            plan["workspace"] = self._workspace
+        return meta, plan
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, index_q=None, index_k=None, **kw):
@@ -95,16 +135,18 @@ class M3SparseAttnBackend(AttentionBackend):
         pool = self.token_to_kv_pool
         # K/V and the index key are always stored together: a later token (or a radix-cache hit) reads both.
         pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
-        pool.set_index_k_buffer(layer.layer_id, fb.out_cache_loc, index_k)
+        self.impl.store_index_k(pool.get_index_k_buffer(layer.layer_id), fb.out_cache_loc, index_k)
 
         tokens = q.shape[0]
-        meta = self._meta
-        block_topk = reference.index_block_topk(
+        meta, plan = self._meta
+        # Under a captured graph the selection lands in a buffer of fixed address.
+        topk_out = self._graph_block_topk[:tokens] if self._workspace is not None else None
+        block_topk = self.impl.index_block_topk(
             index_q, pool.get_index_k_buffer(layer.layer_id), **meta, block_size=self.sparse.block_size,
             topk_blocks=self.sparse.topk_blocks, init_blocks=self.sparse.init_blocks,
-            local_blocks=self.sparse.local_blocks)
-        out = reference.sparse_attention(
+            local_blocks=self.sparse.local_blocks, out=topk_out, **plan)
+        out = self.impl.sparse_attention(
             q.view(tokens, layer.tp_q_head_num, layer.qk_head_dim), pool.get_key_buffer(layer.layer_id),
             pool.get_value_buffer(layer.layer_id), **meta, block_topk=block_topk,
-            block_size=self.sparse.block_size, sm_scale=layer.scaling)
+            block_size=self.sparse.block_size, sm_scale=layer.scaling, **plan)
         return out.reshape(tokens, layer.tp_q_head_num * layer.v_head_dim)

@@ -40,9 +40,6 @@ class M3KVPool(MHATokenToKVPool):
     def get_index_k_buffer(self, layer_id: int) -> torch.Tensor:
         return self.index_k_buffer[self._index_slot[layer_id]]
 
-    def set_index_k_buffer(self, layer_id: int, loc: torch.Tensor, index_k: torch.Tensor) -> None:
-        self.get_index_k_buffer(layer_id)[loc] = index_k.reshape(-1, self.index_dim).to(self.dtype)
-
     # ---- lifecycle paths that must carry the lane with K/V --------------------------------------------
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         super().move_kv_cache(tgt_loc, src_loc)
