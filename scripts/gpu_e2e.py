@@ -117,6 +117,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_e2e"))
     ap.add_argument("--servers", default="ours,ours_eager,ours_torch,intree")
+    # Servers of one comparison may run in separate device calls (each call is time-limited): their scores
+    # and the shared teacher-forced tokens persist here between calls on the same host.
+    ap.add_argument("--state", default="/tmp/m3_gpu_e2e_state.json")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,8 +137,11 @@ def main():
     prompts = [prompt(n, seed=i) for i, n in enumerate(PROMPT_LENS)]
     results: dict = {"checkpoint": CKPT_SHAPE, "prompt_lens": PROMPT_LENS, "decode_tokens": DECODE_TOKENS,
                      "flags": COMMON_FLAGS, "servers": {}}
-    forced = None  # prompt + ours' greedy continuation: every server scores the same tokens
-    scores: dict = {}
+    state_path = Path(args.state)
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}, "scores": {}}
+    results["servers"] = state["servers"]
+    forced = state.get("forced")  # prompt + the first server's greedy continuation: all score the same tokens
+    scores: dict = state["scores"]
     for i, name in enumerate(names):
         flags, env = configs[name]
         server = Server(name, ckpt, out, 30100 + i, flags, env)
@@ -157,6 +163,8 @@ def main():
             results["servers"][name] = {"error": repr(e)[:2000]}
         finally:
             server.stop()
+            state.update(forced=forced, scores=scores, servers=results["servers"])
+            state_path.write_text(json.dumps(state))
 
     compare = {}
     for other in ("ours_torch", "ours_eager", "intree"):
@@ -171,8 +179,8 @@ def main():
                 compare[f"ours_vs_{other}"].append({"batch_greedy_tokens_equal": [
                     [t for t, _ in x] == [t for t, _ in y] for x, y in zip(bg_a, bg_b)]})
     results["compare"] = compare
-    for info in results["servers"].values():
-        info.pop("batch_greedy", None)
+    results["servers"] = {k: {kk: vv for kk, vv in v.items() if kk != "batch_greedy"}
+                          for k, v in results["servers"].items()}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k != "checkpoint"}, indent=1))
 
