@@ -23,12 +23,25 @@ from torch import Tensor
 # memory is reused by all rows of the tile, so larger tiles cut the (dominant) key traffic of long
 # prefills; 64 keeps the [64, 128] fp32 score tile plus the running top-k in registers.
 INDEXER_EXTEND_ROWS = 64
-# Upper bound on the number of programs one (token/tile) is split over. The indexer merge costs two
-# bitonic top-k passes per chunk of splits, so more splits than this does not pay for itself.
+# Launch knobs, set from H200 measurements (decode, graph replay; see the kernels' docstrings).
+# Indexer programs aimed for per SM when a batch is small: one program's block loop is
+# latency-bound (~2.5 us per 128-key block on H200: slot load -> key gather -> dot -> top-k
+# insert), so several resident programs per SM are needed to approach HBM bandwidth
+# (bs 32 x 32K context: 1/SM 145 us, 4/SM 96 us).
+INDEXER_PROGRAMS_PER_SM = 4
+# Upper bound on the programs one tile is split over: the merge reads splits x topk keys and its
+# cost grows with them (bs 1 x 128K: 32 splits 88 us, 64 splits 70 us, 128 splits 79 us).
 INDEXER_MAX_SPLITS = 64
 # A split of the indexer scans at least this many key blocks (short contexts use fewer splits).
 INDEXER_MIN_BLOCKS_PER_SPLIT = 4
-# Programs we aim for to fill the GPU when a batch is small (about 1-2 per SM).
+# Splits merged per bitonic top-k pass in the indexer merge kernel (x topk candidates).
+INDEXER_MERGE_CHUNK = 32
+INDEXER_NUM_STAGES = 2  # no measurable effect (1..4) on the gather-bound loop
+# Attention programs aimed for per SM before the block list is split (1 and 2 measured equal
+# for 64 q heads; 1 is 10% faster for 8 q heads at bs 256).
+ATTN_PROGRAMS_PER_SM = 1
+ATTN_NUM_STAGES = 2
+# SM count assumed off-GPU (interpreter).
 _DEFAULT_SMS = 132
 
 

@@ -15,9 +15,16 @@ Work decomposition
   * Running top-k entries are packed int64 keys: (order-preserving fp32 bits of the score) << 32 |
     (2^31 - 1 - block id). One integer compare orders by score, ties by the lower block id, so
     selection is deterministic and a merge is a plain integer top-k.
-  * With n_splits > 1 each split stores its top-k; a second kernel merges them per tile (topk
-    rounds of max over the partials). With n_splits == 1 the main kernel writes the result directly.
-  * The result row is the selected block ids sorted ascending, -1 padded (as the twin).
+  * With n_splits > 1 each split stores its top-k; a second kernel merges them per token (bitonic
+    tl.topk over chunks of splits on GPU; topk rounds of max under the interpreter, where tl.topk
+    costs seconds). With n_splits == 1 the main kernel writes the result directly.
+  * The result row is the selected block ids sorted ascending, -1 padded (as the twin); ordering is
+    done by ranking (one [rows, k, k] compare), not by a sort.
+
+Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
+context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
+a lone program's block loop costs ~2.5 us per block and is not overlapped by Triton's pipeliner;
+more splits move the cost into the merge). Extend: 8192 new tokens after a 32K prefix, 2.4 ms.
 
 Graph safety: grid = (max tiles, n_splits), both functions of tensor shapes only; context lengths
 are read on the device (loop bounds), so one capture serves every replay.
@@ -118,22 +125,22 @@ def _indexer_kernel(
     q = tl.load(q_ptr + tok.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, DI]
 
-    offs_n = tl.arange(0, BN)
     kcol = tl.arange(0, K_PAD)
     keys = tl.full([M, K_PAD], _MINKEY, tl.int64)
     keys = tl.where(kcol[None, :] < TOPK, keys, _MAXKEY)
     r2t_row = r2t_ptr + row.to(tl.int64) * stride_r2t
 
+    offs_n = tl.arange(0, BN)
     for b in range(b_lo, b_hi):
         j = b * BLOCK_SIZE + offs_n
         kv = (offs_n < BLOCK_SIZE) & (j <= p_last)
         slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
-        kt = tl.load(k_ptr + slot[None, :] * stride_ks + offs_d[:, None],
-                     mask=kv[None, :] & d_ok[:, None], other=0.0)  # [DI, BN]
+        k = tl.load(k_ptr + slot[:, None] * stride_ks + offs_d[None, :],
+                    mask=kv[:, None] & d_ok[None, :], other=0.0)  # [BN, DI], DI contiguous
         if DOT_F32:  # (inlined, not a helper: the interpreter pays ~ms per nested jit call)
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")  # [M, BN]
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")  # [M, BN]
         else:
-            s = tl.dot(q, kt)  # [M, BN] fp32 accumulation
+            s = tl.dot(q, tl.trans(k))  # [M, BN] fp32 accumulation
         s = tl.where(kv[None, :] & (j[None, :] <= row_pos[:, None]), s, float("-inf"))
         sc = tl.max(s, axis=1)  # block score per row
         # twin: amax propagates NaN, then nan_to_num(nan=-1e30, neginf=-1e30, posinf=FLT_MAX)
@@ -167,23 +174,24 @@ def _indexer_merge_kernel(
     tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr, tile_row_ptr, tile_pos0_ptr,
     out_ptr, stride_ot, stride_oh, part_ptr,
     n_splits, min_chunk,
-    H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-    R: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CS: tl.constexpr,
+    H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+    R: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CS: tl.constexpr, BITONIC: tl.constexpr,
 ):
-    # One program per tile: top-k over the split partials (only the splits that ran), CS splits at
-    # a time, then ascending ids. Recomputes the split layout exactly as the main kernel did.
+    # One program per (tile, token of the tile), rows = index heads: top-k over the split partials
+    # (only the splits that ran), CS splits at a time, then ascending ids. Recomputes the split
+    # layout exactly as the main kernel did. (Rows = heads only keeps this kernel small: a
+    # [64-row] variant took 30 s to compile.)
     tile = tl.program_id(0)
+    t_in = tl.program_id(1)
     tok0, ntok, row, pos0 = _tile(tile, tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr,
                                   tile_row_ptr, tile_pos0_ptr, BLOCK_T)
-    if ntok == 0:
+    if t_in >= ntok:
         return
     nb_tile = (pos0 + ntok - 1) // BLOCK_SIZE + 1
     chunk, n_active = _split_range(nb_tile, n_splits, min_chunk)
 
-    offs_r = tl.arange(0, R)
-    t_in = offs_r // H_PAD
-    head = offs_r % H_PAD
-    row_ok = (t_in < ntok) & (head < H)
+    head = tl.arange(0, R)
+    row_ok = head < H
     tok = tok0 + t_in
     base = ((tok * H + head) * n_splits).to(tl.int64) * TOPK  # [R]
 
@@ -191,26 +199,34 @@ def _indexer_merge_kernel(
     ccol = tl.arange(0, CS * K_PAD)
     c_split = ccol // K_PAD
     c_k = ccol % K_PAD
-    run = tl.full([R, K_PAD], _MINKEY, tl.int64)  # best TOPK keys so far, descending
+    run = tl.full([R, K_PAD], _MINKEY, tl.int64)  # best TOPK keys so far
     for s0 in range(0, n_active, CS):
         sp = s0 + c_split
         cand = tl.load(part_ptr + base[:, None] + (sp * TOPK + c_k)[None, :],
                        mask=row_ok[:, None] & ((sp < n_active) & (c_k < TOPK))[None, :], other=_MINKEY)
-        # TOPK rounds of "take the largest of run U cand": keys are unique per row (distinct block
-        # ids), so removing the picked key removes exactly one entry.
-        new = tl.full([R, K_PAD], _MINKEY, tl.int64)
-        for r in tl.static_range(TOPK):
-            best = tl.maximum(tl.max(cand, axis=1), tl.max(run, axis=1))
-            new = tl.where(kcol[None, :] == r, best[:, None], new)
-            cand = tl.where(cand == best[:, None], _MINKEY, cand)
-            run = tl.where(run == best[:, None], _MINKEY, run)
-        run = new
+        if BITONIC:
+            # GPU: bitonic top-K_PAD of the chunk, then of (running U chunk's best).
+            top = tl.topk(cand, K_PAD, dim=1)
+            run = tl.topk(tl.reshape(tl.join(run, top), [R, 2 * K_PAD]), K_PAD, dim=1)
+        else:
+            # Interpreter (where tl.topk costs seconds per program): TOPK rounds of "take the
+            # largest of run U cand"; keys are unique per row (distinct block ids), so removing the
+            # picked key removes exactly one entry.
+            new = tl.full([R, K_PAD], _MINKEY, tl.int64)
+            for r in tl.static_range(TOPK):
+                best = tl.maximum(tl.max(cand, axis=1), tl.max(run, axis=1))
+                new = tl.where(kcol[None, :] == r, best[:, None], new)
+                cand = tl.where(cand == best[:, None], _MINKEY, cand)
+                run = tl.where(run == best[:, None], _MINKEY, run)
+            run = new
+    # run holds the TOPK best keys in its first TOPK columns (both paths sort descending)
     _store_ids(out_ptr, tok.to(tl.int64) * stride_ot + head * stride_oh, row_ok, run, kcol, TOPK)
 
 
 def indexer_num_splits(num_tiles: int, device: torch.device) -> int:
-    """Key-range splits per tile: enough programs for ~1 wave of SMs, capped (merge cost)."""
-    return max(1, min(common.INDEXER_MAX_SPLITS, triton.cdiv(common.num_sms(device), max(1, num_tiles))))
+    """Key-range splits per tile: a few programs per SM (latency hiding), capped (merge cost)."""
+    target = common.INDEXER_PROGRAMS_PER_SM * common.num_sms(device)
+    return max(1, min(common.INDEXER_MAX_SPLITS, triton.cdiv(target, max(1, num_tiles))))
 
 
 def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tensor,
@@ -269,6 +285,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     tiles = [t if t is not None else meta.tok_row for t in
              (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
     min_chunk = common.INDEXER_MIN_BLOCKS_PER_SPLIT
+    interp = common.interpret_mode()
 
     _indexer_kernel[(n_tiles, n_splits)](
         index_q, index_q.stride(0), index_q.stride(1),
@@ -281,13 +298,13 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         BLOCK_SIZE=block_size, BN=max(16, common.next_pow2(block_size)), BLOCK_T=bt, M=m_rows,
         TOPK=topk_blocks, K_PAD=k_pad, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
         DOT_F32=common.dot_in_fp32(index_k_cache.dtype),
-        num_warps=4, num_stages=3)
+        num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
     if n_splits > 1:
-        _indexer_merge_kernel[(n_tiles,)](
+        _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
             out, out.stride(0), out.stride(1), part,
             n_splits, min_chunk,
-            H=H, H_PAD=h_pad, BLOCK_SIZE=block_size, BLOCK_T=bt, R=bt * h_pad,
-            TOPK=topk_blocks, K_PAD=k_pad, CS=max(1, 64 // k_pad),
-            num_warps=4)
+            H=H, BLOCK_SIZE=block_size, BLOCK_T=bt, R=max(4, h_pad),  # R=1 hangs triton 3.6's compiler
+            TOPK=topk_blocks, K_PAD=k_pad, CS=max(1, 64 // k_pad) if interp else common.INDEXER_MERGE_CHUNK,
+            BITONIC=not interp, num_warps=4)
     return out

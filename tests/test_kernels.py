@@ -1,0 +1,549 @@
+"""Triton MSA kernels (sglang_m3.attention.kernels) against their torch twins (attention/reference.py).
+
+CPU (always run): the kernels execute under Triton's interpreter, which needs TRITON_INTERPRET=1 set
+*before* triton is imported. Other test modules of the same pytest process may already have imported
+triton, so the interpreter checks run in worker subprocesses (``python tests/test_kernels.py --worker
+CASE ...``, two in parallel) and each pytest test asserts on its case's result. Shapes are tiny: the
+interpreter executes every program instance in Python (~0.1 s each).
+
+GPU (``@pytest.mark.gpu``, skipped without CUDA): real M3 shapes (64 q / 4 kv / 4 index heads at TP1,
+8 / 1 / 1 on a TP8 rank, D = Di = 128, block 128, top-16), mixed long contexts, extend, and a CUDA-graph
+capture/replay of the decode path.
+
+Tolerances. Block selections must equal the twin's exactly, except that two blocks may swap when their
+scores (recomputed in float64) lie within ``tol`` of each other: 1e-5 on CPU (fp32 data), and on GPU
+1e-4 * (1 + |score|) (bf16 inputs: products are exact in fp32, only the fp32 summation order differs).
+Attention is compared on the twin's own selection: fp32 atol/rtol 1e-4 (CPU), bf16 atol 1e-2 / rtol 2e-2
+(P is rounded to bf16 for the P @ V tensor-core product, and the output is bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if __name__ == "__main__" and "--worker" in sys.argv:  # before anything can import triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# batches: contiguous random sequences -> SGLang paged layout (random slots and pool rows)
+# ----------------------------------------------------------------------------------------------
+
+
+def make_batch(lens, ext, *, hq, hkv, d, di, dv, dtype, seed, device="cpu", extra_rows=0):
+    """Request i has seq_lens = lens[i], its last ext[i] tokens are new. Unused cache slots hold NaN
+    (a stray read shows), slots and pool rows are random. ``extra_rows`` trailing tokens are owned by
+    no request (their output rows must stay untouched)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    gc = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    bs = len(lens)
+    n_slots = sum(lens) + 7
+    perm = torch.randperm(n_slots, generator=gc)
+    nan_slot = int(perm[-1])
+    rows = torch.randperm(bs + 3, generator=gc)[:bs]
+    r2t = torch.full((bs + 3, max(lens) + 9), nan_slot, dtype=torch.int32)
+    nan = float("nan")
+    ik_cache = torch.full((n_slots, di), nan, dtype=dtype, device=device)
+    k_cache = torch.full((n_slots, hkv, d), nan, dtype=dtype, device=device)
+    v_cache = torch.full((n_slots, hkv, dv), nan, dtype=dtype, device=device)
+    off, tok = 0, []
+    for i, n in enumerate(lens):
+        slots = perm[off: off + n]
+        off += n
+        r2t[rows[i], :n] = slots.to(torch.int32)
+        s = slots.to(device)
+        ik_cache[s], k_cache[s], v_cache[s] = rnd(n, di), rnd(n, hkv, d), rnd(n, hkv, dv)
+        tok += [(i, p) for p in range(n - ext[i], n)]
+    T = len(tok) + extra_rows
+    ext_t = torch.tensor(ext, dtype=torch.int32)
+    meta = dict(req_to_token=r2t.to(device), req_pool_indices=rows.to(device),
+                seq_lens=torch.tensor(lens, dtype=torch.int64, device=device),
+                extend_seq_lens=ext_t.to(device), extend_start_loc=(torch.cumsum(ext_t, 0) - ext_t).to(device))
+    return dict(index_q=rnd(T, hkv, di), q=rnd(T, hq, d), index_k_cache=ik_cache, k_cache=k_cache,
+                v_cache=v_cache, meta=meta, tok=tok, T=T)
+
+
+def decode_meta(b):
+    """The batch's metadata in the kernels' decode form (extend tensors None)."""
+    return {**b["meta"], "extend_seq_lens": None, "extend_start_loc": None}
+
+
+def block_scores(b, t, h, block_size):
+    """float64 block scores (max over visible keys) of token t, index head h."""
+    req, pos = b["tok"][t]
+    m = b["meta"]
+    slots = m["req_to_token"][m["req_pool_indices"][req], : pos + 1].long()
+    s = b["index_k_cache"][slots].double() @ b["index_q"][t, h].double()
+    nb = pos // block_size + 1
+    s = torch.nn.functional.pad(s, (0, nb * block_size - s.numel()), value=float("-inf"))
+    return s.view(nb, block_size).amax(-1)
+
+
+def assert_same_selection(got, want, b, block_size, rel_tol):
+    """Exact equality, except swaps of blocks whose float64 scores are within rel_tol * (1 + |s|)."""
+    assert got.shape == want.shape and got.dtype == torch.int32
+    if torch.equal(got, want):
+        return
+    got_c, want_c = got.cpu(), want.cpu()
+    assert torch.equal((got_c >= 0).sum(-1), (want_c >= 0).sum(-1)), "different selection sizes"
+    bad = (got_c != want_c).any(-1).nonzero().tolist()
+    for t, h in bad:
+        g = [x for x in got_c[t, h].tolist() if x >= 0]
+        w = [x for x in want_c[t, h].tolist() if x >= 0]
+        assert g == sorted(set(g)), f"row ({t},{h}) not ascending/unique: {got_c[t, h].tolist()}"
+        assert got_c[t, h, len(g):].eq(-1).all(), f"row ({t},{h}) badly padded: {got_c[t, h].tolist()}"
+        diff = sorted(set(g) ^ set(w))
+        sc = block_scores(b, t, h, block_size)
+        vals = [float(sc[x]) for x in diff]
+        spread = max(vals) - min(vals)
+        assert spread <= rel_tol * (1 + max(abs(v) for v in vals)), (
+            f"token {t} head {h}: kernel {g} vs twin {w}; differing blocks {diff} have scores {vals}")
+
+
+def run_both_indexers(b, block_size, topk, init_blocks=0, local_blocks=1, **kw):
+    from sglang_m3.attention import kernels as K
+    from sglang_m3.attention import reference as ref
+
+    want = ref.index_block_topk(b["index_q"], b["index_k_cache"], **b["meta"], block_size=block_size,
+                                topk_blocks=topk, init_blocks=init_blocks, local_blocks=local_blocks)
+    got = K.index_block_topk(b["index_q"], b["index_k_cache"], **kw.pop("meta_args", b["meta"]),
+                             block_size=block_size, topk_blocks=topk, init_blocks=init_blocks,
+                             local_blocks=local_blocks, **kw)
+    return got, want
+
+
+def run_both_attentions(b, sel, block_size, sm_scale, **kw):
+    from sglang_m3.attention import kernels as K
+    from sglang_m3.attention import reference as ref
+
+    want = ref.sparse_attention(b["q"], b["k_cache"], b["v_cache"], **b["meta"], block_topk=sel,
+                                block_size=block_size, sm_scale=sm_scale)
+    got = K.sparse_attention(b["q"], b["k_cache"], b["v_cache"], **kw.pop("meta_args", b["meta"]),
+                             block_topk=sel, block_size=block_size, sm_scale=sm_scale, **kw)
+    return got, want
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU cases (run by the interpreter worker)
+# ----------------------------------------------------------------------------------------------
+
+CPU_CASES = {}
+
+
+def cpu_case(fn):
+    CPU_CASES[fn.__name__] = fn
+    return fn
+
+
+F32 = dict(dtype=torch.float32, rtol=1e-4, atol=1e-4)
+
+
+@cpu_case
+def extend_mixed_fp32_gqa2():
+    """Chunk with prefix on a block boundary, decode row, prefill from mid-block prefix, pad rows."""
+    from sglang_m3.attention import kernels as K
+
+    lens, ext, bsz, topk = [70, 37, 21, 50], [6, 1, 4, 3], 16, 3
+    b = make_batch(lens, ext, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=1, extra_rows=2)
+    T = b["T"]
+    sel_out = torch.full((T, 2, topk), 77, dtype=torch.int32)
+    for ns in (None, 1, 2):  # None: default heuristic (2 splits with the worker's 8 "SMs")
+        sel_out.fill_(77)
+        got, want = run_both_indexers(b, bsz, topk, out=sel_out, num_splits=ns)
+        assert got is sel_out and (sel_out[T - 2:] == 77).all()
+        assert_same_selection(got[: T - 2], want[: T - 2], b, bsz, 1e-5)
+    assert (want[: T - 2] >= 0).sum(-1).max() == topk and (want[: T - 2] < 0).any()  # sparse and short rows
+    o_out = torch.full((T, 4, 16), 5.0)
+    got, want = run_both_attentions(b, want, bsz, 0.25, out=o_out, num_splits=1)
+    assert got is o_out and (o_out[T - 2:] == 5.0).all()
+    torch.testing.assert_close(got[: T - 2], want[: T - 2], rtol=1e-4, atol=1e-4)
+    # the same through a prebuilt meta (BLOCK_T > 1 tiles for the indexer)
+    meta = K.prepare_meta(b["meta"]["req_pool_indices"], b["meta"]["seq_lens"], b["meta"]["extend_seq_lens"],
+                          b["meta"]["extend_start_loc"], T, index_heads=2)
+    assert meta.block_t > 1 and int(meta.tile_ntok.sum()) == T - 2
+    assert meta.tok_row[T - 2:].eq(-1).all()
+    got2 = K.index_block_topk(b["index_q"], b["index_k_cache"], **b["meta"], block_size=bsz, topk_blocks=topk,
+                              meta=meta)
+    assert torch.equal(got2[: T - 2], sel_out[: T - 2])
+
+
+@cpu_case
+def indexer_init_local_variants():
+    """init/local block settings, long extend over several tiles of one request, key splits + merge."""
+    lens, ext, bsz, topk = [150, 90, 64], [40, 7, 1], 16, 3
+    b = make_batch(lens, ext, hq=2, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=2)
+    for (init_b, local_b), ns in (((1, 2), 1), ((0, 0), 3), ((1, 1), 2), ((0, 2), None)):
+        got, want = run_both_indexers(b, bsz, topk, init_b, local_b, num_splits=ns)
+        assert_same_selection(got, want, b, bsz, 1e-5)
+
+
+@cpu_case
+def decode_fp32_mqa_splits():
+    """TP8-like grouping (2 q heads / 1 kv head, padded to 16 rows), Di 32, block 32, decode form,
+    default splits (2 in the worker) for both kernels, and the extend form on the same batch."""
+    lens, bsz, topk = [200, 33, 96, 130], 32, 3
+    b = make_batch(lens, [1] * 4, hq=2, hkv=1, d=32, di=32, dv=32, dtype=torch.float32, seed=3)
+    got, want = run_both_indexers(b, bsz, topk, meta_args=decode_meta(b))
+    assert_same_selection(got, want, b, bsz, 1e-5)
+    got_e, _ = run_both_indexers(b, bsz, topk)
+    assert torch.equal(got_e, got)
+    o, o_ref = run_both_attentions(b, want, bsz, 0.2, meta_args=decode_meta(b))
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+
+
+@cpu_case
+def bf16_mixed():
+    lens, ext, bsz, topk = [45, 80, 120], [3, 1, 2], 16, 3
+    b = make_batch(lens, ext, hq=4, hkv=2, d=16, di=32, dv=16, dtype=torch.bfloat16, seed=4)
+    got, want = run_both_indexers(b, bsz, topk)
+    assert_same_selection(got, want, b, bsz, 1e-5)
+    o, o_ref = run_both_attentions(b, want, bsz, 0.25, num_splits=2)
+    assert o.dtype == torch.bfloat16
+    torch.testing.assert_close(o.float(), o_ref.float(), rtol=2e-2, atol=1e-2)
+
+
+@cpu_case
+def attention_holes_duplicates_out_of_range():
+    """Twin semantics of odd lists: unsorted, -1 holes, duplicate ids (count once), ids beyond the
+    token's visible blocks (ignored), width != topk; with and without splits."""
+    lens, ext, bsz = [60, 29], [3, 2], 8
+    b = make_batch(lens, ext, hq=4, hkv=2, d=16, di=16, dv=8, dtype=torch.float32, seed=5)
+    g = torch.Generator().manual_seed(5)
+    sel = torch.randint(-1, 9, (b["T"], 2, 5), generator=g, dtype=torch.int32)
+    sel[0, 0] = torch.tensor([6, 2, 6, -1, 2], dtype=torch.int32)
+    sel[1, 1] = -1  # nothing to attend: output 0
+    for ns in (1, 2, 5):
+        o, o_ref = run_both_attentions(b, sel, bsz, 0.3, num_splits=ns)
+        torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+    assert (o[1, 2:] == 0).all()
+
+
+@cpu_case
+def block_size_not_power_of_two():
+    lens, ext, bsz, topk = [61, 40, 100], [1, 2, 1], 12, 3
+    b = make_batch(lens, ext, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=6)
+    got, want = run_both_indexers(b, bsz, topk, 1, 1)
+    assert_same_selection(got, want, b, bsz, 1e-5)
+    o, o_ref = run_both_attentions(b, want, bsz, 0.25)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+
+
+@cpu_case
+def graph_style_decode_with_frozen_workspace():
+    """The decode recipe of kernels/__init__.py: warmup sizes a workspace, freeze, then calls with new
+    lengths / slots / rows reuse the same buffers (same addresses) and stay equal to the twin."""
+    from sglang_m3.attention import kernels as K
+
+    bsz, topk, hq, hkv = 16, 3, 2, 1
+    ws = K.MSAWorkspace("cpu")
+    K.warmup(ws, batch_sizes=[1, 3], num_q_heads=hq, num_kv_heads=hkv, head_dim=16, head_dim_v=16,
+             index_dim=16, block_size=bsz, topk_blocks=topk, dtype=torch.float32, device="cpu")
+    ws.freeze()
+    ptrs = {k: v.data_ptr() for k, v in ws._bufs.items()}
+    assert "indexer.part" in ptrs and "attn.acc" in ptrs  # splits were exercised (worker: 8 "SMs")
+    sel_buf = torch.empty(3, hkv, topk, dtype=torch.int32)
+    out_buf = torch.empty(3, hq, 16)
+    for seed, lens in ((7, [90, 17, 64]), (8, [33, 129, 5])):
+        b = make_batch(lens, [1, 1, 1], hq=hq, hkv=hkv, d=16, di=16, dv=16, dtype=torch.float32, seed=seed)
+        m = decode_meta(b)
+        meta = K.prepare_meta(m["req_pool_indices"], m["seq_lens"], None, None, 3, index_heads=hkv, workspace=ws)
+        got, want = run_both_indexers(b, bsz, topk, meta_args=m, out=sel_buf, meta=meta, workspace=ws)
+        assert_same_selection(got, want, b, bsz, 1e-5)
+        o, o_ref = run_both_attentions(b, want, bsz, 0.25, meta_args=m, out=out_buf, meta=meta, workspace=ws)
+        torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+        assert {k: v.data_ptr() for k, v in ws._bufs.items()} == ptrs
+    with pytest.raises(RuntimeError, match="cannot grow"):  # frozen: a bigger batch must not reallocate
+        K.prepare_meta(torch.zeros(9, dtype=torch.int64), torch.ones(9, dtype=torch.int64), None, None, 9,
+                       index_heads=1, workspace=ws)
+
+
+def check_store_index_k(device):
+    from sglang_m3.attention import kernels as K
+    from sglang_m3.attention import reference as ref
+
+    loc = torch.tensor([7, 2, 5], device=device)
+    vals = torch.randn(3, 24, device=device)
+    # the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even, like torch): that pair
+    # is only checked on GPU
+    pairs = [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)]
+    if device == "cuda":
+        pairs.append((torch.float32, torch.bfloat16))
+    for src_dtype, cache_dtype in pairs:
+        src = vals.to(src_dtype)
+        for form in (src, src[:, None, :]):
+            a = torch.zeros(10, 24, dtype=cache_dtype, device=device)
+            c = a.clone()
+            K.store_index_k(a, loc, form)
+            ref.store_index_k(c, loc, form)
+            assert torch.equal(a, c), (src_dtype, cache_dtype)
+    with pytest.raises(ValueError, match="ONE shared"):
+        K.store_index_k(torch.zeros(9, 24, device=device), loc[:1], torch.zeros(1, 2, 24, device=device))
+
+
+@cpu_case
+def store_index_k_matches_twin():
+    check_store_index_k("cpu")
+
+
+# Two workers, roughly balanced (interpreter seconds, unloaded 2-core machine).
+_WORKER_SPLIT = [
+    ["extend_mixed_fp32_gqa2", "store_index_k_matches_twin", "block_size_not_power_of_two",
+     "attention_holes_duplicates_out_of_range"],
+    ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
+     "graph_style_decode_with_frozen_workspace"],
+]
+assert sorted(sum(_WORKER_SPLIT, [])) == sorted(CPU_CASES)
+
+
+def _worker(names):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from sglang_m3.attention.kernels import common
+
+    common._DEFAULT_SMS = 8  # tiny batches then still take the split (+ merge) paths
+    results = {}
+    for name in names:
+        t0 = time.time()
+        try:
+            CPU_CASES[name]()
+            results[name] = {"ok": True, "seconds": round(time.time() - t0, 1)}
+        except BaseException:  # noqa: BLE001 -- reported to the parent test
+            results[name] = {"ok": False, "error": traceback.format_exc()}
+    print("@@RESULTS@@" + json.dumps(results), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p))
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", *names], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for names in _WORKER_SPLIT]
+    results = {}
+    for p in procs:
+        out, _ = p.communicate(timeout=900)
+        line = [ln for ln in out.splitlines() if ln.startswith("@@RESULTS@@")]
+        if not line:
+            raise RuntimeError(f"interpreter worker died (rc={p.returncode}):\n{out[-6000:]}")
+        results.update(json.loads(line[-1][len("@@RESULTS@@"):]))
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(CPU_CASES))
+def test_kernel_matches_twin_interpreted(case, interpreter_results):
+    r = interpreter_results[case]
+    assert r["ok"], r.get("error")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: real shapes
+# ----------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="needs CUDA (and compiled Triton)")
+BLOCK, TOPK, HD = 128, 16, 128
+GPU_HEADS = [pytest.param(64, 4, id="tp1-64q-4kv"), pytest.param(8, 1, id="tp8-8q-1kv")]
+BF16_TOL = dict(rtol=2e-2, atol=1e-2)
+
+
+def gpu_batch(lens, ext, hq, hkv, seed, extra_rows=0):
+    return make_batch(lens, ext, hq=hq, hkv=hkv, d=HD, di=HD, dv=HD, dtype=torch.bfloat16, seed=seed,
+                      device="cuda", extra_rows=extra_rows)
+
+
+def check_gpu(b, hq, **idx_kw):
+    got, want = run_both_indexers(b, BLOCK, TOPK, **idx_kw)
+    n = len(b["tok"])
+    assert_same_selection(got[:n], want[:n], b, BLOCK, 1e-4)
+    o, o_ref = run_both_attentions(b, want, BLOCK, HD ** -0.5)
+    torch.testing.assert_close(o[:n].float(), o_ref[:n].float(), **BF16_TOL)
+    return got, want
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("hq,hkv", GPU_HEADS)
+def test_gpu_decode_mixed_long_contexts(hq, hkv):
+    # 128K + odd, exactly 16 and 17 blocks, sparsity threshold +- 1, tiny, mid-size odd lengths
+    lens = [131072 + 77, 2048, 2049, 16 * 128 + 129, 1, 100, 70001, 128 * 17]
+    b = gpu_batch(lens, [1] * len(lens), hq, hkv, seed=11)
+    got, _ = check_gpu(b, hq)
+    got_d, _ = run_both_indexers(b, BLOCK, TOPK, meta_args=decode_meta(b))
+    assert torch.equal(got_d, got)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("hq,hkv", GPU_HEADS)
+@pytest.mark.parametrize("bs", [1, 37, 256])
+def test_gpu_decode_batch_sizes(hq, hkv, bs):
+    g = torch.Generator().manual_seed(bs)
+    top = 32768 if bs > 40 else 131072
+    lens = torch.randint(1, top, (bs,), generator=g).tolist()
+    check_gpu(gpu_batch(lens, [1] * bs, hq, hkv, seed=bs), hq)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("hq,hkv", GPU_HEADS)
+def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
+    # chunk of 2053 tokens after a 38 000-token prefix ending mid-block, a full 3000-token prefill,
+    # a 7-token extend (speculative-verify-like), a decode row, and 3 pad rows owned by nobody
+    lens, ext = [40053, 3000, 4100, 9000], [2053, 3000, 7, 1]
+    b = gpu_batch(lens, ext, hq, hkv, seed=12, extra_rows=3)
+    check_gpu(b, hq)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("hq,hkv", GPU_HEADS)
+def test_gpu_cuda_graph_decode_replay(hq, hkv):
+    """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
+    lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
+    inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins."""
+    from sglang_m3.attention import kernels as K
+
+    bs = 24
+    g = torch.Generator().manual_seed(21)
+    sets = [torch.randint(1, 40000, (bs,), generator=g).tolist() for _ in range(3)]
+    sets[1][0], sets[2][1] = 131072 + 5, 1
+    cap = max(max(s) for s in sets) + 16
+    bA = gpu_batch(sets[0], [1] * bs, hq, hkv, seed=30)
+    # static graph inputs (what SGLang's graph runner copies into before each replay)
+    n_slots = bs * cap + 8
+    r2t = torch.zeros(bs + 3, cap, dtype=torch.int32, device="cuda")
+    ik = torch.zeros(n_slots, HD, dtype=torch.bfloat16, device="cuda")
+    kc = torch.zeros(n_slots, hkv, HD, dtype=torch.bfloat16, device="cuda")
+    vc = torch.zeros_like(kc)
+    rpi = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    seq = torch.ones(bs, dtype=torch.int64, device="cuda")
+    iq = torch.zeros(bs, hkv, HD, dtype=torch.bfloat16, device="cuda")
+    q = torch.zeros(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
+    new_ik = torch.zeros(bs, HD, dtype=torch.bfloat16, device="cuda")
+    loc = torch.zeros(bs, dtype=torch.int64, device="cuda")
+
+    def load(b):
+        m = b["meta"]
+        nr, w = m["req_to_token"].shape
+        n = b["index_k_cache"].shape[0]
+        r2t.zero_()
+        r2t[:nr, :w] = m["req_to_token"]
+        ik[:n], kc[:n], vc[:n] = b["index_k_cache"], b["k_cache"], b["v_cache"]
+        rpi.copy_(m["req_pool_indices"])
+        seq.copy_(m["seq_lens"])
+        iq.copy_(b["index_q"])
+        q.copy_(b["q"])
+        # the new token's index key is (re)written by the captured store_index_k, as in a forward
+        last = seq - 1
+        loc.copy_(r2t[rpi, last].long())
+        new_ik.copy_(ik[loc])
+
+    ws = K.MSAWorkspace("cuda")
+    K.warmup(ws, batch_sizes=[1, 8, bs], num_q_heads=hq, num_kv_heads=hkv, head_dim=HD, head_dim_v=HD,
+             index_dim=HD, block_size=BLOCK, topk_blocks=TOPK, device="cuda")
+    ws.freeze()
+    sel_buf = torch.empty(bs, hkv, TOPK, dtype=torch.int32, device="cuda")
+    out_buf = torch.empty(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        meta = K.prepare_meta(rpi, seq, None, None, bs, index_heads=hkv, workspace=ws)
+        K.store_index_k(ik, loc, new_ik)
+        K.index_block_topk(iq, ik, r2t, rpi, seq, None, None, block_size=BLOCK, topk_blocks=TOPK,
+                           out=sel_buf, meta=meta, workspace=ws)
+        K.sparse_attention(q, kc, vc, r2t, rpi, seq, None, None, sel_buf, block_size=BLOCK,
+                           sm_scale=HD ** -0.5, out=out_buf, meta=meta, workspace=ws)
+
+    load(bA)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for i, lens in enumerate(sets):
+        b = bA if i == 0 else gpu_batch(lens, [1] * bs, hq, hkv, seed=30 + i)
+        load(b)
+        graph.replay()
+        torch.cuda.synchronize()
+        sel_g, out_g = sel_buf.clone(), out_buf.clone()
+        step()  # eager, same inputs
+        assert torch.equal(sel_g, sel_buf), f"replay {i}: graph and eager selections differ"
+        assert torch.equal(out_g, out_buf), f"replay {i}: graph and eager outputs differ"
+        from sglang_m3.attention import reference as ref
+
+        want = ref.index_block_topk(iq, ik, r2t, rpi, seq, torch.ones_like(seq), torch.arange(bs, device="cuda"),
+                                    block_size=BLOCK, topk_blocks=TOPK)
+        b_view = {**b, "index_k_cache": ik, "index_q": iq,
+                  "meta": {**b["meta"], "req_to_token": r2t, "req_pool_indices": rpi}}
+        assert_same_selection(sel_g, want, b_view, BLOCK, 1e-4)
+        o_ref = ref.sparse_attention(q, kc, vc, r2t, rpi, seq, torch.ones_like(seq), torch.arange(bs, device="cuda"),
+                                     want, block_size=BLOCK, sm_scale=HD ** -0.5)
+        if torch.equal(sel_g, want):
+            torch.testing.assert_close(out_g.float(), o_ref.float(), **BF16_TOL)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_store_index_k():
+    check_store_index_k("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_decode_timings(capsys):
+    """Not an assertion: prints decode latencies (graph replay of indexer + attention) for the report."""
+    from sglang_m3.attention import kernels as K
+
+    rows = []
+    for hq, hkv in ((64, 4), (8, 1)):
+        for bs, ctx in ((1, 131072), (32, 32768), (256, 8192), (256, 32768)):
+            b = gpu_batch([ctx] * bs, [1] * bs, hq, hkv, seed=1)
+            m = decode_meta(b)
+            ws = K.MSAWorkspace("cuda")
+            sel = torch.empty(bs, hkv, TOPK, dtype=torch.int32, device="cuda")
+            out = torch.empty(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
+
+            def idx():
+                meta = K.prepare_meta(m["req_pool_indices"], m["seq_lens"], None, None, bs, index_heads=hkv,
+                                      workspace=ws)
+                K.index_block_topk(b["index_q"], b["index_k_cache"], **m, block_size=BLOCK, topk_blocks=TOPK,
+                                   out=sel, meta=meta, workspace=ws)
+                return meta
+
+            def attn(meta):
+                K.sparse_attention(b["q"], b["k_cache"], b["v_cache"], **m, block_topk=sel, block_size=BLOCK,
+                                   sm_scale=HD ** -0.5, out=out, meta=meta, workspace=ws)
+
+            meta = idx()
+            attn(meta)
+            import triton.testing as tt
+
+            t_idx = tt.do_bench(idx, warmup=5, rep=30) * 1e3
+            t_att = tt.do_bench(lambda: attn(meta), warmup=5, rep=30) * 1e3
+            key_bytes = bs * ctx * HD * 2
+            rows.append(f"hq={hq:2d} hkv={hkv} bs={bs:3d} ctx={ctx:6d}: indexer {t_idx:8.1f} us "
+                        f"({key_bytes / t_idx / 1e3:6.0f} GB/s of index keys), attention {t_att:7.1f} us")
+            del b
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker(sys.argv[sys.argv.index("--worker") + 1:])
