@@ -112,6 +112,13 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
     declared: dict = {}
     if server_args.is_attention_backend_not_set():
         declared["attention_backend"] = BACKEND_NAME
+    # The clamped SwiGLU (gemm1_alpha / gemm1_clamp_limit, non-interleaved gate|up) is implemented by the
+    # Triton MoE runner; "auto" may pick a runner that ignores those arguments and returns wrong numbers.
+    if getattr(server_args, "moe_runner_backend", "auto") == "auto":
+        declared["moe_runner_backend"] = "triton"
+    elif server_args.moe_runner_backend != "triton":
+        raise ValueError(f"sglang-m3: --moe-runner-backend {server_args.moe_runner_backend} is not supported for "
+                         "MiniMax-M3 (its clamped SwiGLU needs the triton runner).")
     return declared
 
 
