@@ -71,12 +71,14 @@ def warmup(workspace: MSAWorkspace, *, batch_sizes, num_q_heads: int, num_kv_hea
 
     Compiles every kernel variant the captures will launch (the variants depend on shapes only)
     and grows ``workspace`` to the largest size any of those batch sizes needs. Touches no real
-    cache. ``context_len`` (default topk * block_size + 1, enough to exercise every code path)
-    sets the dummy sequence length. Index heads == KV heads (M3: selection per KV group).
+    cache. Pass every batch size that will be captured: split counts (hence scratch sizes) depend
+    on the batch size. Neither the variants nor the scratch sizes depend on the context length, so
+    ``context_len`` is capped at 2 * topk * block_size + 1 (enough to take the sparse code paths)
+    to keep the dummy caches small. Index heads == KV heads (M3: selection per KV group).
     """
     index_heads = num_kv_heads
     device = torch.device(device)
-    n = context_len or topk_blocks * block_size + 1
+    n = min(context_len or 1 << 62, 2 * topk_blocks * block_size + 1)
     slots = n + 1
     r2t = torch.arange(n, dtype=torch.int32, device=device).repeat(1, 1)
     ik_cache = torch.zeros(slots, index_dim, dtype=dtype, device=device)
