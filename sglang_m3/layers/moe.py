@@ -53,7 +53,10 @@ class M3MoE(nn.Module):
                                      prefix=add_prefix("gate", prefix))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(view.num_experts, dtype=torch.float32),
                                                     requires_grad=False)
-        self.topk = TopK(top_k=view.top_k, layer_id=layer_id, renormalize=True, scoring_func="sigmoid",
+        # Sigmoid + selection-only bias is SGLang's biased *grouped* top-k with one group; the ungrouped
+        # path ignores scoring_func and would route with a softmax.
+        self.topk = TopK(top_k=view.top_k, layer_id=layer_id, use_grouped_topk=True, num_expert_group=1,
+                         topk_group=1, renormalize=True, scoring_func="sigmoid",
                          correction_bias=self.e_score_correction_bias)
         self.experts = FusedMoE(
             num_experts=view.num_experts, hidden_size=view.hidden_size,
