@@ -139,9 +139,12 @@ def test_flat_config(flat_dir, vl_dir):
     cfg = _config(flat_dir)
     assert cfg["model_type"] == "minimax_m3" and cfg["architectures"] == ["MiniMaxM3SparseForCausalLM"]
     vl_tc = _config(vl_dir)["text_config"]
-    assert {k: v for k, v in cfg.items() if k not in ("model_type", "torch_dtype")} == vl_tc
+    assert {k: v for k, v in cfg.items() if k not in ("model_type", "torch_dtype", "auto_map")} == vl_tc
+    # The flat export ships its config class (for SGLang's in-tree M3 with --trust-remote-code).
+    module, cls = cfg["auto_map"]["AutoConfig"].split(".")
+    assert (flat_dir / f"{module}.py").read_text().count(f"class {cls}(PretrainedConfig)") == 1
     if REFERENCE.exists():  # same keys as the flattened reference config
-        assert set(cfg) == set(json.loads((REFERENCE / "m3_text_config.json").read_text()))
+        assert set(cfg) - {"auto_map"} == set(json.loads((REFERENCE / "m3_text_config.json").read_text()))
 
 
 def test_overrides_and_cli(tmp_path):
