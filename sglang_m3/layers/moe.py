@@ -72,6 +72,8 @@ class M3MoE(nn.Module):
         return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Shared expert first: the fused MoE kernel writes its result into `x`'s buffer (inplace).
+        shared = self.shared_experts(x)
         logits = self.router_logits(x)
         if x.is_cuda:
             routed = self.experts(x, self.topk(x, logits))
@@ -79,7 +81,7 @@ class M3MoE(nn.Module):
             weights, ids = route(logits, self.e_score_correction_bias, self.top_k)
             routed = routed_experts_torch(x, self.experts.w13_weight, self.experts.w2_weight, weights, ids,
                                           self.alpha, self.limit)
-        out = routed * self.routed_scaling_factor + self.shared_experts(x)
+        out = routed * self.routed_scaling_factor + shared
         return _all_reduce(out)
 
 
