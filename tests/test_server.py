@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.error
 import urllib.request
 
@@ -32,6 +33,18 @@ def post(server, path: str, body: dict | None = None, timeout: float = 300):
     except urllib.error.HTTPError as e:
         raise AssertionError(f"{path} -> HTTP {e.code}: {e.read().decode(errors='replace')}") from None
     return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
+
+
+def flush(server, timeout: float = 120):
+    """/flush_cache refuses (400) while requests are still in flight, e.g. a just-closed stream: retry."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return post(server, "/flush_cache")
+        except AssertionError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:
@@ -219,7 +232,7 @@ def test_three_turn_chat_hits_radix_cache_and_matches_flushed(vl_server, vl_ckpt
         lps = out["meta_info"]["output_token_logprobs"]
         return out, out["meta_info"]["cached_tokens"], [t for _, t, _ in lps], [lp for lp, _, _ in lps]
 
-    post(vl_server, "/flush_cache")
+    flush(vl_server)
     messages, turns = [], []
     for text in user_turns:
         messages.append({"role": "user", "content": text})
@@ -235,7 +248,7 @@ def test_three_turn_chat_hits_radix_cache_and_matches_flushed(vl_server, vl_ckpt
     assert any(hit % 128 for _, hit, _, _ in turns[1:]), "expected a turn boundary in the middle of a block"
 
     for n, (ids, hit, tokens, logprobs) in enumerate(turns, start=1):
-        post(vl_server, "/flush_cache")
+        flush(vl_server)
         _, fresh_hit, fresh_tokens, fresh_logprobs = generate(ids)
         assert fresh_hit == 0
         assert tokens == fresh_tokens, f"turn {n}: greedy tokens differ with and without the radix cache"
