@@ -9,7 +9,8 @@ PORT=${PORT:-30000}
 [ -f "$CKPT/model.safetensors" ] || python -m sglang_m3.tiny "$CKPT" --dtype float32
 flags=(--model-path "$CKPT" --port "$PORT" --reasoning-parser minimax-m3 --tool-call-parser minimax-m3)
 if [ "$SGLANG_M3_DEVICE" = cpu ]; then
-  flags+=(--device cpu --dtype float32 --max-total-tokens 8192 --grammar-backend llguidance)
+  # --sleep-on-idle: an idle CPU scheduler would otherwise busy-poll a whole core.
+  flags+=(--device cpu --dtype float32 --max-total-tokens 8192 --grammar-backend llguidance --sleep-on-idle)
 fi
 python -m sglang.launch_server "${flags[@]}" > /tmp/sglang-m3-serve.log 2>&1 &
 server=$!

@@ -41,7 +41,9 @@ class Server:
         self.log_path = log
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--device", "cpu",
                "--dtype", "float32", "--max-total-tokens", "16384", "--grammar-backend", "llguidance",
-               "--port", str(self.port), *flags]
+               # An idle scheduler otherwise busy-polls a whole core: with two cores, a few idle servers
+               # starve the next one's start-up.
+               "--sleep-on-idle", "--port", str(self.port), *flags]
         self._log = open(log, "w")
         # Own process group: the scheduler/detokenizer children are stopped with the launcher.
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env or cpu_env(),
@@ -102,9 +104,9 @@ def tiny_dir(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
-    """Factory: start a CPU server (shared per identical arguments within the session)."""
+    """Factory: start a CPU server (shared per identical arguments within a module, stopped after it)."""
     servers: dict = {}
 
     def start(model_path: Path, *flags: str, env: dict | None = None, wait: bool = True) -> Server:
