@@ -21,10 +21,15 @@ distributed / model-parallel init, done once by the module-scoped `sglang_env` f
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+if __name__ == "__main__" and "--fused-moe-worker" in sys.argv:  # before anything can import triton
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 
@@ -576,6 +581,111 @@ def test_m3moe_shared_expert_is_unscaled(sglang_env):
     _far("M3MoE: routed output unscaled", want / view.routed_scaling_factor, want, 0.1)
 
 
+# ------------------------------------------------------------------------------------------------ the CUDA MoE path
+
+# SGLang's Triton MoE kernels compute in fp16 when handed fp32 activations (`compute_type`), so this check
+# works at fp16 resolution: |Δ| ≤ 1e-2·max|want|. Each wrong variant below is off by far more.
+FUSED_TOL = 1e-2
+
+
+def _align_block_size_torch(topk_ids, block_size, num_experts, ignore_invalid_expert=False):
+    """The contract of sgl_kernel's `moe_align_block_size` (a CUDA-only op): flat (token, slot) indices grouped
+    by expert, each group padded to a multiple of `block_size` with the sentinel `topk_ids.numel()`; one
+    expert id per block; the padded total."""
+    flat, ids, blocks = topk_ids.flatten(), [], []
+    for e in range(num_experts):
+        rows = (flat == e).nonzero().flatten().tolist()
+        pad = -len(rows) % block_size
+        ids += rows + [flat.numel()] * pad
+        blocks += [e] * ((len(rows) + pad) // block_size)
+    as_i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    return as_i32(ids), as_i32(blocks), as_i32([len(ids)])
+
+
+def _fused_moe_worker() -> None:
+    """M3MoE's CUDA composition — SGLang's TopK (biased grouped, one group) and FusedMoE's CUDA method with
+    the Triton runner, in place on its input — run on CPU under Triton's interpreter, against `ref_moe`."""
+    import tempfile
+
+    from sglang.srt.utils import common
+
+    # SGLang registers its fused-experts ops for the CUDA dispatch key only; register them for CPU as well
+    # (before the MoE module is imported, which registers them).
+    cuda_only = common.direct_register_custom_op
+
+    def also_on_cpu(op_name, op_func, mutates_args=None, fake_impl=None, target_lib=None):
+        cuda_only(op_name, op_func, mutates_args, fake_impl, target_lib)
+        (target_lib or common.sglang_lib).impl(op_name, op_func, "CPU")
+
+    common.direct_register_custom_op = also_on_cpu
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe, override_config
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+
+    publish(ServerArgs(model_path="dummy", device="cpu", moe_runner_backend="triton"), role="test")
+    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                    distributed_init_method=f"file://{tempfile.mkdtemp()}/init")
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    fused_moe.moe_align_block_size = _align_block_size_torch
+
+    view = m3_text_view(build_text_config(**MOE_DIMS))
+    wts = _moe_weights(view, seed=60)
+    x = _randn(11, view.hidden_size, seed=61, scale=1.5)
+    want = _ref(view, wts, x)
+    moe = _build_moe(view, wts)
+    moe.routed_experts = moe.routed_experts_fused
+    moe.topk._forward_method = moe.topk.forward_cuda
+    moe.experts.quant_method._forward_method = moe.experts.quant_method.forward_cuda
+    runner_config = moe.experts.quant_method.runner.config
+    # A fixed tile config: SGLang looks its tuned ones up by GPU name.
+    tiles = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1}
+
+    def rel_err(forward) -> float:
+        with torch.no_grad(), override_config(tiles):
+            got = forward(x.float().contiguous())
+        return (got.double() - want).abs().max().item() / want.abs().max().item()
+
+    def shared_after_routed(x_in):  # the order that reads the overwritten input
+        routed = moe.routed_experts(x_in, moe.router_logits(x_in))
+        return routed * moe.routed_scaling_factor + moe.shared_experts(x_in)
+
+    def interleaved(x_in):  # GPT-OSS's [g0, u0, g1, u1, ...] layout instead of M3's [gate | up]
+        runner_config.gate_up_interleaved = True
+        try:
+            return moe(x_in)
+        finally:
+            runner_config.gate_up_interleaved = False
+
+    def unbiased_selection(x_in):  # TopK choosing without the correction bias
+        bias = moe.e_score_correction_bias.data.clone()
+        moe.e_score_correction_bias.data.zero_()
+        try:
+            return moe(x_in)
+        finally:
+            moe.e_score_correction_bias.data.copy_(bias)
+
+    result = {"rel_err": rel_err(moe), "rel_err_shared_after_routed": rel_err(shared_after_routed),
+              "rel_err_interleaved": rel_err(interleaved), "rel_err_unbiased_selection": rel_err(unbiased_selection),
+              "rel_err_again": rel_err(moe)}
+    print("@@RESULT@@" + json.dumps(result), flush=True)
+
+
+def test_m3moe_cuda_path_interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, __file__, "--fused-moe-worker"], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+    assert line, f"worker died (rc={proc.returncode}):\n{proc.stdout[-6000:]}"
+    r = json.loads(line[-1][len("@@RESULT@@"):])
+    print(r)
+    assert r["rel_err"] < FUSED_TOL and r["rel_err_again"] < FUSED_TOL, r
+    # The check can see the bugs it exists for: reading the input after the in-place kernel, the wrong
+    # gate/up layout, routing that drops the selection bias.
+    for variant in ("shared_after_routed", "interleaved", "unbiased_selection"):
+        assert r[f"rel_err_{variant}"] > 5 * FUSED_TOL, (variant, r)
+
+
 # ------------------------------------------------------------------------------------------------ config validation
 
 def _flat(cfg: dict):
@@ -642,3 +752,7 @@ def test_config_rejects(case, packaging):
         m3_text_view(PACKAGINGS[packaging](cfg))
     for field in fields:
         assert field in str(info.value), f"{case}: message does not name {field!r}: {info.value}"
+
+
+if __name__ == "__main__" and "--fused-moe-worker" in sys.argv:
+    _fused_moe_worker()

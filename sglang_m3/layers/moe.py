@@ -12,7 +12,7 @@ from torch import nn
 from sglang.srt.layers.linear import ReplicatedLinear
 from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 from sglang.srt.layers.moe.topk import TopK
-from sglang.srt.utils import add_prefix
+from sglang.srt.utils import add_prefix, is_cuda
 
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP, swigluoai
 
@@ -66,6 +66,7 @@ class M3MoE(nn.Module):
         # Shared expert and routed experts are summed before one all-reduce.
         self.shared_experts = SwiGLUOAIMLP(view.hidden_size, view.shared_intermediate_size, self.alpha, self.limit,
                                            prefix=add_prefix("shared_experts", prefix), reduce_results=False)
+        self.routed_experts = self.routed_experts_fused if is_cuda() else self.routed_experts_torch
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits, _ = self.gate(x.float())
@@ -74,15 +75,17 @@ class M3MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Shared expert first: the fused MoE kernel writes its result into `x`'s buffer (inplace).
         shared = self.shared_experts(x)
-        logits = self.router_logits(x)
-        if x.is_cuda:
-            routed = self.experts(x, self.topk(x, logits))
-        else:
-            weights, ids = route(logits, self.e_score_correction_bias, self.top_k)
-            routed = routed_experts_torch(x, self.experts.w13_weight, self.experts.w2_weight, weights, ids,
-                                          self.alpha, self.limit)
-        out = routed * self.routed_scaling_factor + shared
-        return _all_reduce(out)
+        routed = self.routed_experts(x, self.router_logits(x))
+        return _all_reduce(routed * self.routed_scaling_factor + shared)
+
+    def routed_experts_fused(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """SGLang's biased grouped top-k + Triton fused experts; overwrites `x`."""
+        return self.experts(x, self.topk(x, logits))
+
+    def routed_experts_torch(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(logits, self.e_score_correction_bias, self.top_k)
+        return routed_experts_torch(x, self.experts.w13_weight, self.experts.w2_weight, weights, ids,
+                                    self.alpha, self.limit)
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
