@@ -30,6 +30,13 @@ from sglang_m3.layers.norm import PerHeadGemmaRMSNorm
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP
 
 
+def _qk_norm_and_rope(view: M3TextView, head_dim: int):
+    """Per-head Gemma norms for queries and keys, and the partial NeoX RoPE applied after them (§2.4, §3.1)."""
+    return (PerHeadGemmaRMSNorm(head_dim, view.rms_norm_eps), PerHeadGemmaRMSNorm(head_dim, view.rms_norm_eps),
+            get_rope(head_dim, rotary_dim=view.rotary_dim, max_position=view.max_position_embeddings,
+                     base=view.rope_theta, is_neox_style=True))
+
+
 class M3Attention(nn.Module):
     """§2.4 (+ §3.1 on sparse layers): q/k/v projections, per-head Gemma QK norm, partial NeoX RoPE."""
 
@@ -43,11 +50,7 @@ class M3Attention(nn.Module):
                                           bias=False, prefix=add_prefix("qkv_proj", prefix))
         self.o_proj = RowParallelLinear(view.num_heads * view.head_dim, view.hidden_size, bias=False,
                                         prefix=add_prefix("o_proj", prefix))
-        self.q_norm = PerHeadGemmaRMSNorm(view.head_dim, view.rms_norm_eps)
-        self.k_norm = PerHeadGemmaRMSNorm(view.head_dim, view.rms_norm_eps)
-        self.rotary_emb = get_rope(view.head_dim, rotary_dim=view.rotary_dim,
-                                   max_position=view.max_position_embeddings, base=view.rope_theta,
-                                   is_neox_style=True)
+        self.q_norm, self.k_norm, self.rotary_emb = _qk_norm_and_rope(view, view.head_dim)
         self.attn = RadixAttention(self.num_heads, view.head_dim, view.head_dim ** -0.5,
                                    num_kv_heads=self.num_kv_heads, layer_id=layer_id,
                                    prefix=add_prefix("attn", prefix))
@@ -64,11 +67,7 @@ class M3Attention(nn.Module):
                                                  bias=False, prefix=add_prefix("index_q_proj", prefix))
             self.index_k_proj = ReplicatedLinear(view.hidden_size, sparse.index_dim, bias=False,
                                                  prefix=add_prefix("index_k_proj", prefix))
-            self.index_q_norm = PerHeadGemmaRMSNorm(sparse.index_dim, view.rms_norm_eps)
-            self.index_k_norm = PerHeadGemmaRMSNorm(sparse.index_dim, view.rms_norm_eps)
-            self.index_rotary_emb = get_rope(sparse.index_dim, rotary_dim=view.rotary_dim,
-                                             max_position=view.max_position_embeddings, base=view.rope_theta,
-                                             is_neox_style=True)
+            self.index_q_norm, self.index_k_norm, self.index_rotary_emb = _qk_norm_and_rope(view, sparse.index_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         tokens = x.shape[0]

@@ -581,6 +581,14 @@ def test_m3moe_shared_expert_is_unscaled(sglang_env):
     _far("M3MoE: routed output unscaled", want / view.routed_scaling_factor, want, 0.1)
 
 
+def test_m3moe_cpu_path_refuses_amx_packed_experts(sglang_env):
+    view = m3_text_view(build_text_config(**MOE_DIMS))
+    moe = _build_moe(view, _moe_weights(view, seed=70))
+    moe.experts.use_intel_amx_backend = True  # what SGLang's AMX repacking marks the layer with
+    with pytest.raises(RuntimeError, match="packed them for Intel AMX"):
+        moe(_randn(3, view.hidden_size, seed=71).float())
+
+
 # ------------------------------------------------------------------------------------------------ the CUDA MoE path
 
 # SGLang's Triton MoE kernels compute in fp16 when handed fp32 activations (`compute_type`), so this check

@@ -34,7 +34,6 @@ class M3SparseAttnBackend(AttentionBackend):
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.device = torch.device(model_runner.device)
-        self.dtype = model_runner.model_config.dtype
         # Per-rank head counts, as the pool and the attention layers see them.
         self.num_kv_heads = self.token_to_kv_pool.head_num
         self.head_dim = self.token_to_kv_pool.head_dim

@@ -83,6 +83,25 @@ def _query_chunk(heads: int, keys: int) -> int:
     return max(1, min(_MAX_QUERY_CHUNK, _TILE_ELEMS // max(1, heads * keys)))
 
 
+def _requests(req_to_token, metadata, heads: int, device):
+    """Per request with new tokens: (slots of its visible keys, its query chunks), a chunk being (rows in
+    the packed batch, absolute positions, keys visible to the chunk's last query).
+
+    Queries go in chunks so that a [chunk, heads, keys] score tile stays bounded at long contexts.
+    """
+    rows, lens, ext, start = metadata
+    for i in range(len(rows)):
+        n_new, prefix = ext[i], lens[i] - ext[i]
+        chunks = []
+        step = _query_chunk(heads, lens[i])
+        for c0 in range(0, n_new, step):
+            c1 = min(n_new, c0 + step)
+            chunks.append((slice(start[i] + c0, start[i] + c1),
+                           torch.arange(prefix + c0, prefix + c1, device=device), prefix + c1))
+        if chunks:
+            yield req_to_token[rows[i], : lens[i]].long(), chunks
+
+
 def _exact_fp32(fn):
     """Run fn with full-precision fp32 matmuls: as an oracle on GPU, TF32 (often enabled globally
     by serving stacks) would perturb index scores enough to flip near-tied block selections."""
@@ -155,30 +174,22 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     else:
         _check(tuple(out.shape) == (T, H, topk_blocks),
                f"out must have shape {(T, H, topk_blocks)}, got {tuple(out.shape)}")
-    rows, lens, ext, start = _request_metadata(req_to_token, req_pool_indices, seq_lens,
-                                               extend_seq_lens, extend_start_loc, T)
+    metadata = _request_metadata(req_to_token, req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc, T)
     dev = index_q.device
 
-    for i in range(len(rows)):
-        n_new, prefix = ext[i], lens[i] - ext[i]
-        if n_new == 0:
-            continue
-        slots = req_to_token[rows[i], : lens[i]].long()
+    for slots, chunks in _requests(req_to_token, metadata, H, dev):
         ik = index_k_cache[slots].float()  # [S, Di]; gathered once, fp32 (bf16/fp8 caches)
-        chunk = _query_chunk(H, lens[i])
-        for c0 in range(0, n_new, chunk):
-            c1 = min(n_new, c0 + chunk)
-            pos = torch.arange(prefix + c0, prefix + c1, device=dev)  # absolute query positions
-            n_keys = prefix + c1  # keys beyond the chunk's last query are never visible
+        for rows_t, pos, n_keys in chunks:  # keys beyond the chunk's last query are never visible
+            C = pos.numel()
             n_blk = -(-n_keys // block_size)
-            iq = index_q[start[i] + c0: start[i] + c1].float()  # [C, H, Di]
+            iq = index_q[rows_t].float()  # [C, H, Di]
 
             # s_h(p, j), -inf for future keys and for the padding of the last (partial) block.
             s = torch.einsum("chd,sd->chs", iq, ik[:n_keys])
             key_pos = torch.arange(n_blk * block_size, device=dev)
             s = torch.nn.functional.pad(s, (0, n_blk * block_size - n_keys), value=float("-inf"))
             s = s.masked_fill((key_pos[None, :] > pos[:, None])[:, None, :], float("-inf"))
-            score = s.view(c1 - c0, H, n_blk, block_size).amax(dim=-1)  # [C, H, n_blk]
+            score = s.view(C, H, n_blk, block_size).amax(dim=-1)  # [C, H, n_blk]
 
             blk = torch.arange(n_blk, device=dev)[None, :]  # [1, n_blk]
             nb = (pos // block_size + 1)[:, None]  # [C, 1] visible blocks per query
@@ -197,9 +208,9 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             ids = torch.where(ids < nb[:, :, None], ids, n_blk)  # n_blk sorts after every real id
             ids = ids.sort(dim=-1).values
             ids = torch.where(ids == n_blk, -1, ids).to(torch.int32)
-            res = torch.full((c1 - c0, H, topk_blocks), -1, dtype=torch.int32, device=dev)
+            res = torch.full((C, H, topk_blocks), -1, dtype=torch.int32, device=dev)
             res[:, :, :width] = ids
-            out[start[i] + c0: start[i] + c1] = res.to(out.dtype)
+            out[rows_t] = res.to(out.dtype)
     return out
 
 
@@ -238,26 +249,16 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
         out = torch.zeros((T, hq, dv), dtype=q.dtype, device=q.device)
     else:
         _check(tuple(out.shape) == (T, hq, dv), f"out must have shape {(T, hq, dv)}, got {tuple(out.shape)}")
-    rows, lens, ext, start = _request_metadata(req_to_token, req_pool_indices, seq_lens,
-                                               extend_seq_lens, extend_start_loc, T)
+    metadata = _request_metadata(req_to_token, req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc, T)
     group = hq // hkv
     dev = q.device
 
-    for i in range(len(rows)):
-        n_new, prefix = ext[i], lens[i] - ext[i]
-        if n_new == 0:
-            continue
-        slots = req_to_token[rows[i], : lens[i]].long()
+    for slots, chunks in _requests(req_to_token, metadata, hq, dev):
         k = k_cache[slots].float()  # [S, Hkv, D]
         v = v_cache[slots].float()  # [S, Hkv, Dv]
-        chunk = _query_chunk(hq, lens[i])
-        for c0 in range(0, n_new, chunk):
-            c1 = min(n_new, c0 + chunk)
-            C = c1 - c0
-            pos = torch.arange(prefix + c0, prefix + c1, device=dev)
-            n_keys = prefix + c1
+        for rows_t, pos, n_keys in chunks:
+            C = pos.numel()
             n_blk = -(-n_keys // block_size)
-            rows_t = slice(start[i] + c0, start[i] + c1)
 
             # Block list -> boolean block mask [C, Hkv, n_blk]; unused (-1) and out-of-range ids are
             # routed to an extra dummy column that is dropped.

@@ -83,6 +83,12 @@ class M3MoE(nn.Module):
         return self.experts(x, self.topk(x, logits))
 
     def routed_experts_torch(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if getattr(self.experts, "use_intel_amx_backend", False):
+            # SGLang repacks expert weights for AMX after loading when the real CPU sgl_kernel is present;
+            # the torch experts read the plain [E, 2I, H] / [E, H, I] layout.
+            raise RuntimeError("sglang-m3's CPU MoE needs unpacked expert weights, but SGLang packed them for "
+                               "Intel AMX: run with this package's cpu_shim/ first on PYTHONPATH "
+                               "(scripts/env.sh does), not the CPU build of sgl_kernel")
         weights, ids = route(logits, self.e_score_correction_bias, self.top_k)
         return routed_experts_torch(x, self.experts.w13_weight, self.experts.w2_weight, weights, ids,
                                     self.alpha, self.limit)
