@@ -1,0 +1,161 @@
+"""End-to-end serving benchmark (issue 4 §2): ours vs SGLang's in-tree MiniMax-M3, identical flags.
+
+Model: a real-dimension truncated M3 from the tiny writer's config-only mode (layer 0 dense, layers 1-3 sparse,
+128 experts, the release's widths), `--load-format dummy`, bf16. The in-tree server is the same install with
+our plugin switched off (`SGLANG_PLUGINS=none`). Load: `python -m sglang.benchmark.serving` with random token
+ids of exact length (`random-ids`, `--tokenize-prompt`, range ratio 1), `ignore_eos` (its default), four
+waves of requests per workload. Start-up is timed from launch to the first answered /health_generate, each
+server with a fresh Triton cache (cold, as the capture target is stated), and the decode CUDA-graph capture
+time is read from the server log.
+
+    python benchmarks/e2e.py --out $OUT --servers ours            # one server per device call fits 10 min
+    python benchmarks/e2e.py --out $OUT --servers intree          # results accumulate in --state
+    python benchmarks/e2e.py --smoke --out /tmp/e2e_smoke         # CPU: tiny model, tiny load (harness check)
+
+Writes e2e.json and e2e.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from servers import Server  # noqa: E402
+
+# name: (input tokens, output tokens, concurrency)
+WORKLOADS = {"2k": (2048, 256, 64), "32k": (32768, 256, 8), "128k": (131072, 256, 2)}
+SMOKE_WORKLOADS = {"smoke": (300, 8, 2)}
+WAVES = 4  # requests per workload = WAVES × concurrency
+GPU_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--trust-remote-code", "--attention-backend", "triton",
+             "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "64", "--context-length", "133120",
+             "--mem-fraction-static", "0.85"]
+SMOKE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--sleep-on-idle"]
+SERVER_ENV = {"ours": {}, "intree": {"SGLANG_PLUGINS": "none"}}
+# Targets of issue 4 (H200): ours / in-tree output throughput, and capture time.
+THROUGHPUT_TARGET = {"2k": 1.0, "32k": 1.2, "128k": 1.2}
+CAPTURE_TARGET_S = 60
+
+
+def checkpoint(out: Path, smoke: bool) -> Path:
+    from sglang_m3.tiny import write_tiny_checkpoint
+
+    if smoke:  # real (random) weights: the CPU server loads them
+        return write_tiny_checkpoint(out / "ckpt_tiny", flat=True, dtype="float32")
+    return write_tiny_checkpoint(out / "ckpt_real_dims", flat=True, config_only=True, real_dims=True,
+                                 num_hidden_layers=4, dense_layers=1)
+
+
+def bench(server: Server, ckpt: Path, name: str, workload: tuple, out: Path) -> dict:
+    inp, outp, conc = workload
+    result = out / f"bench_{server.name}_{name}.jsonl"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--port", str(server.port),
+           "--model", str(ckpt), "--dataset-name", "random-ids", "--tokenize-prompt", "--random-range-ratio", "1",
+           "--random-input-len", str(inp), "--random-output-len", str(outp), "--num-prompts", str(WAVES * conc),
+           "--max-concurrency", str(conc), "--disable-tqdm", "--output-file", str(result)]
+    log = out / f"bench_{server.name}_{name}.log"
+    with open(log, "w") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, timeout=1800)
+    m = json.loads(result.read_text().strip().splitlines()[-1])
+    return {k: m[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed", "duration",
+                              "total_input_tokens", "total_output_tokens")}
+
+
+def capture_seconds(log: Path) -> float | None:
+    """Decode CUDA-graph capture time as SGLang logs it ("Capture ... end. elapsed=12.34 s")."""
+    found = re.findall(r"Capture [^\n]*?decode[^\n]*? end\. elapsed=([\d.]+) s", log.read_text(errors="replace"))
+    return float(found[-1]) if found else None
+
+
+def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, out: Path, port: int) -> dict:
+    # A fresh Triton cache per server: start-up and capture are measured cold.
+    env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix=f"triton_{name}_")}
+    server = Server(name, ckpt, flags, log_dir=out, port=port, env=env)
+    try:
+        server.wait(timeout=1200)
+        info = {"startup_s": round(server.startup_s, 1), "capture_s": capture_seconds(server.log), "workloads": {}}
+        for wname, workload in workloads.items():
+            try:
+                info["workloads"][wname] = bench(server, ckpt, wname, workload, out)
+            except Exception as e:  # noqa: BLE001 -- one failed workload must not hide the others
+                info["workloads"][wname] = {"error": repr(e)[:500]}
+        return info
+    except Exception as e:  # noqa: BLE001
+        return {"error": repr(e)[:2000]}
+    finally:
+        server.stop()
+
+
+def compare(servers: dict, workloads: dict) -> list[dict]:
+    rows = []
+    for wname, (inp, outp, conc) in workloads.items():
+        row = {"workload": wname, "input": inp, "output": outp, "concurrency": conc}
+        for name in ("ours", "intree"):
+            row[name] = servers.get(name, {}).get("workloads", {}).get(wname)
+        ours, intree = row["ours"], row["intree"]
+        if ours and intree and "error" not in ours and "error" not in intree:
+            row["throughput_ratio"] = ours["output_throughput"] / intree["output_throughput"]
+            row["ttft_ratio"] = ours["median_ttft_ms"] / intree["median_ttft_ms"]
+            row["throughput_target"] = THROUGHPUT_TARGET.get(wname)
+        rows.append(row)
+    return rows
+
+
+def markdown(results: dict) -> str:
+    fmt = lambda m: ("—" if not m else m.get("error", "")[:40] if "error" in m else  # noqa: E731
+                     f"{m['output_throughput']:.0f} / {m['median_ttft_ms']:.0f} / {m['median_tpot_ms']:.2f}")
+    lines = ["| workload (in/out, conc) | ours tok/s / TTFT ms / TPOT ms | in-tree tok/s / TTFT ms / TPOT ms "
+             "| ours ÷ in-tree throughput (target) | ours ÷ in-tree TTFT |", "|---|---|---|---|---|"]
+    for r in results["compare"]:
+        ratio = f"{r['throughput_ratio']:.2f} (≥ {r['throughput_target']})" if "throughput_ratio" in r else "—"
+        ttft = f"{r['ttft_ratio']:.2f}" if "ttft_ratio" in r else "—"
+        lines.append(f"| {r['workload']} ({r['input']}/{r['output']}, {r['concurrency']}) | {fmt(r['ours'])} | "
+                     f"{fmt(r['intree'])} | {ratio} | {ttft} |")
+    lines += ["", f"| server | start-up s (cold Triton cache) | decode-graph capture s (target ≤ {CAPTURE_TARGET_S}) |",
+              "|---|---|---|"]
+    for name, info in results["servers"].items():
+        lines.append(f"| {name} | {info.get('startup_s', info.get('error', '')[:80])} | {info.get('capture_s')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "./bench_out"))
+    ap.add_argument("--servers", default="ours,intree")
+    ap.add_argument("--workloads", default=None, help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
+    ap.add_argument("--smoke", action="store_true", help="CPU harness check: tiny model, tiny load, ours only")
+    # Servers may run in separate device calls (each is time-limited); results accumulate here.
+    ap.add_argument("--state", default=None, help="default: <out>/e2e_state.json")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
+    if args.workloads:
+        workloads = {k: workloads[k] for k in args.workloads.split(",")}
+    flags = SMOKE_FLAGS if args.smoke else GPU_FLAGS
+    state_path = Path(args.state) if args.state else out / "e2e_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}}
+
+    ckpt = checkpoint(out, args.smoke)
+    for i, name in enumerate(args.servers.split(",")):
+        state["servers"][name] = run_server(name, ckpt, flags, workloads, out, port=30200 + i)
+        state_path.write_text(json.dumps(state, indent=1))
+    results = {"flags": flags, "waves": WAVES, "servers": state["servers"],
+               "compare": compare(state["servers"], workloads)}
+    (out / "e2e.json").write_text(json.dumps(results, indent=1))
+    (out / "e2e.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

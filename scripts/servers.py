@@ -1,0 +1,57 @@
+"""`python -m sglang.launch_server` as a child process, for the GPU scripts and the benchmarks.
+
+Each server gets its own process group, so stopping it also stops its scheduler and detokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def post(url: str, body: dict | None = None, timeout: float = 600):
+    """POST `body` as JSON (GET when None); the reply parsed as JSON when it is JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        raw = r.read()
+    return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
+
+
+class Server:
+    def __init__(self, name: str, model_path: Path, flags, *, log_dir: Path, port: int, env: dict | None = None):
+        self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
+        self.log = Path(log_dir) / f"server_{name}.log"
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--port", str(port),
+               *flags]
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def wait(self, timeout: float = 900) -> "Server":
+        """Until /health_generate answers (a real forward pass); sets `startup_s`."""
+        while time.time() - self.t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text(errors='replace')[-3000:]}")
+            try:
+                post(self.url + "/health_generate", timeout=30)
+                self.startup_s = time.time() - self.t0
+                return self
+            except Exception:
+                time.sleep(2)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s")
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(30)
+                return
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
