@@ -12,7 +12,8 @@ time is read from the server log.
     python benchmarks/e2e.py --out $OUT --servers intree          # results accumulate in --state
     python benchmarks/e2e.py --smoke --out /tmp/e2e_smoke         # CPU: tiny model, tiny load (harness check)
 
-Writes e2e.json and e2e.md under --out.
+Writes e2e.json and e2e.md under --out (the device host returns at most 8 files); checkpoints, server logs and
+the serving benchmark's own outputs go to --work.
 """
 
 from __future__ import annotations
@@ -55,15 +56,15 @@ def checkpoint(out: Path, smoke: bool) -> Path:
                                  num_hidden_layers=4, dense_layers=1)
 
 
-def bench(server: Server, ckpt: Path, name: str, workload: tuple, out: Path) -> dict:
+def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path) -> dict:
     inp, outp, conc = workload
-    result = out / f"bench_{server.name}_{name}.jsonl"
+    result = work / f"bench_{server.name}_{name}.jsonl"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--port", str(server.port),
            "--model", str(ckpt), "--dataset-name", "random-ids", "--tokenize-prompt", "--random-range-ratio", "1",
            "--random-input-len", str(inp), "--random-output-len", str(outp), "--num-prompts", str(WAVES * conc),
            "--max-concurrency", str(conc), "--disable-tqdm", "--output-file", str(result)]
-    log = out / f"bench_{server.name}_{name}.log"
+    log = work / f"bench_{server.name}_{name}.log"
     with open(log, "w") as f:
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, timeout=1800)
     m = json.loads(result.read_text().strip().splitlines()[-1])
@@ -77,21 +78,21 @@ def capture_seconds(log: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
-def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, out: Path, port: int) -> dict:
+def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: Path, port: int) -> dict:
     # A fresh Triton cache per server: start-up and capture are measured cold.
     env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix=f"triton_{name}_")}
-    server = Server(name, ckpt, flags, log_dir=out, port=port, env=env)
+    server = Server(name, ckpt, flags, log_dir=work, port=port, env=env)
     try:
         server.wait(timeout=1200)
         info = {"startup_s": round(server.startup_s, 1), "capture_s": capture_seconds(server.log), "workloads": {}}
         for wname, workload in workloads.items():
             try:
-                info["workloads"][wname] = bench(server, ckpt, wname, workload, out)
+                info["workloads"][wname] = bench(server, ckpt, wname, workload, work)
             except Exception as e:  # noqa: BLE001 -- one failed workload must not hide the others
                 info["workloads"][wname] = {"error": repr(e)[:500]}
         return info
     except Exception as e:  # noqa: BLE001
-        return {"error": repr(e)[:2000]}
+        return {"error": repr(e)[:2000], "log_tail": server.log.read_text(errors="replace")[-3000:]}
     finally:
         server.stop()
 
@@ -131,24 +132,27 @@ def markdown(results: dict) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "./bench_out"))
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "m3_bench_e2e"))
     ap.add_argument("--servers", default="ours,intree")
     ap.add_argument("--workloads", default=None, help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
     ap.add_argument("--smoke", action="store_true", help="CPU harness check: tiny model, tiny load, ours only")
-    # Servers may run in separate device calls (each is time-limited); results accumulate here.
-    ap.add_argument("--state", default=None, help="default: <out>/e2e_state.json")
+    # Servers may run in separate device calls (each is time-limited) on the same host: results accumulate in
+    # the state file; a fresh --work starts afresh.
+    ap.add_argument("--state", default=None, help="default: <work>/e2e_state.json")
     args = ap.parse_args()
-    out = Path(args.out).resolve()
+    out, work = Path(args.out).resolve(), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
     if args.workloads:
         workloads = {k: workloads[k] for k in args.workloads.split(",")}
     flags = SMOKE_FLAGS if args.smoke else GPU_FLAGS
-    state_path = Path(args.state) if args.state else out / "e2e_state.json"
+    state_path = Path(args.state) if args.state else work / "e2e_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}}
 
-    ckpt = checkpoint(out, args.smoke)
+    ckpt = checkpoint(work, args.smoke)
     for i, name in enumerate(args.servers.split(",")):
-        state["servers"][name] = run_server(name, ckpt, flags, workloads, out, port=30200 + i)
+        state["servers"][name] = run_server(name, ckpt, flags, workloads, work, port=30200 + i)
         state_path.write_text(json.dumps(state, indent=1))
     results = {"flags": flags, "waves": WAVES, "servers": state["servers"],
                "compare": compare(state["servers"], workloads)}

@@ -89,7 +89,10 @@ def main():
 
     from sglang_m3.tiny import write_tiny_checkpoint
 
-    ckpt = write_tiny_checkpoint(out / "ckpt", flat=True, dtype="bfloat16", **CKPT_SHAPE)
+    # Not under --out: the device host returns at most 8 files from there.
+    work = Path("/tmp/m3_gpu_e2e")
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = write_tiny_checkpoint(work / "ckpt", flat=True, dtype="bfloat16", **CKPT_SHAPE)
     configs = {
         "ours": ([], {}),
         "ours_eager": (["--disable-cuda-graph"], {}),
@@ -107,7 +110,7 @@ def main():
     scores: dict = state["scores"]
     for i, name in enumerate(names):
         flags, env = configs[name]
-        server = Server(name, ckpt, [*COMMON_FLAGS, *flags], log_dir=out, port=30100 + i, env=env)
+        server = Server(name, ckpt, [*COMMON_FLAGS, *flags], log_dir=work, port=30100 + i, env=env)
         try:
             server.wait()
             info = {"startup_s": round(server.startup_s, 1)}
@@ -123,7 +126,8 @@ def main():
                 info["radix"] = radix_check(server, prompts[2])
             results["servers"][name] = info
         except Exception as e:  # record and go on: one broken server must not hide the others' results
-            results["servers"][name] = {"error": repr(e)[:2000]}
+            results["servers"][name] = {"error": repr(e)[:2000],
+                                        "log_tail": server.log.read_text(errors="replace")[-3000:]}
         finally:
             server.stop()
             state.update(forced=forced, scores=scores, servers=results["servers"])

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.server
 
 
 def test_e2e_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "e2e.py"), "--smoke", "--servers", "ours",
-                           "--out", str(tmp_path)], env=cpu_env(), cwd=REPO, text=True, timeout=900,
+    cmd = [sys.executable, str(REPO / "benchmarks" / "e2e.py"), "--smoke", "--servers", "ours",
+           "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, env=cpu_env(), cwd=REPO, text=True, timeout=900,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.returncode == 0, proc.stdout[-4000:]
     sys.path.insert(0, str(REPO / "benchmarks"))
