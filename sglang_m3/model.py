@@ -14,7 +14,6 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
-from sglang.srt.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from sglang.srt.layers.layernorm import GemmaRMSNorm
 from sglang.srt.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor
@@ -22,6 +21,7 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix
 
 from sglang_m3.config import M3TextView, m3_text_view
@@ -42,7 +42,8 @@ class M3Attention(nn.Module):
 
     def __init__(self, view: M3TextView, layer_id: int, prefix: str = ""):
         super().__init__()
-        tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        # Read where SGLang's parallel linear layers read it, so the index-head slice follows their KV heads.
+        tp_size, tp_rank = get_parallel().tp_size, get_parallel().tp_rank
         self.head_dim = view.head_dim
         self.num_heads = view.num_heads // tp_size
         self.num_kv_heads = max(1, view.num_kv_heads // tp_size)

@@ -15,8 +15,8 @@ import logging
 import os
 
 import torch
-from sglang.srt.distributed import get_tensor_model_parallel_world_size
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.runtime_context import get_parallel
 
 from sglang_m3.attention import kernels, reference
 from sglang_m3.config import m3_text_view
@@ -37,7 +37,7 @@ class M3SparseAttnBackend(AttentionBackend):
         # Per-rank head counts, as the pool and the attention layers see them.
         self.num_kv_heads = self.token_to_kv_pool.head_num
         self.head_dim = self.token_to_kv_pool.head_dim
-        self.num_q_heads = view.num_heads // get_tensor_model_parallel_world_size()
+        self.num_q_heads = view.num_heads // get_parallel().tp_size
         # The Triton kernels on CUDA; the torch reference on CPU (or on CUDA when asked, as an oracle).
         self.use_kernels = self.device.type == "cuda" and os.environ.get("SGLANG_M3_SPARSE_IMPL", "triton") != "torch"
         self.impl = kernels if self.use_kernels else reference
