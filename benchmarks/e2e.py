@@ -72,9 +72,9 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path) ->
                               "total_input_tokens", "total_output_tokens")}
 
 
-def capture_seconds(log: Path) -> float | None:
+def capture_seconds(log: str) -> float | None:
     """Decode CUDA-graph capture time as SGLang logs it ("Capture ... end. elapsed=12.34 s")."""
-    found = re.findall(r"Capture [^\n]*?decode[^\n]*? end\. elapsed=([\d.]+) s", log.read_text(errors="replace"))
+    found = re.findall(r"Capture [^\n]*?decode[^\n]*? end\. elapsed=([\d.]+) s", log)
     return float(found[-1]) if found else None
 
 
@@ -84,7 +84,7 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
     server = Server(name, ckpt, flags, log_dir=work, port=port, env=env)
     try:
         server.wait(timeout=1200)
-        info = {"startup_s": round(server.startup_s, 1), "capture_s": capture_seconds(server.log), "workloads": {}}
+        info = {"startup_s": round(server.startup_s, 1), "capture_s": capture_seconds(server.log()), "workloads": {}}
         for wname, workload in workloads.items():
             try:
                 info["workloads"][wname] = bench(server, ckpt, wname, workload, work)
@@ -92,7 +92,7 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
                 info["workloads"][wname] = {"error": repr(e)[:500]}
         return info
     except Exception as e:  # noqa: BLE001
-        return {"error": repr(e)[:2000], "log_tail": server.log.read_text(errors="replace")[-3000:]}
+        return {"error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
     finally:
         server.stop()
 

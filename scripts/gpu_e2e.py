@@ -127,7 +127,7 @@ def main():
             results["servers"][name] = info
         except Exception as e:  # record and go on: one broken server must not hide the others' results
             results["servers"][name] = {"error": repr(e)[:2000],
-                                        "log_tail": server.log.read_text(errors="replace")[-3000:]}
+                                        "log_tail": server.log()[-3000:]}
         finally:
             server.stop()
             state.update(forced=forced, scores=scores, servers=results["servers"])

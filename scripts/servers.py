@@ -27,25 +27,29 @@ def post(url: str, body: dict | None = None, timeout: float = 600):
 class Server:
     def __init__(self, name: str, model_path: Path, flags, *, log_dir: Path, port: int, env: dict | None = None):
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
-        self.log = Path(log_dir) / f"server_{name}.log"
+        self.log_path = Path(log_dir) / f"server_{name}.log"
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--port", str(port),
                *flags]
         self.t0 = time.time()
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        with open(self.log_path, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def wait(self, timeout: float = 900) -> "Server":
         """Until /health_generate answers (a real forward pass); sets `startup_s`."""
         while time.time() - self.t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
                 post(self.url + "/health_generate", timeout=30)
                 self.startup_s = time.time() - self.t0
                 return self
             except Exception:
                 time.sleep(2)
-        raise TimeoutError(f"{self.name} not ready after {timeout} s")
+        raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log()[-4000:]}")
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):

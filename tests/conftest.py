@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from scripts import servers
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_SHIM = REPO / "cpu_shim"
@@ -32,58 +29,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """`python -m sglang.launch_server --device cpu` in a subprocess; its log is kept for assertions."""
+class Server(servers.Server):
+    """scripts/servers.py's launcher with the CPU flags the tests use; its log is kept for assertions."""
 
-    def __init__(self, model_path: Path, *flags: str, log: Path, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--device", "cpu",
-               "--dtype", "float32", "--max-total-tokens", "16384", "--grammar-backend", "llguidance",
-               # An idle scheduler otherwise busy-polls a whole core: with two cores, a few idle servers
-               # starve the next one's start-up.
-               "--sleep-on-idle", "--port", str(self.port), *flags]
-        self._log = open(log, "w")
-        # Own process group: the scheduler/detokenizer children are stopped with the launcher.
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env or cpu_env(),
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float = 600) -> "Server":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health_generate", timeout=30) as r:
-                    if r.status == 200:
-                        return self
-            except Exception:
-                time.sleep(2)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()[-4000:]}")
+    def __init__(self, model_path: Path, *flags: str, log_dir: Path, env: dict | None = None):
+        cpu_flags = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384",
+                     "--grammar-backend", "llguidance",
+                     # An idle scheduler otherwise busy-polls a whole core: with two cores, a few idle servers
+                     # starve the next one's start-up.
+                     "--sleep-on-idle"]
+        super().__init__("test", model_path, [*cpu_flags, *flags], log_dir=log_dir, port=free_port(),
+                         env=env or cpu_env())
 
     def wait_exit(self, timeout: float = 600) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.flush()
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(20)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self._log.close()
+        return self.proc.wait(timeout)
 
 
 @pytest.fixture(scope="session")
@@ -112,11 +71,10 @@ def start_server(tmp_path_factory):
     def start(model_path: Path, *flags: str, env: dict | None = None, wait: bool = True) -> Server:
         key = (str(model_path), flags)
         if key not in servers or not wait:
-            log = tmp_path_factory.mktemp("server") / "server.log"
-            server = Server(model_path, *flags, log=log, env=env)
+            server = Server(model_path, *flags, log_dir=tmp_path_factory.mktemp("server"), env=env)
             if not wait:
                 return server
-            servers[key] = server.wait_ready()
+            servers[key] = server.wait(timeout=600)
         return servers[key]
 
     yield start
