@@ -255,18 +255,31 @@ class OursDecode:
         self.meta = kernels.prepare_meta(b.req_pool_indices, b.seq_lens, None, None, b.num_tokens,
                                          index_heads=self.geo.hkv, workspace=self.ws)
 
-    def layer(self) -> torch.Tensor:
-        """_forward_sparse of one layer."""
+    def store(self):
+        self.kv_store(self.b)
+        kernels.store_index_k(self.b.index_k_cache, self.b.out_cache_loc, self.b.index_k)
+
+    def indexer(self):
         geo, b = self.geo, self.b
-        self.kv_store(b)
-        kernels.store_index_k(b.index_k_cache, b.out_cache_loc, b.index_k)
         kernels.index_block_topk(b.index_q, b.index_k_cache, b.req_to_token, b.req_pool_indices, b.seq_lens,
                                  None, None, block_size=geo.block, topk_blocks=geo.topk,
                                  init_blocks=geo.init_blocks, local_blocks=geo.local_blocks,
                                  out=self.block_topk, meta=self.meta, workspace=self.ws)
+
+    def attention(self):
+        geo, b = self.geo, self.b
         kernels.sparse_attention(b.q, b.k_cache, b.v_cache, b.req_to_token, b.req_pool_indices, b.seq_lens,
                                  None, None, self.block_topk, block_size=geo.block, sm_scale=geo.sm_scale,
                                  out=self.out, meta=self.meta, workspace=self.ws)
+
+    def stages(self) -> dict:
+        return {"store": self.store, "indexer": self.indexer, "attention": self.attention}
+
+    def layer(self) -> torch.Tensor:
+        """_forward_sparse of one layer."""
+        self.store()
+        self.indexer()
+        self.attention()
         return self.out
 
 
@@ -579,6 +592,12 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     g_ours = capture(ours.layer)
     row["ours_us"] = timer.graph_us(g_ours)
     row["ours_meta_us"] = timer.graph_us(g_meta)
+    # Where our step's time goes: each stage captured and timed alone (same L2 flush), so the stage sum also
+    # shows what the boundaries between them cost.
+    for stage, fn in ours.stages().items():
+        g = capture(fn)
+        row[f"ours_{stage}_us"] = timer.graph_us(g)
+        del g
     out_ours, sel_ours = ours.out.clone(), ours.block_topk.clone()
     del g_ours, g_meta
 
@@ -773,7 +792,8 @@ def markdown(res) -> str:
                 f"{r.get('sel_mismatch_rows', '—')} |")
     lines += ["", "Floor = bytes needed (index keys of every visible token + K/V of min(context, topk·block) "
               "tokens per KV head + the new token's K/V/index-key writes) / copy bandwidth. "
-              "`ours_meta_us` (per-forward metadata, shared by all sparse layers) is in the JSON."]
+              "`ours_meta_us` (per-forward metadata, shared by all sparse layers) and `ours_{store,indexer,attention}_us` "
+              "(each stage captured alone) are in the JSON."]
     return "\n".join(lines) + "\n"
 
 

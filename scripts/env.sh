@@ -11,7 +11,8 @@ if ! "$SGLANG_M3_VENV/bin/python" -c "import sglang, pytest, wheel; assert sglan
   "$SGLANG_M3_VENV/bin/python" -c "import sglang; assert sglang.__version__ == '0.5.17'"
 fi
 # (Re)register this checkout as the installed sglang-m3 (entry point sglang.srt.plugins -> sglang_m3).
-if [ "$("$SGLANG_M3_VENV/bin/python" -c 'import sglang_m3, os; print(os.path.dirname(os.path.dirname(sglang_m3.__file__)))' 2>/dev/null)" != "$_repo" ]; then
+# (Checked from / : in the checkout, the current directory would shadow whatever is installed.)
+if [ "$(cd / && "$SGLANG_M3_VENV/bin/python" -c 'import sglang_m3, os; print(os.path.dirname(os.path.dirname(sglang_m3.__file__)))' 2>/dev/null)" != "$_repo" ]; then
   "$SGLANG_M3_VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$_repo" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 export PATH="$SGLANG_M3_VENV/bin:$PATH" HF_HUB_OFFLINE=1

@@ -193,6 +193,26 @@ def indexer_init_local_variants():
 
 
 @cpu_case
+def indexer_prefetch_variants():
+    """Every INDEXER_PREFETCH setting (loads one block ahead: none, slots, slots + keys) selects as the twin,
+    with split ranges of one, two and many blocks (prefetches past a split's end must be masked off)."""
+    from sglang_m3.attention.kernels import common
+
+    lens, ext, bsz, topk = [150, 90, 64, 47], [5, 1, 1, 2], 16, 3
+    b = make_batch(lens, ext, hq=2, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=9)
+    saved = common.INDEXER_PREFETCH, common.INDEXER_MIN_BLOCKS_PER_SPLIT
+    try:
+        common.INDEXER_MIN_BLOCKS_PER_SPLIT = 1
+        for prefetch in (0, 1, 2):
+            common.INDEXER_PREFETCH = prefetch
+            for ns in (1, 4, 10):
+                got, want = run_both_indexers(b, bsz, topk, 1, 1, num_splits=ns)
+                assert_same_selection(got, want, b, bsz, 1e-5)
+    finally:
+        common.INDEXER_PREFETCH, common.INDEXER_MIN_BLOCKS_PER_SPLIT = saved
+
+
+@cpu_case
 def decode_fp32_mqa_splits():
     """TP8-like grouping (2 q heads / 1 kv head, padded to 16 rows), Di 32, block 32, decode form,
     default splits (2 in the worker) for both kernels, and the extend form on the same batch."""
@@ -306,6 +326,7 @@ _WORKER_SPLIT = [
      "attention_holes_duplicates_out_of_range"],
     ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
      "graph_style_decode_with_frozen_workspace"],
+    ["indexer_prefetch_variants"],
 ]
 assert sorted(sum(_WORKER_SPLIT, [])) == sorted(CPU_CASES)
 

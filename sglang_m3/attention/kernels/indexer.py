@@ -77,6 +77,21 @@ def _tile(tile, tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr, tile_row
 
 
 @triton.jit
+def _block_slots(r2t_row, b, b_hi, p_last, offs_n, BLOCK_SIZE: tl.constexpr):
+    """Cache slots of key block b (masked off beyond the token's last position or the split's range)."""
+    j = b * BLOCK_SIZE + offs_n
+    return tl.load(r2t_row + j, mask=(offs_n < BLOCK_SIZE) & (j <= p_last) & (b < b_hi), other=0).to(tl.int64)
+
+
+@triton.jit
+def _block_keys(k_ptr, stride_ks, slot, b, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE: tl.constexpr):
+    """Index keys [BN, DI] of key block b at the given slots (same mask as _block_slots)."""
+    j = b * BLOCK_SIZE + offs_n
+    kv = (offs_n < BLOCK_SIZE) & (j <= p_last) & (b < b_hi)
+    return tl.load(k_ptr + slot[:, None] * stride_ks + offs_d[None, :], mask=kv[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _split_range(nb_tile, n_splits, min_chunk):
     chunk = tl.maximum((nb_tile + n_splits - 1) // n_splits, min_chunk)
     n_active = (nb_tile + chunk - 1) // chunk
@@ -95,7 +110,7 @@ def _indexer_kernel(
     H: tl.constexpr, H_PAD: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BN: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr,
     TOPK: tl.constexpr, K_PAD: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -131,12 +146,28 @@ def _indexer_kernel(
     r2t_row = r2t_ptr + row.to(tl.int64) * stride_r2t
 
     offs_n = tl.arange(0, BN)
+    # The loop is latency-bound: slot load -> key gather -> dot -> insert, each waiting on the last. With
+    # PREFETCH the next block's slots (1), or its slots and keys (2), are loaded one iteration early, so
+    # their latency overlaps this block's work (Triton's pipeliner does not do it for the indirect gather).
+    if PREFETCH >= 1:
+        slot_next = _block_slots(r2t_row, b_lo, b_hi, p_last, offs_n, BLOCK_SIZE)
+    if PREFETCH == 2:
+        k_next = _block_keys(k_ptr, stride_ks, slot_next, b_lo, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE)
+        slot_next = _block_slots(r2t_row, b_lo + 1, b_hi, p_last, offs_n, BLOCK_SIZE)
     for b in range(b_lo, b_hi):
         j = b * BLOCK_SIZE + offs_n
         kv = (offs_n < BLOCK_SIZE) & (j <= p_last)
-        slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
-        k = tl.load(k_ptr + slot[:, None] * stride_ks + offs_d[None, :],
-                    mask=kv[:, None] & d_ok[None, :], other=0.0)  # [BN, DI], DI contiguous
+        if PREFETCH == 0:
+            slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
+            k = tl.load(k_ptr + slot[:, None] * stride_ks + offs_d[None, :],
+                        mask=kv[:, None] & d_ok[None, :], other=0.0)  # [BN, DI], DI contiguous
+        elif PREFETCH == 1:
+            k = _block_keys(k_ptr, stride_ks, slot_next, b, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE)
+            slot_next = _block_slots(r2t_row, b + 1, b_hi, p_last, offs_n, BLOCK_SIZE)
+        else:
+            k = k_next
+            k_next = _block_keys(k_ptr, stride_ks, slot_next, b + 1, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE)
+            slot_next = _block_slots(r2t_row, b + 2, b_hi, p_last, offs_n, BLOCK_SIZE)
         if DOT_F32:  # (inlined, not a helper: the interpreter pays ~ms per nested jit call)
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")  # [M, BN]
         else:
@@ -297,7 +328,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         H=H, H_PAD=h_pad, DI=di, DI_PAD=max(16, common.next_pow2(di)),
         BLOCK_SIZE=block_size, BN=max(16, common.next_pow2(block_size)), BLOCK_T=bt, M=m_rows,
         TOPK=topk_blocks, K_PAD=k_pad, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
-        DOT_F32=common.dot_in_fp32(index_k_cache.dtype),
+        DOT_F32=common.dot_in_fp32(index_k_cache.dtype), PREFETCH=common.INDEXER_PREFETCH,
         num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
     if n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
