@@ -7,7 +7,7 @@ Servers (same flat bf16 checkpoint, same flags):
   intree      SGLang's own MiniMax-M3 (SGLANG_PLUGINS=none)
 Comparisons (teacher-forced, so decode positions are compared on identical tokens):
   prompt+continuation logprobs: ours vs ours_torch, ours vs ours_eager, ours vs intree;
-  radix-cache hit vs flushed on ours.
+  each server against itself: decode vs prefill, radix-cache hit vs flushed (see consistency()).
 Writes results.json and results.md under --out.
 
     python scripts/gpu_e2e.py --out $OUT [--servers ours,ours_eager,ours_torch,intree]
@@ -72,6 +72,7 @@ def batch_greedy(server: Server, prompts: list[list[int]], n: int):
 
 def diff(a, b, start=0):
     a, b = a[start:], b[start:]
+    assert a and len(a) == len(b), (len(a), len(b))
     d = [abs(x - y) for x, y in zip(a, b)]
     return {"max": max(d), "mean": sum(d) / len(d), "n": len(d)}
 
@@ -122,9 +123,8 @@ def main():
             scores[name] = [logprobs(server, ids) for ids in forced]
             # Batched greedy decode (mixed lengths in one batch, CUDA-graph decode where enabled).
             info["batch_greedy"] = batch_greedy(server, prompts, DECODE_TOKENS)
-            # The in-tree server's own hit-vs-flushed gap is the yardstick for ours.
-            if name in ("ours", "intree"):
-                info["radix"] = radix_check(server, prompts[2])
+            # Every server against itself; the in-tree server's gaps are the yardstick for ours.
+            info["consistency"] = consistency(server, prompts[1:])
             results["servers"][name] = info
         except Exception as e:  # record and go on: one broken server must not hide the others' results
             results["servers"][name] = {"error": repr(e)[:2000],
@@ -161,16 +161,18 @@ def main():
 
 def verdict(compare: dict, servers: dict) -> dict:
     """PASS when every mean |Δ logprob| of every comparison (prompt and decode parts) is within MEAN_TOL and
-    the radix check hit the cache with decode logprobs within MEAN_TOL of the flushed run."""
+    ours' consistency gaps (decode vs prefill, radix hit vs flushed) are within MEAN_TOL with the prefix cached."""
     checks = {}
     for name, rows in compare.items():
         for row in rows:
             if "len" in row:
                 for part in ("prompt", "decode"):
                     checks[f"{name} len {row['len']} {part}"] = row[part]["mean"] <= MEAN_TOL
-    radix = servers.get("ours", {}).get("radix")
-    if radix:
-        checks["ours radix hit vs flushed"] = radix["cached_tokens"] > 0 and radix["decode_logprob"]["mean"] <= MEAN_TOL
+    cons = servers.get("ours", {}).get("consistency")
+    if cons:
+        checks["ours radix prefix was cached"] = all(c > 0 for c in cons["cached_tokens"])
+        for k in ("decode_vs_prefill", "radix_extend", "radix_decode"):
+            checks[f"ours {k}"] = cons[k]["mean"] <= MEAN_TOL
     missing = [s for s in ("ours", "ours_eager", "ours_torch", "intree") if "error" in servers.get(s, {"error": 1})]
     return {"pass": bool(checks) and all(checks.values()) and not missing, "checks": checks,
             "servers_missing_or_failed": missing, "mean_tol": MEAN_TOL}
@@ -188,26 +190,54 @@ def markdown(results: dict) -> str:
                              f"{d['mean']:.3f} / {d['max']:.2f} |")
             else:
                 lines.append(f"| {name} | batched greedy tokens equal | {row['batch_greedy_tokens_equal']} | |")
-    lines += ["", "| server | start-up s | radix |", "|---|---|---|"]
+    lines += ["", "Each server against itself (mean over prompts of mean |Δ| / largest max; see consistency()):", "",
+              "| server | start-up s | decode vs prefill | radix hit: new tokens | radix hit: decode | cached |",
+              "|---|---|---|---|---|---|"]
     for name, info in results["servers"].items():
-        lines.append(f"| {name} | {info.get('startup_s', info.get('error', '')[:80])} | {info.get('radix', '')} |")
+        c = info.get("consistency")
+        cells = [f"{c[k]['mean']:.3f} / {c[k]['max']:.2f}" for k in ("decode_vs_prefill", "radix_extend",
+                                                                     "radix_decode")] if c else ["", "", ""]
+        lines.append(f"| {name} | {info.get('startup_s', info.get('error', '')[:80])} | {' | '.join(cells)} | "
+                     f"{c['cached_tokens'] if c else ''} |")
     return "\n".join(lines) + "\n"
 
 
-def radix_check(server: Server, ids: list[int]) -> dict:
-    """Turn 2 extends turn 1, whose prompt + decoded tokens end mid-block, so its prefix comes from the radix
-    cache. Its greedy continuation is then scored again, teacher-forced, after a cache flush: both runs see the
-    same tokens, so the logprobs compare like for like (a free greedy rerun would drift onto other tokens after
-    its first near-tie). In bf16 the two differ by rounding only: the cached K/V of turn 1's decoded tokens were
-    computed by decode steps, the flushed run computes them in one prefill."""
-    post(server.url + "/flush_cache")
-    first, _ = greedy(server, ids, 16)
-    turn2 = ids + first + prompt(333, seed=99)
-    hit_tokens, hit = greedy(server, turn2, 32)
-    post(server.url + "/flush_cache")
-    cold = logprobs(server, turn2 + hit_tokens)
-    return {"cached_tokens": hit["cached_tokens"], "prompt_len": len(turn2),
-            "decode_logprob": diff([x[0] for x in hit["output_token_logprobs"]], cold[len(turn2) - 1:])}
+def consistency(server: Server, prompts: list[list[int]]) -> dict:
+    """One server against itself, teacher-forced, for each (sparse) prompt:
+      decode_vs_prefill  greedy decode steps vs one prefill of prompt + those tokens (flushed cache);
+      radix_extend       turn 2 = turn 1 (prompt + 16 decoded tokens, ending mid-block) + 333 new tokens, served
+                         with turn 1 from the radix cache: its new tokens' logprobs vs a flushed prefill;
+      radix_decode       turn 2's greedy continuation vs the same tokens scored by a flushed prefill.
+    In bf16 these differ by rounding only (K/V of decoded tokens come from decode steps in one run and from a
+    prefill in the other), so the in-tree server's numbers are the yardstick for ours. Each entry is the mean
+    over prompts of the per-prompt mean |Δ logprob| (and the largest max)."""
+    rows = {"decode_vs_prefill": [], "radix_extend": [], "radix_decode": []}
+    lp = lambda meta: [x[0] for x in meta["output_token_logprobs"]]
+    cached = []
+    for ids in prompts:
+        post(server.url + "/flush_cache")
+        toks, meta = greedy(server, ids, 32)
+        post(server.url + "/flush_cache")
+        rows["decode_vs_prefill"].append(diff(lp(meta), logprobs(server, ids + toks)[len(ids) - 1:]))
+
+        post(server.url + "/flush_cache")
+        first, _ = greedy(server, ids, 16)
+        turn2 = ids + first + prompt(333, seed=len(ids))
+        out = post(server.url + "/generate", {
+            "input_ids": turn2, "return_logprob": True, "logprob_start_len": len(ids) + len(first),
+            "sampling_params": {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}})["meta_info"]
+        cached.append(out["cached_tokens"])
+        hit_toks = [t for _, t, _ in out["output_token_logprobs"]]
+        hit_in = [x[0] for x in out["input_token_logprobs"] if x[0] is not None]  # the last len(hit_in) prompt tokens
+        post(server.url + "/flush_cache")
+        cold = logprobs(server, turn2 + hit_toks)  # cold[i] scores token i + 1
+        n = len(turn2)
+        rows["radix_extend"].append(diff(hit_in, cold[n - 1 - len(hit_in): n - 1]))
+        rows["radix_decode"].append(diff(lp(out), cold[n - 1:]))
+    res = {k: {"mean": sum(r["mean"] for r in v) / len(v), "max": max(r["max"] for r in v),
+               "per_prompt_mean": [round(r["mean"], 4) for r in v]} for k, v in rows.items()}
+    res["cached_tokens"] = cached
+    return res
 
 if __name__ == "__main__":
     main()

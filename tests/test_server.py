@@ -148,6 +148,22 @@ def test_chunked_prefill_equals_unchunked(one_kv_server, one_kv_chunked_server):
     assert diff < 1e-4
 
 
+def test_decode_logprobs_equal_prefill_of_the_same_tokens(vl_server):
+    """Decode steps (one token each, sparse regime, 2 KV heads) score what one prefill of prompt + output scores:
+    the decode-path attention, index-key store and metadata against the extend path, at fp32."""
+    ids = prompt_ids(700, seed=11)
+    flush(vl_server)
+    out = post(vl_server, "/generate", {"input_ids": ids, "return_logprob": True,
+                                        "sampling_params": {"max_new_tokens": 24, "temperature": 0,
+                                                            "ignore_eos": True}})
+    decoded = out["meta_info"]["output_token_logprobs"]
+    flush(vl_server)
+    scored = input_logprobs(vl_server, ids + [t for _, t, _ in decoded])[len(ids) - 1:]
+    diff = max_diff([lp for lp, _, _ in decoded], scored)
+    print(f"24 decode steps after 700 prompt tokens vs one prefill: max |Δ logprob| = {diff:.2e}")
+    assert diff < 1e-4
+
+
 def test_generate_with_logprobs(vl_server):
     out = post(vl_server, "/generate", {"text": "Hello, MiniMax!", "return_logprob": True, "top_logprobs_num": 3,
                                         "sampling_params": {"max_new_tokens": 12, "temperature": 0}})
