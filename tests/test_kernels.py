@@ -194,22 +194,22 @@ def indexer_init_local_variants():
 
 @cpu_case
 def indexer_prefetch_variants():
-    """Every INDEXER_PREFETCH setting (loads one block ahead: none, slots, slots + keys) selects as the twin,
-    with split ranges of one, two and many blocks (prefetches past a split's end must be masked off)."""
+    """With and without the indexer's load-ahead (chosen by grid size) the selection equals the twin's, for split
+    ranges of one, two and many blocks (loads past a split's end must be masked off)."""
     from sglang_m3.attention.kernels import common
 
     lens, ext, bsz, topk = [150, 90, 64, 47], [5, 1, 1, 2], 16, 3
     b = make_batch(lens, ext, hq=2, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=9)
-    saved = common.INDEXER_PREFETCH, common.INDEXER_MIN_BLOCKS_PER_SPLIT
+    saved = common.INDEXER_PREFETCH_PROGRAMS_PER_SM, common.INDEXER_MIN_BLOCKS_PER_SPLIT
     try:
         common.INDEXER_MIN_BLOCKS_PER_SPLIT = 1
-        for prefetch in (0, 1, 2):
-            common.INDEXER_PREFETCH = prefetch
+        for per_sm in (0, 1 << 20):  # never / always
+            common.INDEXER_PREFETCH_PROGRAMS_PER_SM = per_sm
             for ns in (1, 4, 10):
                 got, want = run_both_indexers(b, bsz, topk, 1, 1, num_splits=ns)
                 assert_same_selection(got, want, b, bsz, 1e-5)
     finally:
-        common.INDEXER_PREFETCH, common.INDEXER_MIN_BLOCKS_PER_SPLIT = saved
+        common.INDEXER_PREFETCH_PROGRAMS_PER_SM, common.INDEXER_MIN_BLOCKS_PER_SPLIT = saved
 
 
 @cpu_case

@@ -37,8 +37,10 @@ INDEXER_MIN_BLOCKS_PER_SPLIT = 4
 # Splits merged per bitonic top-k pass in the indexer merge kernel (x topk candidates).
 INDEXER_MERGE_CHUNK = 32
 INDEXER_NUM_STAGES = 2  # no measurable effect (1..4) on the gather-bound loop
-# Blocks the indexer loop loads ahead: 0 none, 1 the next block's slots, 2 its slots and keys (indexer.py).
-INDEXER_PREFETCH = 0
+# The indexer loop loads the next key block ahead when its grid has at most this many programs per SM
+# (H100, graph replay, TP1 heads: bs 1 x 128K 100 -> 86 us, bs 1 x 4K 53.2 -> 51.8 us; always on, the
+# register cost slows the bandwidth-bound bs 32 x 128K from 462 to 517 us; prefetching slots alone: no gain).
+INDEXER_PREFETCH_PROGRAMS_PER_SM = 1
 # Attention programs aimed for per SM before the block list is split (1 and 2 measured equal
 # for 64 q heads; 1 is 10% faster for 8 q heads at bs 256).
 ATTN_PROGRAMS_PER_SM = 1

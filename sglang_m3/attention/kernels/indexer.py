@@ -146,28 +146,25 @@ def _indexer_kernel(
     r2t_row = r2t_ptr + row.to(tl.int64) * stride_r2t
 
     offs_n = tl.arange(0, BN)
-    # The loop is latency-bound: slot load -> key gather -> dot -> insert, each waiting on the last. With
-    # PREFETCH the next block's slots (1), or its slots and keys (2), are loaded one iteration early, so
-    # their latency overlaps this block's work (Triton's pipeliner does not do it for the indirect gather).
-    if PREFETCH >= 1:
+    # A lone program's loop is latency-bound: slot load -> key gather -> dot -> insert, each waiting on the
+    # last, and Triton's pipeliner does not overlap the indirect gather. With PREFETCH the next block's keys
+    # (and the slots of the one after) are loaded an iteration early. It costs registers, so it is only on when
+    # the grid is too small to hide latency by occupancy (see index_block_topk).
+    if PREFETCH:
         slot_next = _block_slots(r2t_row, b_lo, b_hi, p_last, offs_n, BLOCK_SIZE)
-    if PREFETCH == 2:
         k_next = _block_keys(k_ptr, stride_ks, slot_next, b_lo, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE)
         slot_next = _block_slots(r2t_row, b_lo + 1, b_hi, p_last, offs_n, BLOCK_SIZE)
     for b in range(b_lo, b_hi):
         j = b * BLOCK_SIZE + offs_n
         kv = (offs_n < BLOCK_SIZE) & (j <= p_last)
-        if PREFETCH == 0:
-            slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
-            k = tl.load(k_ptr + slot[:, None] * stride_ks + offs_d[None, :],
-                        mask=kv[:, None] & d_ok[None, :], other=0.0)  # [BN, DI], DI contiguous
-        elif PREFETCH == 1:
-            k = _block_keys(k_ptr, stride_ks, slot_next, b, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE)
-            slot_next = _block_slots(r2t_row, b + 1, b_hi, p_last, offs_n, BLOCK_SIZE)
-        else:
+        if PREFETCH:
             k = k_next
             k_next = _block_keys(k_ptr, stride_ks, slot_next, b + 1, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE)
             slot_next = _block_slots(r2t_row, b + 2, b_hi, p_last, offs_n, BLOCK_SIZE)
+        else:
+            slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
+            k = tl.load(k_ptr + slot[:, None] * stride_ks + offs_d[None, :],
+                        mask=kv[:, None] & d_ok[None, :], other=0.0)  # [BN, DI], DI contiguous
         if DOT_F32:  # (inlined, not a helper: the interpreter pays ~ms per nested jit call)
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")  # [M, BN]
         else:
@@ -328,7 +325,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         H=H, H_PAD=h_pad, DI=di, DI_PAD=max(16, common.next_pow2(di)),
         BLOCK_SIZE=block_size, BN=max(16, common.next_pow2(block_size)), BLOCK_T=bt, M=m_rows,
         TOPK=topk_blocks, K_PAD=k_pad, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
-        DOT_F32=common.dot_in_fp32(index_k_cache.dtype), PREFETCH=common.INDEXER_PREFETCH,
+        DOT_F32=common.dot_in_fp32(index_k_cache.dtype),
+        PREFETCH=n_tiles * n_splits <= common.INDEXER_PREFETCH_PROGRAMS_PER_SM * common.num_sms(dev),
         num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
     if n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
