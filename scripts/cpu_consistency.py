@@ -1,0 +1,39 @@
+"""gpu_e2e.py's self-consistency checks (decode vs prefill, radix hit vs flushed) on this CPU, for comparison with
+the GPU's: same checkpoint, same prompts, our torch path throughout.
+
+    python scripts/cpu_consistency.py [--dtype bfloat16|float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_e2e import CKPT_SHAPE, PROMPT_LENS, consistency, prompt  # noqa: E402
+from tests.conftest import Server  # noqa: E402  (the CPU launcher the tests use)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    args = ap.parse_args()
+    from sglang_m3.tiny import write_tiny_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="m3_cpu_consistency_"))
+    ckpt = write_tiny_checkpoint(work / "ckpt", flat=True, dtype="bfloat16", **CKPT_SHAPE)
+    server = Server(ckpt, "--dtype", args.dtype, "--context-length", "8192", "--max-total-tokens", "20000",
+                    log_dir=work).wait(timeout=900)
+    try:
+        prompts = [prompt(n, seed=i) for i, n in enumerate(PROMPT_LENS)]
+        print(json.dumps(consistency(server, prompts[1:]), indent=1))  # the sparse prompts, as on the GPU
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
