@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_e2e import CKPT_SHAPE, PROMPT_LENS, consistency, prompt  # noqa: E402
+from gpu_e2e import PROMPT_LENS, consistency, prompt, write_checkpoint  # noqa: E402
 from tests.conftest import Server  # noqa: E402  (the CPU launcher the tests use)
 
 
@@ -22,10 +22,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     args = ap.parse_args()
-    from sglang_m3.tiny import write_tiny_checkpoint
-
     work = Path(tempfile.mkdtemp(prefix="m3_cpu_consistency_"))
-    ckpt = write_tiny_checkpoint(work / "ckpt", flat=True, dtype="bfloat16", **CKPT_SHAPE)
+    ckpt = write_checkpoint(work)
     server = Server(ckpt, "--dtype", args.dtype, "--context-length", "8192", "--max-total-tokens", "20000",
                     log_dir=work).wait(timeout=900)
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpu_e2e import CKPT_SHAPE, diff, logprobs  # noqa: E402
+from gpu_e2e import diff, logprobs, write_checkpoint  # noqa: E402
 from tests.conftest import Server  # noqa: E402  (the CPU launcher the tests use)
 
 
@@ -31,10 +31,8 @@ def main():
     args = ap.parse_args()
     data = json.loads(args.scores.read_text())
 
-    from sglang_m3.tiny import write_tiny_checkpoint
-
     work = Path(tempfile.mkdtemp(prefix="m3_fp32_oracle_"))
-    ckpt = write_tiny_checkpoint(work / "ckpt", flat=True, dtype="bfloat16", **CKPT_SHAPE)
+    ckpt = write_checkpoint(work)
     longest = max(len(ids) for ids in data["forced"])
     server = Server(ckpt, "--context-length", str(longest + 16), "--max-total-tokens", str(2 * longest + 64),
                     log_dir=work).wait(timeout=900)

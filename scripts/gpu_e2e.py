@@ -43,6 +43,13 @@ COMMON_FLAGS = ["--trust-remote-code", "--attention-backend", "triton", "--cuda-
                 "--max-running-requests", "16", "--disable-prefill-cuda-graph"]
 
 
+def write_checkpoint(work: Path) -> Path:
+    """The flat bf16 checkpoint every server of this script serves (deterministic: the CPU-side scripts rebuild it)."""
+    from sglang_m3.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(work / "ckpt", flat=True, dtype="bfloat16", **CKPT_SHAPE)
+
+
 def prompt(n: int, seed: int) -> list[int]:
     import random
 
@@ -88,12 +95,10 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from sglang_m3.tiny import write_tiny_checkpoint
-
     # Not under --out: the device host returns at most 8 files from there.
     work = Path("/tmp/m3_gpu_e2e")
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = write_tiny_checkpoint(work / "ckpt", flat=True, dtype="bfloat16", **CKPT_SHAPE)
+    ckpt = write_checkpoint(work)
     configs = {
         "ours": ([], {}),
         "ours_eager": (["--disable-cuda-graph"], {}),

@@ -7,12 +7,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.gpu_e2e import CKPT_SHAPE  # noqa: E402
-from sglang_m3.tiny import write_tiny_checkpoint  # noqa: E402
+from scripts.gpu_e2e import write_checkpoint  # noqa: E402
 from tests.hf_oracle import hf_logits  # noqa: E402
 
 state = json.loads(Path("/tmp/m3_gpu_e2e_state.json").read_text())
-ckpt = write_tiny_checkpoint(Path("/tmp/m3_hf_ckpt"), flat=True, dtype="bfloat16", **CKPT_SHAPE)
+ckpt = write_checkpoint(Path("/tmp/m3_hf"))
 for i in (0, 1):
     ids = state["forced"][i]
     logp = torch.log_softmax(hf_logits(ckpt, ids).double(), -1)

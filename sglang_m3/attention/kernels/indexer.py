@@ -85,7 +85,7 @@ def _block_slots(r2t_row, b, b_hi, p_last, offs_n, BLOCK_SIZE: tl.constexpr):
 
 @triton.jit
 def _block_keys(k_ptr, stride_ks, slot, b, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE: tl.constexpr):
-    """Index keys [BN, DI] of key block b at the given slots (same mask as _block_slots)."""
+    """Index keys [BN, DI] (DI contiguous) of key block b at the given slots (same mask as _block_slots)."""
     j = b * BLOCK_SIZE + offs_n
     kv = (offs_n < BLOCK_SIZE) & (j <= p_last) & (b < b_hi)
     return tl.load(k_ptr + slot[:, None] * stride_ks + offs_d[None, :], mask=kv[:, None] & d_ok[None, :], other=0.0)
@@ -162,9 +162,8 @@ def _indexer_kernel(
             k_next = _block_keys(k_ptr, stride_ks, slot_next, b + 1, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE)
             slot_next = _block_slots(r2t_row, b + 2, b_hi, p_last, offs_n, BLOCK_SIZE)
         else:
-            slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
-            k = tl.load(k_ptr + slot[:, None] * stride_ks + offs_d[None, :],
-                        mask=kv[:, None] & d_ok[None, :], other=0.0)  # [BN, DI], DI contiguous
+            slot = _block_slots(r2t_row, b, b_hi, p_last, offs_n, BLOCK_SIZE)
+            k = _block_keys(k_ptr, stride_ks, slot, b, b_hi, p_last, offs_n, offs_d, d_ok, BLOCK_SIZE)
         if DOT_F32:  # (inlined, not a helper: the interpreter pays ~ms per nested jit call)
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")  # [M, BN]
         else:
