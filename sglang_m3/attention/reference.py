@@ -31,7 +31,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["store_index_k", "index_block_topk", "sparse_attention"]
+__all__ = ["store_index_k", "index_block_topk", "sparse_attention", "verify_chain_layout", "verify_tree_rows"]
 
 # Upper bound on the number of fp32 elements of one [queries, heads, keys] score tile. Queries of
 # a request are processed in chunks so memory stays bounded for long sequences (e.g. 64 query
@@ -280,3 +280,91 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
             o = torch.einsum("chgs,shd->chgd", p, v[:n_keys]) / denom.clamp_min(torch.finfo(torch.float32).tiny)
             out[rows_t] = o.reshape(C, hq, dv).to(out.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# target verify (speculative decoding): the N draft tokens of a request as queries
+# ----------------------------------------------------------------------------------------------
+#
+# SGLang's TARGET_VERIFY batch (0.5.17: forward_batch_info.py init_new, eagle_utils.py
+# build_tree_kernel_efficient, ngram_worker.py): every request has exactly N draft tokens packed at
+# rows [i*N, (i+1)*N), node 0 being the root (the bonus token); ``seq_lens`` is the committed prefix
+# and EXCLUDES them; draft j of request i sits in slot req_to_token[row_i, seq_len_i + j] (=
+# out_cache_loc[i*N + j]) at position seq_len_i + depth(j); the extend_* fields are None.
+# MSA semantics of verify (M3_SPEC.md §3.8): each draft node is the last token of a prefill of
+# prefix + its root-to-node path, so it selects its blocks over exactly those keys, its own block
+# forced. Both helpers below only rewrite the batch layout; the MSA functions above do the work.
+
+
+def verify_chain_layout(seq_lens: Tensor, num_draft_tokens: int, *, out: tuple[Tensor, Tensor, Tensor] | None = None):
+    """Chain verify (EAGLE topk=1: node j's path is nodes 0..j) in the extend form of the MSA functions.
+
+    seq_lens [bs] (committed prefix, drafts excluded). Returns (total_lens = seq_lens + N,
+    extend_seq_lens = N, extend_start_loc = i*N), each [bs] int32 (into ``out``'s three [>= bs]
+    buffers if given: fixed addresses for CUDA graphs). Draft j is then the new token at position
+    seq_len + j reading keys < seq_len + j + 1 of the real req_to_token row -- a prefill of
+    prefix + drafts 0..j. Device ops only (no host sync).
+    """
+    _check(num_draft_tokens >= 1, f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+    _check(seq_lens.dim() == 1, f"seq_lens must be 1-D [bs], got {tuple(seq_lens.shape)}")
+    bs = seq_lens.numel()
+    if out is None:
+        out = tuple(torch.empty(bs, dtype=torch.int32, device=seq_lens.device) for _ in range(3))
+    total, ext, start = (o[:bs] for o in out)
+    torch.add(seq_lens, num_draft_tokens, out=total)
+    ext.fill_(num_draft_tokens)
+    torch.mul(torch.arange(bs, dtype=torch.int32, device=seq_lens.device), num_draft_tokens, out=start)
+    return total, ext, start
+
+
+def verify_tree_rows(custom_mask: Tensor, seq_lens: Tensor, req_pool_indices: Tensor, out_cache_loc: Tensor,
+                     req_to_token: Tensor, num_draft_tokens: int, *, out_req_to_token: Tensor | None = None,
+                     out_seq_lens: Tensor | None = None):
+    """Tree verify (EAGLE topk>1, NGRAM) as one decode row per draft node over a virtual req_to_token.
+
+    custom_mask: SGLang's FULL_MASK tree mask, flat bool/uint8 (0.5.17 eagle_utils.py
+      build_tree_kernel_efficient / spec_tree.py, ngram_worker.py): request i owns N*(seq_len_i + N)
+      entries starting at sum_{i'<i} N*(seq_len_i' + N); row x of it has seq_len_i + N columns, the
+      first seq_len_i for the prefix, then column seq_len_i + j true iff draft j is x itself or an
+      ancestor of x. Only the N x N tree part is read.
+    seq_lens [bs] committed prefix; req_pool_indices [bs]; out_cache_loc [bs*N] slots of the drafts;
+    req_to_token [rows, W] int32.
+    Returns (virtual req_to_token int32 [bs*N, W + 1], node_seq_lens int64 [bs*N]) (into the
+    ``out_*`` buffers, of >= bs*N rows, if given): row k = i*N + x holds request i's prefix slots at
+    positions < seq_len_i and, at position seq_len_i + depth(j), the slot of each draft j on x's
+    path (depth(j) = its ancestor count, itself excluded); node_seq_lens[k] = seq_len_i + depth(x) + 1.
+    With req_pool_indices = arange(bs*N) and seq_lens = node_seq_lens, the decode form of the MSA
+    functions then computes, for every node, exactly the prefill of prefix + path. Column W is a
+    scratch column (off-path writes land there; never read, as node_seq_lens <= W).
+    Device ops with static shapes only (graph-capturable; values are not validated).
+    """
+    n = num_draft_tokens
+    _check(n >= 1, f"num_draft_tokens must be >= 1, got {n}")
+    bs = seq_lens.numel()
+    _check(req_pool_indices.numel() == bs, f"req_pool_indices has {req_pool_indices.numel()} entries, seq_lens {bs}")
+    _check(out_cache_loc.numel() == bs * n,
+           f"out_cache_loc must hold N={n} slots per request ({bs * n}), got {out_cache_loc.numel()}")
+    _check(req_to_token.dim() == 2, f"req_to_token must be 2-D [pool, max_len], got {tuple(req_to_token.shape)}")
+    dev, width = seq_lens.device, req_to_token.shape[1]
+    s = seq_lens.long()
+    span = n * (s + n)  # mask entries of each request
+    start = torch.cumsum(span, 0) - span
+    ar = torch.arange(n, device=dev)
+    idx = start[:, None, None] + ar[None, :, None] * (s + n)[:, None, None] + s[:, None, None] + ar[None, None, :]
+    on_path = custom_mask[idx] != 0  # [bs, x, j]: draft j on the path of node x
+    depth = on_path.sum(-1) - 1  # [bs, N]
+    pos = s[:, None] + depth  # position of each draft
+
+    if out_req_to_token is None:
+        out_req_to_token = torch.empty((bs * n, width + 1), dtype=req_to_token.dtype, device=dev)
+    if out_seq_lens is None:
+        out_seq_lens = torch.empty(bs * n, dtype=torch.int64, device=dev)
+    _check(out_req_to_token.shape[0] >= bs * n and out_req_to_token.shape[1] == width + 1,
+           f"out_req_to_token must be [>= {bs * n}, {width + 1}], got {tuple(out_req_to_token.shape)}")
+    virt, node_lens = out_req_to_token[: bs * n], out_seq_lens[: bs * n]
+    virt[:, :width].copy_(req_to_token.index_select(0, req_pool_indices.long().repeat_interleave(n)))
+    cols = torch.where(on_path, pos[:, None, :], width).view(bs * n, n)
+    slots = out_cache_loc.view(bs, 1, n).expand(bs, n, n).reshape(bs * n, n).to(virt.dtype)
+    virt.scatter_(1, cols, slots)
+    node_lens.copy_((pos + 1).view(-1))
+    return virt, node_lens

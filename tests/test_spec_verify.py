@@ -1,0 +1,210 @@
+"""Target verify (speculative decoding) in the MSA reference: every draft node equals a prefill of prefix + its path.
+
+The oracle shares no code with the module under test: per draft node it lays out the contiguous sequence
+prefix + root-to-node path in float64 and runs the brute-force selection/attention of test_msa_reference
+(Python loops over positions, blocks and keys). The module under test gets SGLang's TARGET_VERIFY layout:
+paged caches with random slots (unused ones NaN), drafts in the slots after the prefix, the FULL_MASK
+tree mask (built here with literal loops from the parent lists), and N queries per request.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_m3.attention import reference as ref
+from tests.test_msa_reference import D, DI, DV, H, HQ, SM_SCALE, assert_selection, bf_attend, bf_select
+
+
+def chain(n):
+    return [-1] + list(range(n - 1))
+
+
+def random_tree(n, g):
+    """Parent of node j (> 0) is a random earlier node: a tree in SGLang's node order (parents first)."""
+    return [-1] + [int(torch.randint(0, j, (1,), generator=g)) for j in range(1, n)]
+
+
+def path(parents, x):
+    """Root-to-x node list."""
+    out = [x]
+    while parents[out[-1]] >= 0:
+        out.append(parents[out[-1]])
+    return out[::-1]
+
+
+def full_mask(prefix_lens, trees):
+    """SGLang's FULL_MASK: per request N rows of (seq_len + N) columns, prefix columns true, then the
+    tree part (draft j on node x's path), rows and requests concatenated."""
+    flat = []
+    for s, parents in zip(prefix_lens, trees):
+        n = len(parents)
+        for x in range(n):
+            on = set(path(parents, x))
+            flat += [True] * s + [j in on for j in range(n)]
+    return torch.tensor(flat, dtype=torch.bool)
+
+
+def make_batch(prefix_lens, trees, seed=0):
+    """Random prefix and draft tensors, and the paged TARGET_VERIFY batch holding them."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    n = len(trees[0])
+    reqs = [dict(pre=dict(iq=r(s, H, DI), ik=r(s, DI), q=r(s, HQ, D), k=r(s, H, D), v=r(s, H, DV)),
+                 draft=dict(iq=r(n, H, DI), ik=r(n, DI), q=r(n, HQ, D), k=r(n, H, D), v=r(n, H, DV)))
+            for s in prefix_lens]
+    bs = len(prefix_lens)
+    n_slots = sum(prefix_lens) + bs * n + 5
+    perm = torch.randperm(n_slots, generator=g)
+    nan_slot = int(perm[-1])
+    rows = torch.randperm(bs + 2, generator=g)[:bs]
+    r2t = torch.full((bs + 2, max(prefix_lens) + n + 3), nan_slot, dtype=torch.int32)
+    ik_cache = torch.full((n_slots, DI), float("nan"))
+    k_cache = torch.full((n_slots, H, D), float("nan"))
+    v_cache = torch.full((n_slots, H, DV), float("nan"))
+    out_loc, off = [], 0
+    for i, (s, rq) in enumerate(zip(prefix_lens, reqs)):
+        slots = perm[off: off + s + n]
+        off += s + n
+        r2t[rows[i], : s + n] = slots.to(torch.int32)
+        # prefix: in the cache since earlier forwards; drafts: written by the verify forward before indexing
+        for part, sl in (("pre", slots[:s]), ("draft", slots[s:])):
+            ref.store_index_k(ik_cache, sl, rq[part]["ik"])
+            k_cache[sl], v_cache[sl] = rq[part]["k"], rq[part]["v"]
+        out_loc.append(slots[s:])
+    return dict(
+        reqs=reqs, trees=trees, prefix_lens=prefix_lens, n=n,
+        index_q=torch.cat([rq["draft"]["iq"] for rq in reqs]), q=torch.cat([rq["draft"]["q"] for rq in reqs]),
+        ik_cache=ik_cache, k_cache=k_cache, v_cache=v_cache, req_to_token=r2t, req_pool_indices=rows,
+        seq_lens=torch.tensor(prefix_lens, dtype=torch.int64), out_cache_loc=torch.cat(out_loc).long(),
+        custom_mask=full_mask(prefix_lens, trees))
+
+
+def run_tree(b, block_size, topk, init_blocks=0, local_blocks=1, mask=None):
+    virt, node_lens = ref.verify_tree_rows(b["custom_mask"] if mask is None else mask, b["seq_lens"],
+                                           b["req_pool_indices"], b["out_cache_loc"], b["req_to_token"], b["n"])
+    t = node_lens.numel()
+    meta = dict(req_to_token=virt, req_pool_indices=torch.arange(t), seq_lens=node_lens,
+                extend_seq_lens=torch.ones(t, dtype=torch.int32), extend_start_loc=torch.arange(t, dtype=torch.int32))
+    return _run(b, meta, block_size, topk, init_blocks, local_blocks), node_lens
+
+
+def run_chain(b, block_size, topk, init_blocks=0, local_blocks=1):
+    total, ext, start = ref.verify_chain_layout(b["seq_lens"], b["n"])
+    meta = dict(req_to_token=b["req_to_token"], req_pool_indices=b["req_pool_indices"], seq_lens=total,
+                extend_seq_lens=ext, extend_start_loc=start)
+    return _run(b, meta, block_size, topk, init_blocks, local_blocks)
+
+
+def _run(b, meta, block_size, topk, init_blocks, local_blocks):
+    sel = ref.index_block_topk(b["index_q"], b["ik_cache"], **meta, block_size=block_size, topk_blocks=topk,
+                               init_blocks=init_blocks, local_blocks=local_blocks)
+    o = ref.sparse_attention(b["q"], b["k_cache"], b["v_cache"], **meta, block_topk=sel, block_size=block_size,
+                             sm_scale=SM_SCALE)
+    return sel, o
+
+
+def check_bruteforce(b, sel, o, block_size, topk, init_blocks=0, local_blocks=1):
+    """Row i*N + x must be the last row of a float64 prefill of request i's prefix + path(x)."""
+    n, group = b["n"], HQ // H
+    for i, (s, rq, parents) in enumerate(zip(b["prefix_lens"], b["reqs"], b["trees"])):
+        for x in range(n):
+            nodes = path(parents, x)
+            seq = {k: torch.cat([rq["pre"][k], rq["draft"][k][nodes]]).double() for k in rq["pre"]}
+            p = s + len(nodes) - 1  # the node's position: prefix length + depth
+            t = i * n + x
+            for h in range(H):
+                dots = [None] * p + [(seq["ik"][: p + 1] @ seq["iq"][p, h]).tolist()]
+                assert_selection(sel[t, h].tolist(), *bf_select(dots, p, block_size, topk, init_blocks,
+                                                                local_blocks), topk)
+            for qh in range(HQ):
+                blocks = [blk for blk in sel[t, qh // group].tolist() if blk >= 0]
+                want = bf_attend(seq["q"], seq["k"], seq["v"], p, qh, blocks, group, block_size)
+                torch.testing.assert_close(o[t, qh].double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# tests
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init_blocks,local_blocks", [(0, 1), (1, 1), (0, 2)])
+def test_chain_verify_equals_prefill_of_prefix_and_drafts(init_blocks, local_blocks):
+    # prefixes end mid-block (block 4), one at a block boundary; 5 drafts cross block boundaries
+    prefix_lens, n, bsz, topk = [13, 22, 8, 31], 5, 4, 3
+    b = make_batch(prefix_lens, [chain(n)] * len(prefix_lens), seed=1)
+    sel, o = run_chain(b, bsz, topk, init_blocks, local_blocks)
+    check_bruteforce(b, sel, o, bsz, topk, init_blocks, local_blocks)
+    assert (sel >= 0).sum(-1).max() == topk  # sparse rows exist
+
+
+def test_tree_verify_equals_prefill_of_prefix_and_path():
+    g = torch.Generator().manual_seed(7)
+    prefix_lens, n, bsz, topk = [17, 10, 26], 8, 4, 3
+    trees = [random_tree(n, g) for _ in prefix_lens]
+    assert any(t != chain(n) for t in trees)
+    b = make_batch(prefix_lens, trees, seed=2)
+    (sel, o), node_lens = run_tree(b, bsz, topk)
+    check_bruteforce(b, sel, o, bsz, topk)
+    # node x of request i is the last token of prefix + path(x): seq_len + depth + 1 visible keys
+    assert node_lens.tolist() == [s + len(path(t, x)) for s, t in zip(prefix_lens, trees) for x in range(n)]
+
+
+def test_ngram_like_tree_with_padding_nodes():
+    """NGRAM's trees: an irregular BFS tree whose padding nodes hang off the root (ngram result.cpp)."""
+    n, bsz, topk = 7, 4, 2
+    trees = [[-1, 0, 1, 1, 0, 0, 0], [-1, 0, 0, 1, 2, 3, 4]]
+    b = make_batch([9, 14], trees, seed=3)
+    (sel, o), _ = run_tree(b, bsz, topk)
+    check_bruteforce(b, sel, o, bsz, topk)
+
+
+def test_dense_to_sparse_switch_inside_the_draft_at_block_128():
+    """Real block size: prefix 250 sees 2 blocks (all kept with top-2); drafts past position 255 see 3, so the
+    selection turns sparse in the middle of the draft, for the chain and for a tree."""
+    bsz, topk, n = 128, 2, 9
+    g = torch.Generator().manual_seed(11)
+    for trees, run in (([chain(n)] * 2, "chain"), ([random_tree(n, g), [-1] + list(range(n - 1))], "tree")):
+        b = make_batch([250, 251], trees, seed=4)
+        sel, o = run_chain(b, bsz, topk) if run == "chain" else run_tree(b, bsz, topk)[0]
+        check_bruteforce(b, sel, o, bsz, topk)
+        n_sel = (sel >= 0).sum(-1)
+        assert n_sel.min() == 2 and n_sel.max() == 2
+        assert (sel[:, :, 0] != 0).any() and (sel[:, :, 0] == 0).any()  # some rows drop block 0
+
+
+def test_chain_layout_and_tree_rows_agree_on_a_chain():
+    b = make_batch([6, 19, 33], [chain(4)] * 3, seed=5)
+    sel_c, o_c = run_chain(b, 4, 3)
+    (sel_t, o_t), _ = run_tree(b, 4, 3)
+    assert torch.equal(sel_c, sel_t)
+    torch.testing.assert_close(o_c, o_t, atol=1e-6, rtol=1e-6)
+
+
+def test_uint8_mask_and_graph_buffers():
+    """The CUDA-graph form: uint8 mask in a larger buffer (trailing garbage), outputs into fixed buffers."""
+    g = torch.Generator().manual_seed(9)
+    trees = [random_tree(6, g) for _ in range(2)]
+    b = make_batch([11, 5], trees, seed=6)
+    (sel, o), lens = run_tree(b, 4, 2)
+    buf = torch.ones(b["custom_mask"].numel() + 50, dtype=torch.uint8)
+    buf[: b["custom_mask"].numel()] = b["custom_mask"].to(torch.uint8)
+    out_r2t = torch.full((20, b["req_to_token"].shape[1] + 1), -7, dtype=torch.int32)
+    out_lens = torch.zeros(20, dtype=torch.int64)
+    virt, lens2 = ref.verify_tree_rows(buf, b["seq_lens"], b["req_pool_indices"], b["out_cache_loc"],
+                                       b["req_to_token"], 6, out_req_to_token=out_r2t, out_seq_lens=out_lens)
+    assert virt.data_ptr() == out_r2t.data_ptr() and torch.equal(lens2, lens) and torch.equal(out_lens[:12], lens)
+    assert (out_r2t[12:] == -7).all()
+    bufs = tuple(torch.zeros(8, dtype=torch.int32) for _ in range(3))
+    total, ext, start = ref.verify_chain_layout(b["seq_lens"], 6, out=bufs)
+    assert total.data_ptr() == bufs[0].data_ptr()
+    assert bufs[0][:2].tolist() == [17, 11] and bufs[1][:2].tolist() == [6, 6] and bufs[2][:2].tolist() == [0, 6]
+
+
+def test_bad_verify_arguments_raise():
+    b = make_batch([5], [chain(3)], seed=0)
+    with pytest.raises(ValueError, match="out_cache_loc"):
+        ref.verify_tree_rows(b["custom_mask"], b["seq_lens"], b["req_pool_indices"], b["out_cache_loc"][:2],
+                             b["req_to_token"], 3)
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        ref.verify_chain_layout(b["seq_lens"], 0)
