@@ -134,14 +134,21 @@ class M3Model(nn.Module):
             M3DecoderLayer(view, i, prefix=add_prefix(f"layers.{i}", prefix)) for i in range(view.num_layers))
         self.norm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
         self.start_layer, self.end_layer = 0, view.num_layers
+        self.layers_to_capture: tuple[int, ...] = ()  # EAGLE3: residual stream entering these layers
 
     def forward(self, input_ids, positions, forward_batch, input_embeds=None):
+        """Final hidden states [T, H]; with layers to capture, also the list of captured residual streams."""
         hidden_states = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # no √H scaling
         residual = None
-        for layer in self.layers:
+        aux = []
+        for i, layer in enumerate(self.layers):
+            if i in self.layers_to_capture:
+                aux.append(hidden_states if residual is None else hidden_states + residual)
             hidden_states, residual = layer(positions, hidden_states, forward_batch, residual)
+        if len(self.layers) in self.layers_to_capture:  # the stream after the last layer (before the final norm)
+            aux.append(hidden_states + residual)
         hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return (hidden_states, aux) if self.layers_to_capture else hidden_states
 
 
 class MiniMaxM3SparseForCausalLM(nn.Module):
@@ -172,11 +179,31 @@ class MiniMaxM3SparseForCausalLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    # ---- EAGLE3 target interface (SGLang 0.5.17: eagle_worker_v2.init_lm_head, spec_aux_hidden_state) ----------
+    def get_embed_and_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding weight [V/tp, H], lm_head weight [V/tp, H]): the EAGLE3 draft shares the embedding."""
+        return self.model.embed_tokens.weight, self.lm_head.weight
+
+    def set_eagle3_layers_to_capture(self, layer_ids: Optional[list[int]] = None) -> None:
+        """Capture the residual stream for an EAGLE3 draft, fed to it through the logits processor.
+
+        layer_ids are the draft config's `eagle_aux_hidden_state_layer_ids`: id i is the output of layer i, i.e. the
+        stream entering layer i + 1 (SGLang's convention). None: entering layers 2, L/2 and L-3 (M3_SPEC §6.2).
+        """
+        n = self.view.num_layers
+        capture = [2, n // 2, n - 3] if layer_ids is None else [i + 1 for i in layer_ids]
+        if not all(0 <= i <= n for i in capture) or len(set(capture)) != len(capture):
+            raise ValueError(f"EAGLE3 aux hidden-state layers {layer_ids} must be distinct and within {n} layers")
+        self.model.layers_to_capture = tuple(capture)
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
                 input_embeds: Optional[torch.Tensor] = None, **_):
         hidden_states = self.model(input_ids, positions, forward_batch, input_embeds)
-        return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
+        aux = None
+        if self.model.layers_to_capture:
+            hidden_states, aux = hidden_states
+        return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch, aux)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         from sglang_m3.loader import load_m3_weights

@@ -99,9 +99,7 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
         raise ValueError("sglang-m3: --enable-hierarchical-cache is not supported for MiniMax-M3: its host pool "
                          "does not carry the per-slot index keys of the sparse layers (they would be lost on "
                          "reload, corrupting sparse attention). Run without HiCache.")
-    if getattr(server_args, "speculative_algorithm", None):
-        raise ValueError("sglang-m3: speculative decoding is not supported for MiniMax-M3 yet "
-                         f"(got --speculative-algorithm {server_args.speculative_algorithm}).")
+    spec_declared = _speculative_overrides(server_args)
     if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
         raise ValueError("sglang-m3: PD disaggregation is not supported for MiniMax-M3 yet "
                          "(the index-key lane is not transferred).")
@@ -109,7 +107,7 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
     if kv_dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32"):
         raise ValueError(f"sglang-m3: --kv-cache-dtype {kv_dtype} is not supported for MiniMax-M3 yet "
                          "(use auto: the model dtype).")
-    declared: dict = {}
+    declared: dict = dict(spec_declared)
     if server_args.is_attention_backend_not_set():
         declared["attention_backend"] = BACKEND_NAME
     # The clamped SwiGLU (gemm1_alpha / gemm1_clamp_limit, non-interleaved gate|up) is implemented by the
@@ -120,6 +118,31 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
         raise ValueError(f"sglang-m3: --moe-runner-backend {server_args.moe_runner_backend} is not supported for "
                          "MiniMax-M3 (its clamped SwiGLU needs the triton runner).")
     return declared
+
+
+# Speculative algorithms whose target-verify path the sparse backend serves (chain and tree verify); the
+# EAGLE/EAGLE3 drafts are separate (Llama-style) models on a dense SGLang backend.
+SUPPORTED_SPECULATIVE = ("EAGLE", "EAGLE3", "NGRAM")
+
+
+def _speculative_overrides(server_args) -> dict:
+    """Refuse the speculative algorithms we do not serve, by name; keep the draft model off our backend."""
+    algo = getattr(server_args, "speculative_algorithm", None)
+    if not algo:
+        return {}
+    if algo.upper() not in SUPPORTED_SPECULATIVE:
+        raise ValueError(f"sglang-m3: --speculative-algorithm {algo} is not supported for MiniMax-M3 (supported: "
+                         f"{', '.join(SUPPORTED_SPECULATIVE)}; M3 ships no MTP weights and no DFlash/standalone "
+                         "draft path is implemented).")
+    draft_backend = getattr(server_args, "speculative_draft_attention_backend", None)
+    if draft_backend == BACKEND_NAME:
+        raise ValueError(f"sglang-m3: --speculative-draft-attention-backend {BACKEND_NAME} is for the M3 target; "
+                         "the EAGLE draft is a dense model: use an SGLang backend (e.g. triton).")
+    if algo.upper() != "NGRAM" and draft_backend is None and getattr(server_args, "device", "cuda") != "cpu":
+        # SGLang picks the draft's backends from this flag, else from --attention-backend (ours, which the draft
+        # must never get: speculative/draft_utils.py, attention_backend_setup.py in 0.5.17).
+        return {"speculative_draft_attention_backend": "triton"}
+    return {}
 
 
 def _eager_prefill(original, server_args):
@@ -174,7 +197,10 @@ def _create_m3_backend(runner):
 
     from sglang_m3.attention.backend import M3SparseAttnBackend
 
-    return M3SparseAttnBackend(runner, ATTENTION_BACKENDS[_dense_backend_name(runner)](runner))
+    dense = ATTENTION_BACKENDS[_dense_backend_name(runner)](runner)
+    if not _is_m3(runner.model_config.hf_config):
+        return dense  # a draft model (EAGLE) on the same server: dense attention only
+    return M3SparseAttnBackend(runner, dense)
 
 
 def _wrap_dense_backend(original, runner, full_attn_backend):

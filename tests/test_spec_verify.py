@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sglang_m3.attention import reference as ref
+from tests.test_layers import sglang_env  # noqa: F401  (fixture: SGLang's parallel state on CPU)
 from tests.test_msa_reference import D, DI, DV, H, HQ, SM_SCALE, assert_selection, bf_attend, bf_select
 
 
@@ -45,13 +46,13 @@ def full_mask(prefix_lens, trees):
     return torch.tensor(flat, dtype=torch.bool)
 
 
-def make_batch(prefix_lens, trees, seed=0):
+def make_batch(prefix_lens, trees, seed=0, dv=DV):
     """Random prefix and draft tensors, and the paged TARGET_VERIFY batch holding them."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     n = len(trees[0])
-    reqs = [dict(pre=dict(iq=r(s, H, DI), ik=r(s, DI), q=r(s, HQ, D), k=r(s, H, D), v=r(s, H, DV)),
-                 draft=dict(iq=r(n, H, DI), ik=r(n, DI), q=r(n, HQ, D), k=r(n, H, D), v=r(n, H, DV)))
+    reqs = [dict(pre=dict(iq=r(s, H, DI), ik=r(s, DI), q=r(s, HQ, D), k=r(s, H, D), v=r(s, H, dv)),
+                 draft=dict(iq=r(n, H, DI), ik=r(n, DI), q=r(n, HQ, D), k=r(n, H, D), v=r(n, H, dv)))
             for s in prefix_lens]
     bs = len(prefix_lens)
     n_slots = sum(prefix_lens) + bs * n + 5
@@ -61,7 +62,7 @@ def make_batch(prefix_lens, trees, seed=0):
     r2t = torch.full((bs + 2, max(prefix_lens) + n + 3), nan_slot, dtype=torch.int32)
     ik_cache = torch.full((n_slots, DI), float("nan"))
     k_cache = torch.full((n_slots, H, D), float("nan"))
-    v_cache = torch.full((n_slots, H, DV), float("nan"))
+    v_cache = torch.full((n_slots, H, dv), float("nan"))
     out_loc, off = [], 0
     for i, (s, rq) in enumerate(zip(prefix_lens, reqs)):
         slots = perm[off: off + s + n]
@@ -208,3 +209,216 @@ def test_bad_verify_arguments_raise():
                              b["req_to_token"], 3)
     with pytest.raises(ValueError, match="num_draft_tokens"):
         ref.verify_chain_layout(b["seq_lens"], 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the backend's TARGET_VERIFY path (torch twin, CPU), driven as SGLang 0.5.17 drives it
+# ----------------------------------------------------------------------------------------------
+
+BLOCK, TOPK = 4, 3
+SPARSE = (1, 2)
+
+
+class _Dense:
+    """The dense delegate (Triton on CUDA): only metadata hooks and dense layers may reach it."""
+
+    verify_mask = None
+
+    def __init__(self):
+        self.calls = []
+
+    def init_forward_metadata(self, fb):
+        self.calls.append("init_forward_metadata")
+
+    def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
+        self.calls.append("update_verify_buffers_to_fill_after_draft")
+
+
+def _backend(algorithm, topk, n, r2t):
+    import types
+
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from sglang_m3.attention.backend import M3SparseAttnBackend
+    from sglang_m3.attention.pool import M3KVPool
+    from sglang_m3.config import MiniMaxM3Config
+    from sglang_m3.tiny import build_text_config
+
+    cfg = MiniMaxM3Config(**build_text_config(num_attention_heads=HQ, num_key_value_heads=H, head_dim=D,
+                                              block_size=BLOCK, topk_blocks=TOPK, num_hidden_layers=3))
+    pool = M3KVPool(300, 1, torch.float32, H, D, 3, "cpu", False, start_layer=0, end_layer=3,
+                    enable_alt_stream=False, enable_kv_cache_copy=False, sparse_layer_ids=SPARSE, index_dim=D)
+    runner = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(hf_config=cfg), token_to_kv_pool=pool,
+        req_to_token_pool=types.SimpleNamespace(req_to_token=r2t), device="cpu",
+        spec_algorithm=SpeculativeAlgorithm.from_string(algorithm),
+        server_args=types.SimpleNamespace(speculative_num_draft_tokens=n, speculative_eagle_topk=topk))
+    return M3SparseAttnBackend(runner, _Dense())
+
+
+@pytest.mark.parametrize("algorithm,topk", [("EAGLE3", 1), ("EAGLE3", 4), ("NGRAM", 4)])
+def test_backend_target_verify_equals_prefill_of_each_path(sglang_env, algorithm, topk):  # noqa: F811
+    """TARGET_VERIFY as SGLang hands it over: extend_* None, seq_lens = committed prefix, the drafts' slots in
+    out_cache_loc, the tree mask in spec_info; the backend stores each draft's K/V and index key, then attends."""
+    import types
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    g = torch.Generator().manual_seed(21)
+    n = 5
+    trees = [chain(n)] * 3 if topk == 1 else [random_tree(n, g) for _ in range(3)]
+    b = make_batch([9, 14, 3], trees, seed=8, dv=D)
+    r2t = torch.zeros(b["req_to_token"].shape[0], 40, dtype=torch.int32)
+    r2t[:, : b["req_to_token"].shape[1]] = b["req_to_token"]
+    backend = _backend(algorithm, topk, n, r2t)
+    assert backend.verify_is_chain == (topk == 1) and backend.num_draft_tokens == n
+    pool = backend.token_to_kv_pool
+    n_slots = b["ik_cache"].shape[0]
+    pre = [s for i, s0 in enumerate(b["prefix_lens"])
+           for s in r2t[b["req_pool_indices"][i], :s0].tolist()]  # the committed prefix: cached earlier
+    fb = types.SimpleNamespace(
+        forward_mode=ForwardMode.TARGET_VERIFY, req_pool_indices=b["req_pool_indices"], seq_lens=b["seq_lens"],
+        out_cache_loc=b["out_cache_loc"], extend_seq_lens=None, extend_start_loc=None,
+        spec_info=types.SimpleNamespace(custom_mask=b["custom_mask"], draft_token_num=n))
+    backend.init_forward_metadata(fb)
+    draft_k = torch.cat([rq["draft"]["k"] for rq in b["reqs"]])
+    draft_v = torch.cat([rq["draft"]["v"] for rq in b["reqs"]])
+    draft_ik = torch.cat([rq["draft"]["ik"] for rq in b["reqs"]])
+    for lid in SPARSE:
+        pool.k_buffer[lid][:n_slots][pre] = b["k_cache"][pre]
+        pool.v_buffer[lid][:n_slots][pre] = b["v_cache"][pre]
+        pool.get_index_k_buffer(lid)[:n_slots][pre] = b["ik_cache"][pre]
+        layer = types.SimpleNamespace(layer_id=lid, tp_q_head_num=HQ, qk_head_dim=D, v_head_dim=D,
+                                      scaling=SM_SCALE, k_scale=None, v_scale=None)
+        out = backend.forward(b["q"].reshape(-1, HQ * D), draft_k, draft_v, layer, fb,
+                              index_q=b["index_q"], index_k=draft_ik)
+        sel = ref.index_block_topk(b["index_q"], pool.get_index_k_buffer(lid), *_meta(backend),
+                                   block_size=BLOCK, topk_blocks=TOPK)
+        check_bruteforce(b, sel, out.view(-1, HQ, D), BLOCK, TOPK)
+        assert torch.equal(pool.get_index_k_buffer(lid)[b["out_cache_loc"]], draft_ik)  # stored before indexing
+        assert torch.equal(pool.k_buffer[lid][b["out_cache_loc"]], draft_k)
+    assert backend.dense.calls == ["init_forward_metadata"]  # no sparse layer reached the dense delegate
+
+
+def _meta(backend):
+    m, _ = backend._meta
+    return (m["req_to_token"], m["req_pool_indices"], m["seq_lens"], m["extend_seq_lens"], m["extend_start_loc"])
+
+
+def test_backend_forwards_the_spec_members_base_class_attributes_shadow(sglang_env):  # noqa: F811
+    """AttentionBackend defines verify_mask / update_verify_buffers_to_fill_after_draft, so __getattr__ never
+    reaches the dense backend for them: they must be forwarded explicitly."""
+    backend = _backend("NGRAM", 4, 3, torch.zeros(2, 8, dtype=torch.int32))
+    backend.dense.verify_mask = marker = object()
+    assert backend.verify_mask is marker
+    backend.update_verify_buffers_to_fill_after_draft(None, None)
+    assert backend.dense.calls == ["update_verify_buffers_to_fill_after_draft"]
+
+
+# ----------------------------------------------------------------------------------------------
+# EAGLE3 target interface (model.py) and the plugin's speculative flags
+# ----------------------------------------------------------------------------------------------
+
+
+class _Layer(torch.nn.Module):
+    """Stand-in decoder layer: (hidden, residual) -> (f(stream), stream) with stream = hidden + residual."""
+
+    def __init__(self, i):
+        super().__init__()
+        self.i = i
+
+    def forward(self, positions, hidden, fb, residual):
+        stream = hidden if residual is None else hidden + residual
+        return torch.sin(stream * (self.i + 1)), stream
+
+
+def _model(n_layers):
+    import types
+
+    from sglang_m3.model import M3Model, MiniMaxM3SparseForCausalLM
+
+    m = M3Model.__new__(M3Model)
+    torch.nn.Module.__init__(m)
+    m.embed_tokens = torch.nn.Embedding(10, 4)
+    m.layers = torch.nn.ModuleList(_Layer(i) for i in range(n_layers))
+    m.norm = lambda h, r: (h + r, h + r)
+    m.layers_to_capture = ()
+    top = MiniMaxM3SparseForCausalLM.__new__(MiniMaxM3SparseForCausalLM)
+    torch.nn.Module.__init__(top)
+    top.model, top.view = m, types.SimpleNamespace(num_layers=n_layers)
+    top.logits_processor = lambda ids, h, head, fb, aux=None: (h, aux)
+    top.lm_head = None
+    return top
+
+
+def test_eagle3_captures_the_residual_stream_entering_the_layers():
+    top = _model(6)
+    ids = torch.tensor([1, 4, 7])
+    h_plain, aux = top.forward(ids, None, None)
+    assert aux is None  # nothing captured until asked
+    streams, h = [], top.model.embed_tokens(ids)  # independent walk: the stream entering each layer
+    stream = h
+    for i in range(6):
+        streams.append(stream)
+        stream = torch.sin(stream * (i + 1)) + stream
+    top.set_eagle3_layers_to_capture([0, 2, 4])  # draft ids: the outputs of layers 0, 2, 4
+    assert top.model.layers_to_capture == (1, 3, 5)
+    h_cap, aux = top.forward(ids, None, None)
+    assert torch.equal(h_cap, h_plain) and len(aux) == 3
+    for got, want in zip(aux, (streams[1], streams[3], streams[5])):
+        torch.testing.assert_close(got, want)
+    top8 = _model(8)
+    top8.set_eagle3_layers_to_capture(None)  # M3_SPEC §6.2 default: entering layers 2, L/2, L-3
+    assert top8.model.layers_to_capture == (2, 4, 5)
+    top.set_eagle3_layers_to_capture([5])  # the output of the last layer: the stream before the final norm
+    _, aux = top.forward(ids, None, None)
+    torch.testing.assert_close(aux[0], stream)
+    with pytest.raises(ValueError, match="distinct"):
+        top.set_eagle3_layers_to_capture([1, 1, 2])
+    with pytest.raises(ValueError, match="distinct"):
+        top.set_eagle3_layers_to_capture([6])
+
+
+def test_plugin_speculative_flags():
+    import types
+
+    from sglang_m3.plugin import _speculative_overrides
+
+    def args(algo, **kw):
+        return types.SimpleNamespace(speculative_algorithm=algo, device="cuda", **kw)
+
+    assert _speculative_overrides(args(None)) == {}
+    # the draft model must get a dense SGLang backend, never the M3 sparse one
+    assert _speculative_overrides(args("EAGLE3", speculative_draft_attention_backend=None)) == {
+        "speculative_draft_attention_backend": "triton"}
+    assert _speculative_overrides(args("EAGLE3", speculative_draft_attention_backend="fa3")) == {}
+    assert _speculative_overrides(args("NGRAM", speculative_draft_attention_backend=None)) == {}
+    with pytest.raises(ValueError, match="m3_msa is for the M3 target"):
+        _speculative_overrides(args("EAGLE", speculative_draft_attention_backend="m3_msa"))
+    for algo in ("STANDALONE", "FROZEN_KV_MTP", "DFLASH"):
+        with pytest.raises(ValueError, match=f"--speculative-algorithm {algo} is not supported"):
+            _speculative_overrides(args(algo, speculative_draft_attention_backend=None))
+
+
+def test_tiny_eagle3_draft_matches_the_target(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from sglang_m3.tiny import write_tiny_checkpoint
+    from sglang_m3.tiny_eagle3 import write_tiny_eagle3
+
+    target = write_tiny_checkpoint(tmp_path / "m3", flat=True, config_only=True, num_hidden_layers=8)
+    draft = write_tiny_eagle3(tmp_path / "draft", target)
+    tc, dc = json.loads((target / "config.json").read_text()), json.loads((draft / "config.json").read_text())
+    tc = tc.get("text_config", tc)
+    assert dc["architectures"] == ["LlamaForCausalLMEagle3"] and dc["num_hidden_layers"] == 1
+    assert dc["hidden_size"] == dc["target_hidden_size"] == tc["hidden_size"]
+    assert dc["vocab_size"] == dc["draft_vocab_size"] == tc["vocab_size"]
+    assert dc["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]  # entering layers 2, 4, 5
+    w = load_file(str(draft / "model.safetensors"))
+    h = tc["hidden_size"]
+    assert w["fc.weight"].shape == (h, 3 * h)
+    assert w["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * h  # [embedding ; fc output]
+    assert w["lm_head.weight"].shape == (tc["vocab_size"], h)
+    assert not any(k.startswith("embed_tokens") or k in ("d2t", "t2d") for k in w)  # shared with the target

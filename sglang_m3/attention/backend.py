@@ -6,6 +6,11 @@ Sparse layer, any forward mode (extend with cached prefix, chunked prefill, deco
   2. indexer: top-k key blocks per new token and KV group, reading every visible index key through
      `req_to_token` (so radix-cache prefixes and earlier chunks are read from their slots);
   3. block-sparse attention of each query head over its group's blocks.
+Target verify (speculative decoding, ForwardMode.TARGET_VERIFY: N draft tokens per request after the committed
+`seq_lens`, extend_* fields None) is the same three steps on a rewritten layout, so that every draft node is the
+last token of a prefill of prefix + its root-to-node path (reference.verify_chain_layout / verify_tree_rows):
+a chain (EAGLE topk=1) is an extend of N tokens on the real req_to_token rows; a tree (EAGLE topk>1, NGRAM) is
+one decode row per node over a virtual req_to_token built from SGLang's tree mask.
 The torch twins in `reference.py` run steps 2–3 on CPU; the Triton kernels replace them on CUDA.
 """
 
@@ -45,6 +50,13 @@ class M3SparseAttnBackend(AttentionBackend):
         self._workspace = None        # None: scratch from the caching allocator (eager)
         self._graph_workspace = None  # fixed addresses for captured decode graphs
         self._graph_block_topk = None
+        # Target verify: N draft tokens per request; a chain (EAGLE/EAGLE3 with topk 1) or a tree (else).
+        spec = getattr(model_runner, "spec_algorithm", None)
+        spec = spec if spec is not None and spec.is_speculative() else None
+        sargs = model_runner.server_args if spec is not None else None
+        self.num_draft_tokens = sargs.speculative_num_draft_tokens if spec is not None else None
+        self.verify_is_chain = bool(spec is not None and spec.is_eagle() and sargs.speculative_eagle_topk == 1)
+        self._graph_verify = None  # fixed-address verify layout buffers for the captured verify graphs
         logger.info("sglang-m3 MSA backend: %d sparse layers (block %d, top-%d) via %s, dense layers via %s",
                     len(self.sparse_layer_ids), self.sparse.block_size, self.sparse.topk_blocks,
                     "Triton kernels" if self.use_kernels else "torch reference", type(dense_backend).__name__)
@@ -64,6 +76,8 @@ class M3SparseAttnBackend(AttentionBackend):
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
+        if forward_batch.forward_mode.is_target_verify():
+            self._copy_tree_mask(forward_batch.spec_info)
 
     def init_forward_metadata_in_graph(self, forward_batch):
         # Captured: device-only work on static shapes; replays recompute it from the new seq_lens.
@@ -95,8 +109,103 @@ class M3SparseAttnBackend(AttentionBackend):
     def on_after_cuda_graph_warmup(self):
         self.dense.on_after_cuda_graph_warmup()
 
+    # ---- target verify (speculative decoding) --------------------------------------------------------
+    # Members that AttentionBackend defines are not reached by __getattr__: forward the spec-decode ones.
+    @property
+    def verify_mask(self):
+        """The dense backend's tree-mask buffer: EAGLE writes the tree mask straight into it."""
+        return self.dense.verify_mask
+
+    def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
+        self.dense.update_verify_buffers_to_fill_after_draft(spec_info, cuda_graph_bs)
+        if cuda_graph_bs is not None:
+            self._copy_tree_mask(spec_info)
+
+    def _init_verify_graph_state(self, max_bs: int):
+        """Fixed-address verify layout buffers (sized for max_bs requests x N drafts) and their kernel warmup."""
+        n, dev = self.num_draft_tokens, self.device
+        r2t = self.req_to_token_pool.req_to_token
+        g = dict(rows=torch.arange(max_bs * n, dtype=torch.int64, device=dev))
+        if self.verify_is_chain:
+            g["lens"] = tuple(torch.zeros(max_bs, dtype=torch.int32, device=dev) for _ in range(3))
+            self._warmup_chain_verify(max_bs)
+        else:
+            g["r2t"] = torch.zeros((max_bs * n, r2t.shape[1] + 1), dtype=r2t.dtype, device=dev)
+            g["node_lens"] = torch.ones(max_bs * n, dtype=torch.int64, device=dev)
+            # FULL_MASK layout: N x (seq_len + N) per request (SGLang 0.5.17 verify_mask.tree_mask_numel).
+            # The dense backend's buffer (Triton's) is current at replay: EAGLE builds the tree into it and
+            # Triton's out_graph copies NGRAM's mask into it. Otherwise keep our own copy.
+            vm = self.dense.verify_mask
+            if vm is not None and int(vm.mode) == 0 and vm.max_bs >= max_bs:  # 0: TreeMaskMode.FULL_MASK
+                g["mask"], g["own_mask"] = vm.buffer, False
+            else:
+                need = max_bs * n * (r2t.shape[1] + n)
+                g["mask"], g["own_mask"] = torch.zeros(need, dtype=torch.uint8, device=dev), True
+        self._graph_verify = g
+
+    def _warmup_chain_verify(self, max_bs: int):
+        """Compile and size the graph workspace for the chain-verify (extend-form) shapes of every batch size."""
+        n, sp, pool = self.num_draft_tokens, self.sparse, self.token_to_kv_pool
+        dt, kv_dt = getattr(pool, "index_dtype", pool.dtype), pool.dtype  # model dtype (q, index lane); K/V cache
+        ctx = 2 * sp.topk_blocks * sp.block_size + n + 1  # reaches the sparse code paths; small dummy caches
+        r2t = torch.arange(ctx, dtype=torch.int32, device=self.device)[None]
+        ik = torch.zeros(ctx, sp.index_dim, dtype=dt, device=self.device)
+        kc = torch.zeros(ctx, self.num_kv_heads, self.head_dim, dtype=kv_dt, device=self.device)
+        vc = torch.zeros(ctx, self.num_kv_heads, pool.v_head_dim, dtype=kv_dt, device=self.device)
+        ws = self._graph_workspace
+        for bs in range(1, max_bs + 1):
+            rpi = torch.zeros(bs, dtype=torch.int64, device=self.device)
+            total, ext, start = reference.verify_chain_layout(
+                torch.full((bs,), ctx - n, dtype=torch.int64, device=self.device), n)
+            meta = kernels.prepare_meta(rpi, total, ext, start, bs * n, index_heads=self.num_kv_heads, workspace=ws)
+            iq = torch.zeros(bs * n, self.num_kv_heads, sp.index_dim, dtype=dt, device=self.device)
+            sel = kernels.index_block_topk(iq, ik, r2t, rpi, total, ext, start, block_size=sp.block_size,
+                                           topk_blocks=sp.topk_blocks, init_blocks=sp.init_blocks,
+                                           local_blocks=sp.local_blocks, meta=meta, workspace=ws)
+            q = torch.zeros(bs * n, self.num_q_heads, self.head_dim, dtype=dt, device=self.device)
+            kernels.sparse_attention(q, kc, vc, r2t, rpi, total, ext, start, sel, block_size=sp.block_size,
+                                     sm_scale=self.head_dim ** -0.5, meta=meta, workspace=ws)
+
+    def _copy_tree_mask(self, spec_info):
+        """Tree verify under a graph: the live tree mask into the captured mask buffer (outside the graph)."""
+        g = self._graph_verify
+        mask = getattr(spec_info, "custom_mask", None)
+        if g is None or not g.get("own_mask") or mask is None or mask.data_ptr() == g["mask"].data_ptr():
+            return
+        if mask.numel() > g["mask"].numel():
+            raise RuntimeError(f"tree mask of {mask.numel()} entries exceeds the verify graph buffer "
+                               f"({g['mask'].numel()})")
+        g["mask"][: mask.numel()].copy_(mask, non_blocking=True)
+
+    def _verify_metadata(self, fb):
+        """TARGET_VERIFY as the MSA functions' extend form (chain) or decode rows over virtual req_to_token (tree)."""
+        n = getattr(fb.spec_info, "draft_token_num", None) or self.num_draft_tokens
+        if n is None:
+            raise ValueError("TARGET_VERIFY batch without a draft token count (spec_info.draft_token_num)")
+        g = self._graph_verify if self._workspace is not None else None
+        r2t = self.req_to_token_pool.req_to_token
+        tokens = fb.out_cache_loc.shape[0]
+        if self.verify_is_chain:
+            total, ext, start = reference.verify_chain_layout(fb.seq_lens, n, out=g["lens"] if g else None)
+            return dict(req_to_token=r2t, req_pool_indices=fb.req_pool_indices, seq_lens=total,
+                        extend_seq_lens=ext, extend_start_loc=start)
+        mask = g["mask"] if g else fb.spec_info.custom_mask
+        virt, node_lens = reference.verify_tree_rows(
+            mask, fb.seq_lens, fb.req_pool_indices, fb.out_cache_loc, r2t, n,
+            out_req_to_token=g["r2t"] if g else None, out_seq_lens=g["node_lens"] if g else None)
+        rows = g["rows"][:tokens] if g else torch.arange(tokens, dtype=torch.int64, device=r2t.device)
+        if self.use_kernels:
+            ext = start = None  # decode form: token k is row k
+        else:
+            ext = torch.ones(tokens, dtype=torch.int32, device=r2t.device)
+            start = torch.arange(tokens, dtype=torch.int32, device=r2t.device)
+        return dict(req_to_token=virt, req_pool_indices=rows, seq_lens=node_lens, extend_seq_lens=ext,
+                    extend_start_loc=start)
+
     def _sparse_metadata(self, fb):
         """Where each new token sits (request row, position), in the form the MSA functions take."""
+        if fb.forward_mode.is_target_verify():
+            return self._with_plan(fb, self._verify_metadata(fb))
         decode = fb.forward_mode.is_decode_or_idle()
         seq_lens = fb.seq_lens
         if decode and not self.use_kernels:
@@ -109,11 +218,14 @@ class M3SparseAttnBackend(AttentionBackend):
             extend_seq_lens, extend_start_loc = fb.extend_seq_lens, fb.extend_start_loc
         meta = dict(req_to_token=self.req_to_token_pool.req_to_token, req_pool_indices=fb.req_pool_indices,
                     seq_lens=seq_lens, extend_seq_lens=extend_seq_lens, extend_start_loc=extend_start_loc)
+        return self._with_plan(fb, meta)
+
+    def _with_plan(self, fb, meta):
         plan = {}
         if self.use_kernels:
-            plan["meta"] = kernels.prepare_meta(fb.req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc,
-                                                fb.out_cache_loc.shape[0], index_heads=self.num_kv_heads,
-                                                workspace=self._workspace)
+            plan["meta"] = kernels.prepare_meta(meta["req_pool_indices"], meta["seq_lens"], meta["extend_seq_lens"],
+                                                meta["extend_start_loc"], fb.out_cache_loc.shape[0],
+                                                index_heads=self.num_kv_heads, workspace=self._workspace)
             plan["workspace"] = self._workspace
         return meta, plan
 
