@@ -92,16 +92,22 @@ class M3SparseAttnBackend(AttentionBackend):
         # Compile every kernel variant and size the scratch for the longest context before any capture:
         # a captured graph keeps the workspace's addresses, so it must never grow afterwards.
         self._graph_workspace = kernels.MSAWorkspace(self.device)
-        kernels.warmup(self._graph_workspace, batch_sizes=range(1, max_bs + 1), num_q_heads=self.num_q_heads,
+        verify_tree = self.num_draft_tokens is not None and not self.verify_is_chain
+        # Tree verify runs as bs*N decode rows; decode-form shapes cover both.
+        rows = (range(self.num_draft_tokens, max_bs * self.num_draft_tokens + 1, self.num_draft_tokens)
+                if verify_tree else range(1, max_bs + 1))
+        kernels.warmup(self._graph_workspace, batch_sizes=rows, num_q_heads=self.num_q_heads,
                        num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                        head_dim_v=self.token_to_kv_pool.v_head_dim, index_dim=self.sparse.index_dim,
                        block_size=self.sparse.block_size, topk_blocks=self.sparse.topk_blocks,
                        init_blocks=self.sparse.init_blocks, local_blocks=self.sparse.local_blocks,
                        dtype=self.token_to_kv_pool.dtype, device=self.device,
                        context_len=self.req_to_token_pool.req_to_token.shape[1])
+        if self.num_draft_tokens is not None:
+            self._init_verify_graph_state(max_bs)
         self._graph_workspace.freeze()
-        self._graph_block_topk = torch.full((max_bs, self.num_kv_heads, self.sparse.topk_blocks), -1,
-                                            dtype=torch.int32, device=self.device)
+        self._graph_block_topk = torch.full((max(max_bs, max_num_tokens), self.num_kv_heads, self.sparse.topk_blocks),
+                                            -1, dtype=torch.int32, device=self.device)
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.dense.get_cuda_graph_seq_len_fill_value()
