@@ -10,7 +10,8 @@ What it changes, all keyed on the two released M3 architecture names:
 - in-tree M3 logic (`is_minimax_sparse`: its pool, cell size, hybrid backend, per-arch defaults) is off;
 - attention: backend `m3_msa` (dense layers through an SGLang backend, sparse layers through ours),
   chosen by default; any dense backend named with --attention-backend is wrapped the same way;
-- KV pool: `M3KVPool` (index-key lane) with a cell size that counts it;
+- KV pool: `M3KVPool` (index-key lane, at the model dtype even with an fp8 K/V cache) with a cell size that
+  counts it;
 - flags that would silently drop the index lane (HiCache) or that we do not serve are refused.
 """
 
@@ -21,6 +22,9 @@ import logging
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "m3_msa"
+# K/V cache dtypes we serve: the model dtype, or fp8 e4m3 (K/V in fp8, the index-key lane at the model dtype).
+# Others (fp8_e5m2, mxfp8, nvfp4, ...) need scale layouts or kernel variants the sparse layers do not have.
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16", "fp8_e4m3")
 _registered = False
 
 
@@ -104,9 +108,10 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
         raise ValueError("sglang-m3: PD disaggregation is not supported for MiniMax-M3 yet "
                          "(the index-key lane is not transferred).")
     kv_dtype = getattr(server_args, "kv_cache_dtype", "auto")
-    if kv_dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32"):
-        raise ValueError(f"sglang-m3: --kv-cache-dtype {kv_dtype} is not supported for MiniMax-M3 yet "
-                         "(use auto: the model dtype).")
+    if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise ValueError(f"sglang-m3: --kv-cache-dtype {kv_dtype} is not supported for MiniMax-M3 (supported: "
+                         f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}; fp8_e4m3 stores K/V in fp8 with per-tensor "
+                         "scales, the sparse kernels widen it on load).")
     declared: dict = dict(spec_declared)
     if server_args.is_attention_backend_not_set():
         declared["attention_backend"] = BACKEND_NAME
@@ -222,12 +227,13 @@ def _build_m3_pool(original, configurator, *, max_total_num_tokens, mha_pool_cla
     if _is_m3(configurator.model_config.hf_config):
         view = m3_text_view(configurator.model_config.hf_config)
         mha_pool_class = functools.partial(M3KVPool, sparse_layer_ids=view.sparse_layers,
-                                           index_dim=view.sparse.index_dim)
+                                           index_dim=view.sparse.index_dim, index_dtype=configurator.model_dtype)
     return original(configurator, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
                     **kwargs)
 
 
 def _cell_size_with_index_k(original, pool_configurator, kvc, num_layers: int) -> int:
+    """SGLang's per-token bytes (K/V of every layer at the KV-cache dtype) plus the index lane at the model dtype."""
     from sglang_m3.attention.pool import index_k_bytes_per_token
     from sglang_m3.config import m3_text_view
 
@@ -235,5 +241,5 @@ def _cell_size_with_index_k(original, pool_configurator, kvc, num_layers: int) -
     if _is_m3(kvc.model_config.hf_config):
         view = m3_text_view(kvc.model_config.hf_config)
         cell += index_k_bytes_per_token(view.sparse_layers, kvc.layer_info.start_layer, kvc.layer_info.end_layer,
-                                        view.sparse.index_dim, kvc.kv_cache_dtype)
+                                        view.sparse.index_dim, kvc.model_dtype)
     return cell

@@ -101,7 +101,8 @@ class M3SparseAttnBackend(AttentionBackend):
                        head_dim_v=self.token_to_kv_pool.v_head_dim, index_dim=self.sparse.index_dim,
                        block_size=self.sparse.block_size, topk_blocks=self.sparse.topk_blocks,
                        init_blocks=self.sparse.init_blocks, local_blocks=self.sparse.local_blocks,
-                       dtype=self.token_to_kv_pool.dtype, device=self.device,
+                       dtype=self.token_to_kv_pool.index_dtype, kv_dtype=self.token_to_kv_pool.dtype,
+                       device=self.device,
                        context_len=self.req_to_token_pool.req_to_token.shape[1])
         if self.num_draft_tokens is not None:
             self._init_verify_graph_state(max_bs)
@@ -251,7 +252,11 @@ class M3SparseAttnBackend(AttentionBackend):
             raise ValueError(f"sparse layer {layer.layer_id} called without index_q/index_k")
         pool = self.token_to_kv_pool
         # K/V and the index key are always stored together: a later token (or a radix-cache hit) reads both.
-        pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        k_scale, v_scale = _kv_scales(layer, pool.dtype, k.dtype)
+        if k_scale == v_scale == 1.0:
+            pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        else:  # the pool stores k / k_scale, dividing in place: keep the caller's tensors intact
+            pool.set_kv_buffer(layer, fb.out_cache_loc, k.clone(), v.clone(), k_scale, v_scale)
         self.impl.store_index_k(pool.get_index_k_buffer(layer.layer_id), fb.out_cache_loc, index_k)
 
         tokens = q.shape[0]
@@ -265,5 +270,18 @@ class M3SparseAttnBackend(AttentionBackend):
         out = self.impl.sparse_attention(
             q.view(tokens, layer.tp_q_head_num, layer.qk_head_dim), pool.get_key_buffer(layer.layer_id),
             pool.get_value_buffer(layer.layer_id), **meta, block_topk=block_topk,
-            block_size=self.sparse.block_size, sm_scale=layer.scaling, **plan)
+            block_size=self.sparse.block_size, sm_scale=layer.scaling, k_scale=k_scale, v_scale=v_scale, **plan)
         return out.reshape(tokens, layer.tp_q_head_num * layer.v_head_dim)
+
+
+def _kv_scales(layer, cache_dtype: torch.dtype, kv_dtype: torch.dtype) -> tuple[float, float]:
+    """(k_scale, v_scale) as floats: the cache holds K / k_scale and V / v_scale.
+
+    1.0 unless a KV-cache quant method attached scales to the RadixAttention layer (SGLang's
+    BaseKVCacheMethod: the checkpoint's k_scale/v_scale, else 1.0) and the cache dtype differs from
+    K's: MHATokenToKVPool.set_kv_buffer divides by the scales only when it converts, so the read
+    side must multiply only then too.
+    """
+    if layer.k_scale is None or cache_dtype == kv_dtype:
+        return 1.0, 1.0
+    return float(layer.k_scale_float), float(layer.v_scale_float)

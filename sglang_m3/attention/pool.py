@@ -3,6 +3,12 @@
 The index key of a token lives in the same slot as its K and V, so everything SGLang does with slots —
 radix-cache prefix sharing, chunked prefill, eviction, retraction — carries the index lane for free, as long
 as every path that moves K/V rows moves index rows too. This class owns those paths.
+
+Dtypes: K/V are stored at the KV-cache dtype (SGLang's pool: the model dtype, or fp8 e4m3 with
+--kv-cache-dtype fp8_e4m3, held as uint8 and viewed as float8_e4m3fn by get_key_buffer / get_value_buffer);
+the index lane stays at the model dtype whatever the K/V dtype (issue 10: bf16 unless fp8 index keys are
+measured equal, which they were not). Index-score rounding decides which blocks a token attends to (a flipped
+near-tie changes the key set), and the lane is small: one Di-wide row per sparse layer vs Hkv x (D + Dv) for K/V.
 """
 
 from __future__ import annotations
@@ -14,26 +20,39 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 def index_k_bytes_per_token(sparse_layer_ids, start_layer: int, end_layer: int, index_dim: int,
                             dtype: torch.dtype) -> int:
-    """Bytes the index lane adds to one KV slot on this rank (only this pipeline stage's sparse layers)."""
+    """Bytes the index lane adds to one KV slot on this rank (only this pipeline stage's sparse layers).
+
+    ``dtype`` is the lane's dtype (the model dtype; not the K/V cache dtype, which may be fp8).
+    """
     local = [l for l in sparse_layer_ids if start_layer <= l < end_layer]
     return len(local) * index_dim * torch._utils._element_size(dtype)
 
 
 class M3KVPool(MHATokenToKVPool):
-    def __init__(self, *args, sparse_layer_ids=(), index_dim: int = 128, **kwargs):
+    """MHATokenToKVPool plus the index-key lane: per local sparse layer, [size + page_size, index_dim] at
+    ``index_dtype`` (the model dtype; defaults to the pool dtype, which must then not be an fp8 dtype)."""
+
+    def __init__(self, *args, sparse_layer_ids=(), index_dim: int = 128, index_dtype: torch.dtype | None = None,
+                 **kwargs):
         # Set before the base constructor: it allocates (and logs the size of) all buffers via _create_buffers.
         self.index_dim = index_dim
         self._all_sparse_layer_ids = tuple(sparse_layer_ids)
+        self.index_dtype = index_dtype
         super().__init__(*args, **kwargs)
 
     def _create_buffers(self):
         super()._create_buffers()
+        if self.index_dtype is None:
+            if self.dtype.itemsize == 1:
+                raise ValueError(f"M3KVPool: K/V dtype {self.dtype} needs an explicit index_dtype (the model dtype) "
+                                 "for the index-key lane")
+            self.index_dtype = self.dtype
         self.sparse_layer_ids = tuple(l for l in self._all_sparse_layer_ids if self.start_layer <= l < self.end_layer)
         self._index_slot = {layer_id: i for i, layer_id in enumerate(self.sparse_layer_ids)}
         # Same row count as K/V (slot 0 included, which padded tokens write into).
         rows = self.size + self.page_size
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
-            self.index_k_buffer = [torch.zeros(rows, self.index_dim, dtype=self.dtype, device=self.device)
+            self.index_k_buffer = [torch.zeros(rows, self.index_dim, dtype=self.index_dtype, device=self.device)
                                    for _ in self.sparse_layer_ids]
 
     # ---- the index lane -------------------------------------------------------------------------------

@@ -223,7 +223,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
 def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
                      req_pool_indices: Tensor, seq_lens: Tensor, extend_seq_lens: Tensor,
                      extend_start_loc: Tensor, block_topk: Tensor, *, block_size: int,
-                     sm_scale: float, out: Tensor | None = None) -> Tensor:
+                     sm_scale: float, out: Tensor | None = None, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> Tensor:
     """Exact softmax attention of each new token over the keys of its selected blocks.
 
     q [T, Hq, D]; k_cache [num_slots, Hkv, D]; v_cache [num_slots, Hkv, Dv];
@@ -232,8 +233,12 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
     listed (duplicate ids count once; ids outside the sequence's blocks are ignored like -1).
     Returns [T, Hq, Dv] in q.dtype (written into ``out`` if given). A (token, head) with no
     usable key gets 0. Rows not owned by any request are left untouched in ``out``.
+    Caches of any float dtype (model dtype, or float8_e4m3fn for --kv-cache-dtype fp8_e4m3) are read
+    as fp32 times their per-tensor scale: K = k_cache * k_scale, V = v_cache * v_scale (SGLang's fp8
+    KV convention: the pool stores k / k_scale; unit scales unless the checkpoint gives them).
     """
     _check(q.dim() == 3, f"q must be [T, Hq, D], got {tuple(q.shape)}")
+    _check(k_scale > 0 and v_scale > 0, f"k_scale ({k_scale}) and v_scale ({v_scale}) must be > 0")
     _check(k_cache.dim() == 3 and v_cache.dim() == 3,
            f"k_cache/v_cache must be [num_slots, Hkv, D], got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
     T, hq, d = q.shape
@@ -254,8 +259,8 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
     dev = q.device
 
     for slots, chunks in _requests(req_to_token, metadata, hq, dev):
-        k = k_cache[slots].float()  # [S, Hkv, D]
-        v = v_cache[slots].float()  # [S, Hkv, Dv]
+        k = k_cache[slots].float() * k_scale  # [S, Hkv, D], dequantized in fp32
+        v = v_cache[slots].float() * v_scale  # [S, Hkv, Dv]
         for rows_t, pos, n_keys in chunks:
             C = pos.numel()
             n_blk = -(-n_keys // block_size)

@@ -7,7 +7,8 @@ Kernels (same signatures and semantics as their twins, plus optional keyword arg
                    local_blocks=1, out=None, meta=None, workspace=None, num_splits=None) -> int32 [T, H, topk]
   sparse_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                    extend_seq_lens, extend_start_loc, block_topk, *, block_size, sm_scale,
-                   out=None, meta=None, workspace=None, num_splits=None) -> [T, Hq, Dv]
+                   out=None, k_scale=1.0, v_scale=1.0, meta=None, workspace=None, num_splits=None)
+                   -> [T, Hq, Dv]   (fp8 K/V caches are widened to q's dtype and scaled on load)
 Helpers:
   prepare_meta(req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc, num_tokens, *,
                index_heads, workspace=None) -> MSAMeta   (once per forward, shared by all layers)
@@ -66,7 +67,8 @@ def get_impl(t: Tensor):
 def warmup(workspace: MSAWorkspace, *, batch_sizes, num_q_heads: int, num_kv_heads: int,
            head_dim: int, head_dim_v: int, index_dim: int, block_size: int, topk_blocks: int,
            init_blocks: int = 0, local_blocks: int = 1, dtype: torch.dtype = torch.bfloat16,
-           device: torch.device | str = "cuda", context_len: int | None = None) -> None:
+           device: torch.device | str = "cuda", context_len: int | None = None,
+           kv_dtype: torch.dtype | None = None) -> None:
     """Run the decode path once per batch size on dummy data (eager, before any capture).
 
     Compiles every kernel variant the captures will launch (the variants depend on shapes only)
@@ -75,6 +77,8 @@ def warmup(workspace: MSAWorkspace, *, batch_sizes, num_q_heads: int, num_kv_hea
     on the batch size. Neither the variants nor the scratch sizes depend on the context length, so
     ``context_len`` is capped at 2 * topk * block_size + 1 (enough to take the sparse code paths)
     to keep the dummy caches small. Index heads == KV heads (M3: selection per KV group).
+    ``dtype`` is the model dtype (q, index q/k); ``kv_dtype`` the K/V cache dtype (default ``dtype``;
+    float8_e4m3fn for an fp8 KV cache, a separate kernel variant).
     """
     index_heads = num_kv_heads
     device = torch.device(device)
@@ -82,8 +86,8 @@ def warmup(workspace: MSAWorkspace, *, batch_sizes, num_q_heads: int, num_kv_hea
     slots = n + 1
     r2t = torch.arange(n, dtype=torch.int32, device=device).repeat(1, 1)
     ik_cache = torch.zeros(slots, index_dim, dtype=dtype, device=device)
-    k_cache = torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device)
-    v_cache = torch.zeros(slots, num_kv_heads, head_dim_v, dtype=dtype, device=device)
+    k_cache = torch.zeros(slots, num_kv_heads, head_dim, dtype=kv_dtype or dtype, device=device)
+    v_cache = torch.zeros(slots, num_kv_heads, head_dim_v, dtype=kv_dtype or dtype, device=device)
     for bs in sorted(set(int(b) for b in batch_sizes)):
         rpi = torch.zeros(bs, dtype=torch.int64, device=device)
         seq = torch.full((bs,), n, dtype=torch.int64, device=device)

@@ -49,10 +49,10 @@ def _sparse_attn_kernel(
     sel_ptr, stride_st, stride_sh,               # block_topk [T, Hkv, TOPK]
     out_ptr, stride_ot, stride_oh,               # out [T, Hq, DV] (n_splits == 1)
     pacc_ptr, pml_ptr,                           # partials: acc [T, Hq, S, DV], (m, l) [T, Hq, S, 2]
-    n_splits, per_split, qk_scale,
+    n_splits, per_split, qk_scale, v_scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BN: tl.constexpr,
-    TOPK: tl.constexpr, K_PAD: tl.constexpr, DOT_F32: tl.constexpr,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr, DOT_F32: tl.constexpr, KV_WIDEN: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -101,6 +101,8 @@ def _sparse_attn_kernel(
         slot = tl.load(r2t_row + j, mask=kv, other=0).to(tl.int64)
         k = tl.load(k_head + slot[:, None] * stride_ks + offs_d[None, :],
                     mask=kv[:, None] & d_ok[None, :], other=0.0)  # [BN, D]
+        if KV_WIDEN:  # e.g. an fp8 cache: widen to q's dtype (exact); k_scale is folded into qk_scale
+            k = k.to(q.dtype)
         if DOT_F32:  # (inlined, not a helper: the interpreter pays ~ms per nested jit call)
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -114,12 +116,15 @@ def _sparse_attn_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_head + slot[:, None] * stride_vs + offs_dv[None, :],
                     mask=kv[:, None] & dv_ok[None, :], other=0.0)  # [BN, DV]
+        if KV_WIDEN:  # so P is rounded to q's dtype below, never to fp8
+            v = v.to(q.dtype)
         if DOT_F32:
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    acc = acc * v_scale  # fp8 V dequantized once per output, not per key (the merge is linear in acc)
 
     if n_splits == 1:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # no usable key -> 0, like the twin
@@ -179,12 +184,16 @@ def attention_num_splits(num_tokens: int, kv_heads: int, topk: int, device: torc
 def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
                      req_pool_indices: Tensor, seq_lens: Tensor, extend_seq_lens: Tensor | None,
                      extend_start_loc: Tensor | None, block_topk: Tensor, *, block_size: int,
-                     sm_scale: float, out: Tensor | None = None, meta: MSAMeta | None = None,
-                     workspace: MSAWorkspace | None = None, num_splits: int | None = None) -> Tensor:
+                     sm_scale: float, out: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                     meta: MSAMeta | None = None, workspace: MSAWorkspace | None = None,
+                     num_splits: int | None = None) -> Tensor:
     """Triton twin of ``reference.sparse_attention`` (same arguments, result and ``out`` semantics).
 
     Extra keyword arguments as for ``index_block_topk`` (meta, workspace, num_splits). Returns
     [T, Hq, Dv] in q.dtype; accumulation is fp32, P is rounded to the V dtype for the P @ V dot.
+    Caches of another dtype than q -- fp8 (float8_e4m3fn, --kv-cache-dtype fp8_e4m3) -- are widened to
+    q.dtype on load (exact) and dequantized with the per-tensor k_scale / v_scale (host floats, so fixed
+    in a captured graph): the dots run in q.dtype and P is rounded to q.dtype, never to fp8.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
@@ -198,6 +207,8 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
         raise ValueError(f"v_cache {tuple(v_cache.shape)} does not match k_cache {tuple(k_cache.shape)} in slots/heads")
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
+    if not (k_scale > 0 and v_scale > 0):
+        raise ValueError(f"k_scale ({k_scale}) and v_scale ({v_scale}) must be > 0")
     if block_topk.dim() != 3 or block_topk.shape[:2] != (T, hkv):
         raise ValueError(f"block_topk must be [T={T}, Hkv={hkv}, topk], got {tuple(block_topk.shape)}")
     if block_size < 1:
@@ -244,10 +255,11 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
         meta.tok_row, meta.tok_pos,
         block_topk, block_topk.stride(0), block_topk.stride(1),
         out, out.stride(0), out.stride(1), pacc, pml,
-        n_splits, per, float(sm_scale) * _LOG2E,
+        n_splits, per, float(sm_scale) * float(k_scale) * _LOG2E, float(v_scale),
         GROUP=group, G_PAD=g_pad, D=d, D_PAD=max(16, common.next_pow2(d)), DV=dv, DV_PAD=dv_pad,
         BLOCK_SIZE=block_size, BN=max(16, common.next_pow2(block_size)),
-        TOPK=topk, K_PAD=max(2, common.next_pow2(topk)), DOT_F32=common.dot_in_fp32(k_cache.dtype),
+        TOPK=topk, K_PAD=max(2, common.next_pow2(topk)), DOT_F32=common.dot_in_fp32(q.dtype),
+        KV_WIDEN=k_cache.dtype != q.dtype or v_cache.dtype != q.dtype,
         num_warps=4 if g_pad <= 16 else 8, num_stages=common.ATTN_NUM_STAGES)
     if n_splits > 1:
         _sparse_attn_merge_kernel[(T, hkv)](
