@@ -21,6 +21,7 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.models.utils import WeightsMapper
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix
 
@@ -28,6 +29,7 @@ from sglang_m3.config import M3TextView, m3_text_view
 from sglang_m3.layers.moe import M3MoE
 from sglang_m3.layers.norm import PerHeadGemmaRMSNorm
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP
+from sglang_m3.quant import check_quant_config
 
 
 def _qk_norm_and_rope(view: M3TextView, head_dim: int):
@@ -40,7 +42,7 @@ def _qk_norm_and_rope(view: M3TextView, head_dim: int):
 class M3Attention(nn.Module):
     """§2.4 (+ §3.1 on sparse layers): q/k/v projections, per-head Gemma QK norm, partial NeoX RoPE."""
 
-    def __init__(self, view: M3TextView, layer_id: int, prefix: str = ""):
+    def __init__(self, view: M3TextView, layer_id: int, quant_config=None, prefix: str = ""):
         super().__init__()
         # Read where SGLang's parallel linear layers read it, so the index-head slice follows their KV heads.
         tp_size, tp_rank = get_parallel().tp_size, get_parallel().tp_rank
@@ -48,9 +50,9 @@ class M3Attention(nn.Module):
         self.num_heads = view.num_heads // tp_size
         self.num_kv_heads = max(1, view.num_kv_heads // tp_size)
         self.qkv_proj = QKVParallelLinear(view.hidden_size, view.head_dim, view.num_heads, view.num_kv_heads,
-                                          bias=False, prefix=add_prefix("qkv_proj", prefix))
+                                          bias=False, quant_config=quant_config, prefix=add_prefix("qkv_proj", prefix))
         self.o_proj = RowParallelLinear(view.num_heads * view.head_dim, view.hidden_size, bias=False,
-                                        prefix=add_prefix("o_proj", prefix))
+                                        quant_config=quant_config, prefix=add_prefix("o_proj", prefix))
         self.q_norm, self.k_norm, self.rotary_emb = _qk_norm_and_rope(view, view.head_dim)
         self.attn = RadixAttention(self.num_heads, view.head_dim, view.head_dim ** -0.5,
                                    num_kv_heads=self.num_kv_heads, layer_id=layer_id,
@@ -65,9 +67,10 @@ class M3Attention(nn.Module):
             self.index_head_start = tp_rank * view.num_kv_heads // tp_size
             self.num_index_heads = self.num_kv_heads
             self.index_q_proj = ReplicatedLinear(view.hidden_size, sparse.num_index_heads * sparse.index_dim,
-                                                 bias=False, prefix=add_prefix("index_q_proj", prefix))
+                                                 bias=False, quant_config=quant_config,
+                                                 prefix=add_prefix("index_q_proj", prefix))
             self.index_k_proj = ReplicatedLinear(view.hidden_size, sparse.index_dim, bias=False,
-                                                 prefix=add_prefix("index_k_proj", prefix))
+                                                 quant_config=quant_config, prefix=add_prefix("index_k_proj", prefix))
             self.index_q_norm, self.index_k_norm, self.index_rotary_emb = _qk_norm_and_rope(view, sparse.index_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
@@ -102,14 +105,14 @@ class M3Attention(nn.Module):
 class M3DecoderLayer(nn.Module):
     """§2.3: pre-norm residual block; the residual add is fused into the next Gemma norm."""
 
-    def __init__(self, view: M3TextView, layer_id: int, prefix: str = ""):
+    def __init__(self, view: M3TextView, layer_id: int, quant_config=None, prefix: str = ""):
         super().__init__()
-        self.self_attn = M3Attention(view, layer_id, prefix=add_prefix("self_attn", prefix))
+        self.self_attn = M3Attention(view, layer_id, quant_config, prefix=add_prefix("self_attn", prefix))
         if view.is_moe(layer_id):
-            self.block_sparse_moe = M3MoE(view, layer_id, prefix=add_prefix("block_sparse_moe", prefix))
+            self.block_sparse_moe = M3MoE(view, layer_id, quant_config, prefix=add_prefix("block_sparse_moe", prefix))
         else:
             self.mlp = SwiGLUOAIMLP(view.hidden_size, view.dense_intermediate_size, view.swiglu_alpha,
-                                    view.swiglu_limit, prefix=add_prefix("mlp", prefix))
+                                    view.swiglu_limit, quant_config=quant_config, prefix=add_prefix("mlp", prefix))
         self.is_moe = view.is_moe(layer_id)
         self.input_layernorm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
@@ -126,12 +129,14 @@ class M3DecoderLayer(nn.Module):
 
 
 class M3Model(nn.Module):
-    def __init__(self, view: M3TextView, prefix: str = ""):
+    def __init__(self, view: M3TextView, quant_config=None, prefix: str = ""):
         super().__init__()
+        # Embeddings and lm_head stay in the model dtype whatever the quantization (quant.py).
         self.embed_tokens = VocabParallelEmbedding(view.vocab_size, view.hidden_size,
                                                    prefix=add_prefix("embed_tokens", prefix))
         self.layers = nn.ModuleList(
-            M3DecoderLayer(view, i, prefix=add_prefix(f"layers.{i}", prefix)) for i in range(view.num_layers))
+            M3DecoderLayer(view, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix))
+            for i in range(view.num_layers))
         self.norm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
         self.start_layer, self.end_layer = 0, view.num_layers
         self.layers_to_capture: tuple[int, ...] = ()  # EAGLE3: residual stream entering these layers
@@ -159,12 +164,10 @@ class MiniMaxM3SparseForCausalLM(nn.Module):
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
         super().__init__()
-        if quant_config is not None:
-            raise ValueError("sglang-m3 serves unquantized MiniMax-M3 checkpoints only "
-                             f"(got quantization {type(quant_config).__name__})")
-        self.config = config
+        check_quant_config(quant_config)  # quant.py: what is served, which modules take it
+        self.config, self.quant_config = config, quant_config
         self.view = m3_text_view(config)
-        self.model = M3Model(self.view, prefix=add_prefix("model", prefix))
+        self.model = M3Model(self.view, quant_config, prefix=add_prefix("model", prefix))
         self.lm_head = ParallelLMHead(self.view.vocab_size, self.view.hidden_size, prefix=add_prefix("lm_head", prefix))
         self.logits_processor = LogitsProcessor(_text_config(config))
 
@@ -219,6 +222,8 @@ class MiniMaxM3SparseForConditionalGeneration(MiniMaxM3SparseForCausalLM):
     """
 
     checkpoint_prefix = "language_model."
+    # SGLang maps the quant config's ignored_layers through this (checkpoint names → module names).
+    hf_to_sglang_mapper = WeightsMapper(orig_to_new_prefix={checkpoint_prefix: ""})
 
 
 def _text_config(config):

@@ -8,6 +8,7 @@ What it changes, all keyed on the two released M3 architecture names:
 - config: `AutoConfig` learns the flat text-only `model_type: minimax_m3`;
 - model: our classes replace SGLang's under both names; the VL packaging is served as a text model;
 - in-tree M3 logic (`is_minimax_sparse`: its pool, cell size, hybrid backend, per-arch defaults) is off;
+- quantization: method `m3_mxfp8_block` (the MXFP8 checkpoint as 128x128 block FP8), declared for M3 on sm90;
 - attention: backend `m3_msa` (dense layers through an SGLang backend, sparse layers through ours),
   chosen by default; any dense backend named with --attention-backend is wrapped the same way;
 - KV pool: `M3KVPool` (index-key lane, at the model dtype even with an fp8 K/V cache) with a cell size that
@@ -65,6 +66,10 @@ def register() -> None:
 
     attention_registry.register_attention_backend(BACKEND_NAME)(_create_m3_backend)
     add_attention_backend_choices([BACKEND_NAME])
+    # Quantized checkpoints: the MXFP8 -> 128x128 block-FP8 method Hopper serves them with (quant.py).
+    from sglang_m3.quant import register as register_quantization
+
+    register_quantization()
     HookRegistry.register("sglang.srt.layers.attention.attention_registry.attn_backend_wrapper",
                           _wrap_dense_backend, HookType.AROUND)
     HookRegistry.register("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
@@ -122,7 +127,19 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
     elif server_args.moe_runner_backend != "triton":
         raise ValueError(f"sglang-m3: --moe-runner-backend {server_args.moe_runner_backend} is not supported for "
                          "MiniMax-M3 (its clamped SwiGLU needs the triton runner).")
+    declared.update(_quantization_overrides(server_args, hf_config))
     return declared
+
+
+def _quantization_overrides(server_args, hf_config) -> dict:
+    """The MXFP8 checkpoint runs as block FP8 on Hopper, SGLang's MXFP8 on Blackwell, nowhere else (quant.py)."""
+    import torch
+
+    from sglang_m3.quant import server_quantization
+
+    on_cuda = getattr(server_args, "device", None) in (None, "cuda") and torch.cuda.is_available()
+    capability = torch.cuda.get_device_capability() if on_cuda else None
+    return server_quantization(server_args.quantization, hf_config, capability)
 
 
 # Speculative algorithms whose target-verify path the sparse backend serves (chain and tree verify); the
