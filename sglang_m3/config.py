@@ -111,6 +111,30 @@ def _require(ok: bool, field: str, value: Any, why: str) -> None:
         raise M3ConfigError(f"unsupported MiniMax-M3 config: {field}={value!r} ({why})")
 
 
+# quant_method of the checkpoints served (quant.py says how); online --quantization fp8 needs no config entry.
+SUPPORTED_QUANT_METHODS = ("mxfp8",)
+
+
+def _check_quantization_config(quant) -> None:
+    """A checkpoint's quantization_config: MXFP8 as the release declares it (M3_SPEC §4.3), or absent."""
+    if quant is None:
+        return
+    if not isinstance(quant, dict):
+        quant = quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
+    method = quant.get("quant_method")
+    _require(method in SUPPORTED_QUANT_METHODS, "quantization_config.quant_method", method,
+             f"served: {', '.join(SUPPORTED_QUANT_METHODS)} (or no quantization_config: bf16, optionally with "
+             "--quantization fp8)")
+    scheme = quant.get("activation_scheme", "dynamic")
+    _require(scheme == "dynamic", "quantization_config.activation_scheme", scheme, "MXFP8 activations are dynamic")
+    block = quant.get("weight_block_size")
+    _require(block is None or list(block) == [1, 32], "quantization_config.weight_block_size", block,
+             "MXFP8 has one scale per 1x32")
+    for field in ("moe_quant_algo", "moe_quant_format"):  # M3.1-style NVFP4 experts
+        _require(quant.get(field) is None, f"quantization_config.{field}", quant.get(field),
+                 "experts in another format than the rest are not served")
+
+
 def m3_text_view(hf_config) -> M3TextView:
     """Read and validate the text config (either packaging). Raises M3ConfigError naming the field."""
     cfg = text_config_of(hf_config)
@@ -137,8 +161,8 @@ def m3_text_view(hf_config) -> M3TextView:
     _require(_get(cfg, "use_routing_bias", True), "use_routing_bias", False, "the router's correction bias is required")
     n_shared = int(_get(cfg, "n_shared_experts", 1))
     _require(n_shared == 1, "n_shared_experts", n_shared, "exactly one shared expert is implemented")
-    _require(_get(cfg, "quantization_config") is None, "quantization_config", _get(cfg, "quantization_config"),
-             "only unquantized (bf16/fp16/fp32) checkpoints are supported")
+    for holder in (hf_config, cfg):  # top level (the release's place) or inside text_config
+        _check_quantization_config(_get(holder, "quantization_config"))
     _require(not _get(cfg, "tie_word_embeddings", False), "tie_word_embeddings", True, "M3 has a separate lm_head")
     _require(rotary_dim % 2 == 0 and rotary_dim <= head_dim, "rotary_dim", rotary_dim, f"must be even and <= head_dim={head_dim}")
     _require(heads % kv_heads == 0, "num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
@@ -160,7 +184,8 @@ def m3_text_view(hf_config) -> M3TextView:
     topk = int(_get(sac, "sparse_topk_blocks", 16))
     init_blocks = int(_get(sac, "sparse_init_block", 0))
     local_blocks = int(_get(sac, "sparse_local_block", 1))
-    _require(block_size > 0 and topk > 0, "sparse_attention_config.sparse_topk_blocks", topk, "block size and top-k must be positive")
+    _require(block_size > 0, "sparse_attention_config.sparse_block_size", block_size, "must be positive")
+    _require(topk > 0, "sparse_attention_config.sparse_topk_blocks", topk, "must be positive")
     _require(local_blocks >= 1, "sparse_attention_config.sparse_local_block", local_blocks, "the query's own block must be forced (>= 1)")
     _require(init_blocks + local_blocks <= topk, "sparse_attention_config.sparse_init_block + sparse_local_block",
              init_blocks + local_blocks, f"forced blocks must fit in sparse_topk_blocks={topk}")

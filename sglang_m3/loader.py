@@ -1,10 +1,20 @@
-"""Strict weight loading for MiniMax-M3 (M3_SPEC §4).
+"""Strict weight loading for MiniMax-M3 (M3_SPEC §4), unquantized or quantized (quant.py).
 
 Maps the released tensor names onto the fused SGLang parameters (q/k/v → qkv_proj, gate/up → gate_up_proj,
-per-expert w1/w3/w2 → FusedMoE's stacked w13/w2) and refuses to serve a checkpoint that does not fit: a
-tensor that maps to nothing, or a parameter no tensor filled, is an error listing the names. The only
-tensors skipped on purpose are the vision tower / projector of the VL packaging and MTP modules (the
+per-expert w1/w3/w2 → FusedMoE's stacked w13/w2), for weights and for their `weight_scale_inv` alike, and refuses
+to serve a checkpoint that does not fit, naming the tensors:
+- a tensor that maps to no parameter (including a scale of a module the model built unquantized);
+- a parameter no tensor filled (including a missing scale);
+- a quantized weight without its scale or a scale without its weight, or a pair that is not MXFP8
+  (e4m3 [N, K] + uint8 [N, K/32]);
+- an fp8 tensor for a module built unquantized (e.g. a layer missing from the checkpoint's ignored_layers
+  list), or a non-fp8 weight for a quantized module.
+The only tensors skipped on purpose are the vision tower / projector of the VL packaging and MTP modules (the
 BF16 release ships none; nothing here would use them).
+
+Quantized weights are loaded as (weight, scale) pairs: a half waits until its partner arrives (adjacent in the
+release's files, so at most one tensor waits), then the pair is checked, converted when the quant config asks for
+it (MXFP8 → 128×128 block FP8 on sm90, on the parameter's device, one tensor at a time) and loaded.
 """
 
 from __future__ import annotations
@@ -12,24 +22,27 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
+
+from sglang_m3 import quant
 
 logger = logging.getLogger(__name__)
 
 # Top-level prefixes of the VL packaging that belong to the vision side.
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
 _MTP = re.compile(r"^model\.mtp\.")
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-# (checkpoint suffix, fused parameter suffix, shard id)
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w1|w2|w3)$")
+LEAVES = ("weight", "weight" + quant.SCALE_SUFFIX)
+# (checkpoint module suffix, fused module suffix, shard id)
 _STACKED = (
-    (".self_attn.q_proj.weight", ".self_attn.qkv_proj.weight", "q"),
-    (".self_attn.k_proj.weight", ".self_attn.qkv_proj.weight", "k"),
-    (".self_attn.v_proj.weight", ".self_attn.qkv_proj.weight", "v"),
-    (".gate_proj.weight", ".gate_up_proj.weight", 0),
-    (".up_proj.weight", ".gate_up_proj.weight", 1),
+    (".self_attn.q_proj", ".self_attn.qkv_proj", "q"),
+    (".self_attn.k_proj", ".self_attn.qkv_proj", "k"),
+    (".self_attn.v_proj", ".self_attn.qkv_proj", "v"),
+    (".gate_proj", ".gate_up_proj", 0),
+    (".up_proj", ".gate_up_proj", 1),
 )
 
 
@@ -37,87 +50,155 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model built from its config."""
 
 
-def _required_shards(model) -> dict[str, set]:
-    """Every shard each fused parameter needs before it is fully loaded."""
+def _target(name: str, params: dict, model) -> Optional[tuple[str, object, Optional[int]]]:
+    """(parameter name, shard id, expert id) that checkpoint tensor `name` fills, or None if it maps to nothing."""
+    module, _, leaf = name.rpartition(".")
+    if leaf in LEAVES:
+        expert = _EXPERT.match(module)
+        if expert:
+            moe, expert_id, shard = expert.group(1), int(expert.group(2)), expert.group(3)
+            target = f"{moe}.experts.{'w2' if shard == 'w2' else 'w13'}_{leaf}"
+            if target in params and expert_id < getattr(model.get_submodule(f"{moe}.experts"), "num_experts", 0):
+                return target, shard, expert_id
+            return None
+        for suffix, fused, shard in _STACKED:
+            if module.endswith(suffix) and module[: -len(suffix)] + fused + "." + leaf in params:
+                return module[: -len(suffix)] + fused + "." + leaf, shard, None
+    return (name, None, None) if name in params else None
+
+
+def _required_shards(model, params: dict) -> dict[str, set]:
+    """Every shard each fused parameter (weight or scale) needs before it is fully loaded."""
     required = {}
     for name, module in model.named_modules():
         if hasattr(module, "w13_weight") and hasattr(module, "num_experts"):  # FusedMoE
             experts = range(module.num_experts)
-            required[f"{name}.w13_weight"] = {(e, s) for e in experts for s in ("w1", "w3")}
-            required[f"{name}.w2_weight"] = {(e, "w2") for e in experts}
-    for name, _ in model.named_parameters():
-        if name.endswith("qkv_proj.weight"):
+            for pname in params:
+                if pname.startswith(f"{name}.w13_"):
+                    required[pname] = {(e, s) for e in experts for s in ("w1", "w3")}
+                elif pname.startswith(f"{name}.w2_"):
+                    required[pname] = {(e, "w2") for e in experts}
+    for name in params:
+        if ".qkv_proj." in name:
             required[name] = {"q", "k", "v"}
-        elif name.endswith("gate_up_proj.weight"):
+        elif ".gate_up_proj." in name:
             required[name] = {0, 1}
     return required
 
 
-def load_m3_weights(model, weights: Iterable[tuple[str, torch.Tensor]], checkpoint_prefix: str = "") -> None:
-    params = dict(model.named_parameters())
-    loaded: dict[str, set] = defaultdict(set)
-    unexpected, skipped = [], 0
+class _Loader:
+    def __init__(self, model, checkpoint_prefix: str):
+        self.model, self.prefix = model, checkpoint_prefix
+        self.params = dict(model.named_parameters())
+        self.expected = set(self.params) - quant.params_filled_after_loading(model)
+        self.transform = quant.pair_transform(getattr(model, "quant_config", None))
+        self.loaded: dict[str, set] = defaultdict(set)
+        self.unexpected: list[str] = []
+        self.skipped = 0
+        # checkpoint module name -> {leaf: (checkpoint name, tensor, target)} for quantized weights awaiting a partner
+        self.pending: dict[str, dict] = {}
+        self.max_pending = 0  # largest number of tensors held at once (tests read it)
 
-    for ckpt_name, tensor in weights:
-        if checkpoint_prefix:
-            if not ckpt_name.startswith(checkpoint_prefix):
+    def feed(self, ckpt_name: str, tensor: torch.Tensor) -> None:
+        name = self._strip(ckpt_name)
+        if name is None:
+            return
+        target = _target(name, self.params, self.model)
+        if target is None:
+            self.unexpected.append(ckpt_name)
+            return
+        module, _, leaf = name.rpartition(".")
+        param_name = target[0]
+        if leaf.endswith(quant.SCALE_SUFFIX) or param_name + quant.SCALE_SUFFIX in self.params:
+            self._pair(module, leaf, ckpt_name, tensor, target)
+            return
+        if quant.is_fp8(tensor) and not quant.is_fp8(self.params[param_name]):
+            raise CheckpointMismatchError(
+                f"checkpoint tensor {ckpt_name} is {tensor.dtype}, but the model built "
+                f"{param_name.rpartition('.')[0]} unquantized (listed in quantization_config.ignored_layers, or "
+                "no quantization_config in config.json?)")
+        self._load(ckpt_name, tensor, target)
+
+    def _strip(self, ckpt_name: str) -> Optional[str]:
+        name = ckpt_name
+        if self.prefix:
+            if not ckpt_name.startswith(self.prefix):
                 if ckpt_name.startswith(VISION_PREFIXES):
-                    skipped += 1
+                    self.skipped += 1
                 else:
-                    unexpected.append(ckpt_name)
-                continue
-            name = ckpt_name[len(checkpoint_prefix):]
-        else:
-            name = ckpt_name
+                    self.unexpected.append(ckpt_name)
+                return None
+            name = ckpt_name[len(self.prefix):]
         if _MTP.match(name) or name.endswith("rotary_emb.inv_freq"):
-            skipped += 1
-            continue
+            self.skipped += 1
+            return None
+        return name
 
-        expert = _EXPERT.match(name)
-        if expert:
-            module, expert_id, shard = expert.group(1), int(expert.group(2)), expert.group(3)
-            target = f"{module}.experts.{'w2' if shard == 'w2' else 'w13'}_weight"
-            if target not in params or expert_id >= getattr(model.get_submodule(f"{module}.experts"), "num_experts", 0):
-                unexpected.append(ckpt_name)
-                continue
-            param = params[target]
-            param.weight_loader(param, tensor, target, shard_id=shard, expert_id=expert_id)
-            loaded[target].add((expert_id, shard))
-            continue
+    def _pair(self, module: str, leaf: str, ckpt_name: str, tensor: torch.Tensor, target) -> None:
+        """Hold one half of a quantized module's (weight, weight_scale_inv) until the other arrives, then load both."""
+        entry = self.pending.setdefault(module, {})
+        entry[leaf] = (ckpt_name, tensor, target)
+        if len(entry) == 2:
+            del self.pending[module]
+            (w_name, weight, w_target), (s_name, scale, s_target) = entry["weight"], entry[LEAVES[1]]
+            try:
+                quant.check_checkpoint_pair(weight, scale)
+            except ValueError as e:
+                raise CheckpointMismatchError(f"checkpoint tensors {w_name} / {s_name}: {e}") from None
+            if self.transform is not None:
+                device = self.params[w_target[0]].device
+                weight, scale = self.transform(weight.to(device), scale.to(device))
+            self._load(w_name, weight, w_target)
+            self._load(s_name, scale, s_target)
+        self.max_pending = max(self.max_pending, sum(len(e) for e in self.pending.values()))
 
-        for suffix, fused, shard in _STACKED:
-            if name.endswith(suffix) and name[: -len(suffix)] + fused in params:
-                target = name[: -len(suffix)] + fused
-                params[target].weight_loader(params[target], tensor, shard)
-                loaded[target].add(shard)
-                break
+    def _load(self, ckpt_name: str, tensor: torch.Tensor, target) -> None:
+        param_name, shard, expert_id = target
+        param = self.params[param_name]
+        if quant.is_fp8(param) and tensor.dtype != param.dtype:
+            raise CheckpointMismatchError(f"checkpoint tensor {ckpt_name} is {tensor.dtype}, the model expects "
+                                          f"{param.dtype} for {param_name}")
+        if expert_id is not None:
+            param.weight_loader(param, tensor, param_name, shard_id=shard, expert_id=expert_id)
+            self.loaded[param_name].add((expert_id, shard))
+        elif shard is not None:
+            param.weight_loader(param, tensor, shard)
+            self.loaded[param_name].add(shard)
         else:
-            if name not in params:
-                unexpected.append(ckpt_name)
-                continue
-            param = params[name]
             if tuple(param.shape) != tuple(tensor.shape) and not hasattr(param, "output_dim"):
                 raise CheckpointMismatchError(
                     f"checkpoint tensor {ckpt_name} has shape {tuple(tensor.shape)}, "
                     f"the model expects {tuple(param.shape)} (does config.json match the weights?)")
             getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded[name].add(None)
+            self.loaded[param_name].add(None)
 
-    required = _required_shards(model)
-    missing = sorted(name for name in params
-                     if not loaded.get(name) or not required.get(name, set()) <= loaded[name])
-    if unexpected or missing:
-        raise CheckpointMismatchError(_mismatch_message(unexpected, missing))
-    if skipped:
-        logger.info("MiniMax-M3: skipped %d vision-tower/projector/MTP tensors (text model only).", skipped)
+    def finish(self) -> None:
+        unpaired = [f"{ckpt_name} (no {ckpt_name.rpartition('.')[0]}.{LEAVES[1] if leaf == 'weight' else 'weight'})"
+                    for entry in self.pending.values() for leaf, (ckpt_name, _, _) in entry.items()]
+        required = _required_shards(self.model, self.params)
+        missing = sorted(name for name in self.expected
+                         if not self.loaded.get(name) or not required.get(name, set()) <= self.loaded[name])
+        if self.unexpected or missing or unpaired:
+            raise CheckpointMismatchError(_mismatch_message(self.unexpected, missing, unpaired))
+        if self.skipped:
+            logger.info("MiniMax-M3: skipped %d vision-tower/projector/MTP tensors (text model only).", self.skipped)
 
 
-def _mismatch_message(unexpected: list[str], missing: list[str], show: int = 20) -> str:
+def load_m3_weights(model, weights: Iterable[tuple[str, torch.Tensor]], checkpoint_prefix: str = "") -> _Loader:
+    """Load every tensor of `weights` into `model` (raises CheckpointMismatchError naming the offending tensors).
+    Returns the loader state (tests read `max_pending`)."""
+    loader = _Loader(model, checkpoint_prefix)
+    for ckpt_name, tensor in weights:
+        loader.feed(ckpt_name, tensor)
+    loader.finish()
+    return loader
+
+
+def _mismatch_message(unexpected: list[str], missing: list[str], unpaired: list[str], show: int = 20) -> str:
     parts = ["MiniMax-M3 checkpoint does not match the model built from its config.json."]
-    if unexpected:
-        parts.append(f"{len(unexpected)} checkpoint tensor(s) map to no parameter: " + ", ".join(unexpected[:show])
-                     + (" ..." if len(unexpected) > show else ""))
-    if missing:
-        parts.append(f"{len(missing)} parameter(s) were not (fully) loaded: " + ", ".join(missing[:show])
-                     + (" ..." if len(missing) > show else ""))
+    for names, what in ((unexpected, "checkpoint tensor(s) map to no parameter"),
+                        (unpaired, "quantized checkpoint tensor(s) lack their partner"),
+                        (missing, "parameter(s) were not (fully) loaded")):
+        if names:
+            parts.append(f"{len(names)} {what}: " + ", ".join(names[:show]) + (" ..." if len(names) > show else ""))
     return "\n".join(parts)

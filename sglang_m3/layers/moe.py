@@ -44,11 +44,12 @@ def routed_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
 
 
 class M3MoE(nn.Module):
-    def __init__(self, view, layer_id: int, prefix: str = ""):
+    def __init__(self, view, layer_id: int, quant_config=None, prefix: str = ""):
         super().__init__()
         self.top_k, self.routed_scaling_factor = view.top_k, view.routed_scaling_factor
         self.alpha, self.limit = view.swiglu_alpha, view.swiglu_limit
-        # The checkpoint keeps router and bias in fp32; routing decisions are sensitive to bf16 rounding.
+        # The checkpoint keeps router and bias in fp32; routing decisions are sensitive to bf16 rounding. Never
+        # quantized (the MXFP8 release keeps them fp32 too).
         self.gate = ReplicatedLinear(view.hidden_size, view.num_experts, bias=False, params_dtype=torch.float32,
                                      prefix=add_prefix("gate", prefix))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(view.num_experts, dtype=torch.float32),
@@ -61,11 +62,12 @@ class M3MoE(nn.Module):
         self.experts = FusedMoE(
             num_experts=view.num_experts, hidden_size=view.hidden_size,
             intermediate_size=view.moe_intermediate_size, layer_id=layer_id, top_k=view.top_k,
-            reduce_results=False, prefix=add_prefix("experts", prefix), activation="silu",
+            reduce_results=False, quant_config=quant_config, prefix=add_prefix("experts", prefix), activation="silu",
             gemm1_alpha=view.swiglu_alpha, gemm1_clamp_limit=view.swiglu_limit, gate_up_interleaved=False)
         # Shared expert and routed experts are summed before one all-reduce.
         self.shared_experts = SwiGLUOAIMLP(view.hidden_size, view.shared_intermediate_size, self.alpha, self.limit,
-                                           prefix=add_prefix("shared_experts", prefix), reduce_results=False)
+                                           prefix=add_prefix("shared_experts", prefix), reduce_results=False,
+                                           quant_config=quant_config)
         self.routed_experts = self.routed_experts_fused if is_cuda() else self.routed_experts_torch
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,13 @@ class SwiGLUOAIMLP(nn.Module):
     """`down(swigluoai(gate(x), up(x)))`: the dense MLP of layers 0–2 and the shared expert (§2.6)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, alpha: float, limit: float,
-                 prefix: str = "", reduce_results: bool = True):
+                 prefix: str = "", reduce_results: bool = True, quant_config=None):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size] * 2, bias=False, prefix=add_prefix("gate_up_proj", prefix))
+            hidden_size, [intermediate_size] * 2, bias=False, quant_config=quant_config,
+            prefix=add_prefix("gate_up_proj", prefix))
         self.down_proj = RowParallelLinear(
-            intermediate_size, hidden_size, bias=False, reduce_results=reduce_results,
+            intermediate_size, hidden_size, bias=False, reduce_results=reduce_results, quant_config=quant_config,
             prefix=add_prefix("down_proj", prefix))
         self.alpha, self.limit = alpha, limit
 
