@@ -1,9 +1,12 @@
-"""Registration: what SGLang sees with the plugin enabled, and the SGLANG_PLUGINS switch back to the in-tree M3."""
+"""Registration: what SGLang sees with the plugin enabled, and the SGLANG_PLUGINS switch back to the in-tree M3;
+every refusal of the hooks (flags and configs we do not serve), and the cell size that counts the index lane."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import cpu_env
 
@@ -42,3 +45,192 @@ def test_sglang_plugins_switch_leaves_the_in_tree_m3():
     seen = probe(SGLANG_PLUGINS="none")
     assert not seen["vl"].startswith("sglang_m3") and not seen["text"].startswith("sglang_m3")
     assert seen["backend"] == "False" and seen["minimax_sparse"] == "True"
+
+
+# ---- refusals and defaults of the hooks, called directly (no server) -------------------------------------------
+
+def _server_args(**fields):
+    """A real ServerArgs (so the flag names are SGLang's own) with the given fields set as the CLI would."""
+    from tests.test_layers import _SHIM  # noqa: F401  (puts SGLang's CPU setup in place before the import)
+    from sglang.srt.server_args import ServerArgs
+
+    args = ServerArgs(model_path="dummy", device="cpu")
+    for name, value in fields.items():
+        assert hasattr(args, name), f"ServerArgs has no {name!r}"
+        setattr(args, name, value)
+    return args
+
+
+def _hf_config(arch="MiniMaxM3SparseForCausalLM"):
+    from sglang_m3.config import MiniMaxM3Config
+    from sglang_m3.tiny import build_text_config
+
+    cfg = MiniMaxM3Config(**build_text_config())
+    cfg.architectures = [arch]
+    return cfg
+
+
+# flag (ServerArgs fields) -> text the refusal must contain (it names the flag)
+REFUSED = {
+    "hierarchical_cache": (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
+    "speculative_unserved_algorithm": (dict(speculative_algorithm="STANDALONE"), "--speculative-algorithm STANDALONE"),
+    "speculative_draft_on_m3_backend": (dict(speculative_algorithm="EAGLE", speculative_draft_attention_backend="m3_msa"),
+                                        "--speculative-draft-attention-backend m3_msa"),
+    "pd_disaggregation_prefill": (dict(disaggregation_mode="prefill"), "PD disaggregation"),
+    "pd_disaggregation_decode": (dict(disaggregation_mode="decode"), "PD disaggregation"),
+    "kv_cache_dtype_fp8_e5m2": (dict(kv_cache_dtype="fp8_e5m2"), "--kv-cache-dtype fp8_e5m2"),
+    "kv_cache_dtype_fp4": (dict(kv_cache_dtype="fp4_e2m1"), "--kv-cache-dtype fp4_e2m1"),
+    "moe_runner_backend": (dict(moe_runner_backend="flashinfer_cutlass"), "--moe-runner-backend flashinfer_cutlass"),
+}
+
+
+def test_server_overrides_defaults():
+    """Control for the refusals below: plain flags pass and get M3's defaults (our backend, the triton MoE runner);
+    an explicit --attention-backend is kept (it becomes the dense delegate)."""
+    from sglang_m3 import plugin
+
+    declared = plugin._m3_server_overrides(_server_args(), _hf_config())
+    assert declared.get("attention_backend") == "m3_msa" and declared.get("moe_runner_backend") == "triton"
+    declared = plugin._m3_server_overrides(_server_args(attention_backend="triton", moe_runner_backend="triton"),
+                                           _hf_config())
+    assert "attention_backend" not in declared and "moe_runner_backend" not in declared
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unserved_flag_is_refused_naming_it(case):
+    from sglang_m3 import plugin
+
+    fields, text = REFUSED[case]
+    with pytest.raises(ValueError) as info:
+        plugin._m3_server_overrides(_server_args(**fields), _hf_config())
+    assert "sglang-m3" in str(info.value) and text in str(info.value), str(info.value)
+
+
+def test_unsupported_config_is_refused_before_weights():
+    from sglang_m3 import plugin
+    from sglang_m3.config import M3ConfigError
+
+    cfg = _hf_config()
+    cfg.attention_output_gate = True
+    with pytest.raises(M3ConfigError, match="attention_output_gate"):
+        plugin._m3_server_overrides(_server_args(), cfg)
+
+
+class _WithModel:
+    """ServerArgs stand-in for the graph-config hook: only get_model_config().hf_config is read besides the flags."""
+
+    def __init__(self, hf_config, **fields):
+        self.__dict__.update(dict(cuda_graph_backend_prefill=None, disable_prefill_cuda_graph=False), **fields)
+        self._hf = hf_config
+
+    def get_model_config(self):
+        return type("MC", (), {"hf_config": self._hf})()
+
+
+@pytest.mark.parametrize("requested", ["full", "breakable"])
+def test_graphed_prefill_is_refused(requested):
+    from sglang_m3 import plugin
+
+    args = _WithModel(_hf_config(), cuda_graph_backend_prefill=requested)
+    with pytest.raises(ValueError, match=f"--cuda-graph-backend-prefill {requested}"):
+        plugin._eager_prefill(lambda a: pytest.fail("original must not run"), args)
+
+
+def test_prefill_graphs_off_for_m3_only():
+    from sglang_m3 import plugin
+
+    seen = []
+    args = _WithModel(_hf_config())
+    plugin._eager_prefill(seen.append, args)
+    assert args.disable_prefill_cuda_graph is True and seen == [args]
+    other = _WithModel(_hf_config(arch="LlamaForCausalLM"), cuda_graph_backend_prefill="full")
+    plugin._eager_prefill(seen.append, other)  # not M3: untouched, no refusal
+    assert other.disable_prefill_cuda_graph is False and seen[-1] is other
+
+
+def test_enable_multimodal_is_refused_for_the_vl_packaging():
+    """The VL packaging is served text-only; asking for multimodal is refused, not silently ignored."""
+    from sglang_m3 import plugin
+
+    calls = []
+
+    def original(model_config, *args, **kwargs):
+        calls.append(kwargs.get("enable_multimodal"))
+        model_config.hf_config = _hf_config(arch="MiniMaxM3SparseForConditionalGeneration")
+        model_config.is_multimodal = bool(kwargs.get("enable_multimodal", True))
+
+    mc = type("MC", (), {})()
+    with pytest.raises(ValueError, match="--enable-multimodal"):
+        plugin._text_only_model_config(original, mc, enable_multimodal=True)
+    mc = type("MC", (), {})()
+    plugin._text_only_model_config(original, mc)  # default: rebuilt as a text model
+    assert mc.is_multimodal is False and calls[-1] is False
+
+
+# ---- the cell size counts the index lane ------------------------------------------------------------------------
+
+def _kvc(hf_config, start_layer, end_layer, dtype):
+    import torch  # noqa: F401
+
+    return type("KVC", (), dict(model_config=type("MC", (), {"hf_config": hf_config})(),
+                                layer_info=type("LI", (), dict(start_layer=start_layer, end_layer=end_layer))(),
+                                kv_cache_dtype=dtype, model_dtype=dtype))()
+
+
+@pytest.mark.parametrize("start,end,local_sparse", [(0, 4, 3), (0, 2, 1), (2, 4, 2), (0, 1, 0)],
+                         ids=["one-stage", "pp-stage0", "pp-stage1", "dense-only-stage"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_cell_size_adds_this_stages_index_lane(start, end, local_sparse, dtype_name):
+    """SGLang's per-token bytes plus, per sparse layer of this pipeline stage, one index key (Di elements at the
+    model dtype): tiny M3 has sparse layers 1-3, Di = 32."""
+    import torch
+
+    from sglang_m3 import plugin
+
+    dtype = getattr(torch, dtype_name)
+    base = 1000
+    cell = plugin._cell_size_with_index_k(lambda pc, kvc, n: base, None, _kvc(_hf_config(), start, end, dtype),
+                                          end - start)
+    assert cell == base + local_sparse * 32 * dtype.itemsize
+    other = _hf_config(arch="LlamaForCausalLM")
+    assert plugin._cell_size_with_index_k(lambda pc, kvc, n: base, None, _kvc(other, start, end, dtype),
+                                          end - start) == base
+
+
+CELL_PROBE = """
+import sglang_m3, torch
+sglang_m3.enable()
+from types import SimpleNamespace as NS
+from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+from sglang.srt.server_args import ServerArgs
+from sglang_m3.config import MiniMaxM3Config
+from sglang_m3.tiny import build_text_config
+cfg = MiniMaxM3Config(**build_text_config())
+cfg.architectures = ["MiniMaxM3SparseForCausalLM"]
+mc = NS(hf_config=cfg, context_len=4096, get_num_kv_heads=lambda tp: 2, head_dim=32, v_head_dim=32,
+        num_attention_layers=4, is_hybrid_swa=False, linear_attn_registry_result=None)
+kvc = NS(model_config=mc, kv_cache_dtype=torch.bfloat16, model_dtype=torch.bfloat16, kv_cache_dtype_str="auto",
+         layer_info=NS(start_layer=0, end_layer=4, num_effective_layers=4), use_mla_backend=False,
+         spec_algorithm=NS(is_eagle=lambda: False, is_standalone=lambda: False, is_dflash_family=lambda: False),
+         is_draft_worker=False, server_args=ServerArgs(model_path="dummy", device="cpu"), ps=NS(pp_size=1))
+from sglang.srt.runtime_context import get_parallel
+with get_parallel().override(tp_size=1, attn_tp_size=1, pp_size=1):
+    pc = DefaultPoolConfigurator(kvc)
+print("cell", pc._cell_size)
+print("tokens", pc.calculate_pool_sizes(10_000_000, 1).max_total_num_tokens)
+"""
+
+
+def test_registered_cell_size_hook_sizes_the_pool():
+    """Through SGLang's own DefaultPoolConfigurator with the plugin enabled: the cell is K+V of 4 layers (2 KV
+    heads x 32 x 2 B each) plus the lane of 3 sparse layers (32 x 2 B), and a memory budget buys budget // cell
+    tokens. (A server sized by --mem-fraction-static is not run: on CPU the budget is free host memory at start-up,
+    which no test can predict; this checks the same arithmetic on the configurator the server uses.)"""
+    out = subprocess.run([sys.executable, "-c", CELL_PROBE], env=cpu_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines() if " " in line)
+    kv = 4 * 2 * (2 * 32 * 2)
+    lane = 3 * 32 * 2
+    assert int(seen["cell"]) == kv + lane, seen
+    assert int(seen["tokens"]) == 10_000_000 // (kv + lane), seen

@@ -1,0 +1,149 @@
+"""The strict loader (sglang_m3/loader.py) refuses every checkpoint that does not fit, naming the tensors.
+
+Unit level, no server: the tiny model is built in-process (fp32, CPU, the SGLang layers a server builds) and fed
+the tiny checkpoint's tensors through `model.load_weights`, the entry SGLang's loader calls. Each case breaks
+the checkpoint in one way; the intact checkpoint loading (flat and VL packaging) is the control that shows the
+error comes from the break. The server-level path (the same errors stopping `launch_server`) is covered by
+tests/test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_layers import sglang_env  # noqa: F401  (fixture; importing it also sets up SGLang on CPU)
+
+L1 = "model.layers.1"
+
+
+@pytest.fixture(scope="module")
+def tensors(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    from sglang_m3.tiny import write_tiny_checkpoint
+
+    flat = write_tiny_checkpoint(tmp_path_factory.mktemp("flat"), dtype="float32", flat=True)
+    vl = write_tiny_checkpoint(tmp_path_factory.mktemp("vl"), dtype="float32")
+    return {"flat": load_file(str(flat / "model.safetensors")), "vl": load_file(str(vl / "model.safetensors")),
+            "config": flat / "config.json", "vl_config": vl / "config.json"}
+
+
+def build(tensors, vl=False):
+    import json
+
+    from transformers import PretrainedConfig
+
+    from sglang_m3.config import MiniMaxM3Config
+    from sglang_m3.model import MiniMaxM3SparseForCausalLM, MiniMaxM3SparseForConditionalGeneration
+
+    cfg = json.loads(tensors["vl_config" if vl else "config"].read_text())
+    if vl:
+        hf = PretrainedConfig(**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")})
+        hf.text_config = MiniMaxM3Config(**cfg["text_config"])
+        return MiniMaxM3SparseForConditionalGeneration(hf)
+    return MiniMaxM3SparseForCausalLM(MiniMaxM3Config(**cfg))
+
+
+def load(model, weights: dict):
+    model.load_weights(iter(list(weights.items())))
+
+
+def test_intact_checkpoints_load_every_parameter(sglang_env, tensors):  # noqa: F811
+    """Control: both packagings load (VL: the vision tensors skipped), and every parameter holds checkpoint data."""
+    for vl in (False, True):
+        model = build(tensors, vl)
+        for p in model.parameters():
+            p.data.fill_(float("nan"))
+        load(model, tensors["vl" if vl else "flat"])
+        left = [n for n, p in model.named_parameters() if torch.isnan(p).any()]
+        assert not left, f"parameters not filled: {left}"
+        assert any(k.startswith("vision_tower.") for k in tensors["vl"])  # there was something to skip
+    qkv = model.model.layers[1].self_attn.qkv_proj.weight
+    ck = tensors["vl"]
+    want = torch.cat([ck[f"language_model.{L1}.self_attn.{s}_proj.weight"] for s in "qkv"])
+    assert torch.equal(qkv.data, want)  # shards in place (q | k | v rows), not merely filled
+
+
+def _drop(*names):
+    return lambda t: [t.pop(n) for n in names]
+
+
+def _add(name, tensor):
+    return lambda t: t.__setitem__(name, tensor)
+
+
+def _reshape(name, shape):
+    return lambda t: t.__setitem__(name, torch.zeros(shape))
+
+
+# case: (packaging, breaking edit, error text, names the message must contain)
+CASES = {
+    "missing_tensor": ("flat", _drop(f"{L1}.self_attn.index_k_norm.weight"), "were not (fully) loaded",
+                       [f"{L1}.self_attn.index_k_norm.weight"]),
+    "missing_q_shard": ("flat", _drop(f"{L1}.self_attn.q_proj.weight"), "were not (fully) loaded",
+                        [f"{L1}.self_attn.qkv_proj.weight"]),
+    "missing_k_shard": ("flat", _drop("model.layers.2.self_attn.k_proj.weight"), "were not (fully) loaded",
+                        ["model.layers.2.self_attn.qkv_proj.weight"]),
+    "missing_v_shard": ("flat", _drop("model.layers.0.self_attn.v_proj.weight"), "were not (fully) loaded",
+                        ["model.layers.0.self_attn.qkv_proj.weight"]),
+    "missing_gate_shard": ("flat", _drop("model.layers.0.mlp.gate_proj.weight"), "were not (fully) loaded",
+                           ["model.layers.0.mlp.gate_up_proj.weight"]),
+    "missing_up_shard": ("flat", _drop(f"{L1}.block_sparse_moe.shared_experts.up_proj.weight"),
+                         "were not (fully) loaded", [f"{L1}.block_sparse_moe.shared_experts.gate_up_proj.weight"]),
+    "missing_expert_w3": ("flat", _drop(f"{L1}.block_sparse_moe.experts.3.w3.weight"), "were not (fully) loaded",
+                          [f"{L1}.block_sparse_moe.experts.w13_weight"]),
+    "missing_expert_w2": ("flat", _drop("model.layers.3.block_sparse_moe.experts.7.w2.weight"),
+                          "were not (fully) loaded", ["model.layers.3.block_sparse_moe.experts.w2_weight"]),
+    "unexpected_tensor": ("flat", _add(f"{L1}.self_attn.index_v_proj.weight", torch.zeros(32, 128)),
+                          "map to no parameter", [f"{L1}.self_attn.index_v_proj.weight"]),
+    "expert_id_out_of_range": ("flat", _add(f"{L1}.block_sparse_moe.experts.8.w1.weight", torch.zeros(64, 128)),
+                               "map to no parameter", [f"{L1}.block_sparse_moe.experts.8.w1.weight"]),
+    "layer_out_of_range": ("flat", _add("model.layers.4.input_layernorm.weight", torch.zeros(128)),
+                           "map to no parameter", ["model.layers.4.input_layernorm.weight"]),
+    "stray_non_vision_tensor_vl": ("vl", _add("audio_tower.proj.weight", torch.zeros(4, 4)), "map to no parameter",
+                                   ["audio_tower.proj.weight"]),
+    "unprefixed_text_tensor_vl": ("vl", _add("model.norm.weight", torch.zeros(128)), "map to no parameter",
+                                  ["model.norm.weight"]),
+    "wrong_shape_norm": ("flat", _reshape("model.norm.weight", (64,)), "has shape", ["model.norm.weight", "(64,)"]),
+    "wrong_shape_index_norm": ("flat", _reshape(f"{L1}.self_attn.index_q_norm.weight", (16,)), "has shape",
+                               [f"{L1}.self_attn.index_q_norm.weight"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_broken_checkpoint_is_refused_naming_the_tensor(sglang_env, tensors, case):  # noqa: F811
+    from sglang_m3.loader import CheckpointMismatchError
+
+    packaging, edit, text, names = CASES[case]
+    weights = dict(tensors[packaging])
+    edit(weights)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load(build(tensors, vl=packaging == "vl"), weights)
+    message = str(info.value)
+    assert text in message, message
+    for name in names:
+        assert name in message, f"{case}: {name!r} not named in:\n{message}"
+
+
+# SGLang's linear weight loaders zero-pad a checkpoint tensor that is too small along the TP-sharded dim (CPU:
+# narrow_padded_param_and_loaded_weight; CUDA: pad_or_narrow_weight), so such a tensor loads silently today.
+SILENT_PAD = pytest.mark.xfail(strict=True, reason="bug: loader.py does not check the shape of TP-sharded linear "
+                               "weights; SGLang zero-pads a too-small tensor (reported to the lead, issue 13)")
+
+
+@pytest.mark.parametrize("name,shape", [
+    (f"{L1}.block_sparse_moe.experts.2.w2.weight", (64, 64)),
+    (f"{L1}.block_sparse_moe.gate.weight", (8, 64)),
+    ("lm_head.weight", (512, 64)),
+    ("model.embed_tokens.weight", (500, 128)),
+    pytest.param(f"{L1}.self_attn.o_proj.weight", (128, 64), marks=SILENT_PAD),
+    pytest.param(f"{L1}.self_attn.k_proj.weight", (32, 128), marks=SILENT_PAD),
+])
+def test_wrong_shape_of_a_sharded_weight_is_an_error(sglang_env, tensors, name, shape):  # noqa: F811
+    """Weights of SGLang's parallel layers (linear, experts, embeddings) are shape-checked by their weight loaders,
+    not by ours: a wrong shape must still stop loading rather than load partially."""
+    weights = dict(tensors["flat"])
+    weights[name] = torch.ones(shape)
+    with pytest.raises((AssertionError, ValueError, RuntimeError)):
+        load(build(tensors), weights)
