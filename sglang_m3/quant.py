@@ -22,12 +22,15 @@ prefix is mapped away by the model's `hf_to_sglang_mapper`).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional
 
 import torch
 from sglang.srt.layers.quantization.fp8 import Fp8Config
 
 from sglang_m3.mxfp8 import check_mxfp8_pair, mxfp8_to_block_fp8
+
+logger = logging.getLogger(__name__)
 
 MXFP8_BLOCK_NAME = "m3_mxfp8_block"
 SCALE_SUFFIX = "_scale_inv"      # checkpoint: `<module>.weight_scale_inv`; FusedMoE: `w13_weight_scale_inv`
@@ -103,11 +106,17 @@ def server_quantization(requested: Optional[str], hf_config,
 
 
 def check_quant_config(quant_config) -> None:
-    """Refuse quant methods the model was not built for (raises ValueError naming the method)."""
-    if quant_config is None or isinstance(quant_config, Mxfp8AsBlockFp8Config):
+    """Refuse quant methods the model was not built for (raises ValueError naming the method); log the one used."""
+    if quant_config is None:
         return
-    if type(quant_config) is Fp8Config and (quant_config.use_mxfp8 or not quant_config.is_checkpoint_fp8_serialized):
-        return  # SGLang's MXFP8 (checkpoint or online) or online FP8
+    if isinstance(quant_config, Mxfp8AsBlockFp8Config) or (
+            type(quant_config) is Fp8Config
+            and (quant_config.use_mxfp8 or not quant_config.is_checkpoint_fp8_serialized)):
+        # ours, SGLang's MXFP8 (checkpoint or online) or online FP8
+        logger.info("sglang-m3: MiniMax-M3 quantization %s (checkpoint fp8: %s, weight blocks %s)",
+                    quant_config.get_name(), quant_config.is_checkpoint_fp8_serialized,
+                    quant_config.weight_block_size or "per channel/tensor")
+        return
     raise ValueError(f"sglang-m3 serves MiniMax-M3 unquantized, from the MXFP8 checkpoint, or with --quantization fp8 "
                      f"(online); got quantization {quant_config.get_name()!r} ({type(quant_config).__name__})")
 

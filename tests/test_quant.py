@@ -237,6 +237,35 @@ def test_registered_method_lowers_the_gate_only_for_itself():
         quant.Mxfp8AsBlockFp8Config.from_config({"quant_method": "fp8", "activation_scheme": "dynamic"})
 
 
+def test_sglang_picks_the_method_from_the_checkpoint(tmp_path):
+    """Through SGLang's own entry points: ServerArgs (plugin overrides), ModelConfig, get_quant_config."""
+    from unittest import mock
+
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.weight_utils import get_quant_config
+    from sglang.srt.server_args import ServerArgs
+    from sglang_m3 import plugin, quant
+
+    plugin.register()
+    ckpt = tiny.write_tiny_checkpoint(tmp_path / "mx", quant="mxfp8", config_only=True, **SHAPE)
+    # the plugin's declaration on a Hopper GPU (device query mocked) / refusal without one
+    hf = ModelConfig(str(ckpt)).hf_config
+    with mock.patch.object(torch.cuda, "is_available", return_value=True), \
+            mock.patch.object(torch.cuda, "get_device_capability", return_value=(9, 0)):
+        assert plugin._quantization_overrides(mock.Mock(quantization=None, device="cuda"), hf) == \
+            {"quantization": quant.MXFP8_BLOCK_NAME}
+    with pytest.raises(ValueError, match="no CUDA device"):
+        ServerArgs(model_path=str(ckpt), device="cpu")
+    # what the scheduler then builds from --quantization m3_mxfp8_block
+    model_config = ModelConfig(str(ckpt), quantization=quant.MXFP8_BLOCK_NAME)
+    assert model_config.quantization == quant.MXFP8_BLOCK_NAME
+    built = get_quant_config(model_config, LoadConfig(), {})
+    assert type(built) is quant.Mxfp8AsBlockFp8Config and built.weight_block_size == [128, 128]
+    assert built.get_min_capability() == 90
+    assert ModelConfig(str(ckpt)).quantization == "mxfp8"  # without the declaration: SGLang's MXFP8 (sm100)
+
+
 # ------------------------------------------------------------------------------------------------ model + loader
 
 @pytest.fixture(scope="module")
