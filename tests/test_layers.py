@@ -20,7 +20,6 @@ distributed / model-parallel init, done once by the module-scoped `sglang_env` f
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -45,7 +44,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from sglang_m3.config import M3ConfigError, MiniMaxM3Config, m3_text_view  # noqa: E402
+from sglang_m3.config import m3_text_view  # noqa: E402
 from sglang_m3.tiny import build_text_config  # noqa: E402
 
 EPS = 1e-6
@@ -171,6 +170,13 @@ def ref_route(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.T
             dense[t, e] = float(s[t, e]) / total
             chosen[t, e] = True
     return dense, chosen
+
+
+def _route_margin(logits: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+    """Per token, the float64 gap between the k-th and (k+1)-th selection scores sigmoid(logit) + bias: how far
+    the top-k is from a tie (an fp32 implementation may legitimately break a tie of ~1e-7 either way)."""
+    s = torch.sort(1.0 / (1.0 + torch.exp(-logits.double())) + bias.double(), dim=-1, descending=True).values
+    return s[:, k - 1] - s[:, k]
 
 
 def ref_moe(x, gate_w, bias, w1, w3, w2, sh_gate, sh_up, sh_down, k, rsf) -> torch.Tensor:
@@ -389,8 +395,13 @@ def test_tp_rank_keeps_the_index_heads_of_its_kv_heads(sglang_env, tp_size, kv_h
                     attn.num_index_heads, attn.index_head_start = kv_heads, 0
                     full_index_q, _ = attn.index_qk(pos, x)
                     attn.num_index_heads = attn.num_kv_heads
+            # (different arithmetic: the rank's own projection call vs the full one; a wrong head is off by O(1))
             _close(f"TP{tp_size} rank {rank}: index queries of KV heads {held}", attn.attn.seen["index_q"],
-                   full_index_q[:, held].double(), rtol=0, atol=0)
+                   full_index_q[:, held].double(), rtol=1e-5, atol=1e-6)
+            others = [h for h in range(kv_heads) if h not in held]
+            if others:
+                _far(f"TP{tp_size} rank {rank}: another KV head's index queries", full_index_q[:, others[:1]],
+                     full_index_q[:, held[:1]], 0.1)
 
 
 # ------------------------------------------------------------------------------------------------ swigluoai
@@ -471,7 +482,11 @@ def test_route_bias_selects_but_does_not_weight(sglang_env):
     assert weights.dtype == torch.float32 and ids.shape == (T, k)
     want_dense, want_chosen = ref_route(logits, bias.double(), k)
     got_chosen = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids, True)
-    assert torch.equal(got_chosen, want_chosen), "selection differs from top-k of sigmoid(logits) + bias"
+    # fp32 routing vs the float64 oracle: a token may only differ where its k-th and (k+1)-th scores s + b tie
+    # within 1e-6 (none do on this data, which the margin check below makes explicit)
+    margin = _route_margin(logits, bias, k)
+    differ = (got_chosen != want_chosen).any(-1)
+    assert bool((margin[differ] <= 1e-6).all()), "selection differs from top-k of sigmoid(logits) + bias"
     got_dense = torch.zeros(T, E, dtype=torch.float32).scatter_(1, ids, weights)
     _close("route weights", got_dense, want_dense, rtol=1e-6, atol=1e-7)
     _close("route weight sums", weights.sum(-1), torch.ones(T, dtype=torch.float64), rtol=0, atol=1e-6)
@@ -570,6 +585,7 @@ def test_m3moe_block(sglang_env, rsf):
     _, without = ref_route(logits, torch.zeros_like(wts["bias"]), view.top_k)
     assert bool((with_bias != without).any()), "bias changes no selection on this data"
 
+    assert float(_route_margin(logits, wts["bias"], view.top_k).min()) > 1e-4  # no routing near-tie in the data
     with torch.no_grad():
         got = moe(x.float())
     want = _ref(view, wts, x)
@@ -729,72 +745,7 @@ def test_m3moe_cuda_path_interpreted():
         assert r[f"rel_err_{variant}"] > 5 * FUSED_TOL, (variant, r)
 
 
-# ------------------------------------------------------------------------------------------------ config validation
-
-def _flat(cfg: dict):
-    return MiniMaxM3Config(**copy.deepcopy(cfg))
-
-
-def _vl(cfg: dict):
-    from transformers import PretrainedConfig
-
-    top = PretrainedConfig(architectures=["MiniMaxM3SparseForConditionalGeneration"])
-    top.text_config = MiniMaxM3Config(**copy.deepcopy(cfg))
-    return top
-
-
-PACKAGINGS = {"dict": copy.deepcopy, "flat": _flat, "vl": _vl}
-
-
-def _mutations():
-    n = build_text_config()["num_hidden_layers"]
-
-    def top(key, value):
-        return lambda c: c.__setitem__(key, value)
-
-    def sparse(key, value):
-        return lambda c: c["sparse_attention_config"].__setitem__(key, value)
-
-    def both(*fs):
-        return lambda c: [f(c) for f in fs]
-
-    return {
-        "attention_output_gate": (top("attention_output_gate", True), ["attention_output_gate"]),
-        "score_lse": (sparse("sparse_score_type", "lse"), ["sparse_score_type"]),
-        "score_foo": (sparse("sparse_score_type", "foo"), ["sparse_score_type"]),
-        "init+local>topk": (both(sparse("sparse_init_block", 1), sparse("sparse_local_block", 2),
-                                 sparse("sparse_topk_blocks", 2)), ["sparse_init_block", "sparse_local_block"]),
-        "qk_norm_per_layer": (top("qk_norm_type", "per_layer"), ["qk_norm_type"]),
-        "hidden_act_silu": (top("hidden_act", "silu"), ["hidden_act"]),
-        "index_heads!=kv_heads": (sparse("sparse_num_index_heads", 4), ["sparse_num_index_heads"]),
-        "moe_layer_freq_len": (top("moe_layer_freq", [0] + [1] * (n - 2)), ["moe_layer_freq"]),
-        "sparse_attention_freq_len": (sparse("sparse_attention_freq", [0] + [1] * n), ["sparse_attention_freq"]),
-        "disable_index_value_len": (sparse("sparse_disable_index_value", [1] * (n - 1)),
-                                    ["sparse_disable_index_value"]),
-    }
-
-
-@pytest.mark.parametrize("packaging", list(PACKAGINGS))
-def test_config_valid_release_shape(packaging):
-    base = build_text_config()
-    view = m3_text_view(PACKAGINGS[packaging](base))
-    assert (view.head_dim, view.rotary_dim, view.rope_theta) == (32, 16, 5e6)
-    assert (view.routed_scaling_factor, view.swiglu_alpha, view.swiglu_limit) == (2.0, ALPHA, LIMIT)
-    assert view.moe_layers == view.sparse_layers == (1, 2, 3)
-    assert view.sparse.num_index_heads == view.num_kv_heads == 2
-
-
-@pytest.mark.parametrize("packaging", list(PACKAGINGS))
-@pytest.mark.parametrize("case", list(_mutations()))
-def test_config_rejects(case, packaging):
-    mutate, fields = _mutations()[case]
-    cfg = build_text_config()
-    assert cfg["num_key_value_heads"] == 2 and cfg["sparse_attention_config"]["sparse_topk_blocks"] == 2
-    mutate(cfg)
-    with pytest.raises(M3ConfigError) as info:
-        m3_text_view(PACKAGINGS[packaging](cfg))
-    for field in fields:
-        assert field in str(info.value), f"{case}: message does not name {field!r}: {info.value}"
+# (config validation: tests/test_config.py)
 
 
 if __name__ == "__main__" and "--fused-moe-worker" in sys.argv:

@@ -122,6 +122,38 @@ def pack(seqs, seq_lens, ext_lens, seed=0):
                 k_cache=k_cache, v_cache=v_cache, meta=meta)
 
 
+def packed_rows(lens, ext_lens):
+    """(request, absolute position) of each packed new token."""
+    return [(i, p) for i in range(len(lens)) for p in range(lens[i] - ext_lens[i], lens[i])]
+
+
+def assert_agree_up_to_ties(sel_a, o_a, sel_b, o_b, seqs, rows, block_size, tol=1e-4):
+    """Two runs of the module on the same data whose arithmetic differs (query chunking, other matmul shapes, other
+    batch layouts): the selections must be equal except for swaps between blocks whose float64 scores lie within
+    tol; outputs must agree (atol/rtol 1e-6) where the selections agree, and elsewhere each must be the brute-force
+    attention over its own selection."""
+    assert sel_a.shape == sel_b.shape and o_a.shape == o_b.shape
+    same = (sel_a == sel_b).all(-1)  # [T, H]
+    tables = {}
+    for t, h in (~same).nonzero().tolist():
+        i, p = rows[t]
+        dots = tables.setdefault(i, dot_tables(seqs[i]))[h]
+        _, scores, _ = bf_select(dots, p, block_size, 1, 0, 1)
+        diff = (set(sel_a[t, h].tolist()) ^ set(sel_b[t, h].tolist())) - {-1}
+        vals = [scores[b] for b in diff]
+        assert vals and max(vals) - min(vals) <= tol, (
+            f"row {t} head {h}: {sel_a[t, h].tolist()} vs {sel_b[t, h].tolist()} (scores {vals}): not a near tie")
+        s = seqs[i]
+        for sel, o in ((sel_a, o_a), (sel_b, o_b)):
+            for qh in range(h * (HQ // H), (h + 1) * (HQ // H)):
+                want = bf_attend(s["q"].double(), s["k"].double(), s["v"].double(), p, qh,
+                                 [x for x in sel[t, h].tolist() if x >= 0], HQ // H, block_size)
+                torch.testing.assert_close(o[t, qh].double(), want, atol=1e-5, rtol=1e-5)
+    same_q = same.repeat_interleave(HQ // H, dim=1)
+    torch.testing.assert_close(o_a[same_q], o_b[same_q], atol=1e-6, rtol=1e-6)
+    return int((~same).sum())
+
+
 def run_ref(b, block_size, topk, init_blocks=0, local_blocks=1, block_topk=None):
     if block_topk is None:
         block_topk = ref.index_block_topk(b["index_q"], b["index_k_cache"], **b["meta"],
@@ -223,8 +255,8 @@ def test_chunked_extend_equals_one_shot():
         sels[1].append(sel[ext[0]:])
         outs[0].append(o[: ext[0]])
         outs[1].append(o[ext[0]:])
-    assert torch.equal(torch.cat(sels[0] + sels[1]), sel1)
-    torch.testing.assert_close(torch.cat(outs[0] + outs[1]), o1, atol=1e-6, rtol=1e-6)
+    assert_agree_up_to_ties(torch.cat(sels[0] + sels[1]), torch.cat(outs[0] + outs[1]), sel1, o1, seqs,
+                            packed_rows(lens, lens), bsz)
 
 
 def test_decode_equals_last_prefill_row():
@@ -233,8 +265,7 @@ def test_decode_equals_last_prefill_row():
     sel_p, o_p = run_ref(pack(seqs, lens, lens, seed=5), bsz, topk, 0, 2)
     sel_d, o_d = run_ref(pack(seqs, lens, [1] * len(lens), seed=5), bsz, topk, 0, 2)
     last = torch.cumsum(torch.tensor(lens), 0) - 1
-    assert torch.equal(sel_d, sel_p[last])
-    torch.testing.assert_close(o_d, o_p[last], atol=1e-6, rtol=1e-6)
+    assert_agree_up_to_ties(sel_d, o_d, sel_p[last], o_p[last], seqs, packed_rows(lens, [1] * len(lens)), bsz)
 
 
 @pytest.mark.parametrize("block_size,lens,ext_lens", [(4, [12, 9, 5], [12, 5, 5]), (16, [48, 33], [48, 1])])
@@ -304,7 +335,8 @@ def test_long_decode_matches_bruteforce():
 
 def test_query_chunking_and_out_buffers(monkeypatch):
     lens, ext, bsz, topk = [45, 29], [45, 20], 4, 3
-    b = pack(make_seqs(lens, seed=9), lens, ext, seed=9)
+    seqs = make_seqs(lens, seed=9)
+    b = pack(seqs, lens, ext, seed=9)
     sel, o = run_ref(b, bsz, topk, 1, 1)
     monkeypatch.setattr(ref, "_TILE_ELEMS", 1)  # one query per chunk
     T = sum(ext)
@@ -315,9 +347,9 @@ def test_query_chunking_and_out_buffers(monkeypatch):
     r2 = ref.sparse_attention(torch.cat([b["q"], b["q"][:2]]), b["k_cache"], b["v_cache"], **b["meta"],
                               block_topk=torch.cat([sel, sel[:2]]), block_size=bsz, sm_scale=SM_SCALE, out=o_buf)
     assert r1 is sel_buf and r2 is o_buf
-    assert torch.equal(sel_buf[:T], sel) and (sel_buf[T:] == 77).all()
-    torch.testing.assert_close(o_buf[:T], o, atol=1e-6, rtol=1e-6)
-    assert (o_buf[T:] == 5.0).all()
+    assert (sel_buf[T:] == 77).all() and (o_buf[T:] == 5.0).all()  # rows owned by no request: untouched
+    # one query per chunk: other matmul shapes than the default run, so ties may break differently
+    assert_agree_up_to_ties(sel_buf[:T], o_buf[:T], sel, o, seqs, packed_rows(lens, ext), bsz)
 
 
 def test_low_precision_inputs_are_computed_in_fp32():
@@ -327,6 +359,8 @@ def test_low_precision_inputs_are_computed_in_fp32():
     sel16, o16 = run_ref(pack(seqs16, lens, ext, seed=10), bsz, topk, 0, 1)
     sel32, o32 = run_ref(pack(seqs32, lens, ext, seed=10), bsz, topk, 0, 1)
     assert o16.dtype == torch.bfloat16
+    # Exact on purpose: the bf16 inputs are upcast to the very fp32 values of the fp32 run, so both runs perform
+    # identical fp32 operations on identical operands; only the final cast to the output dtype may differ.
     assert torch.equal(sel16, sel32)
     assert torch.equal(o16, o32.to(torch.bfloat16))
 

@@ -67,3 +67,20 @@ def test_sizes_count_the_index_lane(pool):
     assert k_bytes - v_bytes == lane  # K and V have equal shapes here; the difference is the lane
     assert index_k_bytes_per_token(SPARSE, 0, 4, 8, torch.float32) * 65 == lane
     assert index_k_bytes_per_token(SPARSE, 2, 4, 8, torch.float32) == 2 * 8 * 4  # pipeline stage: layers 2, 3
+
+
+def test_pipeline_stage_holds_only_its_sparse_layers(sglang_env):  # noqa: F811
+    """A pipeline stage's pool (layers 2-3 here) allocates index lanes for its own sparse layers only, and its
+    sizes and the cell size's lane term agree on it."""
+    from sglang_m3.attention.pool import M3KVPool, index_k_bytes_per_token
+
+    pool = M3KVPool(64, 1, torch.float32, 2, 8, 2, "cpu", False, start_layer=2, end_layer=4,
+                    enable_alt_stream=False, enable_kv_cache_copy=True, sparse_layer_ids=SPARSE, index_dim=8)
+    assert pool.sparse_layer_ids == (2, 3) and len(pool.index_k_buffer) == 2
+    assert pool.get_index_k_buffer(3) is pool.index_k_buffer[1]
+    with pytest.raises(KeyError):
+        pool.get_index_k_buffer(1)  # sparse, but on the other stage
+    lane = sum(b.numel() * b.element_size() for b in pool.index_k_buffer)
+    assert lane == index_k_bytes_per_token(SPARSE, 2, 4, 8, torch.float32) * 65
+    k_bytes, v_bytes = pool.get_kv_size_bytes()
+    assert k_bytes - v_bytes == lane
