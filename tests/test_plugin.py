@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import cpu_env
+from tests.test_layers import _SHIM  # noqa: F401  (SGLang's CPU setup, before any hook below imports SGLang)
 
 PROBE = """
 import sglang_m3
@@ -51,7 +52,6 @@ def test_sglang_plugins_switch_leaves_the_in_tree_m3():
 
 def _server_args(**fields):
     """A real ServerArgs (so the flag names are SGLang's own) with the given fields set as the CLI would."""
-    from tests.test_layers import _SHIM  # noqa: F401  (puts SGLang's CPU setup in place before the import)
     from sglang.srt.server_args import ServerArgs
 
     args = ServerArgs(model_path="dummy", device="cpu")
