@@ -9,6 +9,12 @@ tree mask (built here with literal loops from the parent lists), and N queries p
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and "--worker" in sys.argv:  # before anything can import triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 
@@ -233,6 +239,15 @@ class _Dense:
     def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
         self.calls.append("update_verify_buffers_to_fill_after_draft")
 
+    def init_cuda_graph_state(self, max_bs, max_num_tokens):
+        self.calls.append("init_cuda_graph_state")
+
+    def init_forward_metadata_out_graph(self, fb, in_capture=False):
+        self.calls.append("out_graph")
+
+    def init_forward_metadata_in_graph(self, fb):
+        self.calls.append("in_graph")
+
 
 def _backend(algorithm, topk, n, r2t):
     import types
@@ -422,3 +437,105 @@ def test_tiny_eagle3_draft_matches_the_target(tmp_path):
     assert w["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * h  # [embedding ; fc output]
     assert w["lm_head.weight"].shape == (tc["vocab_size"], h)
     assert not any(k.startswith("embed_tokens") or k in ("d2t", "t2d") for k in w)  # shared with the target
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernel path (what CUDA serving runs) under the verify CUDA-graph protocol, on CPU under Triton's
+# interpreter (in a subprocess: TRITON_INTERPRET must be set before triton is imported)
+# ----------------------------------------------------------------------------------------------
+
+
+def _graph_case(algorithm, topk):
+    """init_cuda_graph_state (warmup, frozen workspace, verify buffers), then two 'replays' of a batch padded to
+    the captured size: out_graph (the live tree mask into the captured buffer) + in_graph + the sparse layers."""
+    import types
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_m3.attention import kernels
+    from sglang_m3.attention.kernels import common
+
+    common._DEFAULT_SMS = 8  # small batches still take the split + merge paths, as on a GPU
+    n, max_bs = 4, 3
+    for replay in range(2):
+        g = torch.Generator().manual_seed(40 + replay)
+        trees = [chain(n)] * 2 if topk == 1 else [random_tree(n, g) for _ in range(2)]
+        b = make_batch([10 + 7 * replay, 5], trees, seed=30 + replay, dv=D)
+        r2t = torch.zeros(b["req_to_token"].shape[0], 40, dtype=torch.int32)
+        r2t[:, : b["req_to_token"].shape[1]] = b["req_to_token"]
+        if replay == 0:
+            backend = _backend(algorithm, topk, n, r2t)
+            backend.use_kernels, backend.impl = True, kernels
+            backend.init_cuda_graph_state(max_bs, max_bs * n)
+            assert backend._graph_workspace.frozen and backend._graph_block_topk.shape[0] == max_bs * n
+        backend.req_to_token_pool.req_to_token.copy_(r2t)
+        pool = backend.token_to_kv_pool
+        spare_row = [r for r in range(r2t.shape[0]) if r not in b["req_pool_indices"].tolist()][0]
+        pad_slot = int(r2t[spare_row, 0])  # the NaN slot: no real token lives there
+        fb = types.SimpleNamespace(
+            forward_mode=ForwardMode.TARGET_VERIFY,
+            req_pool_indices=torch.cat([b["req_pool_indices"], torch.tensor([spare_row])]),
+            seq_lens=torch.cat([b["seq_lens"], torch.tensor([1])]),  # Triton's seq-len fill value
+            out_cache_loc=torch.cat([b["out_cache_loc"], torch.full((n,), pad_slot)]),
+            spec_info=types.SimpleNamespace(custom_mask=b["custom_mask"], draft_token_num=n))
+        backend.init_forward_metadata_out_graph(fb)
+        backend.init_forward_metadata_in_graph(fb)
+        assert backend._meta[1]["workspace"] is backend._graph_workspace
+        n_slots = b["ik_cache"].shape[0]
+        pre = [s for i, s0 in enumerate(b["prefix_lens"]) for s in r2t[b["req_pool_indices"][i], :s0].tolist()]
+        def cat(part, k):  # the real requests' drafts, then a padded request's (random)
+            return torch.cat([rq[part][k] for rq in b["reqs"]] + [torch.randn(n, *b["reqs"][0][part][k].shape[1:])])
+        for lid in SPARSE:
+            pool.k_buffer[lid][:n_slots][pre] = b["k_cache"][pre]
+            pool.v_buffer[lid][:n_slots][pre] = b["v_cache"][pre]
+            pool.get_index_k_buffer(lid)[:n_slots][pre] = b["ik_cache"][pre]
+            layer = types.SimpleNamespace(layer_id=lid, tp_q_head_num=HQ, qk_head_dim=D, v_head_dim=D,
+                                          scaling=SM_SCALE, k_scale=None, v_scale=None)
+            out = backend.forward(cat("draft", "q").reshape(-1, HQ * D), cat("draft", "k"), cat("draft", "v"),
+                                  layer, fb, index_q=cat("draft", "iq"), index_k=cat("draft", "ik"))
+            sel = backend._graph_block_topk[: 3 * n]
+            assert torch.isfinite(out).all()
+            real = 2 * n
+            check_bruteforce(b, sel[:real], out[:real].view(-1, HQ, D), BLOCK, TOPK)
+    return "ok"
+
+
+def _worker():
+    from sglang.srt.runtime_context import get_parallel
+
+    ctx = get_parallel().override(tp_size=1, tp_rank=0)
+    ctx.__enter__()
+    res = {}
+    for algorithm, topk in (("EAGLE3", 1), ("EAGLE3", 4), ("NGRAM", 4)):
+        try:
+            res[f"{algorithm}-{topk}"] = _graph_case(algorithm, topk)
+        except BaseException:  # noqa: BLE001 -- reported to the parent test
+            import traceback
+
+            res[f"{algorithm}-{topk}"] = traceback.format_exc()
+    print("@@RESULTS@@" + __import__("json").dumps(res), flush=True)
+
+
+def test_kernel_path_under_the_verify_graph_protocol():
+    """Chain (EAGLE3 topk 1: the kernels' extend form) and trees (EAGLE3 topk 4, NGRAM: decode rows over the
+    virtual req_to_token), with the graph workspace frozen after warmup and the batch padded; ~1 min."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", SGLANG_USE_CPU_ENGINE="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in [str(repo / "cpu_shim"), str(repo),
+                                                      os.environ.get("PYTHONPATH", "")] if p))
+    proc = subprocess.run([sys.executable, __file__, "--worker"], cwd=repo, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULTS@@")]
+    assert line, f"worker died (rc={proc.returncode}):\n{proc.stdout[-5000:]}"
+    results = json.loads(line[-1][len("@@RESULTS@@"):])
+    assert all(r == "ok" for r in results.values()), "\n".join(f"{c}: {r}" for c, r in results.items())
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
