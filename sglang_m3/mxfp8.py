@@ -11,8 +11,8 @@ run: e4m3 elements, one fp32 scale per 128×128 tile:
     w[n, k] = e4m3[n, k] · scale_inv[n // 128, k // 128]    scale_inv = 2^ceil(log2(amax(|tile|) / 448))
 
 Hopper has no MX-scaled matmul, so sglang-m3 converts each MXFP8 tensor to block FP8 while loading it
-(`mxfp8_to_block_fp8`): dequantize in fp32, requantize per 128×128 tile. One tensor at a time: the transient
-is that tensor in fp32 (an expert matrix of the release, 3072×6144, is 75 MB), never the model in bf16.
+(`mxfp8_to_block_fp8`): dequantize in fp32, requantize per 128×128 tile, one tensor and within it one stripe of
+1024 rows at a time: the transient is ~0.1 GB of fp32, never a tensor (let alone the model) in bf16.
 
 Why a power-of-two tile scale (DeepSeek-V3 uses amax/448): an MX element is e4m3 · 2^k, so dividing it by 2^t
 moves it along e4m3's own grid, exactly, as long as it stays in e4m3's normal range (≥ 2^-6 after scaling, i.e.
@@ -75,10 +75,24 @@ def block_fp8_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor,
     return q.view(bn * block, bk * block)[:n, :k].contiguous(), scale.view(bn, bk).contiguous()
 
 
-def mxfp8_to_block_fp8(weight: torch.Tensor, scale: torch.Tensor,
-                       block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """MXFP8 pair (see `mxfp8_dequantize`) → block-FP8 pair (see `block_fp8_quantize`), on `weight`'s device."""
-    return block_fp8_quantize(mxfp8_dequantize(weight, scale), block)
+def mxfp8_to_block_fp8(weight: torch.Tensor, scale: torch.Tensor, block: int = 128,
+                       stripe_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP8 pair (see `mxfp8_dequantize`) → block-FP8 pair (see `block_fp8_quantize`), on `weight`'s device.
+
+    Converted `stripe_rows` rows (a multiple of `block`) at a time, so the fp32 transient is a few times
+    stripe_rows × K × 4 bytes (≈ 0.1 GB at K = 6144), whatever the tensor's size.
+    """
+    check_mxfp8_pair(weight, scale)
+    if stripe_rows % block:
+        raise ValueError(f"stripe_rows={stripe_rows} must be a multiple of the block {block}")
+    n, k = weight.shape
+    q = torch.empty_like(weight)
+    out_scale = torch.empty(-(-n // block), -(-k // block), dtype=torch.float32, device=weight.device)
+    for r0 in range(0, n, stripe_rows):
+        rows = slice(r0, min(n, r0 + stripe_rows))
+        q[rows], out_scale[r0 // block:-(-rows.stop // block)] = block_fp8_quantize(
+            mxfp8_dequantize(weight[rows], scale[rows]), block)
+    return q, out_scale
 
 
 def mxfp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,6 +127,8 @@ def test_mxfp8_to_block_fp8_against_float64_oracle(n, k):
     assert tuple(q.shape) == (n, k)
     x = ref_mx_dequant(w, s)
     assert_block_fp8_close(q, scale, x, f"{n}x{k}")
+    q_striped, scale_striped = mxfp8.mxfp8_to_block_fp8(w, s, stripe_rows=128)  # the loader's memory bound
+    assert torch.equal(q_striped.view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale_striped, scale)
     # It can fail: DeepSeek-V3's amax/448 scales round most elements a second time; tiles transposed are far off.
     ds_scale = _amax448(x)
     q_ds = (x / expand(ds_scale, x.shape)).to(E4M3)
