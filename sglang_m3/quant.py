@@ -89,8 +89,9 @@ def server_quantization(requested: Optional[str], hf_config,
     """ServerArgs declarations for the checkpoint's quantization on this GPU (`capability`: CUDA (major, minor),
     None without CUDA). `requested`: --quantization as given (None when absent).
 
-    MXFP8 checkpoint: sm90 → {"quantization": "m3_mxfp8_block"}; sm100/sm103 → {} (SGLang's MXFP8); other GPUs
-    or no GPU → ValueError. Other checkpoints, or a --quantization other than mxfp8 for an MXFP8 checkpoint
+    MXFP8 checkpoint: sm90 → {"quantization": "m3_mxfp8_block"}; sm100/sm103 → {} (SGLang's MXFP8; an explicit
+    --quantization mxfp8 is refused there: SGLang would then pick a MoE runner without M3's clamped SwiGLU); other
+    GPUs or no GPU → ValueError. Other checkpoints, or a --quantization other than mxfp8 for an MXFP8 checkpoint
     (SGLang then reports the mismatch itself) → {}.
     """
     if checkpoint_quant_method(hf_config) != "mxfp8" or requested not in (None, "mxfp8", MXFP8_BLOCK_NAME):
@@ -98,6 +99,10 @@ def server_quantization(requested: Optional[str], hf_config,
     if capability is not None and capability[0] == 9:
         return {"quantization": MXFP8_BLOCK_NAME}
     if capability is not None and capability[0] == 10:
+        if requested == "mxfp8":
+            # SGLang then forces its flashinfer_trtllm MoE runner, which does not take M3's clamped SwiGLU.
+            raise ValueError("sglang-m3: drop --quantization mxfp8 for MiniMax-M3 (the checkpoint declares it; the "
+                             "flag would switch the MoE runner away from triton, which M3's clamped SwiGLU needs)")
         return {}  # SGLang's MXFP8 (or the conversion, when --quantization m3_mxfp8_block asks for it)
     where = "no CUDA device" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
     raise ValueError(f"sglang-m3: the MXFP8 MiniMax-M3 checkpoint is served on sm90 (Hopper, converted to 128x128 "

@@ -211,6 +211,8 @@ def test_method_choice_per_device():
     assert server_quantization(None, _obj(mx), (9, 0)) == {"quantization": MXFP8_BLOCK_NAME}
     assert server_quantization("mxfp8", _obj(mx), (9, 0)) == {"quantization": MXFP8_BLOCK_NAME}
     assert server_quantization(None, _obj(mx), (10, 0)) == {}  # SGLang's own MXFP8 on Blackwell
+    with pytest.raises(ValueError, match="drop --quantization mxfp8"):
+        server_quantization("mxfp8", _obj(mx), (10, 0))
     assert server_quantization("fp8", _obj(mx), (9, 0)) == {}  # SGLang reports that mismatch itself
     for cap in [(9, 0), (8, 0), None]:
         assert server_quantization(None, _obj(bf16), cap) == {}
