@@ -201,13 +201,13 @@ def main():
             results["servers"][name] = info
             logs.append(f"===== {name} (last 60 lines) =====\n" + "\n".join(log.splitlines()[-60:]))
             print(json.dumps({name: info}), flush=True)
-
-    results["compare"] = compare(scores, prompts)
-    results["verdict"] = verdict(results)
-    results["total_s"] = round(time.time() - t0, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
-    (out / "server_logs.txt").write_text("\n\n".join(logs))
+            # after every server, so a run cut short by the device's time limit still leaves its numbers
+            results["compare"] = compare(scores, prompts)
+            results["verdict"] = verdict(results)
+            results["total_s"] = round(time.time() - t0, 1)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+            (out / "results.md").write_text(markdown(results))
+            (out / "server_logs.txt").write_text("\n\n".join(logs))
     print((out / "results.md").read_text())
 
 

@@ -367,6 +367,25 @@ QUANTIZED_LINEAR = ("self_attn.qkv_proj", "self_attn.o_proj", "self_attn.index_q
                     "block_sparse_moe.shared_experts.down_proj")
 
 
+def test_tiny_mxfp8_is_the_bf16_checkpoint_quantized(ckpts):
+    """The writer's MXFP8 checkpoint: the bf16 one's tensors, 2-D text weights as e4m3 + uint8 [N, K/32] scales
+    holding the same source values (|mx − bf16| within MX's rounding plus bf16's), the rest identical."""
+    bf, mx = read(ckpts["bf16"]), read(ckpts["mxfp8"])
+    scales = {k for k in mx if k.endswith("weight_scale_inv")}
+    assert set(mx) - scales == set(bf)
+    assert len(scales) == 2 * 4 + 2 + 3 + 3 + 4 * 3  # q/k/v/o x 2 layers, index q/k, dense MLP, shared, 4 experts
+    for name in scales:
+        w = name[: -len("_scale_inv")]
+        assert mx[w].dtype == E4M3 and mx[name].dtype == torch.uint8
+        assert tuple(mx[name].shape) == (bf[w].shape[0], bf[w].shape[1] // 32), name
+        got, ref = ref_mx_dequant(mx[w], mx[name]), bf[w].double()
+        step = torch.pow(2.0, mx[name].double() - 127).repeat_interleave(32, 1)
+        assert bool(((got - ref).abs() <= (2.0 ** -4 + 2.0 ** -8) * ref.abs() + 2.0 ** -9 * step).all()), name
+    for name in set(bf) - {k[: -len("_scale_inv")] for k in scales}:
+        assert torch.equal(mx[name], bf[name]), name
+    assert mx["language_model.model.layers.1.block_sparse_moe.gate.weight"].dtype == torch.float32
+
+
 def test_layers_get_block_fp8_methods(sglang_env, ckpts):
     from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
     from sglang.srt.layers.quantization.fp8 import Fp8LinearMethod, Fp8MoEMethod
