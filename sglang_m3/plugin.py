@@ -78,6 +78,8 @@ def register() -> None:
                           _cell_size_with_index_k, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs._handle_cuda_graph_config",
                           _eager_prefill, HookType.AROUND)
+    HookRegistry.register("sglang.srt.speculative.draft_utils.DraftBackendFactory.__init__",
+                          _draft_backends_not_ours, HookType.AROUND)
 
 
 def enable() -> None:
@@ -160,11 +162,18 @@ def _speculative_overrides(server_args) -> dict:
     if draft_backend == BACKEND_NAME:
         raise ValueError(f"sglang-m3: --speculative-draft-attention-backend {BACKEND_NAME} is for the M3 target; "
                          "the EAGLE draft is a dense model: use an SGLang backend (e.g. triton).")
-    if algo.upper() != "NGRAM" and draft_backend is None and getattr(server_args, "device", "cuda") != "cpu":
-        # SGLang picks the draft's backends from this flag, else from --attention-backend (ours, which the draft
-        # must never get: speculative/draft_utils.py, attention_backend_setup.py in 0.5.17).
-        return {"speculative_draft_attention_backend": "triton"}
-    return {}
+    return {}  # the draft's backends: _draft_backends_not_ours (the flag is not model-overridable in 0.5.17)
+
+
+def _draft_backends_not_ours(original, factory, server_args, *args, **kwargs):
+    """EAGLE's draft decode/extend backends come from --speculative-draft-attention-backend, else the decode/prefill
+    backend, else --attention-backend (0.5.17 speculative/draft_utils.py DraftBackendFactory): when that would be
+    ours (the M3 default), give the dense Llama-style draft the dense backend we wrap instead."""
+    original(factory, server_args, *args, **kwargs)
+    if factory.draft_attn_backend is None and BACKEND_NAME in (
+            getattr(server_args, "decode_attention_backend", None),
+            getattr(server_args, "prefill_attention_backend", None), server_args.attention_backend):
+        factory.draft_attn_backend = _dense_backend_name(factory.draft_model_runner)
 
 
 def _eager_prefill(original, server_args):

@@ -403,10 +403,7 @@ def test_plugin_speculative_flags():
         return types.SimpleNamespace(speculative_algorithm=algo, device="cuda", **kw)
 
     assert _speculative_overrides(args(None)) == {}
-    # the draft model must get a dense SGLang backend, never the M3 sparse one
-    assert _speculative_overrides(args("EAGLE3", speculative_draft_attention_backend=None)) == {
-        "speculative_draft_attention_backend": "triton"}
-    assert _speculative_overrides(args("EAGLE3", speculative_draft_attention_backend="fa3")) == {}
+    assert _speculative_overrides(args("EAGLE3", speculative_draft_attention_backend=None)) == {}
     assert _speculative_overrides(args("NGRAM", speculative_draft_attention_backend=None)) == {}
     with pytest.raises(ValueError, match="m3_msa is for the M3 target"):
         _speculative_overrides(args("EAGLE", speculative_draft_attention_backend="m3_msa"))
@@ -539,3 +536,28 @@ def test_kernel_path_under_the_verify_graph_protocol():
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker()
+
+
+def test_eagle_draft_never_gets_the_m3_backend():
+    """SGLang's DraftBackendFactory picks the draft's decode/extend backends from the draft flag, else the target's
+    backend names; with ours (the M3 default) the plugin hands the dense Llama-style draft the dense backend."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cpu_env
+
+    probe = """
+import types, sglang_m3
+sglang_m3.enable()
+from sglang.srt.speculative.draft_utils import DraftBackendFactory
+def pick(**kw):
+    sa = dict(speculative_draft_attention_backend=None, decode_attention_backend=None,
+              prefill_attention_backend=None, attention_backend="m3_msa")
+    sa.update(kw)
+    return DraftBackendFactory(types.SimpleNamespace(**sa), types.SimpleNamespace(device="cuda"), 1, 3).draft_attn_backend
+print(pick(), pick(attention_backend="flashinfer"), pick(speculative_draft_attention_backend="fa3"),
+      pick(attention_backend="triton", decode_attention_backend="m3_msa"))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["triton", "None", "fa3", "triton"]

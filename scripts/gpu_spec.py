@@ -1,0 +1,217 @@
+"""Speculative decoding on the GPU: EAGLE3 (random tiny draft) and NGRAM against no speculation, ours and in-tree.
+
+Same tiny checkpoint as gpu_e2e.py (real attention geometry: head/index dim 128, block 128, top-4, so prompts past
+512 tokens are sparse) plus a random EAGLE3 draft (sglang_m3.tiny_eagle3). Servers, in priority order (a time
+budget skips the tail, recorded as skipped):
+  base            ours, no speculation, CUDA graphs on
+  eagle3          ours, EAGLE3 chain (topk 1, 3 steps, 4 draft tokens), graphs on
+  ngram           ours, NGRAM (8 draft tokens: trees), graphs on
+  intree_eagle3   SGLang's own M3 with the eagle3 flags (SGLANG_PLUGINS=none): the yardstick, its failure
+                  recorded as it is
+  eagle3_eager / ngram_eager      ours, the same, --disable-cuda-graph
+  eagle3_tree     ours, EAGLE3 topk 2 (trees), graphs on
+  intree_ngram    the in-tree M3 with the ngram flags
+Per server: greedy continuations of sparse prompts (tokens vs base's; decoded logprobs -- computed by the verify
+forwards -- vs base's teacher-forced prefill scores of the same tokens), the gpu_e2e consistency checks (decode vs
+prefill, radix-cache hit vs flushed, with the decode speculative), spec accept length, decode tok/s at concurrency
+1 and 8 (wall time of a request with a short prefill; the same measure for base). NGRAM gets a repetitive prompt
+(repeated lines of "code") where drafts can hit. Writes spec_results.json / spec_results.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from gpu_e2e import COMMON_FLAGS, MEAN_TOL, consistency, diff, greedy, logprobs, prompt, write_checkpoint  # noqa: E402
+from servers import Server, post  # noqa: E402
+
+PROMPT_LENS = (700, 1500)  # sparse (> top-4 x 128), not multiples of 128
+DECODE = 64
+SPEED_TOKENS = 256
+FLAGS = list(COMMON_FLAGS)
+FLAGS[FLAGS.index("--cuda-graph-max-bs") + 1] = "8"  # fewer captures: faster start-up
+
+
+def repetitive_prompt(n: int, seed: int) -> list[int]:
+    """'Code' with repeated lines: 24 distinct random lines of 40 tokens, drawn with repetition."""
+    import random
+
+    rnd = random.Random(seed)
+    lines = [[rnd.randrange(32, 127) for _ in range(39)] + [10] for _ in range(24)]
+    out: list[int] = []
+    while len(out) < n:
+        out += lines[rnd.randrange(len(lines))]
+    return out[:n]
+
+
+def speed(server: Server, prompts: list[list[int]]) -> dict:
+    """Decode tok/s at concurrency len(prompts): generated tokens / wall time of one batched request."""
+    post(server.url + "/flush_cache")
+    t0 = time.time()
+    out = post(server.url + "/generate", {"input_ids": prompts, "sampling_params": {
+        "max_new_tokens": SPEED_TOKENS, "temperature": 0, "ignore_eos": True}})
+    wall = time.time() - t0
+    out = out if isinstance(out, list) else [out]
+    toks = sum(o["meta_info"]["completion_tokens"] for o in out)
+    acc = [o["meta_info"].get("spec_accept_length") for o in out]
+    ver = [o["meta_info"].get("spec_verify_ct") for o in out]
+    return {"concurrency": len(prompts), "tokens": toks, "wall_s": round(wall, 3), "tok_s": round(toks / wall, 1),
+            "spec_accept_length": acc if any(a is not None for a in acc) else None,
+            "spec_verify_ct": ver if any(v is not None for v in ver) else None}
+
+
+def check_server(server: Server, prompts, base_ref) -> dict:
+    info: dict = {"startup_s": round(server.startup_s, 1)}
+    rows = []
+    for p, ref in zip(prompts, base_ref or [None] * len(prompts)):
+        post(server.url + "/flush_cache")
+        toks, meta = greedy(server, p, DECODE)
+        row = {"len": len(p), "spec_accept_length": meta.get("spec_accept_length"),
+               "spec_verify_ct": meta.get("spec_verify_ct"), "completion_tokens": meta.get("completion_tokens")}
+        if ref is not None:
+            ref_toks, ref_scores = ref
+            same = 0
+            while same < len(toks) and toks[same] == ref_toks[same]:
+                same += 1
+            row["tokens_equal_base"] = same == len(ref_toks)
+            row["first_divergence"] = None if same == len(ref_toks) else same
+            # decoded logprobs (from the verify forwards) vs base's teacher-forced prefill, on the common tokens
+            lp = [x[0] for x in meta["output_token_logprobs"]]
+            if same:
+                row["decode_vs_base_prefill"] = diff(lp[:same], ref_scores[:same])
+        rows.append(row)
+    info["greedy"] = rows
+    info["consistency"] = consistency(server, prompts)  # decode (speculative here) vs prefill; radix hit
+    return info
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_spec"))
+    ap.add_argument("--servers", default="base,eagle3,ngram,intree_eagle3,eagle3_eager,ngram_eager,eagle3_tree,"
+                                         "intree_ngram")
+    ap.add_argument("--budget-s", type=float, default=330, help="skip servers that would start after this")
+    args = ap.parse_args()
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/m3_gpu_spec")
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = write_checkpoint(work)
+    from sglang_m3.tiny_eagle3 import write_tiny_eagle3
+
+    draft = write_tiny_eagle3(work / "eagle3", ckpt)
+    eagle = ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(draft),
+             "--speculative-num-steps", "3", "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
+    eagle_tree = ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(draft),
+                  "--speculative-num-steps", "3", "--speculative-eagle-topk", "2",
+                  "--speculative-num-draft-tokens", "6"]
+    ngram = ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "8"]
+    configs = {
+        "base": ([], {}),
+        "eagle3": (eagle, {}),
+        "ngram": (ngram, {}),
+        "eagle3_eager": (eagle + ["--disable-cuda-graph"], {}),
+        "ngram_eager": (ngram + ["--disable-cuda-graph"], {}),
+        "eagle3_tree": (eagle_tree, {}),
+        # in-tree: its draft backend is not forced by our plugin; pass the dense one explicitly, as a user would
+        "intree_eagle3": (eagle + ["--speculative-draft-attention-backend", "triton"], {"SGLANG_PLUGINS": "none"}),
+        "intree_ngram": (ngram, {"SGLANG_PLUGINS": "none"}),
+    }
+    prompts = [prompt(n, seed=i) for i, n in enumerate(PROMPT_LENS)]
+    rep = [repetitive_prompt(2000, seed=7)]
+    speed_prompts = [prompt(600, seed=100 + i) for i in range(8)]
+    results: dict = {"flags": FLAGS, "configs": {k: v[0] for k, v in configs.items()}, "servers": {}}
+    base_ref = None
+    for k, name in enumerate(args.servers.split(",")):
+        if time.time() - t_start > args.budget_s:
+            results["servers"][name] = {"skipped": f"time budget {args.budget_s}s spent"}
+            continue
+        flags, env = configs[name]
+        server = Server(name, ckpt, [*FLAGS, *flags], log_dir=work, port=30200 + k, env=env)
+        try:
+            server.wait(timeout=240)
+            use = prompts + (rep if "ngram" in name or name == "base" else [])
+            info = check_server(server, use, base_ref)
+            if name == "base":
+                base_ref = []
+                for p in use:
+                    post(server.url + "/flush_cache")
+                    toks, _ = greedy(server, p, DECODE)
+                    base_ref.append((toks, logprobs(server, p + toks)[len(p) - 1:]))
+            if not name.endswith("_eager"):
+                info["speed"] = [speed(server, speed_prompts[:1]), speed(server, speed_prompts)]
+                if "ngram" in name or name == "base":
+                    info["speed_repetitive"] = speed(server, rep)
+            results["servers"][name] = info
+        except Exception as e:  # noqa: BLE001 -- recorded; one broken server must not hide the others
+            results["servers"][name] = {"error": repr(e)[:1500], "log_tail": server.log()[-4000:]}
+        finally:
+            server.stop()
+        (out / "spec_results.json").write_text(json.dumps(results, indent=1))
+    results["verdict"] = verdict(results["servers"])
+    results["elapsed_s"] = round(time.time() - t_start, 1)
+    (out / "spec_results.json").write_text(json.dumps(results, indent=1))
+    (out / "spec_results.md").write_text(markdown(results))
+    print((out / "spec_results.md").read_text())
+
+
+def verdict(servers: dict) -> dict:
+    """Ours only: every speculative server's decoded logprobs within MEAN_TOL (mean) of base's teacher-forced
+    scores and its own decode-vs-prefill / radix gaps within MEAN_TOL. Greedy token equality is reported, not
+    judged (a bf16 near-tie may flip one token, after which the sequences legitimately differ)."""
+    checks = {}
+    for name, info in servers.items():
+        if name == "base" or name.startswith("intree") or "greedy" not in info:
+            continue
+        for row in info["greedy"]:
+            if "decode_vs_base_prefill" in row:
+                checks[f"{name} len {row['len']} decode vs base"] = row["decode_vs_base_prefill"]["mean"] <= MEAN_TOL
+        cons = info["consistency"]
+        checks[f"{name} radix prefix cached"] = all(c > 0 for c in cons["cached_tokens"])
+        for key in ("decode_vs_prefill", "radix_extend", "radix_decode"):
+            checks[f"{name} {key}"] = cons[key]["mean"] <= MEAN_TOL
+    failed = [n for n, i in servers.items() if not n.startswith("intree") and "error" in i]
+    return {"pass": bool(checks) and all(checks.values()) and not failed, "checks": checks,
+            "ours_failed": failed, "mean_tol": MEAN_TOL}
+
+
+def markdown(r: dict) -> str:
+    v = r["verdict"]
+    lines = [f"verdict (ours, mean |Δ logprob| <= {MEAN_TOL}): {'PASS' if v['pass'] else 'FAIL'}; "
+             f"failed servers: {v['ours_failed']}; elapsed {r.get('elapsed_s')} s", "",
+             "| server | start s | greedy = base | decode vs base (mean/max) | accept len | decode vs prefill | "
+             "radix new / decode | cached | tok/s c1 | tok/s c8 | tok/s repetitive |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, i in r["servers"].items():
+        if "error" in i or "skipped" in i:
+            lines.append(f"| {name} | {(i.get('error') or i.get('skipped'))[:160]} |")
+            continue
+        g = i["greedy"]
+        eq = [row.get("tokens_equal_base") for row in g]
+        dv = "; ".join(f"{row['decode_vs_base_prefill']['mean']:.3f}/{row['decode_vs_base_prefill']['max']:.2f}"
+                       for row in g if "decode_vs_base_prefill" in row)
+        acc = [row.get("spec_accept_length") for row in g]
+        c = i["consistency"]
+        sp = i.get("speed") or [{}, {}]
+        rep = i.get("speed_repetitive", {})
+        lines.append(f"| {name} | {i['startup_s']} | {eq} | {dv} | {acc} | "
+                     f"{c['decode_vs_prefill']['mean']:.3f}/{c['decode_vs_prefill']['max']:.2f} | "
+                     f"{c['radix_extend']['mean']:.3f} / {c['radix_decode']['mean']:.3f} | {c['cached_tokens']} | "
+                     f"{sp[0].get('tok_s')} | {sp[1].get('tok_s')} | {rep.get('tok_s', '')} "
+                     f"(acc {rep.get('spec_accept_length')}) |")
+    lines += ["", "checks: " + json.dumps(v["checks"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
