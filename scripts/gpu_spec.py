@@ -90,8 +90,15 @@ def check_server(server: Server, prompts, base_ref) -> dict:
                 row["decode_vs_base_prefill"] = diff(lp[:same], ref_scores[:same])
         rows.append(row)
     info["greedy"] = rows
-    info["consistency"] = consistency(server, prompts)  # decode (speculative here) vs prefill; radix hit
     return info
+
+
+def stage(info: dict, key: str, fn):
+    """Run one measurement; a failure is recorded under the key instead of hiding the other measurements."""
+    try:
+        info[key] = fn()
+    except Exception as e:  # noqa: BLE001
+        info[key] = {"error": repr(e)[:1000]}
 
 
 def main():
@@ -148,10 +155,12 @@ def main():
                     post(server.url + "/flush_cache")
                     toks, _ = greedy(server, p, DECODE)
                     base_ref.append((toks, logprobs(server, p + toks)[len(p) - 1:]))
+            # decode (speculative here) vs prefill of the same tokens; radix-cache hit vs flushed
+            stage(info, "consistency", lambda: consistency(server, prompts))
             if not name.endswith("_eager"):
-                info["speed"] = [speed(server, speed_prompts[:1]), speed(server, speed_prompts)]
+                stage(info, "speed", lambda: [speed(server, speed_prompts[:1]), speed(server, speed_prompts)])
                 if "ngram" in name or name == "base":
-                    info["speed_repetitive"] = speed(server, rep)
+                    stage(info, "speed_repetitive", lambda: speed(server, rep))
             results["servers"][name] = info
         except Exception as e:  # noqa: BLE001 -- recorded; one broken server must not hide the others
             results["servers"][name] = {"error": repr(e)[:1500], "log_tail": server.log()[-4000:]}
@@ -176,7 +185,10 @@ def verdict(servers: dict) -> dict:
         for row in info["greedy"]:
             if "decode_vs_base_prefill" in row:
                 checks[f"{name} len {row['len']} decode vs base"] = row["decode_vs_base_prefill"]["mean"] <= MEAN_TOL
-        cons = info["consistency"]
+        cons = info.get("consistency", {})
+        if "error" in cons:
+            checks[f"{name} consistency ran"] = False
+            continue
         checks[f"{name} radix prefix cached"] = all(c > 0 for c in cons["cached_tokens"])
         for key in ("decode_vs_prefill", "radix_extend", "radix_decode"):
             checks[f"{name} {key}"] = cons[key]["mean"] <= MEAN_TOL
@@ -201,14 +213,16 @@ def markdown(r: dict) -> str:
         dv = "; ".join(f"{row['decode_vs_base_prefill']['mean']:.3f}/{row['decode_vs_base_prefill']['max']:.2f}"
                        for row in g if "decode_vs_base_prefill" in row)
         acc = [row.get("spec_accept_length") for row in g]
-        c = i["consistency"]
-        sp = i.get("speed") or [{}, {}]
-        rep = i.get("speed_repetitive", {})
-        lines.append(f"| {name} | {i['startup_s']} | {eq} | {dv} | {acc} | "
-                     f"{c['decode_vs_prefill']['mean']:.3f}/{c['decode_vs_prefill']['max']:.2f} | "
-                     f"{c['radix_extend']['mean']:.3f} / {c['radix_decode']['mean']:.3f} | {c['cached_tokens']} | "
-                     f"{sp[0].get('tok_s')} | {sp[1].get('tok_s')} | {rep.get('tok_s', '')} "
-                     f"(acc {rep.get('spec_accept_length')}) |")
+        c = i.get("consistency", {})
+        sp = i.get("speed")
+        sp = sp if isinstance(sp, list) else [sp or {}, {}]
+        rp = i.get("speed_repetitive") or {}
+        cons = (f"{c['decode_vs_prefill']['mean']:.3f}/{c['decode_vs_prefill']['max']:.2f} | "
+                f"{c['radix_extend']['mean']:.3f} / {c['radix_decode']['mean']:.3f} | {c['cached_tokens']}"
+                if "decode_vs_prefill" in c else f"{str(c.get('error'))[:120]} | | ")
+        lines.append(f"| {name} | {i['startup_s']} | {eq} | {dv} | {acc} | {cons} | "
+                     f"{sp[0].get('tok_s', sp[0].get('error'))} | {sp[1].get('tok_s')} | "
+                     f"{rp.get('tok_s', rp.get('error', ''))} (acc {rp.get('spec_accept_length')}) |")
     lines += ["", "checks: " + json.dumps(v["checks"])]
     return "\n".join(lines) + "\n"
 

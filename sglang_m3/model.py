@@ -199,6 +199,11 @@ class MiniMaxM3SparseForCausalLM(nn.Module):
             raise ValueError(f"EAGLE3 aux hidden-state layers {layer_ids} must be distinct and within {n} layers")
         self.model.layers_to_capture = tuple(capture)
 
+    @property
+    def capture_aux_hidden_states(self) -> bool:
+        """SGLang's flag (read by its runners) for a `.model` that returns (hidden states, aux hidden states)."""
+        return bool(self.model.layers_to_capture)
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
                 input_embeds: Optional[torch.Tensor] = None, **_):

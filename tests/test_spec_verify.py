@@ -370,14 +370,14 @@ def test_eagle3_captures_the_residual_stream_entering_the_layers():
     top = _model(6)
     ids = torch.tensor([1, 4, 7])
     h_plain, aux = top.forward(ids, None, None)
-    assert aux is None  # nothing captured until asked
+    assert aux is None and not top.capture_aux_hidden_states  # nothing captured until asked
     streams, h = [], top.model.embed_tokens(ids)  # independent walk: the stream entering each layer
     stream = h
     for i in range(6):
         streams.append(stream)
         stream = torch.sin(stream * (i + 1)) + stream
     top.set_eagle3_layers_to_capture([0, 2, 4])  # draft ids: the outputs of layers 0, 2, 4
-    assert top.model.layers_to_capture == (1, 3, 5)
+    assert top.model.layers_to_capture == (1, 3, 5) and top.capture_aux_hidden_states
     h_cap, aux = top.forward(ids, None, None)
     assert torch.equal(h_cap, h_plain) and len(aux) == 3
     for got, want in zip(aux, (streams[1], streams[3], streams[5])):
