@@ -213,6 +213,42 @@ def indexer_prefetch_variants():
 
 
 @cpu_case
+def indexer_two_pass_matches_twin():
+    """The two-pass indexer (score every block, then select) against the twin and against the split variant
+    (which must agree exactly: same block scores, same key order): batch sizes 1 / 3 / 7, lengths off the block
+    grid, dense rows (<= topk blocks), a lone token, exact block multiples, several init/local settings,
+    pass-1 program counts from 1 to more than the blocks; an extend-form batch of one token per request with
+    a row owned by no request (its out row must stay untouched) and a request with no new token."""
+    from sglang_m3.attention import kernels as K
+
+    bsz, topk = 16, 3
+    batches = [([150], 1), ([47, 16, 1], 2), ([200, 33, 48, 17, 129, 96, 5], 2)]  # (lens, kv heads)
+    for lens, hkv in batches:
+        b = make_batch(lens, [1] * len(lens), hq=2 * hkv, hkv=hkv, d=16, di=16, dv=16, dtype=torch.float32,
+                       seed=len(lens))
+        for (init_b, local_b), ns in (((0, 1), None), ((1, 2), 1), ((0, 0), 3), ((2, 1), 64)):
+            got, want = run_both_indexers(b, bsz, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=True,
+                                          num_splits=ns)
+            assert_same_selection(got, want, b, bsz, 1e-5)
+            split, _ = run_both_indexers(b, bsz, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
+            assert torch.equal(got, split), (lens, init_b, local_b, ns)
+    assert (want >= 0).sum(-1).min() == 1 and (want >= 0).sum(-1).max() == topk  # lone token and sparse rows
+    # extend form, one token per tile: request 2 has no new token, the last packed row belongs to nobody
+    b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,
+                   extra_rows=1)
+    meta = K.prepare_meta(b["meta"]["req_pool_indices"], b["meta"]["seq_lens"], b["meta"]["extend_seq_lens"],
+                          b["meta"]["extend_start_loc"], b["T"], index_heads=2)
+    assert meta.block_t == 1 and K.indexer.uses_two_pass(meta)
+    out = torch.full((b["T"], 2, topk), 77, dtype=torch.int32)
+    got, want = run_both_indexers(b, bsz, topk, out=out, meta=meta)
+    assert (out[-1] == 77).all()
+    assert_same_selection(got[:-1], want[:-1], b, bsz, 1e-5)
+    with pytest.raises(ValueError, match="one token per tile"):
+        b = make_batch([90], [5], hq=2, hkv=1, d=16, di=16, dv=16, dtype=torch.float32, seed=6)
+        run_both_indexers(b, bsz, topk, two_pass=True)
+
+
+@cpu_case
 def decode_fp32_mqa_splits():
     """TP8-like grouping (2 q heads / 1 kv head, padded to 16 rows), Di 32, block 32, decode form,
     default splits (2 in the worker) for both kernels, and the extend form on the same batch."""
@@ -266,30 +302,47 @@ def block_size_not_power_of_two():
 @cpu_case
 def graph_style_decode_with_frozen_workspace():
     """The decode recipe of kernels/__init__.py: warmup sizes a workspace, freeze, then calls with new
-    lengths / slots / rows reuse the same buffers (same addresses) and stay equal to the twin."""
+    lengths / slots / rows reuse the same buffers (same addresses) and stay equal to the twin. With the
+    two-pass limit at 2 tiles, bs 1 takes the two-pass indexer and bs 3 the split one, under one workspace."""
     from sglang_m3.attention import kernels as K
+    from sglang_m3.attention.kernels import common
 
     bsz, topk, hq, hkv = 16, 3, 2, 1
-    ws = K.MSAWorkspace("cpu")
-    K.warmup(ws, batch_sizes=[1, 3], num_q_heads=hq, num_kv_heads=hkv, head_dim=16, head_dim_v=16,
-             index_dim=16, block_size=bsz, topk_blocks=topk, dtype=torch.float32, device="cpu")
-    ws.freeze()
-    ptrs = {k: v.data_ptr() for k, v in ws._bufs.items()}
-    assert "indexer.part" in ptrs and "attn.acc" in ptrs  # splits were exercised (worker: 8 "SMs")
-    sel_buf = torch.empty(3, hkv, topk, dtype=torch.int32)
-    out_buf = torch.empty(3, hq, 16)
-    for seed, lens in ((7, [90, 17, 64]), (8, [33, 129, 5])):
-        b = make_batch(lens, [1, 1, 1], hq=hq, hkv=hkv, d=16, di=16, dv=16, dtype=torch.float32, seed=seed)
-        m = decode_meta(b)
-        meta = K.prepare_meta(m["req_pool_indices"], m["seq_lens"], None, None, 3, index_heads=hkv, workspace=ws)
-        got, want = run_both_indexers(b, bsz, topk, meta_args=m, out=sel_buf, meta=meta, workspace=ws)
-        assert_same_selection(got, want, b, bsz, 1e-5)
-        o, o_ref = run_both_attentions(b, want, bsz, 0.25, meta_args=m, out=out_buf, meta=meta, workspace=ws)
-        torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
-        assert {k: v.data_ptr() for k, v in ws._bufs.items()} == ptrs
-    with pytest.raises(RuntimeError, match="cannot grow"):  # frozen: a bigger batch must not reallocate
-        K.prepare_meta(torch.zeros(9, dtype=torch.int64), torch.ones(9, dtype=torch.int64), None, None, 9,
-                       index_heads=1, workspace=ws)
+    width = 129 + 9  # req_to_token width of the batches below (make_batch: longest + 9)
+    saved = common.INDEXER_TWO_PASS_MAX_TILES
+    common.INDEXER_TWO_PASS_MAX_TILES = 2
+    try:
+        ws = K.MSAWorkspace("cpu")
+        K.warmup(ws, batch_sizes=[1, 3], num_q_heads=hq, num_kv_heads=hkv, head_dim=16, head_dim_v=16,
+                 index_dim=16, block_size=bsz, topk_blocks=topk, dtype=torch.float32, device="cpu",
+                 context_len=width)
+        ws.freeze()
+        ptrs = {k: v.data_ptr() for k, v in ws._bufs.items()}
+        # both indexer variants and the attention splits were sized (worker: 8 "SMs")
+        assert {"indexer.part", "indexer.scores", "attn.acc"} <= set(ptrs)
+        for seed, lens in ((7, [90, 17, 64]), (8, [33, 129, 5]), (9, [129]), (10, [77])):
+            n = len(lens)
+            sel_buf = torch.empty(n, hkv, topk, dtype=torch.int32)
+            out_buf = torch.empty(n, hq, 16)
+            b = make_batch(lens, [1] * n, hq=hq, hkv=hkv, d=16, di=16, dv=16, dtype=torch.float32, seed=seed)
+            m = {**decode_meta(b), "req_to_token": torch.nn.functional.pad(  # the captured (server-wide) width
+                b["meta"]["req_to_token"], (0, width - b["meta"]["req_to_token"].shape[1]))}
+            meta = K.prepare_meta(m["req_pool_indices"], m["seq_lens"], None, None, n, index_heads=hkv, workspace=ws)
+            assert K.indexer.uses_two_pass(meta) == (n == 1)
+            got, want = run_both_indexers(b, bsz, topk, meta_args=m, out=sel_buf, meta=meta, workspace=ws)
+            assert_same_selection(got, want, b, bsz, 1e-5)
+            o, o_ref = run_both_attentions(b, want, bsz, 0.25, meta_args=m, out=out_buf, meta=meta, workspace=ws)
+            torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+            assert {k: v.data_ptr() for k, v in ws._bufs.items()} == ptrs
+        with pytest.raises(RuntimeError, match="cannot grow"):  # frozen: a bigger batch must not reallocate
+            K.prepare_meta(torch.zeros(9, dtype=torch.int64), torch.ones(9, dtype=torch.int64), None, None, 9,
+                           index_heads=1, workspace=ws)
+        with pytest.raises(RuntimeError, match="indexer.scores"):  # nor a wider req_to_token (two-pass scores)
+            m2 = {**m, "req_to_token": torch.nn.functional.pad(m["req_to_token"], (0, bsz))}
+            K.index_block_topk(b["index_q"], b["index_k_cache"], **m2, block_size=bsz, topk_blocks=topk,
+                               meta=meta, workspace=ws)
+    finally:
+        common.INDEXER_TWO_PASS_MAX_TILES = saved
 
 
 def check_store_index_k(device):
@@ -326,7 +379,7 @@ _WORKER_SPLIT = [
      "attention_holes_duplicates_out_of_range"],
     ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
      "graph_style_decode_with_frozen_workspace"],
-    ["indexer_prefetch_variants"],
+    ["indexer_prefetch_variants", "indexer_two_pass_matches_twin"],
 ]
 assert sorted(sum(_WORKER_SPLIT, [])) == sorted(CPU_CASES)
 
@@ -395,6 +448,18 @@ def check_gpu(b, hq, **idx_kw):
     return got, want
 
 
+def check_gpu_indexer_variants(b, got):
+    """A decode batch through both indexer variants (two-pass and split, forced) in the decode form: each must
+    select as ``got`` (the default variant's selection, already checked against the twin), with the near-tie
+    allowance: both compute each block score with the same dot, but they are separately compiled kernels."""
+    from sglang_m3.attention import kernels as K
+
+    for two_pass in (True, False):
+        sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
+                                 topk_blocks=TOPK, two_pass=two_pass)
+        assert_same_selection(sel, got, b, BLOCK, 1e-4)
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
@@ -405,17 +470,20 @@ def test_gpu_decode_mixed_long_contexts(hq, hkv):
     got, _ = check_gpu(b, hq)
     got_d, _ = run_both_indexers(b, BLOCK, TOPK, meta_args=decode_meta(b))
     assert torch.equal(got_d, got)
+    check_gpu_indexer_variants(b, got)
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-@pytest.mark.parametrize("bs", [1, 37, 256])
+@pytest.mark.parametrize("bs", [1, 8, 37, 256])
 def test_gpu_decode_batch_sizes(hq, hkv, bs):
     g = torch.Generator().manual_seed(bs)
     top = 32768 if bs > 40 else 131072
     lens = torch.randint(1, top, (bs,), generator=g).tolist()
-    check_gpu(gpu_batch(lens, [1] * bs, hq, hkv, seed=bs), hq)
+    b = gpu_batch(lens, [1] * bs, hq, hkv, seed=bs)
+    got, _ = check_gpu(b, hq, meta_args=decode_meta(b))  # the decode form: the variant rule applies
+    check_gpu_indexer_variants(b, got)
 
 
 @pytest.mark.gpu
@@ -432,13 +500,15 @@ def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-def test_gpu_cuda_graph_decode_replay(hq, hkv):
+@pytest.mark.parametrize("bs", [4, 24])
+def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
-    inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins."""
+    inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
+    bs 4 takes the two-pass indexer, bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 16)."""
     from sglang_m3.attention import kernels as K
+    from sglang_m3.attention.kernels import common
 
-    bs = 24
     g = torch.Generator().manual_seed(21)
     sets = [torch.randint(1, 40000, (bs,), generator=g).tolist() for _ in range(3)]
     sets[1][0], sets[2][1] = 131072 + 5, 1
@@ -475,8 +545,10 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv):
 
     ws = K.MSAWorkspace("cuda")
     K.warmup(ws, batch_sizes=[1, 8, bs], num_q_heads=hq, num_kv_heads=hkv, head_dim=HD, head_dim_v=HD,
-             index_dim=HD, block_size=BLOCK, topk_blocks=TOPK, device="cuda")
+             index_dim=HD, block_size=BLOCK, topk_blocks=TOPK, device="cuda", context_len=cap)
     ws.freeze()
+    assert "indexer.scores" in ws._bufs and "indexer.part" in ws._bufs  # bs 1, 8: two-pass; 24: split
+    assert common.INDEXER_TWO_PASS_MAX_TILES == 16, "update the bs parametrisation to cover both variants"
     sel_buf = torch.empty(bs, hkv, TOPK, dtype=torch.int32, device="cuda")
     out_buf = torch.empty(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
 
@@ -529,23 +601,24 @@ def test_gpu_store_index_k():
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_decode_timings(capsys):
-    """Not an assertion: prints decode latencies (graph replay of indexer + attention) for the report."""
+    """Not an assertion: prints eager decode latencies (do_bench, L2 warm) of the indexer -- both variants up to
+    bs 32 -- and of the attention, for the report (benchmarks/kernel_decode.py is the graph-replay benchmark)."""
     from sglang_m3.attention import kernels as K
 
     rows = []
     for hq, hkv in ((64, 4), (8, 1)):
-        for bs, ctx in ((1, 131072), (32, 32768), (256, 8192), (256, 32768)):
+        for bs, ctx in ((1, 4096), (1, 131072), (8, 32768), (32, 32768), (256, 8192), (256, 32768)):
             b = gpu_batch([ctx] * bs, [1] * bs, hq, hkv, seed=1)
             m = decode_meta(b)
             ws = K.MSAWorkspace("cuda")
             sel = torch.empty(bs, hkv, TOPK, dtype=torch.int32, device="cuda")
             out = torch.empty(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
 
-            def idx():
+            def idx(two_pass=None):
                 meta = K.prepare_meta(m["req_pool_indices"], m["seq_lens"], None, None, bs, index_heads=hkv,
                                       workspace=ws)
                 K.index_block_topk(b["index_q"], b["index_k_cache"], **m, block_size=BLOCK, topk_blocks=TOPK,
-                                   out=sel, meta=meta, workspace=ws)
+                                   out=sel, meta=meta, workspace=ws, two_pass=two_pass)
                 return meta
 
             def attn(meta):
@@ -558,8 +631,12 @@ def test_gpu_decode_timings(capsys):
 
             t_idx = tt.do_bench(idx, warmup=5, rep=30) * 1e3
             t_att = tt.do_bench(lambda: attn(meta), warmup=5, rep=30) * 1e3
+            both = ""
+            if bs <= 32:
+                t2, t1 = (tt.do_bench(lambda v=v: idx(v), warmup=5, rep=30) * 1e3 for v in (True, False))
+                both = f" [two-pass {t2:.1f}, split {t1:.1f}]"
             key_bytes = bs * ctx * HD * 2
-            rows.append(f"hq={hq:2d} hkv={hkv} bs={bs:3d} ctx={ctx:6d}: indexer {t_idx:8.1f} us "
+            rows.append(f"hq={hq:2d} hkv={hkv} bs={bs:3d} ctx={ctx:6d}: indexer {t_idx:8.1f} us{both} "
                         f"({key_bytes / t_idx / 1e3:6.0f} GB/s of index keys), attention {t_att:7.1f} us")
             del b
     with capsys.disabled():

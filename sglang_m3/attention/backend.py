@@ -33,6 +33,7 @@ class M3SparseAttnBackend(AttentionBackend):
     def __init__(self, model_runner, dense_backend: AttentionBackend):
         super().__init__()
         self.dense = dense_backend
+        self._model_runner = model_runner  # read at init_cuda_graph_state (the runner's captured batch sizes)
         view = m3_text_view(model_runner.model_config.hf_config)
         self.sparse = view.sparse
         self.sparse_layer_ids = frozenset(view.sparse_layers)
@@ -94,8 +95,8 @@ class M3SparseAttnBackend(AttentionBackend):
         self._graph_workspace = kernels.MSAWorkspace(self.device)
         verify_tree = self.num_draft_tokens is not None and not self.verify_is_chain
         # Tree verify runs as bs*N decode rows; decode-form shapes cover both.
-        rows = (range(self.num_draft_tokens, max_bs * self.num_draft_tokens + 1, self.num_draft_tokens)
-                if verify_tree else range(1, max_bs + 1))
+        captured = self._captured_batch_sizes(max_bs, max_num_tokens)
+        rows = [bs * self.num_draft_tokens for bs in captured] if verify_tree else captured
         kernels.warmup(self._graph_workspace, batch_sizes=rows, num_q_heads=self.num_q_heads,
                        num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                        head_dim_v=self.token_to_kv_pool.v_head_dim, index_dim=self.sparse.index_dim,
@@ -103,12 +104,28 @@ class M3SparseAttnBackend(AttentionBackend):
                        init_blocks=self.sparse.init_blocks, local_blocks=self.sparse.local_blocks,
                        dtype=self.token_to_kv_pool.index_dtype, kv_dtype=self.token_to_kv_pool.dtype,
                        device=self.device,
-                       context_len=self.req_to_token_pool.req_to_token.shape[1])
+                       # (tree verify reads a virtual req_to_token one column wider, _init_verify_graph_state)
+                       context_len=self.req_to_token_pool.req_to_token.shape[1] + int(verify_tree))
         if self.num_draft_tokens is not None:
             self._init_verify_graph_state(max_bs)
         self._graph_workspace.freeze()
         self._graph_block_topk = torch.full((max(max_bs, max_num_tokens), self.num_kv_heads, self.sparse.topk_blocks),
                                             -1, dtype=torch.int32, device=self.device)
+
+    def _captured_batch_sizes(self, max_bs: int, max_num_tokens: int) -> list[int]:
+        """The batch sizes SGLang's decode graph runner will capture: its own ``get_batch_sizes_to_capture``,
+        called as the runner calls it (max_num_tokens = max_bs x tokens per request), so warmup compiles and
+        sizes the frozen workspace for exactly those (today: 1..max_bs, most of them never captured). Every
+        size up to max_bs where that function cannot be used (e.g. another SGLang version)."""
+        try:
+            from sglang.srt.model_executor.runner.base_cuda_graph_runner import get_batch_sizes_to_capture
+
+            sizes, _ = get_batch_sizes_to_capture(self._model_runner, max(1, max_num_tokens // max(1, max_bs)))
+            sizes = sorted({int(b) for b in sizes if 0 < int(b) <= max_bs} | {max_bs})
+        except Exception as e:  # noqa: BLE001 -- warming more sizes is slower, never wrong
+            logger.warning("sglang-m3: captured batch sizes unavailable (%s); warming every size 1..%d", e, max_bs)
+            sizes = list(range(1, max_bs + 1))
+        return sizes
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.dense.get_cuda_graph_seq_len_fill_value()

@@ -4,7 +4,8 @@ Kernels (same signatures and semantics as their twins, plus optional keyword arg
   store_index_k(index_k_cache, loc, index_k)
   index_block_topk(index_q, index_k_cache, req_to_token, req_pool_indices, seq_lens,
                    extend_seq_lens, extend_start_loc, *, block_size, topk_blocks, init_blocks=0,
-                   local_blocks=1, out=None, meta=None, workspace=None, num_splits=None) -> int32 [T, H, topk]
+                   local_blocks=1, out=None, meta=None, workspace=None, num_splits=None,
+                   two_pass=None) -> int32 [T, H, topk]
   sparse_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                    extend_seq_lens, extend_start_loc, block_topk, *, block_size, sm_scale,
                    out=None, k_scale=1.0, v_scale=1.0, meta=None, workspace=None, num_splits=None)
@@ -20,8 +21,9 @@ Decode under a CUDA graph (extend_seq_lens = extend_start_loc = None means "deco
 request i at position seq_lens[i] - 1):
   init_cuda_graph_state(max_bs):
       ws = MSAWorkspace(device)
-      warmup(ws, batch_sizes=<every captured bs>, ...model shapes...)   # compiles every variant and
-      ws.freeze()                                                       # sizes every buffer
+      warmup(ws, batch_sizes=<every captured bs>, ...model shapes...,   # compiles every variant and
+             context_len=req_to_token.shape[1])                         # sizes every buffer
+      ws.freeze()
       topk_buf = torch.empty(max_bs, H_index, topk, dtype=int32)        # and the attention out buffer
   init_forward_metadata_in_graph(fb):   (captured; replays recompute it from the new seq_lens)
       meta = prepare_meta(fb.req_pool_indices, fb.seq_lens, None, None, bs, index_heads=H_index, workspace=ws)
@@ -73,10 +75,12 @@ def warmup(workspace: MSAWorkspace, *, batch_sizes, num_q_heads: int, num_kv_hea
 
     Compiles every kernel variant the captures will launch (the variants depend on shapes only)
     and grows ``workspace`` to the largest size any of those batch sizes needs. Touches no real
-    cache. Pass every batch size that will be captured: split counts (hence scratch sizes) depend
-    on the batch size. Neither the variants nor the scratch sizes depend on the context length, so
-    ``context_len`` is capped at 2 * topk * block_size + 1 (enough to take the sparse code paths)
-    to keep the dummy caches small. Index heads == KV heads (M3: selection per KV group).
+    cache. Pass every batch size that will be captured: split counts and the indexer variant (hence
+    scratch sizes) depend on the batch size. ``context_len`` must be the width of the real
+    req_to_token (``req_to_token_pool.req_to_token.shape[1]``): the two-pass indexer's block-score
+    scratch has one entry per block of a row. The dummy requests themselves hold only
+    min(context_len, 2 * topk * block_size + 1) tokens (enough to take the sparse code paths), which
+    keeps the dummy caches small. Index heads == KV heads (M3: selection per KV group).
     ``dtype`` is the model dtype (q, index q/k); ``kv_dtype`` the K/V cache dtype (default ``dtype``;
     float8_e4m3fn for an fp8 KV cache, a separate kernel variant).
     """
@@ -84,7 +88,8 @@ def warmup(workspace: MSAWorkspace, *, batch_sizes, num_q_heads: int, num_kv_hea
     device = torch.device(device)
     n = min(context_len or 1 << 62, 2 * topk_blocks * block_size + 1)
     slots = n + 1
-    r2t = torch.arange(n, dtype=torch.int32, device=device).repeat(1, 1)
+    r2t = torch.zeros(1, max(n, context_len or 0), dtype=torch.int32, device=device)
+    r2t[0, :n] = torch.arange(n, dtype=torch.int32, device=device)
     ik_cache = torch.zeros(slots, index_dim, dtype=dtype, device=device)
     k_cache = torch.zeros(slots, num_kv_heads, head_dim, dtype=kv_dtype or dtype, device=device)
     v_cache = torch.zeros(slots, num_kv_heads, head_dim_v, dtype=kv_dtype or dtype, device=device)

@@ -41,6 +41,17 @@ INDEXER_NUM_STAGES = 2  # no measurable effect (1..4) on the gather-bound loop
 # (H100, graph replay, TP1 heads: bs 1 x 128K 100 -> 86 us, bs 1 x 4K 53.2 -> 51.8 us; always on, the
 # register cost slows the bandwidth-bound bs 32 x 128K from 462 to 517 us; prefetching slots alone: no gain).
 INDEXER_PREFETCH_PROGRAMS_PER_SM = 1
+# Two-pass ("score, then select") indexer for small decode-shaped batches (one token per tile): pass 1 writes
+# every visible block's score to a [T, H, blocks of a req_to_token row] scratch from many programs (no running
+# top-k, so the key axis can be cut finely without a merge whose cost grows with the cut), pass 2 selects the
+# top-k per token. Used when the batch has at most this many tiles; larger batches keep the split kernel, whose
+# programs already fill the GPU (bs >= 32 ran at 1.04-1.47x the HBM floor on H100). Provisional (not yet timed
+# against the split kernel per batch size): `benchmarks/sweep_launch_knobs.py INDEXER_TWO_PASS_MAX_TILES=0,1024`.
+INDEXER_TWO_PASS_MAX_TILES = 16
+# Pass-1 programs aimed for per SM (a program scores >= 1 key block; programs beyond the token's blocks exit).
+INDEXER_TWO_PASS_PROGRAMS_PER_SM = 8
+# Block scores per bitonic top-k step of pass 2 (power of two; 512 is the size the split merge uses).
+INDEXER_SELECT_CHUNK = 512
 # Attention programs aimed for per SM before the block list is split (1 and 2 measured equal
 # for 64 q heads; 1 is 10% faster for 8 q heads at bs 256).
 ATTN_PROGRAMS_PER_SM = 1

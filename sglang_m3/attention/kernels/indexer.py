@@ -21,13 +21,24 @@ Work decomposition
   * The result row is the selected block ids sorted ascending, -1 padded (as the twin); ordering is
     done by ranking (one [rows, k, k] compare), not by a sort.
 
+Two-pass variant (small decode-shaped batches, ``uses_two_pass``): at batch 1 the split kernel's programs
+each walk ~16 blocks one after the other and its merge grows with the split count, so the key axis cannot
+be cut finely enough to fill the GPU. Pass 1 is the same kernel (same block scores, bit for bit) with
+SCORES set: grid (token, program), each program scores a contiguous range of >= 1 blocks and stores each
+visible block's score image (int32, the packed key's high word) in a scratch int32 [T, H, max_blocks],
+max_blocks = ceil(req_to_token.shape[1] / block_size) -- fixed by the pool's shape, so it is sized once
+at warmup and stays valid for every captured graph. Pass 2 (``_indexer_select_kernel``, one program per
+token) packs score and id exactly as above and keeps the top-k with bitonic tl.topk over chunks of
+``INDEXER_SELECT_CHUNK`` blocks. Same keys, same order -> the same selection as the split variant.
+
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
 a lone program's block loop costs ~2.5 us per block and is not overlapped by Triton's pipeliner;
 more splits move the cost into the merge). Extend: 8192 new tokens after a 32K prefix, 2.4 ms.
 
-Graph safety: grid = (max tiles, n_splits), both functions of tensor shapes only; context lengths
-are read on the device (loop bounds), so one capture serves every replay.
+Graph safety: grid = (max tiles, n_splits), both functions of tensor shapes only (two-pass: also the
+req_to_token width); context lengths are read on the device (loop bounds), so one capture serves every
+replay. The variant is chosen from shapes too, hence fixed at capture.
 """
 
 from __future__ import annotations
@@ -98,7 +109,9 @@ def _split_range(nb_tile, n_splits, min_chunk):
     return chunk, n_active
 
 
-@triton.jit
+# Integer arguments that vary with the batch size are not specialised on (Triton compiles a variant per value
+# class: == 1, multiple of 16, other): one compiled kernel then serves every captured batch size.
+@triton.jit(do_not_specialize=["n_splits", "min_chunk", "max_blocks"])
 def _indexer_kernel(
     q_ptr, stride_qt, stride_qh,                 # index_q [T, H, DI]
     k_ptr, stride_ks,                            # index_k_cache [slots, DI]
@@ -106,12 +119,16 @@ def _indexer_kernel(
     tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr, tile_row_ptr, tile_pos0_ptr,
     out_ptr, stride_ot, stride_oh,               # out [T, H, TOPK] (n_splits == 1)
     part_ptr,                                    # int64 [T, H, n_splits, TOPK] (n_splits > 1)
+    score_ptr, max_blocks,                       # int32 [T, H, max_blocks] (SCORES)
     n_splits, min_chunk,
     H: tl.constexpr, H_PAD: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BN: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr,
     TOPK: tl.constexpr, K_PAD: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
-    DOT_F32: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_F32: tl.constexpr, PREFETCH: tl.constexpr, SCORES: tl.constexpr,
 ):
+    # SCORES (pass 1 of the two-pass indexer, BLOCK_T == 1): instead of keeping a running top-k, store every
+    # visible block's order-preserving score image (the high word of the packed key below) at
+    # score_ptr[(token * H + head) * max_blocks + block]; _indexer_select_kernel picks the top-k from there.
     tile = tl.program_id(0)
     split = tl.program_id(1)
     tok0, ntok, row, pos0 = _tile(tile, tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr,
@@ -144,6 +161,7 @@ def _indexer_kernel(
     keys = tl.full([M, K_PAD], _MINKEY, tl.int64)
     keys = tl.where(kcol[None, :] < TOPK, keys, _MAXKEY)
     r2t_row = r2t_ptr + row.to(tl.int64) * stride_r2t
+    srow = (tok * H + head).to(tl.int64) * max_blocks  # [M] (SCORES)
 
     offs_n = tl.arange(0, BN)
     # A lone program's loop is latency-bound: slot load -> key gather -> dot -> insert, each waiting on the
@@ -182,13 +200,18 @@ def _indexer_kernel(
         bits = sc.to(tl.int32, bitcast=True)
         skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse magnitude order
         new = (skey.to(tl.int64) << 32) | ((b + 0 * nb_row) ^ _BIG_ID).to(tl.int64)
-        new = tl.where(visible, new, _MINKEY)  # [M]
-        # insert into the running top-k: replace the row's smallest key if the new one beats it
-        low, at = tl.min(keys, axis=1, return_indices=True)
-        hit = (new > low)[:, None] & (kcol[None, :] == at[:, None])
-        keys = tl.where(hit, new[:, None], keys)
+        if SCORES:
+            tl.store(score_ptr + srow + b, skey, mask=visible & (b < max_blocks))
+        else:
+            new = tl.where(visible, new, _MINKEY)  # [M]
+            # insert into the running top-k: replace the row's smallest key if the new one beats it
+            low, at = tl.min(keys, axis=1, return_indices=True)
+            hit = (new > low)[:, None] & (kcol[None, :] == at[:, None])
+            keys = tl.where(hit, new[:, None], keys)
 
-    if n_splits == 1:
+    if SCORES:
+        pass
+    elif n_splits == 1:
         _store_ids(out_ptr, tok.to(tl.int64) * stride_ot + head * stride_oh, row_ok, keys, kcol, TOPK)
     else:
         prow = ((tok * H + head) * n_splits + split).to(tl.int64) * TOPK
@@ -196,7 +219,7 @@ def _indexer_kernel(
                  mask=row_ok[:, None] & (kcol[None, :] < TOPK))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits", "min_chunk"])
 def _indexer_merge_kernel(
     tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr, tile_row_ptr, tile_pos0_ptr,
     out_ptr, stride_ot, stride_oh, part_ptr,
@@ -250,10 +273,54 @@ def _indexer_merge_kernel(
     _store_ids(out_ptr, tok.to(tl.int64) * stride_ot + head * stride_oh, row_ok, run, kcol, TOPK)
 
 
+@triton.jit(do_not_specialize=["max_blocks"])
+def _indexer_select_kernel(
+    tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
+    H: tl.constexpr, BLOCK_SIZE: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
+    CH: tl.constexpr,
+):
+    # Pass 2 of the two-pass indexer: one program per token, rows = index heads. Reads the token's visible
+    # block scores (written by _indexer_kernel with SCORES) CH at a time, packs each with its block id exactly
+    # as the split kernel does (score image << 32 | 2^31 - 1 - id: ties to the lower id) and keeps the TOPK
+    # largest keys, then writes ascending ids, -1 padded. Scratch entries of invisible blocks are never read.
+    t = tl.program_id(0)
+    if tl.load(tok_row_ptr + t) < 0:  # token owned by no request: its out rows stay untouched
+        return
+    nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
+    head = tl.arange(0, R)
+    row_ok = head < H
+    base = (t * H + head).to(tl.int64) * max_blocks  # [R]
+    kcol = tl.arange(0, K_PAD)
+    ccol = tl.arange(0, CH)
+    run = tl.full([R, K_PAD], _MINKEY, tl.int64)  # best TOPK keys so far
+    for c0 in range(0, nb, CH):
+        b = c0 + ccol
+        ok = row_ok[:, None] & (b < nb)[None, :]
+        sk = tl.load(score_ptr + base[:, None] + b[None, :], mask=ok, other=0)
+        cand = (sk.to(tl.int64) << 32) | (b ^ _BIG_ID).to(tl.int64)[None, :]
+        cand = tl.where(ok, cand, _MINKEY)
+        # bitonic top-K_PAD of the chunk, then of (running U chunk's best); sorted descending
+        top = tl.topk(cand, K_PAD, dim=1)
+        run = tl.topk(tl.reshape(tl.join(run, top), [R, 2 * K_PAD]), K_PAD, dim=1)
+    _store_ids(out_ptr, t.to(tl.int64) * stride_ot + head * stride_oh, row_ok, run, kcol, TOPK)
+
+
 def indexer_num_splits(num_tiles: int, device: torch.device) -> int:
     """Key-range splits per tile: a few programs per SM (latency hiding), capped (merge cost)."""
     target = common.INDEXER_PROGRAMS_PER_SM * common.num_sms(device)
     return max(1, min(common.INDEXER_MAX_SPLITS, triton.cdiv(target, max(1, num_tiles))))
+
+
+def two_pass_num_programs(num_tiles: int, max_blocks: int, device: torch.device) -> int:
+    """Pass-1 programs per token of the two-pass indexer: enough to fill the GPU, at most one per block."""
+    target = common.INDEXER_TWO_PASS_PROGRAMS_PER_SM * common.num_sms(device)
+    return max(1, min(max_blocks, triton.cdiv(target, max(1, num_tiles))))
+
+
+def uses_two_pass(meta: MSAMeta) -> bool:
+    """The variant rule (a function of shapes only, hence fixed for a captured graph): decode-shaped batches
+    (one token per tile) of at most INDEXER_TWO_PASS_MAX_TILES tokens score-then-select."""
+    return meta.block_t == 1 and meta.num_tiles <= common.INDEXER_TWO_PASS_MAX_TILES
 
 
 def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tensor,
@@ -261,13 +328,19 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                      extend_start_loc: Tensor | None, *, block_size: int, topk_blocks: int,
                      init_blocks: int = 0, local_blocks: int = 1, out: Tensor | None = None,
                      meta: MSAMeta | None = None, workspace: MSAWorkspace | None = None,
-                     num_splits: int | None = None) -> Tensor:
+                     num_splits: int | None = None, two_pass: bool | None = None) -> Tensor:
     """Triton twin of ``reference.index_block_topk`` (same arguments, result and ``out`` semantics).
 
     Extra keyword arguments (all optional):
       meta       -- ``common.prepare_meta(...)`` for this forward (built here if None);
-      workspace  -- MSAWorkspace holding the split partials (allocated per call if None);
-      num_splits -- override the key-range split count (tests; must be fixed under a graph).
+      workspace  -- MSAWorkspace holding the split partials / block scores (allocated per call if None);
+      num_splits -- override the key-range split count (pass-1 programs per token in the two-pass variant;
+                    tests; must be fixed under a graph);
+      two_pass   -- force the two-pass (True) or split (False) variant; None: ``uses_two_pass(meta)``.
+                    Two-pass needs one token per tile (decode-shaped batches); its block-score scratch is
+                    int32 [T, H, ceil(req_to_token.shape[1] / block_size)], so under a frozen workspace
+                    ``warmup`` must have seen a req_to_token of the same width (its ``context_len``).
+    Both variants give identical results (same block scores, same packed-key order).
     ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
     Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
     """
@@ -306,13 +379,24 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     m_rows = max(16, bt * h_pad)  # tl.dot needs M >= 16; extra rows are masked
     k_pad = max(2, common.next_pow2(topk_blocks))
     n_tiles = meta.num_tiles
-    n_splits = num_splits if num_splits is not None else indexer_num_splits(n_tiles, dev)
-    part = (common.scratch(workspace, "indexer.part", (T, H, n_splits, topk_blocks), torch.int64, dev)
-            if n_splits > 1 else out)
+    if two_pass is None:
+        two_pass = uses_two_pass(meta)
+    elif two_pass and bt != 1:
+        raise ValueError(f"the two-pass indexer needs one token per tile (decode-shaped batch), got {bt}")
     tiles = [t if t is not None else meta.tok_row for t in
              (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
-    min_chunk = common.INDEXER_MIN_BLOCKS_PER_SPLIT
     interp = common.interpret_mode()
+    if two_pass:
+        max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
+        n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
+        scores = common.scratch(workspace, "indexer.scores", (T, H, max_blocks), torch.int32, dev)
+        part, min_chunk = out, 1
+    else:
+        max_blocks = 0
+        n_splits = num_splits if num_splits is not None else indexer_num_splits(n_tiles, dev)
+        part = (common.scratch(workspace, "indexer.part", (T, H, n_splits, topk_blocks), torch.int64, dev)
+                if n_splits > 1 else out)
+        scores, min_chunk = out, common.INDEXER_MIN_BLOCKS_PER_SPLIT
 
     _indexer_kernel[(n_tiles, n_splits)](
         index_q, index_q.stride(0), index_q.stride(1),
@@ -320,14 +404,22 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         req_to_token, req_to_token.stride(0),
         meta.tok_row, meta.tok_pos, *tiles,
         out, out.stride(0), out.stride(1), part,
+        scores, max_blocks,
         n_splits, min_chunk,
         H=H, H_PAD=h_pad, DI=di, DI_PAD=max(16, common.next_pow2(di)),
         BLOCK_SIZE=block_size, BN=max(16, common.next_pow2(block_size)), BLOCK_T=bt, M=m_rows,
         TOPK=topk_blocks, K_PAD=k_pad, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
         DOT_F32=common.dot_in_fp32(index_k_cache.dtype),
         PREFETCH=n_tiles * n_splits <= common.INDEXER_PREFETCH_PROGRAMS_PER_SM * common.num_sms(dev),
-        num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
-    if n_splits > 1:
+        SCORES=two_pass, num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
+    if two_pass:
+        # (the interpreter runs the same bitonic code, on chunks small enough to be quick and to iterate)
+        ch = max(k_pad, 16 if interp else common.INDEXER_SELECT_CHUNK)
+        _indexer_select_kernel[(T,)](
+            meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
+            H=H, BLOCK_SIZE=block_size, R=max(4, h_pad),  # R=1 hangs triton 3.6's compiler
+            TOPK=topk_blocks, K_PAD=k_pad, CH=ch, num_warps=4)
+    elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
             out, out.stride(0), out.stride(1), part,

@@ -39,7 +39,8 @@ from .common import MSAMeta, MSAWorkspace
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Batch-size-dependent integers are not specialised on (one compiled variant serves every captured batch size).
+@triton.jit(do_not_specialize=["n_splits", "per_split"])
 def _sparse_attn_kernel(
     q_ptr, stride_qt, stride_qh,                 # q [T, Hq, D]
     k_ptr, stride_ks, stride_kh,                 # k_cache [slots, Hkv, D]
@@ -137,7 +138,7 @@ def _sparse_attn_kernel(
         tl.store(pml_ptr + prow * 2 + 1, l_i, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _sparse_attn_merge_kernel(
     tok_row_ptr, out_ptr, stride_ot, stride_oh, pacc_ptr, pml_ptr, n_splits,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
