@@ -26,17 +26,18 @@ from pathlib import Path
 
 import pytest
 
+import torch  # noqa: E402  (before sglang: decides whether SGLang runs on its CPU engine)
+
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_SHIM = str(REPO / "cpu_shim")
-if _SHIM in sys.path:
-    sys.path.remove(_SHIM)
-sys.path.insert(0, _SHIM)
+if not torch.cuda.is_available():  # SGLang's CPU engine and the sgl_kernel stand-in (see tests/test_layers.py)
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    _SHIM = str(REPO / "cpu_shim")
+    if _SHIM in sys.path:
+        sys.path.remove(_SHIM)
+    sys.path.insert(0, _SHIM)
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
-
-import torch  # noqa: E402
 
 from sglang_m3 import mxfp8, tiny  # noqa: E402
 from sglang_m3.config import M3ConfigError, m3_text_view  # noqa: E402
