@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
 # Run several GPU checks in one device call and bring back everything in one archive (the device host returns
 # at most 8 files). Each step is "NAME=COMMAND"; it runs with OUT=$OUT/work/NAME, its own timeout (seconds, from
-# STEP_TIMEOUT, default 300) and its log in $OUT/work/NAME/log.txt. Steps run in order; a failing step does
-# not stop the next. Prefix a step's command with "gpu1:" to run it in the background on the second GPU of a
-# two-GPU host (the round waits for it before archiving).
-#   bash scripts/gpu_round.sh "kernels=python3 -m pytest -m gpu tests/test_kernels.py" "gpu1:e2e=python3 ..."
+# STEP_TIMEOUT, default 300; "NAME@SECONDS=COMMAND" sets it per step) and its log in $OUT/work/NAME/log.txt. Steps
+# run in order and a failing step does not stop the next. Steps named "gpu1:NAME" run, in their own order, on the
+# second GPU of a two-GPU host alongside the others; the round waits for them before archiving.
+#   bash scripts/gpu_round.sh "kernels@300=python3 -m pytest -m gpu tests/test_kernels.py" "gpu1:spec=bash scripts/gpu_spec.sh"
 set -uo pipefail
 root=${OUT:?set OUT}
 mkdir -p "$root/work"
 source scripts/gpu_setup.sh >"$root/work/setup.log" 2>&1
 export OUT=$root
 cat "$root/device.txt" 2>/dev/null
-pids=()
+
+run_step() {  # run_step DEVICE "NAME[@SECONDS]=COMMAND"
+  local dev=$1 step=$2 name cmd limit t0=$SECONDS rc
+  name=${step%%=*}; cmd=${step#*=}; limit=${STEP_TIMEOUT:-300}
+  case "$name" in *@*) limit=${name#*@}; name=${name%@*} ;; esac
+  local dir="$root/work/$name"; mkdir -p "$dir"
+  ( export OUT="$dir" CUDA_VISIBLE_DEVICES=$dev; timeout "$limit" bash -c "$cmd" ) >"$dir/log.txt" 2>&1
+  rc=$?; echo "[$name] rc=$rc $((SECONDS - t0))s on gpu$dev" | tee -a "$root/work/summary.txt"
+}
+
+gpu0=(); gpu1=()
 for step in "$@"; do
-  name=${step%%=*}; cmd=${step#*=}; dev=0
-  case "$name" in gpu1:*) name=${name#gpu1:}; dev=1 ;; esac
-  dir="$root/work/$name"; mkdir -p "$dir"
-  run() {
-    local t0=$SECONDS
-    ( export OUT="$dir" CUDA_VISIBLE_DEVICES=$dev; timeout "${STEP_TIMEOUT:-300}" bash -c "$cmd" ) >"$dir/log.txt" 2>&1
-    rc=$?; echo "[$name] rc=$rc $((SECONDS - t0))s on gpu$dev" | tee -a "$root/work/summary.txt"
-  }
-  if [ "$dev" = 1 ]; then run & pids+=($!); else run; fi
+  case "$step" in gpu1:*) gpu1+=("${step#gpu1:}") ;; *) gpu0+=("$step") ;; esac
 done
-for p in "${pids[@]}"; do wait "$p"; done
+( for s in "${gpu1[@]}"; do run_step 1 "$s"; done ) &
+for s in "${gpu0[@]}"; do run_step 0 "$s"; done
+wait
+nvidia-smi --query-gpu=index,memory.used --format=csv >>"$root/work/summary.txt" 2>&1
 tar -czf "$root/round.tgz" -C "$root" work && rm -rf "$root/work"
 ls -la "$root"
