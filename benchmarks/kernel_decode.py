@@ -71,505 +71,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's sglang_m3, whatever the venv has registered
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark's modules, however this file is run or imported
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from sglang_m3.attention import kernels, reference  # noqa: E402
-
-# ----------------------------------------------------------------------------------------------------------------
-# geometry
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Per-rank shapes of one M3 sparse layer. Index heads == KV heads (M3: one selection per KV group)."""
-
-    name: str
-    hq: int
-    hkv: int
-    d: int = 128
-    di: int = 128
-    block: int = 128
-    topk: int = 16
-    init_blocks: int = 0
-    local_blocks: int = 1
-    dtype: torch.dtype = torch.bfloat16
-
-    @property
-    def sm_scale(self) -> float:
-        return self.d ** -0.5
-
-
-HEADS = {"tp1": Geometry("tp1", 64, 4), "tp8": Geometry("tp8", 8, 1)}
-# --smoke: tiny stand-ins with the same head structure (several index heads per index-key head / a single one).
-SMOKE_HEADS = {"tp1": Geometry("tp1-tiny", 4, 2, 32, 32, 16, 2, dtype=torch.float16),
-               "tp8": Geometry("tp8-tiny", 4, 1, 32, 32, 16, 2, dtype=torch.float16)}
-SMOKE_BS, SMOKE_CTX = (1, 3), (40, 100)
-# Per-request lengths of a smoke decode batch (the first bs of them): the context, then the dense/sparse boundary
-# (topk * block = 32 tokens: 32 is dense, 33 the first sparse length), a block boundary (17) and a lone token.
-SMOKE_DECODE_LENS = {40: (40, 32, 1), 100: (100, 33, 17)}
-SMOKE_PREFILL = ((60, 20), (40, 40))  # (seq_len, new tokens) per request: one with a cached prefix, one fresh
-SMOKE_ATOL = 5e-3  # fp16 outputs of |x| <~ 2; the in-tree rounds split-K partials to fp16 before merging
-
-
-def decode_bytes_needed(bs: int, context: int, geo: Geometry) -> int:
-    """HBM bytes one decode step of one sparse layer must move at least, over the batch.
-
-    Per request with ``context`` visible tokens (the new one included):
-      * the index key of every visible token: context * Di * elt (one shared index-key head; 256 B at bf16),
-      * K and V of the selected tokens: min(context, topk * block) tokens per KV head, each KV head
-        selecting its own blocks: 2 * Hkv * min(context, topk * block) * D * elt,
-      * the new token's writes: its K and V (Hkv heads each) and its index key.
-    Not counted (so this is a lower bound): queries, outputs, req_to_token reads (4 B per visible token,
-    1.6% of the index-key bytes at bf16), scratch traffic.
-    """
-    elt = torch.finfo(geo.dtype).bits // 8
-    selected = min(context, geo.topk * geo.block)
-    per_request = (context * geo.di + 2 * geo.hkv * selected * geo.d + 2 * geo.hkv * geo.d + geo.di) * elt
-    return bs * per_request
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# inputs: one paged cache + metadata shared by both implementations
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """SGLang layout. Request i owns seq_lens[i] tokens, the last ext_lens[i] of them new (written by the step)."""
-
-    seq_lens_list: list
-    ext_lens_list: list
-    context_len: int  # req_to_token width (the server's --context-length)
-    req_to_token: torch.Tensor  # int32 [rows, context_len]
-    req_pool_indices: torch.Tensor  # int64 [bs]
-    seq_lens: torch.Tensor  # int64 [bs]
-    extend_seq_lens: torch.Tensor  # int32 [bs]
-    extend_start_loc: torch.Tensor  # int32 [bs]
-    out_cache_loc: torch.Tensor  # int64 [T] slots of the new tokens
-    k_cache: torch.Tensor  # [slots, Hkv, D]
-    v_cache: torch.Tensor  # [slots, Hkv, D]
-    index_k_cache: torch.Tensor  # [slots, Di] (the in-tree kernels take the [slots, 1, Di] view)
-    q: torch.Tensor  # [T, Hq, D]
-    k: torch.Tensor  # [T, Hkv, D] new tokens' K / V / index key
-    v: torch.Tensor
-    index_q: torch.Tensor  # [T, Hkv, Di]
-    index_k: torch.Tensor  # [T, Di]
-
-    @property
-    def bs(self) -> int:
-        return len(self.seq_lens_list)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.q.shape[0]
-
-
-def cache_bytes(geo: Geometry, total_tokens: int) -> int:
-    elt = torch.finfo(geo.dtype).bits // 8
-    return (total_tokens + 1) * (2 * geo.hkv * geo.d + geo.di) * elt
-
-
-def make_batch(geo: Geometry, seq_lens, ext_lens, *, context_len: int, device, seed: int) -> Batch:
-    """Random caches (every slot filled), slots a random permutation of 1..N (slot 0 is SGLang's padding slot),
-    pool rows a random permutation. The new tokens' slots hold stale values until the step writes them."""
-    assert max(seq_lens) <= context_len
-    g = torch.Generator(device=device).manual_seed(seed)
-    bs, n_tok, T = len(seq_lens), sum(seq_lens), sum(ext_lens)
-
-    def randn(*shape):
-        return torch.empty(shape, dtype=geo.dtype, device=device).normal_(generator=g)
-
-    slots = torch.randperm(n_tok, generator=g, device=device).add_(1).to(torch.int32)
-    rows = torch.randperm(bs + 2, generator=g, device=device)[:bs]
-    r2t = torch.zeros(bs + 2, context_len, dtype=torch.int32, device=device)
-    new_locs, off = [], 0
-    for row, n, e in zip(rows.tolist(), seq_lens, ext_lens):
-        r2t[row, :n] = slots[off: off + n]
-        new_locs.append(slots[off + n - e: off + n])
-        off += n
-    ext = torch.tensor(ext_lens, dtype=torch.int32, device=device)
-    return Batch(
-        list(seq_lens), list(ext_lens), context_len, r2t, rows.to(torch.int64),
-        torch.tensor(seq_lens, dtype=torch.int64, device=device), ext, torch.cumsum(ext, 0, dtype=torch.int32) - ext,
-        torch.cat(new_locs).to(torch.int64),
-        randn(n_tok + 1, geo.hkv, geo.d), randn(n_tok + 1, geo.hkv, geo.d), randn(n_tok + 1, geo.di),
-        randn(T, geo.hq, geo.d), randn(T, geo.hkv, geo.d), randn(T, geo.hkv, geo.d),
-        randn(T, geo.hkv, geo.di), randn(T, geo.di))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# ours
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def sglang_kv_store():
-    """The K/V write of SGLang's MHATokenToKVPool.set_kv_buffer (our pool's base class): its ``store_cache`` JIT
-    kernel on CUDA when it builds, else index_put (what _set_kv_buffer_impl falls back to)."""
-    if torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-        from sglang.kernels.ops.kvcache.kvcache import can_use_store_cache, store_cache
-
-        def store(b: Batch):
-            row = b.k_cache.shape[1] * b.k_cache.shape[2]
-            if can_use_store_cache(row * b.k_cache.element_size()):
-                store_cache(b.k.view(-1, row), b.v.view(-1, row), b.k_cache.view(-1, row), b.v_cache.view(-1, row),
-                            b.out_cache_loc)
-            else:
-                b.k_cache[b.out_cache_loc], b.v_cache[b.out_cache_loc] = b.k, b.v
-        return store
-
-    def store_cpu(b: Batch):
-        b.k_cache[b.out_cache_loc], b.v_cache[b.out_cache_loc] = b.k, b.v
-    return store_cpu
-
-
-class OursDecode:
-    """Our decode path as M3SparseAttnBackend runs it under a captured decode graph (see kernels/__init__.py)."""
-
-    def __init__(self, geo: Geometry, b: Batch, kv_store):
-        self.geo, self.b, self.kv_store = geo, b, kv_store
-        dev = b.q.device
-        # init_cuda_graph_state: compile every variant and size the scratch before capture, then freeze.
-        self.ws = kernels.MSAWorkspace(dev)
-        kernels.warmup(self.ws, batch_sizes=[b.bs], num_q_heads=geo.hq, num_kv_heads=geo.hkv, head_dim=geo.d,
-                       head_dim_v=geo.d, index_dim=geo.di, block_size=geo.block, topk_blocks=geo.topk,
-                       init_blocks=geo.init_blocks, local_blocks=geo.local_blocks, dtype=geo.dtype, device=dev,
-                       context_len=b.context_len)
-        self.ws.freeze()
-        self.block_topk = torch.full((b.bs, geo.hkv, geo.topk), -1, dtype=torch.int32, device=dev)
-        self.out = torch.empty(b.bs, geo.hq, geo.d, dtype=geo.dtype, device=dev)
-        self.meta = None
-
-    def prepare(self):
-        """init_forward_metadata_in_graph: once per forward, shared by every sparse layer."""
-        b = self.b
-        self.meta = kernels.prepare_meta(b.req_pool_indices, b.seq_lens, None, None, b.num_tokens,
-                                         index_heads=self.geo.hkv, workspace=self.ws)
-
-    def store(self):
-        self.kv_store(self.b)
-        kernels.store_index_k(self.b.index_k_cache, self.b.out_cache_loc, self.b.index_k)
-
-    def indexer(self):
-        geo, b = self.geo, self.b
-        kernels.index_block_topk(b.index_q, b.index_k_cache, b.req_to_token, b.req_pool_indices, b.seq_lens,
-                                 None, None, block_size=geo.block, topk_blocks=geo.topk,
-                                 init_blocks=geo.init_blocks, local_blocks=geo.local_blocks,
-                                 out=self.block_topk, meta=self.meta, workspace=self.ws)
-
-    def attention(self):
-        geo, b = self.geo, self.b
-        kernels.sparse_attention(b.q, b.k_cache, b.v_cache, b.req_to_token, b.req_pool_indices, b.seq_lens,
-                                 None, None, self.block_topk, block_size=geo.block, sm_scale=geo.sm_scale,
-                                 out=self.out, meta=self.meta, workspace=self.ws)
-
-    def stages(self) -> dict:
-        return {"store": self.store, "indexer": self.indexer, "attention": self.attention}
-
-    def layer(self) -> torch.Tensor:
-        """_forward_sparse of one layer."""
-        self.store()
-        self.indexer()
-        self.attention()
-        return self.out
-
-
-class OursPrefill:
-    """Our eager extend path (M3SparseAttnBackend.forward_extend): scratch from the caching allocator."""
-
-    def __init__(self, geo: Geometry, b: Batch, kv_store):
-        self.geo, self.b, self.kv_store = geo, b, kv_store
-        self.meta = kernels.prepare_meta(b.req_pool_indices, b.seq_lens, b.extend_seq_lens, b.extend_start_loc,
-                                         b.num_tokens, index_heads=geo.hkv)  # per forward
-        self.block_topk = None
-
-    def layer(self) -> torch.Tensor:
-        geo, b = self.geo, self.b
-        self.kv_store(b)
-        kernels.store_index_k(b.index_k_cache, b.out_cache_loc, b.index_k)
-        self.block_topk = kernels.index_block_topk(
-            b.index_q, b.index_k_cache, b.req_to_token, b.req_pool_indices, b.seq_lens, b.extend_seq_lens,
-            b.extend_start_loc, block_size=geo.block, topk_blocks=geo.topk, init_blocks=geo.init_blocks,
-            local_blocks=geo.local_blocks, meta=self.meta)
-        return kernels.sparse_attention(
-            b.q, b.k_cache, b.v_cache, b.req_to_token, b.req_pool_indices, b.seq_lens, b.extend_seq_lens,
-            b.extend_start_loc, self.block_topk, block_size=geo.block, sm_scale=geo.sm_scale, meta=self.meta)
-
-
-def reference_msa(geo: Geometry, b: Batch):
-    """Our torch twins (the executable spec) on the same inputs, after the step's writes: (out, block_topk)."""
-    meta = dict(req_to_token=b.req_to_token, req_pool_indices=b.req_pool_indices, seq_lens=b.seq_lens,
-                extend_seq_lens=b.extend_seq_lens, extend_start_loc=b.extend_start_loc)
-    sel = reference.index_block_topk(b.index_q, b.index_k_cache, **meta, block_size=geo.block,
-                                     topk_blocks=geo.topk, init_blocks=geo.init_blocks,
-                                     local_blocks=geo.local_blocks)
-    out = reference.sparse_attention(b.q, b.k_cache, b.v_cache, **meta, block_topk=sel, block_size=geo.block,
-                                     sm_scale=geo.sm_scale)
-    return out, sel
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the in-tree peer (imported only when used)
-# ----------------------------------------------------------------------------------------------------------------
-
-INTREE_KERNEL_MODULES = (
-    "sglang.kernels.ops.attention.minimax_sparse.decode.flash_with_topk_idx",
-    "sglang.kernels.ops.attention.minimax_sparse.decode.topk_sparse",
-    "sglang.kernels.ops.attention.minimax_sparse.prefill.flash_with_topk_idx",
-    "sglang.kernels.ops.attention.minimax_sparse.prefill.topk_sparse",
-)
-INTREE_INDEXERS = ("flash_decode_with_topk_idx", "flash_prefill_with_topk_index")
-RADIX_ENV = "SGLANG_OPT_USE_MINIMAX_DECODE_TOPK_RADIX"
-# --smoke tile sizes for the in-tree autotuned kernels (constraints: decode BLOCK_SIZE_N >= block, prefill
-# BLOCK_SIZE_K >= block, top-k BLOCK_SIZE_K > next_pow2(topk)); kernels not listed keep their first config.
-INTERPRETER_TILES = {
-    "_decode_score_kernel": {"BLOCK_SIZE_N": 32},
-    "_topk_index_partial_kernel": {"BLOCK_SIZE_K": 4},
-    "_flash_attn_fwd_with_block_score_kernel": {"BLOCK_SIZE_Q": 16, "BLOCK_SIZE_K": 32},
-    "_topk_index_kernel": {"BLOCK_SIZE_K": 4},
-}
-
-
-class InTree:
-    """Adapter around SGLang 0.5.17's MiniMax-M3 sparse ops: calls them with the arguments its backend passes."""
-
-    def __init__(self, device: torch.device, topk_mode: str = "auto"):
-        from sglang.srt.layers.attention.minimax_sparse_ops import minimax_sparse
-
-        self.ops = minimax_sparse  # minimax_sparse_decode / minimax_sparse_prefill, what the backend calls
-        self.kv_store = sglang_kv_store()
-        self.autotuners = list(_autotuners(INTREE_KERNEL_MODULES))
-        self.fused_store = None
-        self.paths = {}
-        if device.type == "cuda":
-            from sglang.srt.environ import envs
-
-            if envs.SGLANG_OPT_USE_MINIMAX_FUSED_KV_INDEX_STORE.get():  # the pool's gate
-                self.fused_store = _probe(self._load_fused_store, "fused store_kv_index JIT", self.paths, "store")
-            radix = topk_mode != "triton" and _probe(lambda: self._probe_radix(device), "radix-select JIT",
-                                                     self.paths, "topk")
-            if topk_mode == "radix" and not radix:
-                raise RuntimeError(f"--intree-topk radix: the JIT kernel is unavailable ({self.paths['topk']})")
-            os.environ[RADIX_ENV] = "1" if radix else "0"
-            if not radix and "topk" not in self.paths:
-                self.paths["topk"] = "Triton two-stage top-k (--intree-topk triton)"
-        else:
-            os.environ[RADIX_ENV] = "0"
-            self.paths = {"store": "separate stores (CPU: no JIT)", "topk": "Triton two-stage top-k (CPU: no JIT)"}
-        if self.fused_store is None and "store" not in self.paths:
-            self.paths["store"] = "separate stores"
-
-    @staticmethod
-    def _load_fused_store():
-        from sglang.kernels.ops.kvcache.minimax_store_kv_index import store_kv_index
-
-        dev = torch.device("cuda")
-        x = torch.zeros(1, 128, dtype=torch.bfloat16, device=dev)
-        cache = torch.zeros(2, 128, dtype=torch.bfloat16, device=dev)
-        store_kv_index(x, x, cache, cache.clone(), x, cache.clone(), None, None,
-                       torch.ones(1, dtype=torch.int64, device=dev), num_kv_heads=1, head_bytes=256)
-        torch.cuda.synchronize()
-        return store_kv_index
-
-    @staticmethod
-    def _probe_radix(device):
-        from sglang.kernels.ops.attention.minimax_decode_topk import minimax_decode_topk
-
-        minimax_decode_topk(torch.zeros(1, 1, 64, device=device), torch.full((1,), 4096, device=device), 128, 16)
-        torch.cuda.synchronize()
-        return True
-
-    def reset_autotune(self):
-        for at in self.autotuners:
-            at.cache.clear()
-
-    def pin_autotune_for_interpreter(self):
-        """The interpreter cannot benchmark: one config per kernel. Tile sizes only change the work split, not
-        the result; small tiles keep the interpreted bitonic sorts cheap and make the block loops iterate
-        (block 16, blocks <= 7 in the smoke shapes), which exercises their cross-iteration merges."""
-        for at in self.autotuners:
-            first = at.configs[0]
-            kw = INTERPRETER_TILES.get(at.base_fn.__name__, first.kwargs)
-            at.configs = [triton.Config(kw, num_warps=first.num_warps, num_stages=first.num_stages)]
-
-    def store(self, b: Batch):
-        """MiniMaxSparseKVPool.set_fused_kv_index_buffer (index value disabled)."""
-        if self.fused_store is not None:
-            self.fused_store(b.k.flatten(1), b.v.flatten(1), b.k_cache.flatten(1), b.v_cache.flatten(1),
-                             b.index_k, b.index_k_cache, None, None, b.out_cache_loc,
-                             num_kv_heads=b.k_cache.shape[1], head_bytes=b.k_cache.shape[2] * b.k_cache.element_size())
-        else:  # its fallback: set_kv_buffer + set_index_k_buffer
-            self.kv_store(b)
-            b.index_k_cache[b.out_cache_loc] = b.index_k
-
-    def decode_layer(self, geo: Geometry, b: Batch, max_seqlen: int) -> torch.Tensor:
-        """MiniMaxSparseAttnBackend.forward_decode of one sparse layer."""
-        self.store(b)
-        _, out = self.ops.minimax_sparse_decode(
-            b.q, None, b.k_cache, b.v_cache, b.index_q, None, _as_index_heads(b.index_k_cache), None,
-            b.req_to_token, b.req_pool_indices, b.seq_lens, max_seqlen, 1, geo.block, geo.topk, geo.init_blocks,
-            geo.local_blocks, score_type="max", disable_index_value=True, dense_main_attn_fn=None, page_size=1,
-            use_msa=False, msa_kv_indices=None, msa_plan=None)
-        return out
-
-    def prefill_layer(self, geo: Geometry, b: Batch) -> torch.Tensor:
-        """MiniMaxSparseAttnBackend.forward_extend of one sparse layer (Hopper: use_msa False). Its per-layer
-        metadata: Q-side cu_seqlens, int32 seq / prefix lengths, host-side max lengths."""
-        self.store(b)
-        cu = torch.cat([torch.zeros(1, dtype=torch.int32, device=b.q.device),
-                        b.extend_seq_lens.cumsum(0).to(torch.int32)])
-        seq = b.seq_lens.to(torch.int32)
-        _, out = self.ops.minimax_sparse_prefill(
-            b.q, b.k_cache, b.v_cache, None, b.index_q, _as_index_heads(b.index_k_cache), None, None,
-            b.req_to_token, b.req_pool_indices, cu, seq, seq - b.extend_seq_lens, max(b.ext_lens_list),
-            max(b.seq_lens_list), 1, geo.block, geo.topk, geo.init_blocks, geo.local_blocks, score_type="max",
-            disable_index_value=True, use_msa=False, seqlens_cpu=list(b.ext_lens_list))
-        return out
-
-    def with_selection(self, layer_call):
-        """Run one ``decode_layer`` / ``prefill_layer`` call and also return the block selection its attention
-        used, as [T, H, topk]: the op's indexer (step 1 of minimax_sparse_{decode,prefill}) is wrapped in the
-        op's module namespace for the duration of the call; the wrapper only records its ``topk_idx`` output."""
-        seen = []
-        originals = {name: getattr(self.ops, name) for name in INTREE_INDEXERS}
-
-        def spy(fn):
-            def wrapper(*a, **k):
-                res = fn(*a, **k)
-                seen.append(res[1])  # (idx_o, topk_idx[, real_seq_lens]); topk_idx is [H, T, topk]
-                return res
-            return wrapper
-
-        for name, fn in originals.items():
-            setattr(self.ops, name, spy(fn))
-        try:
-            out = layer_call()
-        finally:
-            for name, fn in originals.items():
-                setattr(self.ops, name, fn)
-        (sel,) = seen
-        return out, sel.permute(1, 0, 2)
-
-
-def _as_index_heads(index_k_cache: torch.Tensor) -> torch.Tensor:
-    """The in-tree index-key cache is a one-head KV buffer [slots, 1, Di]; ours is [slots, Di] -- same memory."""
-    return index_k_cache.view(index_k_cache.shape[0], 1, index_k_cache.shape[1])
-
-
-def _autotuners(module_names):
-    from triton.runtime.autotuner import Autotuner
-
-    seen = set()
-    for name in module_names:
-        for obj in vars(importlib.import_module(name)).values():
-            while not isinstance(obj, Autotuner) and hasattr(obj, "fn"):  # Heuristics -> Autotuner -> JIT
-                obj = obj.fn
-            if isinstance(obj, Autotuner) and id(obj) not in seen:
-                seen.add(id(obj))
-                yield obj
-
-
-def _probe(fn, label, paths, key):
-    try:
-        out = fn()
-        paths[key] = label
-        return out
-    except Exception as e:  # noqa: BLE001 -- any build/load failure means "use the fallback"
-        paths[key] = f"fallback ({label} unavailable: {type(e).__name__}: {str(e)[:200]})"
-        return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# timing (CUDA)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class Timer:
-    def __init__(self, device, iters: int, flush_l2: bool):
-        self.iters = iters
-        props = torch.cuda.get_device_properties(device)
-        l2 = getattr(props, "L2_cache_size", 50 << 20)
-        self.flush_buf = torch.empty(max(2 * l2, 64 << 20), dtype=torch.uint8, device=device) if flush_l2 else None
-
-    def _median_us(self, run, iters) -> float:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for s, e in zip(starts, ends):
-            if self.flush_buf is not None:
-                self.flush_buf.zero_()
-            s.record()
-            run()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
-
-    def graph_us(self, graph: torch.cuda.CUDAGraph) -> float:
-        for _ in range(3):
-            graph.replay()
-        return self._median_us(graph.replay, self.iters)
-
-    def eager_us(self, fn, iters: int) -> float:
-        return self._median_us(fn, iters)
-
-
-def capture(fn) -> torch.cuda.CUDAGraph:
-    """Warm up eagerly on a side stream (JIT compile, autotune), then capture one call."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
-
-
-def copy_bandwidth(device, gib: float, iters: int = 10) -> float:
-    """Bytes/s of a large device-to-device copy: 2 * bytes (read + write) / median time."""
-    n = int(gib * 2 ** 30)
-    src = torch.ones(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * n / statistics.median(times)
-
-
-def fits(nbytes: int, device) -> tuple[bool, str]:
-    free, _ = torch.cuda.mem_get_info(device)
-    need = int(nbytes * 1.05) + (2 << 30)  # caches + scratch, graphs and allocator slack
-    return need <= free, f"needs ~{need / 2 ** 30:.1f} GiB, {free / 2 ** 30:.1f} GiB free"
-
-
-def sel_mismatch(a: torch.Tensor, b: torch.Tensor) -> int:
-    """(token, head) rows whose selected-block lists differ (both ascending, -1 padded)."""
-    return int((a.to(torch.int32) != b.to(torch.int32)).any(dim=-1).sum())
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
-
+from kernel_inputs import (HEADS, SMOKE_ATOL, SMOKE_BS, SMOKE_CTX, SMOKE_DECODE_LENS, SMOKE_HEADS,  # noqa: E402
+                           SMOKE_PREFILL, cache_bytes, decode_bytes_needed, make_batch)
+from kernel_intree import InTree  # noqa: E402
+from kernel_ours import OursDecode, OursPrefill, reference_msa, sglang_kv_store  # noqa: E402
+from kernel_report import markdown  # noqa: E402
+from kernel_timing import Timer, capture, copy_bandwidth, fits, max_abs, sel_mismatch  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # GPU benchmark
@@ -599,7 +115,16 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
         row[f"ours_{stage}_us"] = timer.graph_us(g)
         del g
     out_ours, sel_ours = ours.out.clone(), ours.block_topk.clone()
+    row["ours_indexer_variant"] = ours.indexer_variant
     del g_ours, g_meta
+    # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection).
+    for two_pass, name in ((True, "two_pass"), (False, "split")):
+        alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass)
+        alt.prepare()
+        g = capture(alt.indexer)
+        row[f"ours_indexer_{name}_us"] = timer.graph_us(g)
+        row[f"sel_mismatch_{name}_vs_ours"] = sel_mismatch(alt.block_topk, sel_ours)
+        del g, alt
 
     if intree is not None:
         intree.reset_autotune()  # tune on this case's inputs (see the module docstring)
@@ -684,7 +209,7 @@ def _row_line(row) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check(kind, geo, b, out_ours, sel_ours, out_in, sel_in):
+def _check(kind, geo, b, out_ours, sel_ours, out_in, sel_in, **extra):
     out_ref, sel_ref = reference_msa(geo, b)
     row = dict(kind=kind, heads=geo.name, seq_lens=b.seq_lens_list, new_tokens=b.ext_lens_list,
                sel_mismatch_ours_vs_intree=sel_mismatch(sel_ours, sel_in),
@@ -692,7 +217,7 @@ def _check(kind, geo, b, out_ours, sel_ours, out_in, sel_in):
                sel_mismatch_intree_vs_ref=sel_mismatch(sel_in, sel_ref),
                max_abs_ours_vs_intree=max_abs(out_ours, out_in),
                max_abs_ours_vs_ref=max_abs(out_ours, out_ref),
-               max_abs_intree_vs_ref=max_abs(out_in, out_ref))
+               max_abs_intree_vs_ref=max_abs(out_in, out_ref), **extra)
     row["ok"] = (all(v == 0 for k, v in row.items() if k.startswith("sel_mismatch"))
                  and all(v <= SMOKE_ATOL for k, v in row.items() if k.startswith("max_abs")))
     print(_row_line(row), flush=True)
@@ -716,8 +241,14 @@ def run_smoke(args, geos):
                 ours = OursDecode(geo, b, sglang_kv_store())
                 ours.prepare()
                 out_ours = ours.layer().clone()
+                # our other indexer variant, forced, on the same (now written) caches: it must select the same
+                alt = OursDecode(geo, b, sglang_kv_store(), two_pass=ours.indexer_variant != "two-pass")
+                alt.prepare()
+                alt.indexer()
                 out_in, sel_in = intree.with_selection(lambda: intree.decode_layer(geo, b, args.context_len))
-                rows.append(_check("decode", geo, b, out_ours, ours.block_topk, out_in, sel_in))
+                rows.append(_check("decode", geo, b, out_ours, ours.block_topk, out_in, sel_in,
+                                   indexer_variant=ours.indexer_variant,
+                                   sel_mismatch_other_indexer_variant=sel_mismatch(alt.block_topk, ours.block_topk)))
         lens, ext = zip(*SMOKE_PREFILL)
         b = make_batch(geo, lens, ext, context_len=args.context_len, device=device, seed=args.seed)
         ours = OursPrefill(geo, b, sglang_kv_store())
@@ -729,72 +260,6 @@ def run_smoke(args, geos):
                 max_abs_ours_vs_ref=max(r["max_abs_ours_vs_ref"] for r in rows),
                 max_abs_intree_vs_ref=max(r["max_abs_intree_vs_ref"] for r in rows),
                 sel_mismatch_ours_vs_intree=sum(r["sel_mismatch_ours_vs_intree"] for r in rows))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# report
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _f(v, fmt):
-    return "—" if v is None else format(v, fmt)
-
-
-def markdown(res) -> str:
-    env = res["env"]
-    lines = [f"# MSA sparse-layer kernel benchmark ({'smoke' if res['smoke'] else 'GPU'})", "",
-             f"device: {env['device']} · torch {env['torch']} · triton {env['triton']} · sglang {env['sglang']}", ""]
-    if res["smoke"]:
-        s = res["smoke_result"]
-        lines += [f"in-tree paths: {s['intree_paths']}", "",
-                  f"**{'PASS' if s['ok'] else 'FAIL'}** (atol {s['atol']}): max |ours − in-tree| "
-                  f"{s['max_abs_ours_vs_intree']:.3e}, max |ours − reference| {s['max_abs_ours_vs_ref']:.3e}, "
-                  f"max |in-tree − reference| {s['max_abs_intree_vs_ref']:.3e}; selection rows differing "
-                  f"ours vs in-tree: {s['sel_mismatch_ours_vs_intree']}", "",
-                  "| kind | heads | seq_lens | new | sel ≠ (ours/in-tree, ours/ref, in-tree/ref) "
-                  "| max abs ours−in-tree | ours−ref | in-tree−ref |", "|---|---|---|---|---|---|---|---|"]
-        for r in s["cases"]:
-            lines.append(f"| {r['kind']} | {r['heads']} | {r['seq_lens']} | {r['new_tokens']} | "
-                         f"{r['sel_mismatch_ours_vs_intree']}, {r['sel_mismatch_ours_vs_ref']}, "
-                         f"{r['sel_mismatch_intree_vs_ref']} | {r['max_abs_ours_vs_intree']:.2e} | "
-                         f"{r['max_abs_ours_vs_ref']:.2e} | {r['max_abs_intree_vs_ref']:.2e} |")
-        return "\n".join(lines) + "\n"
-    g = res["gpu"]
-    lines += [f"device-to-device copy bandwidth: {g['copy_bandwidth_bytes_per_s'] / 1e12:.3f} TB/s · "
-              f"in-tree paths: {g['intree_paths']} · L2 flushed between replays: {not res['args']['no_l2_flush']}",
-              "", "## Decode (one sparse layer, CUDA-graph replay, median µs)", "",
-              "| heads | bs | context | ours µs | in-tree µs | MB needed | floor µs | ours/floor | in-tree/floor "
-              "| ours TB/s | in-tree TB/s | speed-up | max abs Δ | sel ≠ |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in g["decode"]:
-        if "skipped" in r:
-            lines.append(f"| {r['heads']} | {r['bs']} | {r['context']} | skipped: {r['skipped']} |")
-            continue
-        tb = lambda k: None if r.get(k) is None else r[k] / 1e12  # noqa: E731
-        lines.append(
-            f"| {r['heads']} | {r['bs']} | {r['context']} | {r['ours_us']:.1f} | {_f(r.get('intree_us'), '.1f')} | "
-            f"{r['bytes_needed'] / 1e6:.1f} | {r['floor_us']:.1f} | {r['ours_over_floor']:.2f} | "
-            f"{_f(r.get('intree_over_floor'), '.2f')} | {tb('ours_bytes_per_s'):.2f} | "
-            f"{_f(tb('intree_bytes_per_s'), '.2f')} | {_f(r.get('speedup'), '.2f')} | "
-            f"{_f(r.get('max_abs_ours_vs_intree'), '.1e')} | {r.get('sel_mismatch_rows', '—')} |")
-    if g["prefill"]:
-        lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",
-                  "| heads | prompt | ours ms | in-tree ms | ours tok/s | in-tree tok/s | speed-up | max abs Δ | sel ≠ |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in g["prefill"]:
-            if "skipped" in r:
-                lines.append(f"| {r['heads']} | {r['prompt']} | skipped: {r['skipped']} |")
-                continue
-            lines.append(
-                f"| {r['heads']} | {r['prompt']} | {r['ours_ms']:.2f} | {_f(r.get('intree_ms'), '.2f')} | "
-                f"{r['ours_tokens_per_s']:.3g} | {_f(r.get('intree_tokens_per_s'), '.3g')} | "
-                f"{_f(r.get('speedup'), '.2f')} | {_f(r.get('max_abs_ours_vs_intree'), '.1e')} | "
-                f"{r.get('sel_mismatch_rows', '—')} |")
-    lines += ["", "Floor = bytes needed (index keys of every visible token + K/V of min(context, topk·block) "
-              "tokens per KV head + the new token's K/V/index-key writes) / copy bandwidth. "
-              "`ours_meta_us` (per-forward metadata, shared by all sparse layers) and `ours_{store,indexer,attention}_us` "
-              "(each stage captured alone) are in the JSON."]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
