@@ -50,6 +50,29 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model built from its config."""
 
 
+def checkpoint_weight_shape(module: str, view) -> Optional[tuple[int, ...]]:
+    """The full (unsharded) shape config.json implies for checkpoint tensor `<module>.weight` of a projection
+    (M3_SPEC §4.1), or None for tensors whose parameter checks its own shape. Needed because SGLang's parallel
+    linear weight loaders zero-pad a tensor that is too small along the TP-sharded dim instead of refusing it."""
+    hidden, d, di = view.hidden_size, view.head_dim, view.sparse.index_dim
+    tail = module.rpartition(".self_attn.")[2] if ".self_attn." in module else None
+    attn = {"q_proj": (view.num_heads * d, hidden), "k_proj": (view.num_kv_heads * d, hidden),
+            "v_proj": (view.num_kv_heads * d, hidden), "o_proj": (hidden, view.num_heads * d),
+            "index_q_proj": (view.sparse.num_index_heads * di, hidden), "index_k_proj": (di, hidden)}
+    if tail is not None:
+        return attn.get(tail)
+    expert = _EXPERT.match(module)
+    if expert:
+        i = view.moe_intermediate_size
+        return (hidden, i) if expert.group(3) == "w2" else (i, hidden)
+    for part, i in ((".block_sparse_moe.shared_experts.", view.shared_intermediate_size),
+                    (".mlp.", view.dense_intermediate_size)):
+        if part in module:
+            proj = module.rpartition(".")[2]
+            return {"gate_proj": (i, hidden), "up_proj": (i, hidden), "down_proj": (hidden, i)}.get(proj)
+    return None
+
+
 def _target(name: str, params: dict, model) -> Optional[tuple[str, object, Optional[int]]]:
     """(parameter name, shard id, expert id) that checkpoint tensor `name` fills, or None if it maps to nothing."""
     module, _, leaf = name.rpartition(".")
@@ -90,6 +113,7 @@ class _Loader:
     def __init__(self, model, checkpoint_prefix: str):
         self.model, self.prefix = model, checkpoint_prefix
         self.params = dict(model.named_parameters())
+        self.view = getattr(model, "view", None)  # M3TextView of the model's config
         self.expected = set(self.params) - quant.params_filled_after_loading(model)
         self.transform = quant.pair_transform(getattr(model, "quant_config", None))
         self.loaded: dict[str, set] = defaultdict(set)
@@ -109,6 +133,11 @@ class _Loader:
             return
         module, _, leaf = name.rpartition(".")
         param_name = target[0]
+        want = checkpoint_weight_shape(module, self.view) if leaf == "weight" and self.view is not None else None
+        if want is not None and tuple(tensor.shape) != want:
+            raise CheckpointMismatchError(
+                f"checkpoint tensor {ckpt_name} has shape {tuple(tensor.shape)}, config.json implies {want} "
+                "(does config.json match the weights?)")
         if leaf.endswith(quant.SCALE_SUFFIX) or param_name + quant.SCALE_SUFFIX in self.params:
             self._pair(module, leaf, ckpt_name, tensor, target)
             return

@@ -127,23 +127,27 @@ def test_broken_checkpoint_is_refused_naming_the_tensor(sglang_env, tensors, cas
 
 
 # SGLang's linear weight loaders zero-pad a checkpoint tensor that is too small along the TP-sharded dim (CPU:
-# narrow_padded_param_and_loaded_weight; CUDA: pad_or_narrow_weight), so such a tensor loads silently today.
-SILENT_PAD = pytest.mark.xfail(strict=True, reason="bug: loader.py does not check the shape of TP-sharded linear "
-                               "weights; SGLang zero-pads a too-small tensor (reported to the lead, issue 13)")
-
-
-@pytest.mark.parametrize("name,shape", [
-    (f"{L1}.block_sparse_moe.experts.2.w2.weight", (64, 64)),
-    (f"{L1}.block_sparse_moe.gate.weight", (8, 64)),
-    ("lm_head.weight", (512, 64)),
-    ("model.embed_tokens.weight", (500, 128)),
-    pytest.param(f"{L1}.self_attn.o_proj.weight", (128, 64), marks=SILENT_PAD),
-    pytest.param(f"{L1}.self_attn.k_proj.weight", (32, 128), marks=SILENT_PAD),
+# narrow_padded_param_and_loaded_weight; CUDA: pad_or_narrow_weight), so the loader checks projection shapes
+# against config.json itself (loader.checkpoint_weight_shape); the others fail in SGLang's own loaders.
+@pytest.mark.parametrize("name,shape,ours", [
+    (f"{L1}.self_attn.o_proj.weight", (128, 64), True),
+    (f"{L1}.self_attn.k_proj.weight", (32, 128), True),
+    (f"{L1}.self_attn.index_q_proj.weight", (32, 128), True),
+    ("model.layers.0.mlp.down_proj.weight", (128, 96), True),
+    (f"{L1}.block_sparse_moe.shared_experts.gate_proj.weight", (32, 128), True),
+    (f"{L1}.block_sparse_moe.experts.2.w2.weight", (64, 64), True),
+    (f"{L1}.block_sparse_moe.gate.weight", (8, 64), False),
+    ("lm_head.weight", (512, 64), False),
+    ("model.embed_tokens.weight", (500, 128), False),
 ])
-def test_wrong_shape_of_a_sharded_weight_is_an_error(sglang_env, tensors, name, shape):  # noqa: F811
-    """Weights of SGLang's parallel layers (linear, experts, embeddings) are shape-checked by their weight loaders,
-    not by ours: a wrong shape must still stop loading rather than load partially."""
+def test_wrong_shape_of_a_sharded_weight_is_an_error(sglang_env, tensors, name, shape, ours):  # noqa: F811
+    """A projection weight of the wrong shape stops loading, naming the tensor and the shape config.json implies;
+    router and embedding weights are refused by SGLang's own loaders (assertion / size mismatch)."""
+    from sglang_m3.loader import CheckpointMismatchError
+
     weights = dict(tensors["flat"])
     weights[name] = torch.ones(shape)
-    with pytest.raises((AssertionError, ValueError, RuntimeError)):
+    with pytest.raises(CheckpointMismatchError if ours else (AssertionError, RuntimeError)) as info:
         load(build(tensors), weights)
+    if ours:
+        assert name in str(info.value) and str(shape) in str(info.value), str(info.value)
