@@ -151,13 +151,25 @@ def memory_lines(log: str) -> dict:
     return out
 
 
+def flush(server: Server, attempts: int = 30) -> None:
+    """/flush_cache, retried: SGLang answers 400 while a just-finished request is still leaving the scheduler."""
+    for attempt in range(attempts):
+        try:
+            post(server.url + "/flush_cache")
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+
+
 def decode_vs_prefill(server: Server, prompts: list[list[int]]) -> dict:
     """Greedy decode (CUDA graphs) vs one prefill of the same tokens, flushed cache: mean |Δ logprob|."""
     rows = []
     for ids in prompts:
-        post(server.url + "/flush_cache")
+        flush(server)
         toks, meta = greedy(server, ids, DECODE_TOKENS)
-        post(server.url + "/flush_cache")
+        flush(server)
         rows.append(diff([x[0] for x in meta["output_token_logprobs"]], logprobs(server, ids + toks)[len(ids) - 1:]))
     return {"mean": sum(r["mean"] for r in rows) / len(rows), "max": max(r["max"] for r in rows)}
 
