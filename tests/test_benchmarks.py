@@ -2,11 +2,18 @@
 
 The smoke run executes our MSA kernels and SGLang 0.5.17's in-tree MiniMax-M3 kernels (through the benchmark's
 adapter, i.e. the same calls the timed GPU run makes) under the Triton interpreter on identical tiny inputs,
-plus our torch reference, and records the differences in its JSON. Checked here: every decode/prefill case
-selects exactly the same blocks on both sides (and as the reference), and the attention outputs agree within
-ATOL. The data are fp16 (see the benchmark's docstring); the observed differences are one fp16 ulp (<= 1e-3:
-outputs of magnitude <~ 2, and the in-tree rounds its split-K partials to fp16 before merging them).
-Runs in a subprocess because TRITON_INTERPRET must be set before triton is imported (~2.5 min on one core).
+plus our torch reference, and records the differences in its JSON. It runs here through a small driver that
+wraps the benchmark's per-case check (`_check`) so that each case also records, from the case's own inputs:
+  * per pair of sides (ours / in-tree / reference), the (token, head) rows whose block selections differ by more
+    than a near-tie: the differing blocks' float64 scores must lie within TIE_REL * (1 + |score|), TIE_REL 1e-5
+    for ours vs the reference (both fp32 arithmetic on the fp16 data) and 2e-3 for pairs with the in-tree (fp16
+    score arithmetic); this must be 0;
+  * each side's output vs the reference's attention over *that side's own* selection (max abs <= ATOL), so a
+    legitimate near-tie flip still has its output checked rather than skipped.
+Outputs of two sides are compared directly only where both selected the same blocks. The data are fp16 (see the
+benchmark's docstring); the observed differences are one fp16 ulp (<= 1e-3: outputs of magnitude <~ 2, and the
+in-tree rounds its split-K partials to fp16 before merging them). Runs in a subprocess because TRITON_INTERPRET
+must be set before triton is imported (~2.5 min on one core).
 """
 
 from __future__ import annotations
@@ -19,12 +26,77 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 5e-3
+TIE_REL = {"ours_vs_ref": 1e-5, "intree_vs_ref": 2e-3, "ours_vs_intree": 2e-3}
+
+DRIVER = r"""
+import json, sys
+out_dir, bench_dir, tie_rel = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.argv = ["kernel_decode.py", "--smoke", "--out", out_dir]
+sys.path.insert(0, bench_dir)
+import kernel_decode as kd  # sets TRITON_INTERPRET before triton is imported
+import torch
+from sglang_m3.attention import reference
+
+
+def block_scores(b, block):
+    # float64 block scores [H, nb] of each packed new token (max over its visible keys)
+    rows = {}
+    for i, (n, ext) in enumerate(zip(b.seq_lens_list, b.ext_lens_list)):
+        row, start = int(b.req_pool_indices[i]), int(b.extend_start_loc[i])
+        for r in range(ext):
+            t, pos = start + r, n - ext + r
+            slots = b.req_to_token[row, : pos + 1].long()
+            s = b.index_q[t].double() @ b.index_k_cache[slots].double().T  # [H, pos + 1]
+            nb = pos // block + 1
+            s = torch.nn.functional.pad(s, (0, nb * block - (pos + 1)), value=float("-inf"))
+            rows[t] = s.view(s.shape[0], nb, block).amax(-1)
+    return rows
+
+
+def beyond_tie(a, c, scores, rel):
+    a, c, bad = a.to(torch.int64), c.to(torch.int64), 0
+    for t, h in (a != c).any(-1).nonzero().tolist():
+        diff = (set(a[t, h].tolist()) ^ set(c[t, h].tolist())) - {-1}
+        sc = scores[t][h]
+        if not diff or any(not 0 <= x < sc.numel() for x in diff):
+            bad += 1
+            continue
+        vals = [float(sc[x]) for x in diff]
+        bad += (max(vals) - min(vals)) > rel * (1 + max(abs(v) for v in vals))
+    return bad
+
+
+orig = kd._check
+
+
+def tie_aware(kind, geo, b, out_ours, sel_ours, out_in, sel_in, **extra):
+    row = orig(kind, geo, b, out_ours, sel_ours, out_in, sel_in, **extra)
+    _, sel_ref = kd.reference_msa(geo, b)
+    scores = block_scores(b, geo.block)
+    for name, x, y in (("ours_vs_ref", sel_ours, sel_ref), ("intree_vs_ref", sel_in, sel_ref),
+                       ("ours_vs_intree", sel_ours, sel_in)):
+        row[f"sel_beyond_tie_{name}"] = beyond_tie(x, y, scores, tie_rel[name])
+    meta = dict(req_to_token=b.req_to_token, req_pool_indices=b.req_pool_indices, seq_lens=b.seq_lens,
+                extend_seq_lens=b.extend_seq_lens, extend_start_loc=b.extend_start_loc)
+    for name, sel, o in (("ours", sel_ours, out_ours), ("intree", sel_in, out_in)):
+        own = reference.sparse_attention(b.q, b.k_cache, b.v_cache, **meta, block_topk=sel.to(torch.int32),
+                                         block_size=geo.block, sm_scale=geo.sm_scale)
+        row[f"max_abs_{name}_vs_ref_own_selection"] = float((o.float() - own.float()).abs().max())
+    row["ok"] = (all(row[f"sel_beyond_tie_{n}"] == 0 for n in tie_rel)
+                 and row["max_abs_ours_vs_ref_own_selection"] <= kd.SMOKE_ATOL
+                 and row["max_abs_intree_vs_ref_own_selection"] <= kd.SMOKE_ATOL)
+    return row
+
+
+kd._check = tie_aware
+kd.main()
+"""
 
 
 def test_kernel_decode_smoke_matches_intree_kernels(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "kernel_decode.py"), "--smoke", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-c", DRIVER, str(tmp_path), str(REPO / "benchmarks"), json.dumps(TIE_REL)]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=900)
     log = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, log
     res = json.loads((tmp_path / "kernel_decode_smoke.json").read_text())
@@ -35,10 +107,17 @@ def test_kernel_decode_smoke_matches_intree_kernels(tmp_path):
     assert [c["kind"] for c in cases].count("decode") == 8 and [c["kind"] for c in cases].count("prefill") == 2
     for c in cases:
         where = f"{c['kind']} {c['heads']} seq_lens={c['seq_lens']}"
-        assert c["sel_mismatch_ours_vs_intree"] == 0, where
-        assert c["sel_mismatch_ours_vs_ref"] == 0, where
-        assert c["sel_mismatch_intree_vs_ref"] == 0, where
-        assert c["max_abs_ours_vs_intree"] <= ATOL, (where, c["max_abs_ours_vs_intree"])
-        assert c["max_abs_ours_vs_ref"] <= ATOL, (where, c["max_abs_ours_vs_ref"])
-        assert c["max_abs_intree_vs_ref"] <= ATOL, (where, c["max_abs_intree_vs_ref"])
+        for pair in TIE_REL:
+            assert c[f"sel_beyond_tie_{pair}"] == 0, (where, pair, c)
+        assert c["max_abs_ours_vs_ref_own_selection"] <= ATOL, (where, c)
+        assert c["max_abs_intree_vs_ref_own_selection"] <= ATOL, (where, c)
+        # direct output comparisons only where the two sides selected the same blocks
+        if c["sel_mismatch_ours_vs_ref"] == 0:
+            assert c["max_abs_ours_vs_ref"] <= ATOL, (where, c["max_abs_ours_vs_ref"])
+        if c["sel_mismatch_intree_vs_ref"] == 0:
+            assert c["max_abs_intree_vs_ref"] <= ATOL, (where, c["max_abs_intree_vs_ref"])
+        if c["sel_mismatch_ours_vs_intree"] == 0:
+            assert c["max_abs_ours_vs_intree"] <= ATOL, (where, c["max_abs_ours_vs_intree"])
+    # the check had something to compare: sparse selections (some row selects fewer blocks than are visible)
+    assert any(max(c["seq_lens"]) > 32 for c in cases)
     assert smoke["ok"], log
