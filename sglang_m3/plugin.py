@@ -13,7 +13,9 @@ What it changes, all keyed on the two released M3 architecture names:
   chosen by default; any dense backend named with --attention-backend is wrapped the same way;
 - KV pool: `M3KVPool` (index-key lane, at the model dtype even with an fp8 K/V cache) with a cell size that
   counts it;
-- flags that would silently drop the index lane (HiCache) or that we do not serve are refused.
+- flags that would silently drop the index lane (HiCache) or that we do not serve are refused;
+- requests: a generate request the model or the scheduler cannot serve (id outside the vocabulary, empty prompt
+  in a batch, mistyped sampling field, ...) is refused with HTTP 400 before it is sent (request_validation.py).
 """
 
 from __future__ import annotations
@@ -80,6 +82,13 @@ def register() -> None:
                           _eager_prefill, HookType.AROUND)
     HookRegistry.register("sglang.srt.speculative.draft_utils.DraftBackendFactory.__init__",
                           _draft_backends_not_ours, HookType.AROUND)
+
+    # Requests are checked in the tokenizer manager (HTTP server process): the raw request before SGLang's
+    # normalization indexes into it, a batch before its first item is sent, each prompt's final token ids.
+    tokenizer_manager = "sglang.srt.managers.tokenizer_manager.TokenizerManager."
+    HookRegistry.register(tokenizer_manager + "generate_request", _check_request_shape, HookType.AROUND)
+    HookRegistry.register(tokenizer_manager + "_handle_batch_request", _check_batch_request, HookType.AROUND)
+    HookRegistry.register(tokenizer_manager + "_validate_one_request", _check_one_request, HookType.BEFORE)
 
 
 def enable() -> None:
@@ -174,6 +183,51 @@ def _draft_backends_not_ours(original, factory, server_args, *args, **kwargs):
             getattr(server_args, "decode_attention_backend", None),
             getattr(server_args, "prefill_attention_backend", None), server_args.attention_backend):
         factory.draft_attn_backend = _dense_backend_name(factory.draft_model_runner)
+
+
+def _request_limits(tokenizer_manager):
+    """What an M3 server accepts in a request; None for other models (their requests stay SGLang's business)."""
+    from sglang_m3.request_validation import Limits
+
+    model_config = tokenizer_manager.model_config
+    if not _is_m3(model_config.hf_config):
+        return None
+    return Limits(vocab_size=model_config.vocab_size, hidden_size=model_config.hidden_size)
+
+
+def _is_generate(obj) -> bool:
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    return isinstance(obj, GenerateReqInput)
+
+
+def _check_request_shape(original, tokenizer_manager, obj, *args, **kwargs):
+    """Before `generate_request` normalizes the request (raising here is inside every caller's ValueError → 400)."""
+    from sglang_m3.request_validation import check_shape
+
+    limits = _request_limits(tokenizer_manager)
+    if _is_generate(obj) and limits:
+        check_shape(obj, limits)
+    return original(tokenizer_manager, obj, *args, **kwargs)
+
+
+def _check_batch_request(original, tokenizer_manager, obj, *args, **kwargs):
+    """Every item of a batch before the first is sent: SGLang sends text batches item by item."""
+    from sglang_m3.request_validation import check_batch
+
+    limits = _request_limits(tokenizer_manager)
+    if _is_generate(obj) and limits:
+        check_batch(obj, limits)
+    return original(tokenizer_manager, obj, *args, **kwargs)
+
+
+def _check_one_request(tokenizer_manager, obj, input_ids, *args, **kwargs):
+    """SGLang's own per-request check point, with the prompt's final token ids (after tokenization)."""
+    from sglang_m3.request_validation import check_request
+
+    limits = _request_limits(tokenizer_manager)
+    if _is_generate(obj) and limits:
+        check_request(obj, limits, input_ids, tokenized=True)
 
 
 def _eager_prefill(original, server_args):

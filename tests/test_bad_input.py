@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 
@@ -87,3 +88,71 @@ def test_over_long_prompt_is_a_clear_error_and_the_server_lives_on(start_server,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=300) as r:
         assert json.loads(r.read())["meta_info"]["completion_tokens"] == 4
+
+
+# ---- requests the server refuses, staying up (sglang_m3/request_validation.py through the plugin's hooks) ----
+
+def _post(server, path: str, body: dict):
+    """(status, parsed JSON body) — a 4xx is returned, not raised."""
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    return status, (json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode())
+
+
+def _reference(server) -> list:
+    """A sparse-regime greedy request (300 prompt tokens > top-2 · 128), served from a flushed cache:
+    [(logprob, token)] of its 8 new tokens."""
+    assert _post(server, "/flush_cache", {})[0] == 200
+    status, out = _post(server, "/generate", {"input_ids": [(7 * i) % 200 + 32 for i in range(300)],
+                                              "return_logprob": True,
+                                              "sampling_params": {"max_new_tokens": 8, "temperature": 0,
+                                                                  "ignore_eos": True}})
+    assert status == 200, out
+    return [(lp, t) for lp, t, _ in out["meta_info"]["output_token_logprobs"]]
+
+
+def _prefill_lines(server) -> int:
+    return server.log().count("Prefill batch")
+
+
+def test_out_of_vocabulary_id_is_refused_and_the_server_answers_as_before(start_server, flat):
+    server = start_server(flat, "--context-length", "1024")
+    before = _reference(server)
+    vocab = json.loads((flat / "config.json").read_text())["vocab_size"]
+    prefills = _prefill_lines(server)
+    for ids, where in (([5, 999999], "input_ids[1] = 999999"), ([vocab, 5], f"input_ids[0] = {vocab}"),
+                       ([5, 6, -1], "input_ids[2] = -1"),
+                       ([[5, 6], [7, 8], [9, vocab]], f"input_ids[1] (batch item 2) = {vocab}")):
+        status, out = _post(server, "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 4}})
+        assert status == 400 and where in out["error"]["message"], (ids, status, out)
+        assert f"outside the vocabulary [0, {vocab})" in out["error"]["message"]
+    status, out = _post(server, "/v1/completions", {"model": "x", "prompt": [5, 6, vocab + 3], "max_tokens": 4})
+    assert status == 400 and f"input_ids[2] = {vocab + 3}" in out["message"], out
+    time.sleep(1)
+    assert _prefill_lines(server) == prefills  # refused before the scheduler saw any of them
+    # same request, same (flushed) cache state, same server: the same arithmetic, so the same bits
+    assert _reference(server) == before
+
+
+def test_empty_prompt_anywhere_in_a_batch_is_refused(start_server, flat):
+    server = start_server(flat, "--context-length", "1024")
+    prefills = _prefill_lines(server)
+    for body, where in (({"input_ids": [list(range(40, 60)), [], [5]]}, "batch item 1"),
+                        ({"text": ["hello", "there", ""]}, "text (batch item 2) is empty"),
+                        ({"input_ids": [[]]}, "batch item 0")):
+        status, out = _post(server, "/generate", {**body, "sampling_params": {"max_new_tokens": 3}})
+        assert status == 400 and where in out["error"]["message"] and "empty" in out["error"]["message"], out
+    status, out = _post(server, "/v1/completions", {"model": "x", "prompt": ["a", ""], "max_tokens": 3})
+    assert status == 400 and "batch item 1" in out["message"], out
+    time.sleep(1)
+    # nothing of these batches reached the scheduler (SGLang sends a text batch item by item: items before the
+    # empty one would otherwise have been prefilled for nothing)
+    assert _prefill_lines(server) == prefills
+    status, out = _post(server, "/generate", {"input_ids": [list(range(40, 60)), [5]],
+                                              "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
+    assert status == 200 and [o["meta_info"]["completion_tokens"] for o in out] == [3, 3]

@@ -1,0 +1,291 @@
+"""Checks on a generate request before SGLang sends it to the scheduler: refuse what the model or the scheduler
+cannot serve, with a message naming the field (and the item of a batch, the id and its position).
+
+SGLang 0.5.17's tokenizer manager turns a `ValueError` raised while it prepares a request into HTTP 400 (native
+`/generate`: `http_server.generate_request` → `_create_error_response`; OpenAI routes: `OpenAIServingBase.
+handle_request`), and a streamed `/generate` into an in-stream error event with code 400. Anything else a bad
+field raises there (TypeError from `SamplingParams(**params)` or from comparing a string with an int) becomes a
+500, and what reaches the scheduler unchecked can end it: an id outside the vocabulary is an out-of-range
+embedding read (IndexError on CPU, a CUDA fault on a GPU), an empty prompt inside a batch is a zero-token extend.
+SGLang has `TokenizerManager._validate_input_ids_in_vocab` but never calls it (issue 8).
+
+The plugin calls `check_request` from two places (sglang_m3/plugin.py): once per item of a batch before any item
+is sent (SGLang sends a text batch item by item, so a bad item 3 would otherwise follow items 0-2 into the
+scheduler), and from `TokenizerManager._validate_one_request` with the final token ids (after tokenization or the
+chat template). What SGLang already refuses cleanly (temperature/top_p ranges, prompt + max_new_tokens past the
+context, token_ids_logprob ids) is left to it; this module only adds what it misses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+
+class M3RequestError(ValueError):
+    """A request refused before it reaches the scheduler (a ValueError, so SGLang answers HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the served model accepts: ids in [0, vocab_size), input_embeds rows of hidden_size floats."""
+
+    vocab_size: int
+    hidden_size: int
+
+
+# SamplingParams (sglang/srt/sampling/sampling_params.py) API fields by the type it needs; None means "default".
+_INT_FIELDS = ("max_new_tokens", "top_k", "min_new_tokens", "n", "stream_interval", "sampling_seed")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+_GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
+_OTHER_FIELDS = ("stop", "stop_regex", "stop_token_ids", "logit_bias", "custom_params")
+SAMPLING_FIELDS = frozenset(_INT_FIELDS + _FLOAT_FIELDS + _BOOL_FIELDS + _GRAMMAR_FIELDS + _OTHER_FIELDS)
+
+
+def _where(item: Optional[int]) -> str:
+    return "" if item is None else f" (batch item {item})"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_token_ids(input_ids: Sequence[int], vocab_size: int, field: str = "input_ids",
+                    item: Optional[int] = None) -> None:
+    """Every id an int in [0, vocab_size). Raises M3RequestError naming the first bad id and its position.
+    min/max run in C, so a long prompt costs microseconds; the position is searched only on failure."""
+    if not input_ids:
+        raise M3RequestError(f"{field} is empty{_where(item)}: a prompt needs at least one token")
+    try:
+        lo, hi = min(input_ids), max(input_ids)
+        typed = _is_int(lo) and _is_int(hi)
+    except TypeError:
+        typed = False
+    if typed and 0 <= lo and hi < vocab_size and not any(isinstance(t, bool) for t in input_ids[:1]):
+        return
+    for pos, tok in enumerate(input_ids):
+        if not _is_int(tok):
+            raise M3RequestError(f"{field}[{pos}]{_where(item)} is {tok!r}: token ids must be integers")
+        if not 0 <= tok < vocab_size:
+            raise M3RequestError(f"{field}[{pos}]{_where(item)} = {tok} is outside the vocabulary "
+                                 f"[0, {vocab_size})")
+
+
+def check_input_embeds(embeds: Any, hidden_size: int, item: Optional[int] = None) -> None:
+    """A non-empty list of rows, each `hidden_size` finite numbers (the model's embedding width)."""
+    where = _where(item)
+    if not isinstance(embeds, list) or not embeds:
+        raise M3RequestError(f"input_embeds{where} must be a non-empty list of rows of {hidden_size} floats")
+    for pos, row in enumerate(embeds):
+        if not isinstance(row, list) or len(row) != hidden_size:
+            width = len(row) if isinstance(row, list) else type(row).__name__
+            raise M3RequestError(f"input_embeds[{pos}]{where} has width {width}; the model's hidden size is "
+                                 f"{hidden_size}")
+        if not all(_is_number(x) and math.isfinite(x) for x in row):
+            raise M3RequestError(f"input_embeds[{pos}]{where} holds a value that is not a finite number")
+
+
+def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = None) -> None:
+    """Types of the SamplingParams fields, unknown keys, and ids inside them (stop_token_ids, logit_bias keys);
+    grammar strings must be strings, a JSON schema must parse and a regex must compile."""
+    where = _where(item)
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise M3RequestError(f"sampling_params{where} must be a JSON object, got {type(params).__name__}")
+    unknown = sorted(set(params) - SAMPLING_FIELDS)
+    if unknown:
+        raise M3RequestError(f"sampling_params{where} has unknown field(s) {unknown}; known: {sorted(SAMPLING_FIELDS)}")
+    for name in _INT_FIELDS:
+        v = params.get(name)
+        if v is not None and not _is_int(v):
+            raise M3RequestError(f"sampling_params.{name}{where} must be an integer, got {v!r}")
+    for name in _FLOAT_FIELDS:
+        v = params.get(name)
+        if v is not None and not (_is_number(v) and math.isfinite(v)):
+            raise M3RequestError(f"sampling_params.{name}{where} must be a finite number, got {v!r}")
+    for name in _BOOL_FIELDS:
+        v = params.get(name)
+        if v is not None and not isinstance(v, bool):
+            raise M3RequestError(f"sampling_params.{name}{where} must be true or false, got {v!r}")
+    for name in ("stop", "stop_regex"):
+        v = params.get(name)
+        if v is not None and not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+            raise M3RequestError(f"sampling_params.{name}{where} must be a string or a list of strings, got {v!r}")
+    for pattern in [params.get("stop_regex")] if isinstance(params.get("stop_regex"), str) else \
+            (params.get("stop_regex") or []):
+        _compile(pattern, f"sampling_params.stop_regex{where}")
+    n = params.get("n")
+    if n is not None and n < 1:
+        raise M3RequestError(f"sampling_params.n{where} must be at least 1, got {n}")
+    interval = params.get("stream_interval")
+    if interval is not None and interval < 1:
+        raise M3RequestError(f"sampling_params.stream_interval{where} must be at least 1, got {interval}")
+    stop_ids = params.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list):
+            raise M3RequestError(f"sampling_params.stop_token_ids{where} must be a list of token ids")
+        if stop_ids:
+            check_token_ids(stop_ids, vocab_size, "sampling_params.stop_token_ids", item)
+    bias = params.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise M3RequestError(f"sampling_params.logit_bias{where} must be an object {{token id: bias}}")
+        for key, value in bias.items():
+            if not (isinstance(key, str) and re.fullmatch(r"-?\d+", key)) and not _is_int(key):
+                raise M3RequestError(f"sampling_params.logit_bias{where} key {key!r} is not a token id")
+            if not 0 <= int(key) < vocab_size:
+                raise M3RequestError(f"sampling_params.logit_bias{where} key {key} is outside the vocabulary "
+                                     f"[0, {vocab_size})")
+            if not (_is_number(value) and math.isfinite(value)):
+                raise M3RequestError(f"sampling_params.logit_bias[{key}]{where} must be a finite number")
+    custom = params.get("custom_params")
+    if custom is not None and not isinstance(custom, dict):
+        raise M3RequestError(f"sampling_params.custom_params{where} must be a JSON object")
+    grammars = [name for name in _GRAMMAR_FIELDS if params.get(name) not in (None, "")]
+    for name in grammars:
+        if not isinstance(params[name], str):
+            raise M3RequestError(f"sampling_params.{name}{where} must be a string, got {type(params[name]).__name__}")
+    if len(grammars) > 1:
+        raise M3RequestError(f"sampling_params{where} sets {grammars}: at most one of json_schema, regex, ebnf, "
+                             "structural_tag")
+    if "json_schema" in grammars:
+        try:
+            json.loads(params["json_schema"])
+        except ValueError as e:
+            raise M3RequestError(f"sampling_params.json_schema{where} is not valid JSON: {e}") from None
+    if "regex" in grammars:
+        _compile(params["regex"], f"sampling_params.regex{where}")
+
+
+def _compile(pattern: str, field: str) -> None:
+    # Python's `re` is stricter than no grammar backend on what a regex is: unbalanced groups, bad escapes and
+    # dangling quantifiers fail in every backend too.
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise M3RequestError(f"{field} {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def check_logprob_params(req, prompt_len: Optional[int], vocab_size: int, item: Optional[int] = None) -> None:
+    """`req` is one (already split) GenerateReqInput. logprob_start_len in {-1} ∪ [0, prompt_len];
+    top_logprobs_num in [0, vocab_size]. `prompt_len` None: not known yet (text before tokenization)."""
+    where = _where(item)
+    if req.return_logprob is not None and not isinstance(req.return_logprob, bool):
+        raise M3RequestError(f"return_logprob{where} must be true or false, got {req.return_logprob!r}")
+    start = req.logprob_start_len
+    if start is not None:
+        if not _is_int(start):
+            raise M3RequestError(f"logprob_start_len{where} must be an integer, got {start!r}")
+        if start < -1:
+            raise M3RequestError(f"logprob_start_len{where} = {start}: use -1 (output tokens only) or a prompt "
+                                 "position >= 0")
+        if req.return_logprob and prompt_len is not None and start > prompt_len:
+            raise M3RequestError(f"logprob_start_len{where} = {start} is past the prompt ({prompt_len} tokens)")
+    top = req.top_logprobs_num
+    if top is not None:
+        if not _is_int(top):
+            raise M3RequestError(f"top_logprobs_num{where} must be an integer, got {top!r}")
+        if not 0 <= top <= vocab_size:
+            raise M3RequestError(f"top_logprobs_num{where} = {top} is outside [0, {vocab_size}] (the vocabulary)")
+
+
+def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None, item: Optional[int] = None,
+                  tokenized: bool = False) -> None:
+    """One generate request (a single request, or one item of a batch as `obj[i]`). Raises M3RequestError.
+
+    `input_ids`: the prompt's final token ids when `tokenized` (from `_validate_one_request`); otherwise the
+    request's own fields are checked (ids given as ids, texts given as texts)."""
+    if req.input_embeds is not None:
+        check_input_embeds(req.input_embeds, limits.hidden_size, item)
+        prompt_len = len(req.input_embeds)
+    elif tokenized or req.input_ids is not None:
+        ids = input_ids if tokenized else req.input_ids
+        if ids is None or not isinstance(ids, (list, tuple)) and not hasattr(ids, "__len__"):
+            raise M3RequestError(f"input_ids{_where(item)} must be a list of token ids")
+        check_token_ids(ids, limits.vocab_size, "input_ids", item)
+        prompt_len = len(ids)
+    else:
+        if not isinstance(req.text, str):
+            raise M3RequestError(f"text{_where(item)} must be a string, got {type(req.text).__name__}")
+        if not req.text:
+            raise M3RequestError(f"text{_where(item)} is empty: a prompt needs at least one token")
+        prompt_len = None
+    check_sampling_params(req.sampling_params, limits.vocab_size, item)
+    check_logprob_params(req, prompt_len, limits.vocab_size, item)
+
+
+def check_batch(obj, limits: Limits) -> None:
+    """Every item of a normalized batch GenerateReqInput, before the first item is sent to the scheduler."""
+    for i in range(obj.batch_size):
+        check_request(obj[i], limits, item=i)
+
+
+_PER_ITEM_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
+
+
+def check_shape(obj, limits: Limits) -> None:
+    """The raw GenerateReqInput, before SGLang's `normalize_batch_and_arguments` indexes into it: exactly one
+    prompt field of a form SGLang understands, input_embeds rows of the model's width, per-item lists
+    (sampling_params, logprob fields) as long as the batch, typed sampling fields, no image/video/audio data
+    (the text model is served). Raises M3RequestError (SGLang's normalization would raise TypeError/IndexError,
+    i.e. HTTP 500, or silently drop the media)."""
+    media = [name for name in ("image_data", "video_data", "audio_data") if getattr(obj, name, None)]
+    if media:
+        raise M3RequestError(f"{', '.join(media)}: sglang-m3 serves the text model of MiniMax-M3; image, video and "
+                             "audio inputs are not supported")
+    given = [name for name in ("text", "input_ids", "input_embeds") if getattr(obj, name) is not None]
+    if not given:
+        raise M3RequestError("the request has no prompt: give one of text, input_ids, input_embeds")
+    if len(given) > 1:
+        raise M3RequestError(f"the request gives {' and '.join(given)}: give exactly one prompt field")
+    prompt = getattr(obj, given[0])
+    if given[0] == "text":
+        if isinstance(prompt, str):
+            batch = None
+            if not prompt:
+                raise M3RequestError("text is empty: a prompt needs at least one token")
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, str) for t in prompt):
+            batch = len(prompt)
+        else:
+            raise M3RequestError("text must be a string or a non-empty list of strings")
+    elif given[0] == "input_ids":
+        if not isinstance(prompt, list) or not prompt:
+            raise M3RequestError("input_ids is empty: a prompt needs at least one token")
+        batch = len(prompt) if isinstance(prompt[0], list) else None
+        if batch is not None and not all(isinstance(row, list) for row in prompt):
+            raise M3RequestError("input_ids mixes token ids and lists: give a list of ids or a list of lists of ids")
+    else:
+        if not isinstance(prompt, list) or not prompt or not isinstance(prompt[0], list) or not prompt[0]:
+            raise M3RequestError("input_embeds must be a non-empty list of rows (or a list of such lists)")
+        batch = len(prompt) if isinstance(prompt[0][0], list) else None
+        if batch is not None and not all(isinstance(rows, list) and rows and all(isinstance(r, list) for r in rows)
+                                         for rows in prompt):
+            raise M3RequestError("input_embeds of a batch must be a list of non-empty lists of rows")
+        for i, rows in enumerate(prompt if batch is not None else [prompt]):
+            check_input_embeds(rows, limits.hidden_size, i if batch is not None else None)
+    params = obj.sampling_params
+    if batch is None and params is not None and not isinstance(params, dict):
+        raise M3RequestError(f"sampling_params of a single prompt must be a JSON object, got {type(params).__name__}")
+    if batch is not None and isinstance(params, list):
+        if len(params) != batch or not all(isinstance(p, dict) for p in params):
+            raise M3RequestError(f"sampling_params is a list of {len(params)}: give one object per prompt "
+                                 f"({batch}) or a single object for all")
+    elif params is not None and not isinstance(params, dict):
+        raise M3RequestError(f"sampling_params must be a JSON object, got {type(params).__name__}")
+    for i, p in enumerate(params if isinstance(params, list) else [params]):
+        # here too, as SGLang's normalization reads `n` (a string there is a TypeError)
+        check_sampling_params(p, limits.vocab_size, i if isinstance(params, list) else None)
+    for name in _PER_ITEM_FIELDS:
+        value = getattr(obj, name)
+        if isinstance(value, list) and (batch is None or len(value) != batch):
+            raise M3RequestError(f"{name} is a list of {len(value)}: give one value per prompt "
+                                 f"({batch or 'a single prompt takes a single value'})")

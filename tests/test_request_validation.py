@@ -1,0 +1,152 @@
+"""sglang_m3/request_validation.py on its own (no server): what is refused, and that the message names the field,
+the batch item, the id and its position. The served behaviour (HTTP 400, server alive) is in test_bad_input.py
+and the fuzz campaign (test_fuzz.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_m3.request_validation import (Limits, M3RequestError, check_batch, check_input_embeds, check_request,
+                                          check_sampling_params, check_shape, check_token_ids)
+
+LIMITS = Limits(vocab_size=512, hidden_size=8)
+
+
+def req(**fields):
+    """A GenerateReqInput as SGLang builds it from the JSON body."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    return GenerateReqInput(**fields)
+
+
+def refused(fn, *args, **kwargs) -> str:
+    with pytest.raises(M3RequestError) as err:
+        fn(*args, **kwargs)
+    assert isinstance(err.value, ValueError)  # SGLang answers ValueErrors with HTTP 400
+    return str(err.value)
+
+
+@pytest.mark.parametrize("bad,pos", [(512, 3), (-1, 0), (2**40, 6), (10**6, 1)])
+def test_token_id_outside_the_vocabulary_is_named_with_its_position(bad, pos):
+    ids = [5, 6, 7, 8, 9, 10, 11]
+    ids[pos] = bad
+    msg = refused(check_token_ids, ids, 512)
+    assert f"input_ids[{pos}]" in msg and str(bad) in msg and "[0, 512)" in msg
+
+
+def test_token_ids_at_the_edges_of_the_vocabulary_pass():
+    check_token_ids([0, 511, 17], 512)
+    check_token_ids(list(range(512)), 512)
+
+
+def test_non_integer_ids_are_refused():
+    assert "input_ids[1]" in refused(check_token_ids, [3, 2.5], 512)
+    assert "input_ids[0]" in refused(check_token_ids, [True, 3], 512)
+    assert "empty" in refused(check_token_ids, [], 512)
+
+
+def test_empty_prompt_anywhere_in_a_batch():
+    obj = req(input_ids=[[5] * 20, [], [5]], sampling_params={"max_new_tokens": 2})
+    check_shape(obj, LIMITS)  # a list of lists: the shape is fine
+    obj.normalize_batch_and_arguments()
+    msg = refused(check_batch, obj, LIMITS)
+    assert "batch item 1" in msg and "empty" in msg
+    obj = req(text=["hi", ""])
+    obj.normalize_batch_and_arguments()
+    assert "text (batch item 1) is empty" in refused(check_batch, obj, LIMITS)
+    assert "text is empty" in refused(check_shape, req(text=""), LIMITS)
+
+
+def test_out_of_vocabulary_id_in_a_batch_names_the_item():
+    obj = req(input_ids=[[5, 6], [7, 8], [9, 512]])
+    obj.normalize_batch_and_arguments()
+    msg = refused(check_batch, obj, LIMITS)
+    assert "input_ids[1] (batch item 2) = 512" in msg
+
+
+def test_final_token_ids_are_checked_after_tokenization():
+    # `_validate_one_request` passes the prompt's final ids (e.g. from a text or a chat template)
+    obj = req(text="hello")
+    obj.normalize_batch_and_arguments()
+    check_request(obj, LIMITS, [104, 101], tokenized=True)
+    assert "input_ids[1] = 600" in refused(check_request, obj, LIMITS, [104, 600], tokenized=True)
+    assert "empty" in refused(check_request, obj, LIMITS, [], tokenized=True)
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"max_new_tokens": "ten"}, ["max_new_tokens", "integer"]),
+    ({"max_new_tokens": 2.5}, ["max_new_tokens", "integer"]),
+    ({"n": "2"}, ["n", "integer"]),
+    ({"n": 0}, ["n", "at least 1"]),
+    ({"temperature": "hot"}, ["temperature", "number"]),
+    ({"top_p": float("nan")}, ["top_p", "finite"]),
+    ({"ignore_eos": "yes"}, ["ignore_eos", "true or false"]),
+    ({"stop": 5}, ["stop", "string"]),
+    ({"stop": ["a", 5]}, ["stop", "string"]),
+    ({"stop_regex": "("}, ["stop_regex", "regular expression"]),
+    ({"stop_token_ids": [3, 512]}, ["stop_token_ids[1]", "512", "vocabulary"]),
+    ({"stop_token_ids": "3"}, ["stop_token_ids", "list"]),
+    ({"logit_bias": {"512": 1.0}}, ["logit_bias", "512", "vocabulary"]),
+    ({"logit_bias": {"x": 1.0}}, ["logit_bias", "'x'", "not a token id"]),
+    ({"logit_bias": [1]}, ["logit_bias", "object"]),
+    ({"tempreature": 0}, ["unknown", "tempreature"]),
+    ({"regex": "(ab"}, ["regex", "regular expression"]),
+    ({"regex": 5}, ["regex", "string"]),
+    ({"json_schema": "{not json"}, ["json_schema", "JSON"]),
+    ({"regex": "a", "json_schema": "{}"}, ["at most one"]),
+    ({"stream_interval": 0}, ["stream_interval"]),
+    ({"custom_params": [1]}, ["custom_params", "object"]),
+])
+def test_sampling_params_name_the_bad_field(params, words):
+    msg = refused(check_sampling_params, params, 512)
+    assert all(w in msg for w in words), msg
+
+
+def test_well_formed_sampling_params_pass():
+    check_sampling_params({"max_new_tokens": 0, "temperature": 0, "top_k": -1, "stop": ["\n"], "regex": "[ab]{3}",
+                           "logit_bias": {"5": -1.5}, "stop_token_ids": [511], "n": 2, "ignore_eos": True,
+                           "sampling_seed": 3, "custom_params": {"a": 1}}, 512)
+    check_sampling_params({"json_schema": '{"type": "object"}', "stop_regex": ["a+", "b"]}, 512)
+    check_sampling_params(None, 512)
+    check_sampling_params({"max_new_tokens": None, "temperature": None}, 512)  # None means "default" in SGLang
+
+
+def test_logprob_fields():
+    def one(**fields):
+        obj = req(input_ids=[5] * 10, **fields)
+        obj.normalize_batch_and_arguments()
+        return obj
+
+    check_request(one(return_logprob=True, logprob_start_len=10), LIMITS)  # = prompt length: output tokens only
+    check_request(one(return_logprob=True, logprob_start_len=-1, top_logprobs_num=512), LIMITS)
+    assert "past the prompt (10 tokens)" in refused(check_request, one(return_logprob=True, logprob_start_len=11),
+                                                    LIMITS)
+    assert "logprob_start_len = -5" in refused(check_request, one(return_logprob=True, logprob_start_len=-5), LIMITS)
+    assert "top_logprobs_num = 513" in refused(check_request, one(return_logprob=True, top_logprobs_num=513), LIMITS)
+    assert "top_logprobs_num = -1" in refused(check_request, one(return_logprob=True, top_logprobs_num=-1), LIMITS)
+
+
+def test_input_embeds_width_and_values():
+    check_input_embeds([[0.0] * 8, [1] * 8], 8)
+    assert "input_embeds[1] has width 7" in refused(check_input_embeds, [[0.0] * 8, [0.0] * 7], 8)
+    assert "hidden size is 8" in refused(check_input_embeds, [[0.0] * 3], 8)
+    assert "finite" in refused(check_input_embeds, [[float("inf")] * 8], 8)
+    assert "non-empty" in refused(check_input_embeds, [], 8)
+    # through the request: single and batch forms
+    assert "width 3" in refused(check_shape, req(input_embeds=[[0.1] * 3]), LIMITS)
+    assert "batch item 1" in refused(check_shape, req(input_embeds=[[[0.1] * 8], [[0.1] * 9]]), LIMITS)
+
+
+def test_shape_before_normalization():
+    # each of these makes SGLang's normalize_batch_and_arguments raise TypeError/IndexError (HTTP 500) or
+    # serve something else than asked
+    assert "no prompt" in refused(check_shape, req(sampling_params={}), LIMITS)
+    assert "text and input_ids" in refused(check_shape, req(text="a", input_ids=[5]), LIMITS)
+    assert "single prompt" in refused(check_shape, req(input_ids=[5], sampling_params=[{}]), LIMITS)
+    assert "list of 1" in refused(check_shape, req(input_ids=[[5], [6]], sampling_params=[{}]), LIMITS)
+    assert "sampling_params.n" in refused(check_shape, req(input_ids=[5], sampling_params={"n": "2"}), LIMITS)
+    assert "top_logprobs_num is a list of 1" in refused(check_shape, req(input_ids=[[5], [6]], top_logprobs_num=[1]),
+                                                        LIMITS)
+    assert "image_data" in refused(check_shape, req(text="look", image_data="data:image/png;base64,AAAA"), LIMITS)
+    check_shape(req(input_ids=[[5], [6]], sampling_params=[{}, {"max_new_tokens": 3}]), LIMITS)
+    check_shape(req(text=["a", "b"], sampling_params={"max_new_tokens": 3}), LIMITS)
