@@ -266,14 +266,22 @@ def test_hf_reads_block_selection_from_config(vl_dir, tmp_path):
         sp["sparse_num_index_heads"], sp["sparse_index_dim"])
     assert [type(layer.mlp).__name__ for layer in layers] == [
         "MiniMaxM3VLSparseMoeBlock" if f else "MiniMaxM3VLDenseMLP" for f in tc["moe_layer_freq"]]
-    # behaviour: same weights with top-64 blocks (= dense up to 8192 tokens) agree up to 256 = 2 blocks, then not
+    # behaviour: same weights with top-64 blocks (= dense up to 8192 tokens) agree up to 256 = 2 blocks, then not.
+    # Up to 256 tokens both models select every block, but through different top-k sizes and masks: the same
+    # function by different arithmetic, so equal within fp32 rounding, not bit for bit (issue 8: 1.9e-6 on another
+    # CPU). DENSE_ATOL = 1e-4 on logits of magnitude ~10 after 4 layers leaves 50x that margin and stays 1000x
+    # below the sparse-region gap (> 0.1 mean of per-position max), which a top-k not read from the config
+    # (both models selecting the same blocks) would close.
+    DENSE_ATOL = 1e-4
     dense = tiny.write_tiny_checkpoint(tmp_path / "dense", topk_blocks=64)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(32, 127, (400,), generator=g).tolist()
     a, b = hf_logits(vl_dir, ids), hf_logits(dense, ids)
     blocks = sp["sparse_topk_blocks"] * sp["sparse_block_size"]
-    assert torch.equal(a[:blocks], b[:blocks])
-    assert (a[blocks:] - b[blocks:]).abs().amax(-1).mean() > 0.1
+    dense_gap = (a[:blocks] - b[:blocks]).abs().max().item()
+    sparse_gap = (a[blocks:] - b[blocks:]).abs().amax(-1).mean().item()
+    assert dense_gap <= DENSE_ATOL, dense_gap
+    assert sparse_gap > 0.1, sparse_gap
     assert hf_is_exact_msa(tc, blocks) and not hf_is_exact_msa(tc, blocks + 1)
 
 
