@@ -13,8 +13,12 @@ capture/replay of the decode path.
 Tolerances. Block selections must equal the twin's exactly, except that two blocks may swap when their
 scores (recomputed in float64) lie within ``tol`` of each other: 1e-5 on CPU (fp32 data), and on GPU
 1e-4 * (1 + |score|) (bf16 inputs: products are exact in fp32, only the fp32 summation order differs).
-Attention is compared on the twin's own selection: fp32 atol/rtol 1e-4 (CPU), bf16 atol 1e-2 / rtol 2e-2
-(P is rounded to bf16 for the P @ V tensor-core product, and the output is bf16).
+Two launch configurations of the kernels (decode vs extend form, prebuilt meta, other split counts) are each
+compared with the twin under that allowance, not bit for bit with each other. Attention is compared with the
+twin's attention over the same block lists (the twin's selection, or the kernel's own where a whole decode step
+is checked, so that a legitimate near-tie flip never skips the output check): fp32 atol/rtol 1e-4 (CPU), bf16
+atol 1e-2 / rtol 2e-2 (P is rounded to bf16 for the P @ V tensor-core product, and the output is bf16). Graph
+replay vs an eager call of the same launches on the same inputs is bit-exact (same kernels, grids, reductions).
 """
 
 from __future__ import annotations
@@ -167,6 +171,7 @@ def extend_mixed_fp32_gqa2():
         got, want = run_both_indexers(b, bsz, topk, out=sel_out, num_splits=ns)
         assert got is sel_out and (sel_out[T - 2:] == 77).all()
         assert_same_selection(got[: T - 2], want[: T - 2], b, bsz, 1e-5)
+    want_sel = want
     assert (want[: T - 2] >= 0).sum(-1).max() == topk and (want[: T - 2] < 0).any()  # sparse and short rows
     o_out = torch.full((T, 4, 16), 5.0)
     got, want = run_both_attentions(b, want, bsz, 0.25, out=o_out, num_splits=1)
@@ -179,7 +184,7 @@ def extend_mixed_fp32_gqa2():
     assert meta.tok_row[T - 2:].eq(-1).all()
     got2 = K.index_block_topk(b["index_q"], b["index_k_cache"], **b["meta"], block_size=bsz, topk_blocks=topk,
                               meta=meta)
-    assert torch.equal(got2[: T - 2], sel_out[: T - 2])
+    assert_same_selection(got2[: T - 2], want_sel[: T - 2], b, bsz, 1e-5)
 
 
 @cpu_case
@@ -256,8 +261,8 @@ def decode_fp32_mqa_splits():
     b = make_batch(lens, [1] * 4, hq=2, hkv=1, d=32, di=32, dv=32, dtype=torch.float32, seed=3)
     got, want = run_both_indexers(b, bsz, topk, meta_args=decode_meta(b))
     assert_same_selection(got, want, b, bsz, 1e-5)
-    got_e, _ = run_both_indexers(b, bsz, topk)
-    assert torch.equal(got_e, got)
+    got_e, _ = run_both_indexers(b, bsz, topk)  # the extend form of the same batch
+    assert_same_selection(got_e, want, b, bsz, 1e-5)
     o, o_ref = run_both_attentions(b, want, bsz, 0.2, meta_args=decode_meta(b))
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
 
@@ -400,16 +405,26 @@ def _worker(names):
     print("@@RESULTS@@" + json.dumps(results), flush=True)
 
 
+MAX_WORKERS = 2
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p))
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", *names], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for names in _WORKER_SPLIT]
+    def start(names):
+        return subprocess.Popen([sys.executable, __file__, "--worker", *names], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # At most MAX_WORKERS interpreters at once (CI has two cores); the next group starts when one finishes.
+    queue = list(_WORKER_SPLIT)
+    running = [start(queue.pop(0)) for _ in range(min(MAX_WORKERS, len(queue)))]
     results = {}
-    for p in procs:
+    while running:
+        p = running.pop(0)
         out, _ = p.communicate(timeout=900)
+        if queue:
+            running.append(start(queue.pop(0)))
         line = [ln for ln in out.splitlines() if ln.startswith("@@RESULTS@@")]
         if not line:
             raise RuntimeError(f"interpreter worker died (rc={p.returncode}):\n{out[-6000:]}")
@@ -467,9 +482,9 @@ def test_gpu_decode_mixed_long_contexts(hq, hkv):
     # 128K + odd, exactly 16 and 17 blocks, sparsity threshold +- 1, tiny, mid-size odd lengths
     lens = [131072 + 77, 2048, 2049, 16 * 128 + 129, 1, 100, 70001, 128 * 17]
     b = gpu_batch(lens, [1] * len(lens), hq, hkv, seed=11)
-    got, _ = check_gpu(b, hq)
+    got, want = check_gpu(b, hq)
     got_d, _ = run_both_indexers(b, BLOCK, TOPK, meta_args=decode_meta(b))
-    assert torch.equal(got_d, got)
+    assert_same_selection(got_d, want, b, BLOCK, 1e-4)
     check_gpu_indexer_variants(b, got)
 
 
@@ -586,10 +601,10 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
         b_view = {**b, "index_k_cache": ik, "index_q": iq,
                   "meta": {**b["meta"], "req_to_token": r2t, "req_pool_indices": rpi}}
         assert_same_selection(sel_g, want, b_view, BLOCK, 1e-4)
+        # (on the kernel's own selection: a near-tie may legitimately pick another block than the twin)
         o_ref = ref.sparse_attention(q, kc, vc, r2t, rpi, seq, torch.ones_like(seq), torch.arange(bs, device="cuda"),
-                                     want, block_size=BLOCK, sm_scale=HD ** -0.5)
-        if torch.equal(sel_g, want):
-            torch.testing.assert_close(out_g.float(), o_ref.float(), **BF16_TOL)
+                                     sel_g, block_size=BLOCK, sm_scale=HD ** -0.5)
+        torch.testing.assert_close(out_g.float(), o_ref.float(), **BF16_TOL)
 
 
 @pytest.mark.gpu
@@ -598,11 +613,24 @@ def test_gpu_store_index_k():
     check_store_index_k("cuda")
 
 
+def check_timed_results(b, sel, out):
+    """The timed decode calls' results: selection = the twin's (near-tie allowance), output = the twin's attention
+    over the kernel's own selection."""
+    from sglang_m3.attention import reference as ref
+
+    want = ref.index_block_topk(b["index_q"], b["index_k_cache"], **b["meta"], block_size=BLOCK, topk_blocks=TOPK)
+    assert_same_selection(sel, want, b, BLOCK, 1e-4)
+    o_ref = ref.sparse_attention(b["q"], b["k_cache"], b["v_cache"], **b["meta"], block_topk=sel, block_size=BLOCK,
+                                 sm_scale=HD ** -0.5)
+    torch.testing.assert_close(out.float(), o_ref.float(), **BF16_TOL)
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_decode_timings(capsys):
-    """Not an assertion: prints eager decode latencies (do_bench, L2 warm) of the indexer -- both variants up to
-    bs 32 -- and of the attention, for the report (benchmarks/kernel_decode.py is the graph-replay benchmark)."""
+    """Prints eager decode latencies (do_bench, L2 warm) of the indexer -- both variants up to bs 32 -- and of the
+    attention, for the report (benchmarks/kernel_decode.py is the graph-replay benchmark). Asserted: what is timed
+    is right (check_timed_results); the times themselves are not judged here."""
     from sglang_m3.attention import kernels as K
 
     rows = []
@@ -627,6 +655,7 @@ def test_gpu_decode_timings(capsys):
 
             meta = idx()
             attn(meta)
+            check_timed_results(b, sel, out)
             import triton.testing as tt
 
             t_idx = tt.do_bench(idx, warmup=5, rep=30) * 1e3
