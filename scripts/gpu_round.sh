@@ -17,7 +17,7 @@ run_step() {  # run_step DEVICE "NAME[@SECONDS]=COMMAND"
   name=${step%%=*}; cmd=${step#*=}; limit=${STEP_TIMEOUT:-300}
   case "$name" in *@*) limit=${name#*@}; name=${name%@*} ;; esac
   local dir="$root/work/$name"; mkdir -p "$dir"
-  ( export OUT="$dir" CUDA_VISIBLE_DEVICES=$dev; timeout "$limit" bash -c "$cmd" ) >"$dir/log.txt" 2>&1
+  ( export OUT="$dir" CUDA_VISIBLE_DEVICES=$dev SGLANG_M3_PORT_LANE=$dev; timeout "$limit" bash -c "$cmd" ) >"$dir/log.txt" 2>&1
   rc=$?; echo "[$name] rc=$rc $((SECONDS - t0))s on gpu$dev" | tee -a "$root/work/summary.txt"
 }
 

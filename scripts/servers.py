@@ -26,6 +26,8 @@ def post(url: str, body: dict | None = None, timeout: float = 600):
 
 class Server:
     def __init__(self, name: str, model_path: Path, flags, *, log_dir: Path, port: int, env: dict | None = None):
+        # Parallel lanes of one host (scripts/gpu_round.sh runs one per GPU) use disjoint port ranges.
+        port += 1000 * int(os.environ.get("SGLANG_M3_PORT_LANE", "0"))
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
         self.log_path = Path(log_dir) / f"server_{name}.log"
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--port", str(port),
