@@ -177,13 +177,8 @@ def test_generate_with_logprobs(vl_server):
 
 
 # ---- OpenAI API with M3's parsers ----------------------------------------------------------------------
-def test_openai_chat_streaming_with_parsers(vl_server):
-    body = {"model": "default", "stream": True, "max_tokens": 16, "temperature": 0,
-            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
-            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
-                "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
-            "chat_template_kwargs": {"thinking_mode": "disabled"}}
-    req = urllib.request.Request(vl_server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+def stream_chat(server, body: dict) -> list[dict]:
+    req = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
                                  headers={"Content-Type": "application/json"})
     chunks = []
     with urllib.request.urlopen(req, timeout=300) as r:
@@ -191,36 +186,106 @@ def test_openai_chat_streaming_with_parsers(vl_server):
             line = line.decode().strip()
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+def joined(chunks: list[dict], field: str) -> str:
+    return "".join(c["choices"][0]["delta"].get(field) or "" for c in chunks if c["choices"])
+
+
+@pytest.mark.parametrize("mode", ["disabled", "enabled"])
+def test_openai_chat_streamed_equals_non_streamed(vl_server, mode):
+    """Greedy, 16 tokens forced (ignore_eos): the streamed content and reasoning are exactly the non-streamed
+    ones, and not empty (disabled: the text is content; enabled: the prompt opens <mm:think>, so it is reasoning)."""
+    body = {"model": "default", "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
+            "chat_template_kwargs": {"thinking_mode": mode}}
+    chunks = stream_chat(vl_server, body)
     assert chunks, "no streamed chunks"
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
-    streamed = "".join((c["choices"][0]["delta"].get("content") or "") + (c["choices"][0]["delta"].get("reasoning_content") or "")
-                       for c in chunks if c["choices"])
-    full = post(vl_server, "/v1/chat/completions", {**body, "stream": False})
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    full = post(vl_server, "/v1/chat/completions", body)
     message = full["choices"][0]["message"]
+    assert full["usage"]["completion_tokens"] == 16
+    content, reasoning = joined(chunks, "content"), joined(chunks, "reasoning_content")
+    assert content == (message.get("content") or "")
+    assert reasoning == (message.get("reasoning_content") or "")
+    main = content if mode == "disabled" else reasoning
+    assert main.strip(), f"thinking_mode={mode}: nothing in the expected field (content {content!r}, " \
+                         f"reasoning {reasoning!r})"
+
+
+def test_openai_chat_streaming_with_tools(vl_server):
+    body = {"model": "default", "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+            "chat_template_kwargs": {"thinking_mode": "disabled"}}
+    chunks = stream_chat(vl_server, body)
+    assert chunks and chunks[-1]["choices"][0]["finish_reason"] in ("length", "tool_calls")
+    message = post(vl_server, "/v1/chat/completions", body)["choices"][0]["message"]
+    streamed = joined(chunks, "content") + joined(chunks, "reasoning_content")
+    calls = [c for ch in chunks if ch["choices"] for c in ch["choices"][0]["delta"].get("tool_calls") or []]
+    assert streamed or calls, "16 forced tokens produced neither text nor a tool call"
     assert streamed == (message.get("content") or "") + (message.get("reasoning_content") or "")
+    assert bool(calls) == bool(message.get("tool_calls"))
 
 
-def test_chat_template_thinking_mode_reaches_the_prompt(vl_server):
-    """`thinking_mode=enabled` ends the prompt with <mm:think>, so every output token is reasoning."""
-    body = {"model": "default", "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": "2+2?"}], "chat_template_kwargs": {"thinking_mode": "enabled"}}
-    msg = post(vl_server, "/v1/chat/completions", body)["choices"][0]["message"]
-    assert msg.get("reasoning_content"), msg
+def render_template(ckpt, messages, **kwargs) -> str:
+    """The checkpoint's chat template rendered here with plain jinja2 (as transformers does: trim_blocks,
+    lstrip_blocks, raise_exception), independent of the server's rendering."""
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(msg):
+        raise jinja2.TemplateError(msg)
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string((ckpt / "chat_template.jinja").read_text()).render(
+        messages=messages, add_generation_prompt=True, tools=None, **kwargs)
+
+
+def test_chat_template_thinking_mode_reaches_the_prompt(vl_server, vl_ckpt):
+    """The server's prompt token ids are exactly the template rendered here with the request's thinking_mode,
+    and the three modes render differently (so a server ignoring the kwarg fails)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vl_ckpt)
+    messages = [{"role": "user", "content": "2+2?"}]
+    rendered = {}
+    for mode in ("enabled", "disabled", "adaptive", None):
+        body = {"model": "default", "max_tokens": 1, "temperature": 0, "messages": messages,
+                "return_prompt_token_ids": True}
+        if mode is not None:
+            body["chat_template_kwargs"] = {"thinking_mode": mode}
+        served = post(vl_server, "/v1/chat/completions", body)["choices"][0]["prompt_token_ids"]
+        text = render_template(vl_ckpt, messages, **({} if mode is None else {"thinking_mode": mode}))
+        assert f"Current thinking mode: {mode or 'adaptive'}" in text
+        assert served == tok.encode(text, add_special_tokens=False), f"thinking_mode={mode}"
+        rendered[mode] = text
+    # The template's generation prompt: <mm:think> (enabled), </mm:think> (disabled), nothing (adaptive).
+    assert rendered["enabled"].endswith("]~b]ai\n<mm:think>")
+    assert rendered["disabled"].endswith("]~b]ai\n</mm:think>")
+    assert rendered["adaptive"].endswith("]~b]ai\n") and rendered[None] == rendered["adaptive"]
+    assert len(set(rendered.values())) == 3
 
 
 # ---- frontend language ---------------------------------------------------------------------------------
 def test_frontend_language_program(one_kv_server):
+    """A program with select, a regex-constrained gen, a fork and plain gens (all greedy) gives exactly what the
+    same requests give when sent by hand to /generate."""
     # On the parser-free server: SGLang 0.5.17 cannot combine --reasoning-parser with llguidance's regex
     # grammars (ReasonerGrammarBackend calls GuidanceBackend.allocate_vocab_mask, which does not exist).
     import sglang as sgl
 
     backend = sgl.RuntimeEndpoint(one_kv_server.url)
+    choices = ["red", "green", "blue"]
 
     @sgl.function
     def program(s):
         s += "Q: pick a color. A:"
-        s += sgl.select("color", choices=["red", "green", "blue"])
-        s += " Number:" + sgl.gen("number", regex=r"[0-9]{2}", max_tokens=4)
+        s += sgl.select("color", choices=choices, temperature=0)
+        s += " Number:" + sgl.gen("number", regex=r"[0-9]{2}", max_tokens=4, temperature=0)
         forks = s.fork(2)
         for i, f in enumerate(forks):
             f += f" Branch {i}:" + sgl.gen("text", max_tokens=6, temperature=0)
@@ -228,10 +293,76 @@ def test_frontend_language_program(one_kv_server):
         s["branches"] = [f["text"] for f in forks]
 
     state = program.run(backend=backend)
-    assert state["color"] in ("red", "green", "blue")
-    assert len(state["number"]) == 2 and state["number"].isdigit()
-    assert len(state["branches"]) == 2
-    assert state.text().startswith("Q: pick a color. A:")
+
+    def gen(text, max_new_tokens, **params):
+        return post(one_kv_server, "/generate", {"text": text, "sampling_params": {
+            "max_new_tokens": max_new_tokens, "temperature": 0, **params}})["text"]
+
+    def mean_logprob(prefix, choice):
+        # select's default (token_length_normalized): mean logprob of the choice's tokens and of the prefix's
+        # last two tokens (its token-healing window), the same for every choice.
+        n = post(one_kv_server, "/generate", {"text": prefix, "sampling_params": {"max_new_tokens": 0}})
+        out = post(one_kv_server, "/generate", {
+            "text": prefix + choice, "return_logprob": True,
+            "logprob_start_len": max(n["meta_info"]["prompt_tokens"] - 2, 0),
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0}})
+        lps = [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"] if lp]
+        return sum(lps) / len(lps)
+
+    q = "Q: pick a color. A:"
+    scores = [mean_logprob(q, c) for c in choices]
+    assert state["color"] == choices[max(range(3), key=scores.__getitem__)]
+    assert state.get_meta_info("color")["normalized_prompt_logprobs"] == pytest.approx(scores, abs=1e-5)
+    prefix = q + state["color"] + " Number:"
+    number = gen(prefix, 4, regex=r"[0-9]{2}")
+    assert len(number) == 2 and number.isdigit()
+    assert state["number"] == number
+    prefix += number
+    assert state["branches"] == [gen(prefix + f" Branch {i}:", 6) for i in range(2)]
+    assert state["tail"] == gen(prefix + "Done:", 4)
+    assert state.text() == prefix + "Done:" + state["tail"]
+
+
+def test_engine_after_enable(one_kv_ckpt, tmp_path):
+    """`sgl.Engine` in a fresh process after `sglang_m3.enable()`: the ServerArgs built in that process go through
+    the plugin's per-architecture checks (HiCache is refused with sglang-m3's message; without enable() the flat
+    checkpoint's config is not even readable there), it serves with this package's MSA backend, and its prompt
+    logprobs in the sparse regime equal HF's (1 KV head: HF is exact)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cpu_env
+
+    ids = prompt_ids(300, seed=5)
+    script = tmp_path / "engine.py"
+    script.write_text(f"""
+import json, sys
+import sglang_m3
+sglang_m3.enable()
+import sglang as sgl
+if __name__ == "__main__":
+    args = dict(model_path={str(one_kv_ckpt)!r}, device="cpu", dtype="float32", max_total_tokens=4096,
+                sleep_on_idle=True, log_level="info")
+    try:
+        sgl.Engine(**args, enable_hierarchical_cache=True)
+        print("HICACHE accepted")
+    except ValueError as e:
+        print("HICACHE refused: " + str(e).splitlines()[0])
+    llm = sgl.Engine(**args)
+    out = llm.generate(input_ids={ids!r}, sampling_params={{"max_new_tokens": 1, "temperature": 0}},
+                       return_logprob=True, logprob_start_len=0)
+    llm.shutdown()
+    print("RESULT " + json.dumps(out["meta_info"]["input_token_logprobs"]))
+""")
+    p = subprocess.run([sys.executable, str(script)], env=cpu_env(), capture_output=True, text=True, timeout=600)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-4000:]
+    assert "sglang-m3 MSA backend" in log, log[-4000:]
+    assert "HICACHE refused: sglang-m3: --enable-hierarchical-cache" in p.stdout, log[-4000:]
+    result = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    diff = max_diff([lp for lp, _, _ in result[1:]], hf_input_logprobs(one_kv_ckpt, ids))
+    print(f"sgl.Engine after enable(), 300 tokens, 1 KV head: max |Δ logprob| vs HF = {diff:.2e}")
+    assert diff < LOGPROB_TOL
 
 
 # ---- radix cache across turns ---------------------------------------------------------------------------
