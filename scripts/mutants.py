@@ -74,7 +74,7 @@ MUTANTS = [
            "sglang_m3/config.py",
            "_require(not is_sparse or disabled,",
            "_require(True or not is_sparse or disabled,",
-           ("tests/test_layers.py", "-k", "config")),
+           ("tests/test_config.py",)),
     Mutant("pool_pp_filter_ignored", "the pool keeps index rows for every sparse layer, not this pipeline stage's",
            "sglang_m3/attention/pool.py",
            "if self.start_layer <= l < self.end_layer)",
@@ -84,7 +84,7 @@ MUTANTS = [
            "sglang_m3/plugin.py",
            "cell += index_k_bytes_per_token(",
            "cell += 0 * index_k_bytes_per_token(",
-           ("tests/test_plugin.py", "tests/test_pool.py")),
+           ("tests/test_plugin.py", "-k", "cell_size")),
     Mutant("move_kv_drops_index_lane", "moving K/V slots leaves the index rows behind",
            "sglang_m3/attention/pool.py",
            "            buf[tgt_loc] = buf[src_loc]",
@@ -114,12 +114,17 @@ MUTANTS = [
            "sglang_m3/plugin.py",
            'if getattr(server_args, "enable_hierarchical_cache", False):',
            "if False:",
-           ("tests/test_bad_input.py", "-k", "hierarchical")),
-    Mutant("speculative_refusal_removed", "speculative decoding no longer refused",
+           ("tests/test_plugin.py", "-k", "refused")),
+    Mutant("pd_disaggregation_refusal_removed", "PD disaggregation no longer refused",
            "sglang_m3/plugin.py",
-           'if getattr(server_args, "speculative_algorithm", None):',
+           'if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):',
            "if False:",
-           ("tests/", "-k", "speculative")),
+           ("tests/test_plugin.py", "-k", "refused")),
+    Mutant("decode_rows_all_request_0", "torch-path decode metadata: every decode token placed at row 0",
+           "sglang_m3/attention/backend.py",
+           "extend_start_loc = torch.arange(bs, dtype=torch.int32, device=seq_lens.device)",
+           "extend_start_loc = torch.zeros(bs, dtype=torch.int32, device=seq_lens.device)",
+           ("tests/test_backend.py",)),
 ]
 
 CANARY = '''
@@ -197,7 +202,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown mutants: {sorted(unknown)}")
 
-    server_tests = ("test_oracle_kv_heads", "test_server", "test_bad_input", "tests/")
+    server_tests = ("tests/test_oracle_kv_heads", "tests/test_server", "tests/test_bad_input")
     if a.baseline:
         dest = Path("/tmp/mutant_baseline")
         make_copy(dest)
