@@ -268,9 +268,9 @@ def test_plugin_serves_fp8_e4m3_and_refuses_other_quantized_kv_dtypes():
     hf = MiniMaxM3Config(**{**build_text_config(), "architectures": ["MiniMaxM3SparseForCausalLM"]})
 
     def args(kv):
-        return SimpleNamespace(kv_cache_dtype=kv, enable_hierarchical_cache=False, speculative_algorithm=None,
-                               disaggregation_mode="null", moe_runner_backend="auto", quantization=None, device="cpu",
-                               is_attention_backend_not_set=lambda: True)
+        from sglang.srt.server_args import ServerArgs
+
+        return ServerArgs(model_path="dummy", device="cpu", kv_cache_dtype=kv)
 
     for ok in ("auto", "bf16", "bfloat16", "fp8_e4m3"):
         assert plugin._m3_server_overrides(args(ok), hf)["attention_backend"] == plugin.BACKEND_NAME
