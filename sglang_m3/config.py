@@ -42,6 +42,31 @@ def text_config_of(hf_config) -> PretrainedConfig:
     return getattr(hf_config, "text_config", None) or hf_config
 
 
+def apply_overrides(hf_config, overrides: dict) -> None:
+    """`--json-model-override-args` on an M3 config, in place: nested objects merge recursively, so
+    `{"text_config": {"sparse_attention_config": {"sparse_topk_blocks": 8}}}` changes that one field and keeps the
+    rest (SGLang 0.5.17's get_config replaces a dict-valued field — all of `text_config` on the VL packaging, all of
+    `sparse_attention_config` on a flat one). On the VL packaging a text field given at the top level (read from
+    `text_config` only, so it would be silently ignored) raises M3ConfigError naming it."""
+    text = getattr(hf_config, "text_config", None)
+    for key, value in overrides.items():
+        if text is not None and key != "text_config" and not hasattr(hf_config, key) and _get(text, key) is not None:
+            raise M3ConfigError(f"--json-model-override-args: {key!r} is a text_config field of the VL-packaged "
+                                f"MiniMax-M3 config; give it as {{\"text_config\": {{\"{key}\": ...}}}}")
+        _merge(hf_config, key, value)
+
+
+def _merge(cfg, key: str, value: Any) -> None:
+    current = _get(cfg, key)
+    if isinstance(value, dict) and (isinstance(current, (dict, PretrainedConfig))):
+        for k, v in value.items():
+            _merge(current, k, v)
+    elif isinstance(cfg, dict):
+        cfg[key] = value
+    else:
+        setattr(cfg, key, value)
+
+
 def _get(cfg, name: str, default: Any = None) -> Any:
     return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
 

@@ -114,7 +114,14 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
     """Per-architecture defaults and refusals, applied by ServerArgs before anything is built."""
     from sglang_m3.config import m3_text_view
 
-    m3_text_view(hf_config)  # an unsupported config fails here, before weights are read
+    view = m3_text_view(hf_config)  # an unsupported config (overrides merged in) fails here, before weights are read
+    sp = view.sparse
+    logger.info("sglang-m3: MiniMax-M3 sparse attention on layers %s: block %d, top-%d blocks (dense up to %d "
+                "tokens), init %d, local %d, %d index heads x %d; rope_theta %g, max_position_embeddings %d%s",
+                list(view.sparse_layers), sp.block_size, sp.topk_blocks, sp.dense_limit, sp.init_blocks,
+                sp.local_blocks, sp.num_index_heads, sp.index_dim, view.rope_theta, view.max_position_embeddings,
+                f" (--json-model-override-args {server_args.json_model_override_args})"
+                if server_args.json_model_override_args not in (None, "", "{}") else "")
     if getattr(server_args, "enable_hierarchical_cache", False):
         raise ValueError("sglang-m3: --enable-hierarchical-cache is not supported for MiniMax-M3: its host pool "
                          "does not carry the per-slot index keys of the sparse layers (they would be lost on "
@@ -247,17 +254,29 @@ def _eager_prefill(original, server_args):
 
 def _typed_sub_configs(original, *args, **kwargs):
     """SGLang's VL config class leaves `text_config`/`vision_config` as plain dicts when loaded from a file,
-    which code reading `.model_type` off them trips over; give them config objects."""
+    which code reading `.model_type` off them trips over; give them config objects. For M3, apply
+    --json-model-override-args ourselves, merging nested objects (config.apply_overrides)."""
+    import copy
+
     from transformers import PretrainedConfig
 
-    from sglang_m3.config import MiniMaxM3Config
+    from sglang_m3.config import MiniMaxM3Config, apply_overrides
 
-    config = original(*args, **kwargs)
+    overrides = kwargs.get("model_override_args")
+    if overrides:
+        config = original(*args, **{**kwargs, "model_override_args": None})
+        if not _is_m3(config):
+            return original(*args, **kwargs)  # SGLang's own override logic for other models
+        config = copy.deepcopy(config)  # get_config is cached: the un-overridden entry must stay as it is
+    else:
+        config = original(*args, **kwargs)
     if _is_m3(config):
         if isinstance(getattr(config, "text_config", None), dict):
             config.text_config = MiniMaxM3Config(**config.text_config)
         if isinstance(getattr(config, "vision_config", None), dict):
             config.vision_config = PretrainedConfig(**config.vision_config)
+        if overrides:
+            apply_overrides(config, overrides)
     return config
 
 
