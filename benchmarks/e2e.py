@@ -12,6 +12,10 @@ time is read from the server log.
     python benchmarks/e2e.py --out $OUT --servers ours --workloads 32k-c1,128k-c1   # a subset
     python benchmarks/e2e.py --out $OUT --servers intree          # results accumulate in --state
     python benchmarks/e2e.py --smoke --out /tmp/e2e_smoke         # CPU: tiny model, tiny load (harness check)
+    python benchmarks/e2e.py --out $OUT --servers ours --layers 60 --dense-layers 3 --tp 8 --workloads 2k,32k,128k
+                                                                  # full size (issue 12): the whole model, 8 GPUs
+    python benchmarks/e2e.py --out $OUT --servers ours --layers 18 --dense-layers 3 --tp 2 --workloads 2k,32k,128k
+                                                                  # the most layers 2 x H200 hold (full_size.py)
 
 Writes e2e.json and e2e.md under --out (the device host returns at most 8 files); checkpoints, server logs and
 the serving benchmark's own outputs go to --work.
@@ -33,6 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from servers import Server  # noqa: E402
+from gpu_memory import PeakMemory, weight_memory_gb  # noqa: E402
 
 # name: (input tokens, output tokens, concurrency). The concurrency-1 workloads measure small-batch decode (TPOT at
 # batch 1), where sparse attention should pay most and where our decode was behind (issue 9).
@@ -52,22 +57,22 @@ TPOT_TARGET = {"32k-c1": 0.85, "128k-c1": 0.85}
 CAPTURE_TARGET_S = 30
 
 
-def checkpoint(out: Path, smoke: bool) -> Path:
+def checkpoint(out: Path, smoke: bool, layers: int = 4, dense_layers: int = 1) -> Path:
     from sglang_m3.tiny import write_tiny_checkpoint
 
     if smoke:  # real (random) weights: the CPU server loads them
         return write_tiny_checkpoint(out / "ckpt_tiny", flat=True, dtype="float32")
-    return write_tiny_checkpoint(out / "ckpt_real_dims", flat=True, config_only=True, real_dims=True,
-                                 num_hidden_layers=4, dense_layers=1)
+    return write_tiny_checkpoint(out / f"ckpt_real_dims_{layers}l_{dense_layers}d", flat=True, config_only=True,
+                                 real_dims=True, num_hidden_layers=layers, dense_layers=dense_layers)
 
 
-def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path) -> dict:
+def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, waves: int = WAVES) -> dict:
     inp, outp, conc = workload
     result = work / f"bench_{server.name}_{name}.jsonl"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--port", str(server.port),
            "--model", str(ckpt), "--dataset-name", "random-ids", "--tokenize-prompt", "--random-range-ratio", "1",
-           "--random-input-len", str(inp), "--random-output-len", str(outp), "--num-prompts", str(WAVES * conc),
+           "--random-input-len", str(inp), "--random-output-len", str(outp), "--num-prompts", str(waves * conc),
            "--max-concurrency", str(conc), "--disable-tqdm", "--output-file", str(result)]
     log = work / f"bench_{server.name}_{name}.log"
     with open(log, "w") as f:
@@ -83,23 +88,29 @@ def capture_seconds(log: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: Path, port: int) -> dict:
+def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: Path, port: int, gpus: int = 1,
+               waves: int = WAVES) -> dict:
     # A fresh Triton cache per server: start-up and capture are measured cold.
     env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix=f"triton_{name}_")}
-    server = Server(name, ckpt, flags, log_dir=work, port=port, env=env)
-    try:
-        server.wait(timeout=1200)
-        info = {"startup_s": round(server.startup_s, 1), "capture_s": capture_seconds(server.log()), "workloads": {}}
-        for wname, workload in workloads.items():
-            try:
-                info["workloads"][wname] = bench(server, ckpt, wname, workload, work)
-            except Exception as e:  # noqa: BLE001 -- one failed workload must not hide the others
-                info["workloads"][wname] = {"error": repr(e)[:500]}
-        return info
-    except Exception as e:  # noqa: BLE001
-        return {"error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
-    finally:
-        server.stop()
+    with PeakMemory() as peak:  # nvidia-smi from launch to stop: peak memory per GPU (empty on CPU)
+        server = Server(name, ckpt, flags, log_dir=work, port=port, env=env)
+        try:
+            server.wait(timeout=1200)
+            info = {"startup_s": round(server.startup_s, 1), "capture_s": capture_seconds(server.log()),
+                    "weights_gb_per_rank": weight_memory_gb(server.log()), "workloads": {}}
+            for wname, workload in workloads.items():
+                try:
+                    m = bench(server, ckpt, wname, workload, work, waves)
+                    m["output_throughput_per_gpu"] = m["output_throughput"] / gpus
+                    info["workloads"][wname] = m
+                except Exception as e:  # noqa: BLE001 -- one failed workload must not hide the others
+                    info["workloads"][wname] = {"error": repr(e)[:500]}
+        except Exception as e:  # noqa: BLE001
+            info = {"error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
+        finally:
+            server.stop()
+    info["peak_mem_mib_per_gpu"] = peak.peak_mib
+    return info
 
 
 def compare(servers: dict, workloads: dict) -> list[dict]:
@@ -137,6 +148,16 @@ def markdown(results: dict) -> str:
               "|---|---|---|"]
     for name, info in results["servers"].items():
         lines.append(f"| {name} | {info.get('startup_s', info.get('error', '')[:80])} | {info.get('capture_s')} |")
+    gpus = results.get("tp", 1)
+    lines += ["", f"Per GPU ({gpus} GPU{'s' if gpus > 1 else ''}): output tok/s per GPU by workload; weights per rank "
+              "(SGLang's log); peak memory.used per GPU (nvidia-smi, launch to stop)", "",
+              "| server | " + " | ".join(f"{w} tok/s/GPU" for w in (r["workload"] for r in results["compare"]))
+              + " | weights GB per rank | peak MiB per GPU |", "|---|" + "---|" * (len(results["compare"]) + 2)]
+    for name, info in results["servers"].items():
+        per_gpu = [info.get("workloads", {}).get(r["workload"]) or {} for r in results["compare"]]
+        cells = [f"{m['output_throughput_per_gpu']:.0f}" if "output_throughput_per_gpu" in m else "—" for m in per_gpu]
+        lines.append(f"| {name} | {' | '.join(cells)} | {info.get('weights_gb_per_rank')} | "
+                     f"{info.get('peak_mem_mib_per_gpu')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +170,13 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU harness check: tiny model, tiny load, ours only")
     # Servers may run in separate device calls (each is time-limited) on the same host: results accumulate in
     # the state file; a fresh --work starts afresh.
-    ap.add_argument("--state", default=None, help="default: <work>/e2e_state.json")
+    ap.add_argument("--state", default=None, help="default: <work>/e2e_state_<layers>l_tp<tp>.json")
+    # Full size (issue 12): --layers 60 --dense-layers 3 --tp 8 is the whole model on 8 GPUs; on 2 x H200,
+    # --layers 18 --dense-layers 3 --tp 2 (the most that fit: python benchmarks/full_size.py --tp 2).
+    ap.add_argument("--layers", type=int, default=4, help="real-dimension layers (default 4; the model has 60)")
+    ap.add_argument("--dense-layers", type=int, default=1, help="leading dense layers (default 1; the model has 3)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size, the same for both servers")
+    ap.add_argument("--waves", type=int, default=WAVES, help=f"requests per workload / concurrency (default {WAVES})")
     args = ap.parse_args()
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -157,15 +184,19 @@ def main():
     workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
     if args.workloads:
         workloads = {k: workloads[k] for k in args.workloads.split(",")}
-    flags = SMOKE_FLAGS if args.smoke else GPU_FLAGS
-    state_path = Path(args.state) if args.state else work / "e2e_state.json"
+    flags = SMOKE_FLAGS if args.smoke else [*GPU_FLAGS, "--tp", str(args.tp)]
+    state_path = Path(args.state) if args.state else work / f"e2e_state_{args.layers}l_tp{args.tp}.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}}
 
-    ckpt = checkpoint(work, args.smoke)
+    ckpt = checkpoint(work, args.smoke, args.layers, args.dense_layers)
     for i, name in enumerate(args.servers.split(",")):
-        state["servers"][name] = run_server(name, ckpt, flags, workloads, work, port=30200 + i)
+        earlier = state["servers"].get(name, {}).get("workloads", {})  # a previous call's workloads stay
+        state["servers"][name] = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp,
+                                            waves=args.waves)
+        state["servers"][name]["workloads"] = {**earlier, **state["servers"][name].get("workloads", {})}
         state_path.write_text(json.dumps(state, indent=1))
-    results = {"flags": flags, "waves": WAVES, "servers": state["servers"],
+    results = {"flags": flags, "waves": args.waves, "layers": args.layers, "dense_layers": args.dense_layers,
+               "tp": args.tp, "servers": state["servers"],
                "compare": compare(state["servers"], workloads)}
     (out / "e2e.json").write_text(json.dumps(results, indent=1))
     (out / "e2e.md").write_text(markdown(results))

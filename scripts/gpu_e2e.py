@@ -77,6 +77,21 @@ def batch_greedy(server: Server, prompts: list[list[int]], n: int):
     return [[(t, lp) for lp, t, _ in o["meta_info"]["output_token_logprobs"]] for o in out]
 
 
+def flush(server: Server, attempts: int = 30) -> None:
+    """/flush_cache, retried: SGLang answers 400 while a just-finished request is still leaving the scheduler
+    ("Cache not flushed because there are pending requests", seen on CPU right after a /generate returned)."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            post(server.url + "/flush_cache")
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+
+
 def diff(a, b, start=0):
     a, b = a[start:], b[start:]
     assert a and len(a) == len(b), (len(a), len(b))
@@ -220,12 +235,12 @@ def consistency(server: Server, prompts: list[list[int]]) -> dict:
     lp = lambda meta: [x[0] for x in meta["output_token_logprobs"]]
     cached = []
     for ids in prompts:
-        post(server.url + "/flush_cache")
+        flush(server)
         toks, meta = greedy(server, ids, 32)
-        post(server.url + "/flush_cache")
+        flush(server)
         rows["decode_vs_prefill"].append(diff(lp(meta), logprobs(server, ids + toks)[len(ids) - 1:]))
 
-        post(server.url + "/flush_cache")
+        flush(server)
         first, _ = greedy(server, ids, 16)
         turn2 = ids + first + prompt(333, seed=len(ids))
         out = post(server.url + "/generate", {
@@ -234,7 +249,7 @@ def consistency(server: Server, prompts: list[list[int]]) -> dict:
         cached.append(out["cached_tokens"])
         hit_toks = [t for _, t, _ in out["output_token_logprobs"]]
         hit_in = [x[0] for x in out["input_token_logprobs"] if x[0] is not None]  # the last len(hit_in) prompt tokens
-        post(server.url + "/flush_cache")
+        flush(server)
         cold = logprobs(server, turn2 + hit_toks)  # cold[i] scores token i + 1
         n = len(turn2)
         rows["radix_extend"].append(diff(hit_in, cold[n - 1 - len(hit_in): n - 1]))
