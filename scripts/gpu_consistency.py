@@ -1,0 +1,256 @@
+"""Each server against itself on the SAME forced tokens: decode vs prefill, radix-hit decode, batch invariance.
+
+`gpu_e2e.consistency()` lets every server decode its own greedy tokens, so two servers' gaps are measured on
+different tokens. Here one continuation per prompt (ours' greedy tokens, fixed once) is forced on every server
+through a custom logit processor (`--enable-custom-logit-processor`). The processor reads the log-probability of
+the forced token from the logits the decode step produced, then masks every other token so the forced one is
+sampled and becomes the next step's input. The decode path therefore runs exactly as in serving (CUDA graphs,
+paged KV, radix cache), on identical tokens for every server, and the in-tree M3's gaps are the yardstick:
+
+  decode_vs_prefill  forced decode of F after prompt P vs one prefill of P + F (cache flushed between);
+  radix_decode       turn 2 = P + F[:16] + 333 new tokens served from the radix cache, then forced decode of G,
+                     vs a flushed prefill of turn 2 + G;
+  batch_b3 / b5      forced decode of each request alone vs inside 3 / 5 concurrent requests; with
+                     `--cuda-graph-max-bs 4` batch 3 replays the graph padded to 4, batch 5 runs beyond it;
+  oov (ours only)    a token id past the vocabulary gets HTTP 400 and the next request is served.
+
+Bars (issue 8): ours <= in-tree + 0.02 mean |Δ logprob| on decode_vs_prefill and radix_decode; batch
+invariance within the bf16 bound of gpu_e2e (MEAN_TOL), with the in-tree's numbers next to ours.
+
+    python scripts/gpu_consistency.py --out $OUT [--servers ours,intree]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import urllib.error
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from gpu_e2e import COMMON_FLAGS, MEAN_TOL, diff, flush, greedy, logprobs, prompt, write_checkpoint  # noqa: E402
+from servers import Server, post  # noqa: E402
+
+from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor  # noqa: E402
+
+PROMPT_LENS = (700, 1500, 3001)             # sparse regime (top-4 · 128 = 512), none a multiple of 128
+BATCH_LENS = (600, 900, 1300, 2100, 3001)   # the five requests of the batch-invariance check
+FORCED = 32
+MARGIN = 0.02                               # ours may exceed the in-tree's gap by this much (issue 8)
+FLAGS = [*COMMON_FLAGS, "--enable-custom-logit-processor", "--disable-overlap-schedule", "--chunked-prefill-size", "8192"]
+FLAGS[FLAGS.index("--cuda-graph-max-bs") + 1] = "4"
+
+
+class ForceTokens(CustomLogitProcessor):
+    """Force `forced[step]` at each sampling step of a request and log the log-probability the model gave it.
+
+    custom params: forced (list of token ids), tag (str), log (path of a JSON-lines file). The step is the
+    number of tokens the request has output so far (exact with --disable-overlap-schedule; the overlap
+    scheduler appends a step's token only after launching the next step). A non-final prefill chunk is sampled
+    and discarded by SGLang with step 0; the reader keeps the last row of each step. The logged value is
+    log_softmax(logits)[forced] in fp32, what SGLang itself returns for a greedy request's output token."""
+
+    def __call__(self, logits, custom_param_list=None):
+        import json as _json
+
+        import torch as _torch
+
+        for row, p in enumerate(custom_param_list or []):
+            if not p or "forced" not in p:
+                continue
+            step = len(p["__req__"].output_ids)
+            tok = p["forced"][min(step, len(p["forced"]) - 1)]
+            lp = _torch.log_softmax(logits[row].float(), dim=-1)
+            with open(p["log"], "a") as f:
+                f.write(_json.dumps({"tag": p["tag"], "step": step, "lp": lp[tok].item(),
+                                     "argmax": int(lp.argmax())}) + "\n")
+            logits[row].fill_(float("-inf"))
+            logits[row, tok] = 0.0
+        return logits
+
+
+class Forcer:
+    """Sends forced-decode requests to one server and reads back what ForceTokens logged."""
+
+    def __init__(self, server: Server, log: Path):
+        self.server, self.log, self.n = server, log, 0
+        log.unlink(missing_ok=True)  # tags restart at 1 with every server
+        self.processor = ForceTokens.to_str()
+
+    def run(self, ids: list[int], forced: list[int]) -> dict:
+        self.n += 1
+        tag = f"{self.server.name}-{self.n}"
+        out = post(self.server.url + "/generate", {
+            "input_ids": ids, "custom_logit_processor": self.processor, "return_logprob": True,
+            "logprob_start_len": len(ids) - 1,
+            "sampling_params": {"max_new_tokens": len(forced), "temperature": 0, "ignore_eos": True,
+                                "custom_params": {"forced": forced, "tag": tag, "log": str(self.log)}}})
+        got = [t for _, t, _ in out["meta_info"]["output_token_logprobs"]]
+        assert got == forced, f"forcing failed on {self.server.name}: {got[:8]} vs {forced[:8]}"
+        lp = {r["step"]: r["lp"] for r in map(json.loads, self.log.read_text().splitlines()) if r["tag"] == tag}
+        assert sorted(lp) == list(range(len(forced))), f"steps logged for {tag}: {sorted(lp)}"
+        return {"lp": [lp[i] for i in range(len(forced))], "cached": out["meta_info"]["cached_tokens"]}
+
+    def concurrent(self, jobs: list[tuple[list[int], list[int]]]) -> list[dict]:
+        results: list = [None] * len(jobs)
+
+        def one(i):
+            results[i] = self.run(*jobs[i])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+
+def mean_of(rows: list[dict]) -> dict:
+    return {"mean": sum(r["mean"] for r in rows) / len(rows), "max": max(r["max"] for r in rows),
+            "per_prompt_mean": [round(r["mean"], 4) for r in rows]}
+
+
+def checks(server: Server, forcer: Forcer, prompts, conts, batch_prompts, batch_conts) -> dict:
+    flush_ = lambda: flush(server)
+    res: dict = {"decode_vs_prefill": [], "radix_decode": [], "cached": []}
+    for p, f in zip(prompts, conts):
+        flush_()
+        dec = forcer.run(p, f)["lp"]
+        flush_()
+        pre = logprobs(server, p + f)[len(p) - 1:]  # pre[i] scores f[i]
+        res["decode_vs_prefill"].append(diff(dec, pre, start=1))  # step 0 is the prompt's own prefill
+        # Radix hit: turn 1 decodes f[:16] (ends mid-block), turn 2 extends it and decodes f again.
+        flush_()
+        forcer.run(p, f[:16])
+        turn2 = p + f[:16] + prompt(333, seed=len(p))
+        hit = forcer.run(turn2, f)
+        res["cached"].append(hit["cached"])
+        flush_()
+        cold = logprobs(server, turn2 + f)[len(turn2) - 1:]
+        res["radix_decode"].append(diff(hit["lp"], cold, start=1))
+    res["decode_vs_prefill"] = mean_of(res["decode_vs_prefill"])
+    res["radix_decode"] = mean_of(res["radix_decode"])
+
+    flush_()
+    alone = []
+    for p, f in zip(batch_prompts, batch_conts):
+        flush_()
+        alone.append(forcer.run(p, f)["lp"])
+    for name, n in (("batch_b3", 3), ("batch_b5", 5)):
+        flush_()
+        got = forcer.concurrent(list(zip(batch_prompts[:n], batch_conts[:n])))
+        res[name] = mean_of([diff(g["lp"], a, start=1) for g, a in zip(got, alone[:n])])
+    return res
+
+
+def oov_check(server: Server) -> dict:
+    """A token id past the vocabulary: HTTP 400 naming it, and the server answers the next request."""
+    rec: dict = {}
+    try:
+        post(server.url + "/generate", {"input_ids": [5, 999999], "sampling_params": {"max_new_tokens": 2}})
+        rec["status"] = 200
+    except urllib.error.HTTPError as e:
+        rec["status"], rec["message"] = e.code, e.read().decode()[:300]
+    except Exception as e:  # the server went away
+        rec["status"], rec["message"] = None, repr(e)[:300]
+    try:
+        toks, _ = greedy(server, prompt(300, seed=99), 4)
+        rec["next_request_tokens"] = len(toks)
+    except Exception as e:
+        rec["next_request_tokens"], rec["next_error"] = 0, repr(e)[:300]
+    rec["pass"] = rec["status"] == 400 and rec["next_request_tokens"] == 4
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_consistency"))
+    ap.add_argument("--servers", default="ours,intree")
+    ap.add_argument("--cpu", action="store_true", help="smoke run on CPU: tiny fp32 checkpoint, ours only "
+                    "(fp32: every gap should be ~1e-5)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/m3_gpu_consistency")  # not under --out: the device host returns at most 8 files
+    work.mkdir(parents=True, exist_ok=True)
+    if args.cpu:
+        from sglang_m3.tiny import write_tiny_checkpoint
+        from tests.conftest import Server as CpuServer  # the CPU flags the tests use (--dtype float32, ...)
+
+        ckpt = write_tiny_checkpoint(work / "ckpt_cpu", flat=True, dtype="float32")
+        start = lambda name, port, env: CpuServer(ckpt, *FLAGS[FLAGS.index("--enable-custom-logit-processor"):],
+                                                  log_dir=work)
+    else:
+        ckpt = write_checkpoint(work)
+        start = lambda name, port, env: Server(name, ckpt, FLAGS, log_dir=work, port=port, env=env)
+    envs = {"ours": {}, "intree": {"SGLANG_PLUGINS": "none"}}
+    prompts = [prompt(n, seed=10 + i) for i, n in enumerate(PROMPT_LENS)]
+    batch_prompts = [prompt(n, seed=20 + i) for i, n in enumerate(BATCH_LENS)]
+    results: dict = {"flags": FLAGS, "prompt_lens": PROMPT_LENS, "batch_lens": BATCH_LENS, "forced": FORCED,
+                     "servers": {}}
+    conts = batch_conts = None
+    for i, name in enumerate(args.servers.split(",")):
+        server = start(name, 30300 + i, envs[name])
+        server.name = name
+        try:
+            server.wait()
+            info = {"startup_s": round(server.startup_s, 1)}
+            if conts is None:  # the first server's greedy tokens are every server's forced continuation
+                conts = [greedy(server, p, FORCED)[0] for p in prompts]
+                batch_conts = [greedy(server, p, FORCED)[0] for p in batch_prompts]
+            info.update(checks(server, Forcer(server, work / f"forced_{name}.jsonl"), prompts, conts,
+                               batch_prompts, batch_conts))
+            info["oov"] = oov_check(server)
+            results["servers"][name] = info
+        except Exception as e:  # record and go on: one broken server must not hide the other's results
+            results["servers"][name] = {"error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
+        finally:
+            server.stop()
+            (out / "consistency.json").write_text(json.dumps(results, indent=1))
+    results["verdict"] = verdict(results["servers"])
+    (out / "consistency.json").write_text(json.dumps(results, indent=1))
+    (out / "consistency.md").write_text(markdown(results))
+    print((out / "consistency.md").read_text())
+
+
+def verdict(servers: dict) -> dict:
+    ours, intree = servers.get("ours", {}), servers.get("intree", {})
+    c: dict = {}
+    if "error" not in ours and "error" not in intree and ours and intree:
+        for k in ("decode_vs_prefill", "radix_decode"):
+            c[f"{k}: ours <= in-tree + {MARGIN}"] = ours[k]["mean"] <= intree[k]["mean"] + MARGIN
+        for k in ("batch_b3", "batch_b5"):
+            c[f"{k}: ours <= {MEAN_TOL}"] = ours[k]["mean"] <= MEAN_TOL
+    if ours and "error" not in ours:
+        c["radix prefix cached"] = all(x > 0 for x in ours["cached"])
+        c["oov refused, server alive"] = ours["oov"]["pass"]
+    return {"pass": bool(c) and all(c.values()) and len(c) == 7, "checks": c}
+
+
+def markdown(results: dict) -> str:
+    v = results["verdict"]
+    lines = [f"Forced-continuation consistency (flags {' '.join(results['flags'])}); verdict: "
+             f"{'PASS' if v['pass'] else 'FAIL'}", "",
+             "| server | start s | decode vs prefill | radix-hit decode | batch 3 vs alone | batch 5 vs alone | "
+             "cached | OOV |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in results["servers"].items():
+        if "error" in s:
+            lines.append(f"| {name} | error: {s['error'][:200]} |")
+            continue
+        cell = lambda k: f"{s[k]['mean']:.4f} / {s[k]['max']:.2f} {s[k]['per_prompt_mean']}"
+        lines.append(f"| {name} | {s['startup_s']} | {cell('decode_vs_prefill')} | {cell('radix_decode')} | "
+                     f"{cell('batch_b3')} | {cell('batch_b5')} | {s['cached']} | "
+                     f"{s['oov']['status']} / next ok: {s['oov']['next_request_tokens'] == 4} |")
+    lines += ["", "mean / max |Δ logprob| over decode steps 1..31 (step 0 is the prompt's prefill), per-prompt means "
+              "in brackets", "", "checks: " + json.dumps(v["checks"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
