@@ -199,7 +199,7 @@ def _request_limits(tokenizer_manager):
     model_config = tokenizer_manager.model_config
     if not _is_m3(model_config.hf_config):
         return None
-    return Limits(vocab_size=model_config.vocab_size, hidden_size=model_config.hidden_size)
+    return Limits(vocab_size=model_config.vocab_size)
 
 
 def _is_generate(obj) -> bool:

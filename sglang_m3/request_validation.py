@@ -6,7 +6,8 @@ SGLang 0.5.17's tokenizer manager turns a `ValueError` raised while it prepares 
 handle_request`), and a streamed `/generate` into an in-stream error event with code 400. Anything else a bad
 field raises there (TypeError from `SamplingParams(**params)` or from comparing a string with an int) becomes a
 500, and what reaches the scheduler unchecked can end it: an id outside the vocabulary is an out-of-range
-embedding read (IndexError on CPU, a CUDA fault on a GPU), an empty prompt inside a batch is a zero-token extend.
+embedding read (IndexError on CPU, a CUDA fault on a GPU), an empty prompt inside a batch is a zero-token extend, a request with input_embeds batched with
+token-id requests is a shape error.
 SGLang has `TokenizerManager._validate_input_ids_in_vocab` but never calls it (issue 8).
 
 The plugin calls `check_request` from two places (sglang_m3/plugin.py): once per item of a batch before any item
@@ -31,10 +32,9 @@ class M3RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What the served model accepts: ids in [0, vocab_size), input_embeds rows of hidden_size floats."""
+    """What the served model accepts: ids in [0, vocab_size)."""
 
     vocab_size: int
-    hidden_size: int
 
 
 # SamplingParams (sglang/srt/sampling/sampling_params.py) API fields by the type it needs; None means "default".
@@ -77,20 +77,6 @@ def check_token_ids(input_ids: Sequence[int], vocab_size: int, field: str = "inp
         if not 0 <= tok < vocab_size:
             raise M3RequestError(f"{field}[{pos}]{_where(item)} = {tok} is outside the vocabulary "
                                  f"[0, {vocab_size})")
-
-
-def check_input_embeds(embeds: Any, hidden_size: int, item: Optional[int] = None) -> None:
-    """A non-empty list of rows, each `hidden_size` finite numbers (the model's embedding width)."""
-    where = _where(item)
-    if not isinstance(embeds, list) or not embeds:
-        raise M3RequestError(f"input_embeds{where} must be a non-empty list of rows of {hidden_size} floats")
-    for pos, row in enumerate(embeds):
-        if not isinstance(row, list) or len(row) != hidden_size:
-            width = len(row) if isinstance(row, list) else type(row).__name__
-            raise M3RequestError(f"input_embeds[{pos}]{where} has width {width}; the model's hidden size is "
-                                 f"{hidden_size}")
-        if not all(_is_number(x) and math.isfinite(x) for x in row):
-            raise M3RequestError(f"input_embeds[{pos}]{where} holds a value that is not a finite number")
 
 
 def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = None) -> None:
@@ -204,10 +190,7 @@ def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None
 
     `input_ids`: the prompt's final token ids when `tokenized` (from `_validate_one_request`); otherwise the
     request's own fields are checked (ids given as ids, texts given as texts)."""
-    if req.input_embeds is not None:
-        check_input_embeds(req.input_embeds, limits.hidden_size, item)
-        prompt_len = len(req.input_embeds)
-    elif tokenized or req.input_ids is not None:
+    if tokenized or req.input_ids is not None:
         ids = input_ids if tokenized else req.input_ids
         if ids is None or not isinstance(ids, (list, tuple)) and not hasattr(ids, "__len__"):
             raise M3RequestError(f"input_ids{_where(item)} must be a list of token ids")
@@ -234,7 +217,7 @@ _PER_ITEM_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
 
 def check_shape(obj, limits: Limits) -> None:
     """The raw GenerateReqInput, before SGLang's `normalize_batch_and_arguments` indexes into it: exactly one
-    prompt field of a form SGLang understands, input_embeds rows of the model's width, per-item lists
+    prompt field of a form SGLang understands (no input_embeds), per-item lists
     (sampling_params, logprob fields) as long as the batch, typed sampling fields, no image/video/audio data
     (the text model is served). Raises M3RequestError (SGLang's normalization would raise TypeError/IndexError,
     i.e. HTTP 500, or silently drop the media)."""
@@ -264,14 +247,11 @@ def check_shape(obj, limits: Limits) -> None:
         if batch is not None and not all(isinstance(row, list) for row in prompt):
             raise M3RequestError("input_ids mixes token ids and lists: give a list of ids or a list of lists of ids")
     else:
-        if not isinstance(prompt, list) or not prompt or not isinstance(prompt[0], list) or not prompt[0]:
-            raise M3RequestError("input_embeds must be a non-empty list of rows (or a list of such lists)")
-        batch = len(prompt) if isinstance(prompt[0][0], list) else None
-        if batch is not None and not all(isinstance(rows, list) and rows and all(isinstance(r, list) for r in rows)
-                                         for rows in prompt):
-            raise M3RequestError("input_embeds of a batch must be a list of non-empty lists of rows")
-        for i, rows in enumerate(prompt if batch is not None else [prompt]):
-            check_input_embeds(rows, limits.hidden_size, i if batch is not None else None)
+        # Seen in the fuzz campaign (CPU, --disable-radix-cache): SGLang 0.5.17 gives a prefill batch the
+        # embeddings of its input_embeds requests in place of every request's tokens, so one batched with
+        # token-id requests is a shape error that ends the scheduler.
+        raise M3RequestError("input_embeds is not supported for MiniMax-M3 (SGLang 0.5.17 cannot batch it with "
+                             "token-id requests); send input_ids or text")
     params = obj.sampling_params
     if batch is None and params is not None and not isinstance(params, dict):
         raise M3RequestError(f"sampling_params of a single prompt must be a JSON object, got {type(params).__name__}")
