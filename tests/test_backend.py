@@ -58,7 +58,8 @@ OUT_TOL = dict(rtol=1e-4, atol=1e-4)
 def _setup():
     import torch
 
-    sys.path.insert(0, str(REPO / "cpu_shim"))
+    if not torch.cuda.is_available():  # the sgl_kernel stand-in must never shadow the real one on a GPU host
+        sys.path.insert(0, str(REPO / "cpu_shim"))
     from sglang_m3.attention.kernels import common
 
     from sglang.srt.runtime_context import get_parallel

@@ -236,7 +236,7 @@ def indexer_two_pass_matches_twin():
                                           num_splits=ns)
             assert_same_selection(got, want, b, bsz, 1e-5)
             split, _ = run_both_indexers(b, bsz, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
-            assert torch.equal(got, split), (lens, init_b, local_b, ns)
+            assert_same_selection(split, want, b, bsz, 1e-5)  # both variants agree with the twin up to near-ties
     assert (want >= 0).sum(-1).min() == 1 and (want >= 0).sum(-1).max() == topk  # lone token and sparse rows
     # extend form, one token per tile: request 2 has no new token, the last packed row belongs to nobody
     b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,

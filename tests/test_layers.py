@@ -33,12 +33,15 @@ if __name__ == "__main__" and "--fused-moe-worker" in sys.argv:  # before anythi
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# SGLang's CPU engine and the sgl_kernel stand-in, on CPU-only machines only: on a GPU host the stand-in would
+# shadow the real sgl_kernel for every test module imported after this one.
 _SHIM = str(REPO / "cpu_shim")
-if _SHIM in sys.path:
-    sys.path.remove(_SHIM)
-sys.path.insert(0, _SHIM)
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    if _SHIM in sys.path:
+        sys.path.remove(_SHIM)
+    sys.path.insert(0, _SHIM)
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
