@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_e2e import COMMON_FLAGS, MEAN_TOL, diff, flush, greedy, logprobs, prompt, write_checkpoint  # noqa: E402
-from servers import Server, post  # noqa: E402
+from gpu_e2e import COMMON_FLAGS, MEAN_TOL, diff, greedy, logprobs, prompt, write_checkpoint  # noqa: E402
+from servers import Server, flush, post  # noqa: E402
 
 from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor  # noqa: E402
 

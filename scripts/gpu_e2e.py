@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from servers import Server, post  # noqa: E402
+from servers import Server, flush, post  # noqa: E402
 
 # A checkpoint whose attention has the real per-head geometry (head/index dim 128, block 128) at small width,
 # with top-4 blocks so that prompts beyond 512 tokens are sparse.
@@ -77,19 +77,6 @@ def batch_greedy(server: Server, prompts: list[list[int]], n: int):
     return [[(t, lp) for lp, t, _ in o["meta_info"]["output_token_logprobs"]] for o in out]
 
 
-def flush(server: Server, attempts: int = 30) -> None:
-    """/flush_cache, retried: SGLang answers 400 while a just-finished request is still leaving the scheduler
-    ("Cache not flushed because there are pending requests", seen on CPU right after a /generate returned)."""
-    import time
-
-    for attempt in range(attempts):
-        try:
-            post(server.url + "/flush_cache")
-            return
-        except Exception:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5)
 
 
 def diff(a, b, start=0):

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from gpu_e2e import COMMON_FLAGS, MEAN_TOL, PROMPT_LENS, diff, greedy, logprobs, prompt, write_checkpoint  # noqa: E402
-from servers import post  # noqa: E402
+from servers import flush  # noqa: E402
 
 DECODE_TOKENS = 48
 # The fp8 effect alone: mean |Δ logprob| fp8 KV vs fp32 KV per prompt length (prefill part, decode part), fp32 model
@@ -90,7 +90,7 @@ def main():
             logs[name] = [ln.strip()[:300] for ln in s.log().splitlines() if "KV Cache is allocated" in ln]
         for p in prompts:
             n = len(p)
-            post(base.url + "/flush_cache"), post(fp8.url + "/flush_cache")
+            flush(base), flush(fp8)
             cont, meta = greedy(base, p, DECODE_TOKENS)
             base_decode = [x[0] for x in meta["output_token_logprobs"]]
             forced = p + cont

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from gpu_e2e import CKPT_SHAPE, diff, greedy, logprobs, prompt  # noqa: E402
-from servers import Server, post  # noqa: E402
+from servers import Server, flush  # noqa: E402
 
 PROMPT_LENS = (700, 1500, 3001)  # all sparse (> top-4 · 128), none a multiple of 128
 DECODE_TOKENS = 32
@@ -151,16 +151,6 @@ def memory_lines(log: str) -> dict:
     return out
 
 
-def flush(server: Server, attempts: int = 30) -> None:
-    """/flush_cache, retried: SGLang answers 400 while a just-finished request is still leaving the scheduler."""
-    for attempt in range(attempts):
-        try:
-            post(server.url + "/flush_cache")
-            return
-        except Exception:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5)
 
 
 def decode_vs_prefill(server: Server, prompts: list[list[int]]) -> dict:

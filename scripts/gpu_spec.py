@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from gpu_e2e import COMMON_FLAGS, MEAN_TOL, consistency, diff, greedy, logprobs, prompt, write_checkpoint  # noqa: E402
-from servers import Server, post  # noqa: E402
+from servers import Server, flush, post  # noqa: E402
 
 PROMPT_LENS = (700, 1500)  # sparse (> top-4 x 128), not multiples of 128
 DECODE = 64
@@ -55,7 +55,7 @@ def repetitive_prompt(n: int, seed: int) -> list[int]:
 
 def speed(server: Server, prompts: list[list[int]]) -> dict:
     """Decode tok/s at concurrency len(prompts): generated tokens / wall time of one batched request."""
-    post(server.url + "/flush_cache")
+    flush(server)
     t0 = time.time()
     out = post(server.url + "/generate", {"input_ids": prompts, "sampling_params": {
         "max_new_tokens": SPEED_TOKENS, "temperature": 0, "ignore_eos": True}})
@@ -73,7 +73,7 @@ def check_server(server: Server, prompts, base_ref) -> dict:
     info: dict = {"startup_s": round(server.startup_s, 1)}
     rows = []
     for p, ref in zip(prompts, base_ref or [None] * len(prompts)):
-        post(server.url + "/flush_cache")
+        flush(server)
         toks, meta = greedy(server, p, DECODE)
         row = {"len": len(p), "spec_accept_length": meta.get("spec_accept_length"),
                "spec_verify_ct": meta.get("spec_verify_ct"), "completion_tokens": meta.get("completion_tokens")}
@@ -152,7 +152,7 @@ def main():
             if name == "base":
                 base_ref = []
                 for p in use:
-                    post(server.url + "/flush_cache")
+                    flush(server)
                     toks, _ = greedy(server, p, DECODE)
                     base_ref.append((toks, logprobs(server, p + toks)[len(p) - 1:]))
             # decode (speculative here) vs prefill of the same tokens; radix-cache hit vs flushed

@@ -61,3 +61,16 @@ class Server:
                 return
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
+
+
+def flush(server: Server, attempts: int = 30) -> None:
+    """/flush_cache, retried: SGLang answers 400 while a just-finished request is still leaving the scheduler
+    ("Cache not flushed because there are pending requests", seen right after a /generate returned)."""
+    for attempt in range(attempts):
+        try:
+            post(server.url + "/flush_cache")
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)

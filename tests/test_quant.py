@@ -288,30 +288,7 @@ def test_sglang_picks_the_method_from_the_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ model + loader
 
-@pytest.fixture(scope="module")
-def sglang_env(tmp_path_factory):
-    """Published ServerArgs + single-process gloo distributed and model-parallel groups (as in test_layers.py)."""
-    import torch.distributed as dist
-    from sglang.srt.distributed import parallel_state as ps
-    from sglang.srt.runtime_context import publish
-    from sglang.srt.server_args import ServerArgs
-
-    publish(ServerArgs(model_path="dummy", device="cpu"), role="test")
-    created_world = created_mp = False
-    if not dist.is_initialized():
-        init_file = tmp_path_factory.mktemp("dist") / "init"
-        ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                        distributed_init_method=f"file://{init_file}")
-        created_world = True
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
-        created_mp = True
-    yield
-    if created_mp:
-        ps.destroy_model_parallel()
-    if created_world:
-        ps.destroy_distributed_environment()
-
+from tests.test_layers import sglang_env  # noqa: E402,F401  (fixture: published ServerArgs + gloo groups)
 
 @contextlib.contextmanager
 def default_dtype(dtype):
