@@ -198,15 +198,21 @@ def markdown(results: dict) -> str:
             else:
                 lines.append(f"| {name} | batched greedy tokens equal | {row['batch_greedy_tokens_equal']} | |")
     lines += ["", "Each server against itself (mean over prompts of mean |Δ| / largest max; see consistency()):", "",
-              "| server | start-up s | decode vs prefill | radix hit: new tokens | radix hit: decode | cached |",
-              "|---|---|---|---|---|---|"]
-    for name, info in results["servers"].items():
+              *consistency_table(results["servers"])]
+    return "\n".join(lines) + "\n"
+
+
+def consistency_table(servers: dict) -> list[str]:
+    """Markdown rows of each server's consistency() result (or its start-up error)."""
+    lines = ["| server | start-up s | decode vs prefill | radix hit: new tokens | radix hit: decode | cached |",
+             "|---|---|---|---|---|---|"]
+    for name, info in servers.items():
         c = info.get("consistency")
         cells = [f"{c[k]['mean']:.3f} / {c[k]['max']:.2f}" for k in ("decode_vs_prefill", "radix_extend",
                                                                      "radix_decode")] if c else ["", "", ""]
         lines.append(f"| {name} | {info.get('startup_s', info.get('error', '')[:80])} | {' | '.join(cells)} | "
                      f"{c['cached_tokens'] if c else ''} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def consistency(server: Server, prompts: list[list[int]]) -> dict:

@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_e2e import COMMON_FLAGS, MEAN_TOL, batch_greedy, consistency, diff, greedy, logprobs, prompt  # noqa: E402
+from gpu_e2e import (COMMON_FLAGS, MEAN_TOL, batch_greedy, consistency, consistency_table, diff,  # noqa: E402
+                     greedy, logprobs, prompt)
 
 # M3's attention geometry (reference/m3_config_real.json) at small width. Every TP-sharded size divides by 8:
 # query heads 64, KV/index heads 4 (replicated 2x at TP8), expert/shared/dense widths 512/512/1024.
@@ -110,14 +111,7 @@ def markdown(results: dict) -> str:
     if "batch_greedy_tokens_equal" in results:
         lines += ["", f"Batched greedy tokens equal (reported, not judged): {results['batch_greedy_tokens_equal']}"]
     lines += ["", "Each server against itself (mean over sparse prompts of mean |Δ| / largest max; gpu_e2e.consistency):",
-              "", "| server | start-up s | decode vs prefill | radix hit: new tokens | radix hit: decode | cached |",
-              "|---|---|---|---|---|---|"]
-    for name, info in results["servers"].items():
-        c = info.get("consistency")
-        cells = [f"{c[k]['mean']:.3f} / {c[k]['max']:.2f}" for k in ("decode_vs_prefill", "radix_extend",
-                                                                     "radix_decode")] if c else ["", "", ""]
-        lines.append(f"| {name} | {info.get('startup_s', info.get('error', '')[:80])} | {' | '.join(cells)} | "
-                     f"{c['cached_tokens'] if c else ''} |")
+              "", *consistency_table(results["servers"])]
     failed = [k for k, ok in v["checks"].items() if not ok]
     lines += ["", f"Failed checks: {failed or 'none'}; servers missing or failed: {v['servers_missing_or_failed'] or 'none'}"]
     return "\n".join(lines) + "\n"
