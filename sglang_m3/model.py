@@ -143,10 +143,7 @@ class M3Model(nn.Module):
 
     def forward(self, input_ids, positions, forward_batch, input_embeds=None):
         """Final hidden states [T, H]; with layers to capture, also the list of captured residual streams."""
-        if input_embeds is None:
-            hidden_states = self.embed_tokens(input_ids)  # no √H scaling
-        else:  # SGLang's model runner hands request input_embeds over as bf16 whatever the model dtype
-            hidden_states = input_embeds.to(self.embed_tokens.weight.dtype)
+        hidden_states = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # no √H scaling
         residual = None
         aux = []
         for i, layer in enumerate(self.layers):
