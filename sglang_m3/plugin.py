@@ -192,28 +192,24 @@ def _draft_backends_not_ours(original, factory, server_args, *args, **kwargs):
         factory.draft_attn_backend = _dense_backend_name(factory.draft_model_runner)
 
 
-def _request_limits(tokenizer_manager):
-    """What an M3 server accepts in a request; None for other models (their requests stay SGLang's business)."""
+def _request_limits(tokenizer_manager, obj):
+    """What an M3 server accepts in a generate request; None for other requests and models (SGLang's business)."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
     from sglang_m3.request_validation import Limits
 
     model_config = tokenizer_manager.model_config
-    if not _is_m3(model_config.hf_config):
+    if not isinstance(obj, GenerateReqInput) or not _is_m3(model_config.hf_config):
         return None
     return Limits(vocab_size=model_config.vocab_size)
-
-
-def _is_generate(obj) -> bool:
-    from sglang.srt.managers.io_struct import GenerateReqInput
-
-    return isinstance(obj, GenerateReqInput)
 
 
 def _check_request_shape(original, tokenizer_manager, obj, *args, **kwargs):
     """Before `generate_request` normalizes the request (raising here is inside every caller's ValueError → 400)."""
     from sglang_m3.request_validation import check_shape
 
-    limits = _request_limits(tokenizer_manager)
-    if _is_generate(obj) and limits:
+    limits = _request_limits(tokenizer_manager, obj)
+    if limits:
         check_shape(obj, limits)
     return original(tokenizer_manager, obj, *args, **kwargs)
 
@@ -222,8 +218,8 @@ def _check_batch_request(original, tokenizer_manager, obj, *args, **kwargs):
     """Every item of a batch before the first is sent: SGLang sends text batches item by item."""
     from sglang_m3.request_validation import check_batch
 
-    limits = _request_limits(tokenizer_manager)
-    if _is_generate(obj) and limits:
+    limits = _request_limits(tokenizer_manager, obj)
+    if limits:
         check_batch(obj, limits)
     return original(tokenizer_manager, obj, *args, **kwargs)
 
@@ -232,8 +228,8 @@ def _check_one_request(tokenizer_manager, obj, input_ids, *args, **kwargs):
     """SGLang's own per-request check point, with the prompt's final token ids (after tokenization)."""
     from sglang_m3.request_validation import check_request
 
-    limits = _request_limits(tokenizer_manager)
-    if _is_generate(obj) and limits:
+    limits = _request_limits(tokenizer_manager, obj)
+    if limits:
         check_request(obj, limits, input_ids, tokenized=True)
 
 
