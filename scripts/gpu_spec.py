@@ -93,6 +93,22 @@ def check_server(server: Server, prompts, base_ref) -> dict:
     return info
 
 
+LOG_HEAD, LOG_TAIL = 200_000, 800_000  # characters kept of a server log: start-up flags/config, then the end
+
+
+def trim_log(server: Server) -> None:
+    """Each server logs (stdout+stderr of launch_server and its scheduler/detokenizer children) straight into
+    $OUT/logs/server_<name>.log, so a failure is diagnosable from the call's $OUT alone, even when the call is cut
+    by its time limit. A huge log keeps its first LOG_HEAD and last LOG_TAIL characters (flags and config at the
+    start, the dying scheduler's traceback at the end)."""
+    if not server.log_path.exists():
+        return
+    text = server.log()
+    if len(text) > LOG_HEAD + LOG_TAIL:
+        server.log_path.write_text(text[:LOG_HEAD] + f"\n[... {len(text) - LOG_HEAD - LOG_TAIL} characters cut by "
+                                   "gpu_spec.trim_log ...]\n" + text[-LOG_TAIL:])
+
+
 def stage(info: dict, key: str, fn):
     """Run one measurement; a failure is recorded under the key instead of hiding the other measurements."""
     try:
@@ -113,6 +129,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/m3_gpu_spec")
     work.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
     ckpt = write_checkpoint(work)
     from sglang_m3.tiny_eagle3 import write_tiny_eagle3
 
@@ -144,7 +161,7 @@ def main():
             results["servers"][name] = {"skipped": f"time budget {args.budget_s}s spent"}
             continue
         flags, env = configs[name]
-        server = Server(name, ckpt, [*FLAGS, *flags], log_dir=work, port=30200 + k, env=env)
+        server = Server(name, ckpt, [*FLAGS, *flags], log_dir=out / "logs", port=30200 + k, env=env)
         try:
             server.wait(timeout=240)
             use = prompts + (rep if "ngram" in name or name == "base" else [])
@@ -163,9 +180,11 @@ def main():
                     stage(info, "speed_repetitive", lambda: speed(server, rep))
             results["servers"][name] = info
         except Exception as e:  # noqa: BLE001 -- recorded; one broken server must not hide the others
-            results["servers"][name] = {"error": repr(e)[:1500], "log_tail": server.log()[-4000:]}
+            results["servers"][name] = {"error": repr(e)[:1500], "log_tail": server.log()[-4000:],
+                                        "log": f"logs/server_{name}.log"}
         finally:
             server.stop()
+            trim_log(server)
         (out / "spec_results.json").write_text(json.dumps(results, indent=1))
     results["verdict"] = verdict(results["servers"])
     results["elapsed_s"] = round(time.time() - t_start, 1)

@@ -4,7 +4,7 @@
 # EAGLE3 (random tiny draft, chain and tree) and NGRAM vs no speculation, graphs on and off, radix hits, accept
 # length and decode tok/s at concurrency 1 and 8, the in-tree M3 with the same flags as yardstick. Servers past
 # the time budget are recorded as skipped (run them in a second call with --servers). Verdict and table:
-# $OUT/spec_results.md; everything: $OUT/spec_results.json; server logs stay in /tmp/m3_gpu_spec.
+# $OUT/spec_results.md; everything: $OUT/spec_results.json; each server's whole log: $OUT/logs/server_<name>.log.
 set -uo pipefail
 source scripts/gpu_setup.sh
 python3 scripts/gpu_spec.py --out "$OUT" "$@" 2>&1 | tee "$OUT/spec.log" | tail -40
