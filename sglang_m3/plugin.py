@@ -11,6 +11,7 @@ What it changes, all keyed on the two released M3 architecture names:
 - quantization: method `m3_mxfp8_block` (the MXFP8 checkpoint as 128x128 block FP8), declared for M3 on sm90;
 - attention: backend `m3_msa` (dense layers through an SGLang backend, sparse layers through ours),
   chosen by default; any dense backend named with --attention-backend is wrapped the same way;
+- fused-MoE configs: the packaged files tuned for M3's expert shapes (moe_configs) while an M3 model is served;
 - KV pool: `M3KVPool` (index-key lane, at the model dtype even with an fp8 K/V cache) with a cell size that
   counts it;
 - flags that would silently drop the index lane (HiCache) or that we do not serve are refused;
@@ -20,6 +21,7 @@ What it changes, all keyed on the two released M3 architecture names:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,11 @@ def register() -> None:
                           _eager_prefill, HookType.AROUND)
     HookRegistry.register("sglang.srt.speculative.draft_utils.DraftBackendFactory.__init__",
                           _draft_backends_not_ours, HookType.AROUND)
+    # Fused-MoE kernel configs: ours for the names we ship (moe_configs), SGLang's lookup for every other. Its only
+    # callers (try_get_optimal_moe_config, and get_moe_configs itself for the down-projection fallback) call it by
+    # module global, and no module imports it by name, so patching the module attribute covers every call.
+    HookRegistry.register("sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe_triton_config.get_moe_configs",
+                          _packaged_moe_configs, HookType.AROUND)
 
     # Requests are checked in the tokenizer manager (HTTP server process): the raw request before SGLang's
     # normalization indexes into it, a batch before its first item is sent, each prompt's final token ids.
@@ -313,10 +320,13 @@ def _typed_sub_configs(original, *args, **kwargs):
 
 
 def _text_only_model_config(original, model_config, *args, **kwargs):
-    """Build the VL-packaged M3 config as a text model (its nested text_config otherwise marks it multimodal)."""
+    """Build the VL-packaged M3 config as a text model (its nested text_config otherwise marks it multimodal).
+    Also notes that this process serves M3 (the packaged MoE configs apply from then on)."""
     from sglang_m3.config import VL_ARCH
 
+    global _m3_served
     original(model_config, *args, **kwargs)
+    _m3_served = _m3_served or _is_m3(model_config.hf_config)
     if (model_config.hf_config.architectures or [None])[0] == VL_ARCH and model_config.is_multimodal:
         if kwargs.get("enable_multimodal"):
             raise ValueError("sglang-m3 serves the text model of MiniMax-M3; image/video inputs are not "
@@ -374,3 +384,33 @@ def _cell_size_with_index_k(original, pool_configurator, kvc, num_layers: int) -
         cell += index_k_bytes_per_token(view.sparse_layers, kvc.layer_info.start_layer, kvc.layer_info.end_layer,
                                         view.sparse.index_dim, kvc.model_dtype)
     return cell
+
+
+# Set once an M3 ModelConfig is built in this process (the scheduler builds one before loading the model). The
+# packaged MoE configs are used only then: SGLang's file names carry E and N but not the hidden size, and M3's
+# N=768 (TP4) and N=384 (TP8) names are also those of other 128-expert models (SGLang bundles H200 files for them).
+_m3_served = False
+
+
+@functools.lru_cache(maxsize=None)
+def _packaged_moe_file(E, N, dtype, block_n, block_k, per_channel_quant, down_moe):
+    from sglang_m3 import moe_configs
+
+    return moe_configs.lookup(E, N, dtype, block_n, block_k, per_channel_quant, down_moe)
+
+
+def _packaged_moe_configs(original, E, N, dtype, block_n=0, block_k=0, per_channel_quant=False, down_moe=False):
+    """SGLang's ``get_moe_configs`` ({token count M: Triton config} or None), answered from sglang_m3's packaged
+    files for the names we ship while M3 is served; SGLang's own lookup, unchanged, for every other call.
+
+    For a name we ship without a ``_down`` file the down-projection answer is None, so the down GEMM runs the
+    up-projection config, as it ran when tuned (benchmarks/tune_moe.py times ``fused_experts`` under one
+    ``override_config``), rather than SGLang's fallback to another Triton version's or model's file.
+    Deterministic inference keeps SGLang's answer (its default config)."""
+    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe_triton_config as sglang_moe_config
+
+    if _m3_served and not sglang_moe_config.get_exec().deterministic.enable_deterministic_inference:
+        up = _packaged_moe_file(E, N, dtype, block_n, block_k, per_channel_quant, False)
+        if up is not None:
+            return _packaged_moe_file(E, N, dtype, block_n, block_k, per_channel_quant, True) if down_moe else up
+    return original(E, N, dtype, block_n, block_k, per_channel_quant=per_channel_quant, down_moe=down_moe)

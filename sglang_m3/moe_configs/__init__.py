@@ -7,15 +7,17 @@ a JSON map from a token count M to one kernel config (the nearest M is used). Wr
 names present here, under the running Triton version exactly (configs tuned under one Triton version can be slower
 under another, SGLang's own note); every other shape stays with SGLang's lookup (``SGLANG_MOE_CONFIG_DIR`` would
 instead replace SGLang's folder and hide its files for other models). The hook that calls ``lookup`` lives in
-plugin.py.
+plugin.py (``_packaged_moe_configs``, active while an M3 model is served).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -23,7 +25,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 def _read(path: Path) -> dict[int, dict] | None:
     if not path.is_file():
         return None
-    return {int(m): cfg for m, cfg in json.loads(path.read_text()).items()}
+    configs = {int(m): cfg for m, cfg in json.loads(path.read_text()).items()}
+    logger.info("sglang-m3: fused-MoE kernel configs from %s", path)  # once per file: this read is cached
+    return configs
 
 
 def lookup(E: int, N: int, dtype: str | None, block_n: int | None = 0, block_k: int | None = 0,
