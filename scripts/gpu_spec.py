@@ -5,17 +5,23 @@ Same tiny checkpoint as gpu_e2e.py (real attention geometry: head/index dim 128,
 budget skips the tail, recorded as skipped):
   base            ours, no speculation, CUDA graphs on
   eagle3          ours, EAGLE3 chain (topk 1, 3 steps, 4 draft tokens), graphs on
-  ngram           ours, NGRAM (8 draft tokens: trees), graphs on
+  ngram           ours, NGRAM (8 draft tokens; its drafts are always a tree), graphs on
+  eagle3_tree     ours, EAGLE3 tree (topk 2, 3 steps, 6 draft tokens), graphs on
+  eagle3_eager / ngram_eager / eagle3_tree_eager      ours, the same, --disable-cuda-graph
   intree_eagle3   SGLang's own M3 with the eagle3 flags (SGLANG_PLUGINS=none): the yardstick, its failure
                   recorded as it is
-  eagle3_eager / ngram_eager      ours, the same, --disable-cuda-graph
-  eagle3_tree     ours, EAGLE3 topk 2 (trees), graphs on
   intree_ngram    the in-tree M3 with the ngram flags
 Per server: greedy continuations of sparse prompts (tokens vs base's; decoded logprobs -- computed by the verify
 forwards -- vs base's teacher-forced prefill scores of the same tokens), the gpu_e2e consistency checks (decode vs
 prefill, radix-cache hit vs flushed, with the decode speculative), spec accept length, decode tok/s at concurrency
-1 and 8 (wall time of a request with a short prefill; the same measure for base). NGRAM gets a repetitive prompt
-(repeated lines of "code") where drafts can hit. Writes spec_results.json / spec_results.md under --out.
+1 and 8 (wall time of a request with a short prefill; the same measure for base). The repetitive "code" prompts
+(repeated lines) come at 2000 tokens and at LONG_LEN (~32K, the issue's long prompt; ends mid-block): the greedy
+check on the first long one, and decode tok/s at concurrency 1 and 8 on long ones, timed after an untimed
+max_new_tokens=1 request put the prompts in the radix cache (so the wall time is decode, not the 32K prefill;
+the prefill wall is recorded too). Caveat for NGRAM: SGLang 0.5.17 puts only the last max-trie-depth (18)
+tokens of prompt+output into its n-gram corpus per step (speculative/ngram_worker.py _update_ngram_corpus), so
+the prompt's repeated lines feed drafts only through what the model itself repeats.
+Each server logs to $OUT/logs/server_<name>.log. Writes spec_results.json / spec_results.md under --out.
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_e2e import COMMON_FLAGS, MEAN_TOL, consistency, diff, greedy, logprobs, prompt, write_checkpoint  # noqa: E402
+from gpu_e2e import COMMON_FLAGS, MEAN_TOL, consistency, diff, greedy, prompt, write_checkpoint  # noqa: E402
 from servers import Server, flush, post  # noqa: E402
 
 PROMPT_LENS = (700, 1500)  # sparse (> top-4 x 128), not multiples of 128
 DECODE = 64
 SPEED_TOKENS = 256
+LONG_LEN = 32_700  # ~32K "code" tokens; not a multiple of the 128-token block (the prefix ends mid-block)
 FLAGS = list(COMMON_FLAGS)
 FLAGS[FLAGS.index("--cuda-graph-max-bs") + 1] = "8"  # fewer captures: faster start-up
 
@@ -53,9 +60,17 @@ def repetitive_prompt(n: int, seed: int) -> list[int]:
     return out[:n]
 
 
-def speed(server: Server, prompts: list[list[int]]) -> dict:
-    """Decode tok/s at concurrency len(prompts): generated tokens / wall time of one batched request."""
+def speed(server: Server, prompts: list[list[int]], warm: bool = False) -> dict:
+    """Decode tok/s at concurrency len(prompts): generated tokens / wall time of one batched request.
+    warm: first an untimed max_new_tokens=1 request of the same prompts (its prefill wall time recorded as
+    prefill_wall_s), so the timed request hits the radix cache and its wall time is decode."""
     flush(server)
+    prefill_wall = None
+    if warm:
+        t0 = time.time()
+        post(server.url + "/generate", {"input_ids": prompts, "sampling_params": {
+            "max_new_tokens": 1, "temperature": 0}})
+        prefill_wall = round(time.time() - t0, 3)
     t0 = time.time()
     out = post(server.url + "/generate", {"input_ids": prompts, "sampling_params": {
         "max_new_tokens": SPEED_TOKENS, "temperature": 0, "ignore_eos": True}})
@@ -64,9 +79,22 @@ def speed(server: Server, prompts: list[list[int]]) -> dict:
     toks = sum(o["meta_info"]["completion_tokens"] for o in out)
     acc = [o["meta_info"].get("spec_accept_length") for o in out]
     ver = [o["meta_info"].get("spec_verify_ct") for o in out]
-    return {"concurrency": len(prompts), "tokens": toks, "wall_s": round(wall, 3), "tok_s": round(toks / wall, 1),
+    return {"concurrency": len(prompts), "prompt_len": len(prompts[0]), "prefill_wall_s": prefill_wall,
+            "cached_tokens": [o["meta_info"].get("cached_tokens") for o in out],
+            "tokens": toks, "wall_s": round(wall, 3), "tok_s": round(toks / wall, 1),
             "spec_accept_length": acc if any(a is not None for a in acc) else None,
             "spec_verify_ct": ver if any(v is not None for v in ver) else None}
+
+
+def continuation_logprobs(server: Server, prompt_ids: list[int], toks: list[int]) -> list[float]:
+    """Teacher-forced logprobs of `toks` after `prompt_ids`: a prefill of the whole sequence on a flushed cache
+    (logprob_start_len only keeps a 32K prompt's own logprobs out of the reply)."""
+    flush(server)
+    out = post(server.url + "/generate", {"input_ids": prompt_ids + toks, "return_logprob": True,
+                                          "logprob_start_len": len(prompt_ids) - 1,
+                                          "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+    lps = [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"]]
+    return lps[len(lps) - len(toks):]
 
 
 def check_server(server: Server, prompts, base_ref) -> dict:
@@ -120,8 +148,8 @@ def stage(info: dict, key: str, fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_spec"))
-    ap.add_argument("--servers", default="base,eagle3,ngram,intree_eagle3,eagle3_eager,ngram_eager,eagle3_tree,"
-                                         "intree_ngram")
+    ap.add_argument("--servers", default="base,eagle3,ngram,eagle3_tree,eagle3_eager,ngram_eager,eagle3_tree_eager,"
+                                         "intree_eagle3,intree_ngram")
     ap.add_argument("--budget-s", type=float, default=330, help="skip servers that would start after this")
     args = ap.parse_args()
     t_start = time.time()
@@ -147,12 +175,14 @@ def main():
         "eagle3_eager": (eagle + ["--disable-cuda-graph"], {}),
         "ngram_eager": (ngram + ["--disable-cuda-graph"], {}),
         "eagle3_tree": (eagle_tree, {}),
+        "eagle3_tree_eager": (eagle_tree + ["--disable-cuda-graph"], {}),
         # in-tree: its draft backend is not forced by our plugin; pass the dense one explicitly, as a user would
         "intree_eagle3": (eagle + ["--speculative-draft-attention-backend", "triton"], {"SGLANG_PLUGINS": "none"}),
         "intree_ngram": (ngram, {"SGLANG_PLUGINS": "none"}),
     }
     prompts = [prompt(n, seed=i) for i, n in enumerate(PROMPT_LENS)]
     rep = [repetitive_prompt(2000, seed=7)]
+    long_rep = [repetitive_prompt(LONG_LEN, seed=200 + i) for i in range(8)]
     speed_prompts = [prompt(600, seed=100 + i) for i in range(8)]
     results: dict = {"flags": FLAGS, "configs": {k: v[0] for k, v in configs.items()}, "servers": {}}
     base_ref = None
@@ -164,20 +194,21 @@ def main():
         server = Server(name, ckpt, [*FLAGS, *flags], log_dir=out / "logs", port=30200 + k, env=env)
         try:
             server.wait(timeout=240)
-            use = prompts + (rep if "ngram" in name or name == "base" else [])
+            use = prompts + rep + long_rep[:1]
             info = check_server(server, use, base_ref)
             if name == "base":
                 base_ref = []
                 for p in use:
                     flush(server)
                     toks, _ = greedy(server, p, DECODE)
-                    base_ref.append((toks, logprobs(server, p + toks)[len(p) - 1:]))
+                    base_ref.append((toks, continuation_logprobs(server, p, toks)))
             # decode (speculative here) vs prefill of the same tokens; radix-cache hit vs flushed
             stage(info, "consistency", lambda: consistency(server, prompts))
             if not name.endswith("_eager"):
                 stage(info, "speed", lambda: [speed(server, speed_prompts[:1]), speed(server, speed_prompts)])
-                if "ngram" in name or name == "base":
-                    stage(info, "speed_repetitive", lambda: speed(server, rep))
+                stage(info, "speed_repetitive", lambda: speed(server, rep))
+                stage(info, "speed_long", lambda: [speed(server, long_rep[:1], warm=True),
+                                                   speed(server, long_rep, warm=True)])
             results["servers"][name] = info
         except Exception as e:  # noqa: BLE001 -- recorded; one broken server must not hide the others
             results["servers"][name] = {"error": repr(e)[:1500], "log_tail": server.log()[-4000:],
@@ -216,13 +247,18 @@ def verdict(servers: dict) -> dict:
             "ours_failed": failed, "mean_tol": MEAN_TOL}
 
 
+def _mean(xs):
+    return None if not xs else round(sum(xs) / len(xs), 2)
+
+
 def markdown(r: dict) -> str:
     v = r["verdict"]
     lines = [f"verdict (ours, mean |Δ logprob| <= {MEAN_TOL}): {'PASS' if v['pass'] else 'FAIL'}; "
              f"failed servers: {v['ours_failed']}; elapsed {r.get('elapsed_s')} s", "",
-             "| server | start s | greedy = base | decode vs base (mean/max) | accept len | decode vs prefill | "
-             "radix new / decode | cached | tok/s c1 | tok/s c8 | tok/s repetitive |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| server | start s | greedy = base | decode vs base (mean/max) | accept len | decode vs prefill | "
+             f"radix new / decode | cached | tok/s c1 | tok/s c8 | tok/s repetitive | {LONG_LEN} c1 tok/s (acc) | "
+             f"{LONG_LEN} c8 tok/s (mean acc) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, i in r["servers"].items():
         if "error" in i or "skipped" in i:
             lines.append(f"| {name} | {(i.get('error') or i.get('skipped'))[:160]} |")
@@ -236,12 +272,16 @@ def markdown(r: dict) -> str:
         sp = i.get("speed")
         sp = sp if isinstance(sp, list) else [sp or {}, {}]
         rp = i.get("speed_repetitive") or {}
+        lg = i.get("speed_long")
+        lg = lg if isinstance(lg, list) else [lg or {}, {}]
         cons = (f"{c['decode_vs_prefill']['mean']:.3f}/{c['decode_vs_prefill']['max']:.2f} | "
                 f"{c['radix_extend']['mean']:.3f} / {c['radix_decode']['mean']:.3f} | {c['cached_tokens']}"
                 if "decode_vs_prefill" in c else f"{str(c.get('error'))[:120]} | | ")
         lines.append(f"| {name} | {i['startup_s']} | {eq} | {dv} | {acc} | {cons} | "
                      f"{sp[0].get('tok_s', sp[0].get('error'))} | {sp[1].get('tok_s')} | "
-                     f"{rp.get('tok_s', rp.get('error', ''))} (acc {rp.get('spec_accept_length')}) |")
+                     f"{rp.get('tok_s', rp.get('error', ''))} (acc {rp.get('spec_accept_length')}) | "
+                     f"{lg[0].get('tok_s', str(lg[0].get('error'))[:120])} ({_mean(lg[0].get('spec_accept_length'))}) | "
+                     f"{lg[1].get('tok_s')} ({_mean(lg[1].get('spec_accept_length'))}) |")
     lines += ["", "checks: " + json.dumps(v["checks"])]
     return "\n".join(lines) + "\n"
 
