@@ -2,7 +2,7 @@
 # ../shared/gpu/prepare.sh that travelled with this call (`.gpu/a`, `.gpu/b`; each is too big to carry with
 # the other, so the first call installs `.gpu/a` alone with `bash .gpu/install.sh .gpu/a`), then this package,
 # and records the device.
-for d in .gpu/a .gpu/b; do [ -d "$d" ] && bash .gpu/install.sh "$d"; done
+for d in .gpu/a .gpu/b .gpu/c; do [ -d "$d" ] && bash .gpu/install.sh "$d"; done
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -v "Target directory" | tail -2
 mkdir -p "$OUT"
