@@ -346,7 +346,30 @@ def _create_m3_backend(runner):
     dense = ATTENTION_BACKENDS[_dense_backend_name(runner)](runner)
     if not _is_m3(runner.model_config.hf_config):
         return dense  # a draft model (EAGLE) on the same server: dense attention only
-    return M3SparseAttnBackend(runner, dense)
+    return M3SparseAttnBackend(runner, _widen_dense_kv_splits(dense, runner))
+
+
+# M3's dense layers read the whole context at decode. With SGLang's default cap of 8 KV splits, Triton's decode grid
+# at batch 1 is 4 head groups x 8 splits = 32 programs on 132 SMs: one dense layer took 266 us of a 2044 us decode
+# step at 32K on an H200 (benchmarks/profile_decode.py), more than the three sparse layers' attention together.
+# SGLang's own split heuristic (get_num_kv_splits_triton) already picks fewer splits for big batches and short
+# contexts; only its cap is raised. An explicit --triton-attention-num-kv-splits is kept as given.
+DENSE_MAX_KV_SPLITS = 64
+
+
+def _widen_dense_kv_splits(dense, runner):
+    """Raise the Triton dense delegate's KV-split cap to DENSE_MAX_KV_SPLITS when the server runs SGLang's default
+    (set before any buffer is sized: the graph state and the per-batch logits buffers read it later). Other
+    backends, deterministic inference and fixed split tiles are left alone. Returns `dense`."""
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+    from sglang.srt.server_args import ServerArgs
+
+    args = runner.server_args
+    if (isinstance(dense, TritonAttnBackend) and not getattr(dense, "use_mla", False)
+            and args.triton_attention_num_kv_splits == ServerArgs.triton_attention_num_kv_splits
+            and getattr(dense, "split_tile_size", None) is None and not getattr(dense, "enable_deterministic", False)):
+        dense.max_kv_splits = max(dense.max_kv_splits, DENSE_MAX_KV_SPLITS)
+    return dense
 
 
 def _wrap_dense_backend(original, runner, full_attn_backend):
@@ -356,7 +379,7 @@ def _wrap_dense_backend(original, runner, full_attn_backend):
         return original(runner, full_attn_backend)
     if isinstance(full_attn_backend, M3SparseAttnBackend):
         return full_attn_backend
-    return M3SparseAttnBackend(runner, full_attn_backend)
+    return M3SparseAttnBackend(runner, _widen_dense_kv_splits(full_attn_backend, runner))
 
 
 def _build_m3_pool(original, configurator, *, max_total_num_tokens, mha_pool_class, **kwargs):

@@ -234,3 +234,27 @@ def test_registered_cell_size_hook_sizes_the_pool():
     lane = 3 * 32 * 2
     assert int(seen["cell"]) == kv + lane, seen
     assert int(seen["tokens"]) == 10_000_000 // (kv + lane), seen
+
+
+@pytest.mark.parametrize("flag_splits, deterministic, tile, expect", [
+    (8, False, None, 64),     # SGLang's default cap: raised for M3's dense layers
+    (16, False, None, 16),    # an explicit --triton-attention-num-kv-splits is kept
+    (8, True, None, 8),       # deterministic inference keeps its fixed split tiles
+    (8, False, 256, 8),       # so does --triton-attention-split-tile-size
+])
+def test_dense_delegate_kv_split_cap(flag_splits, deterministic, tile, expect):
+    """The Triton dense delegate's split cap (read by SGLang when it sizes its decode buffers and by its split
+    heuristic get_num_kv_splits_triton) is widened only under SGLang's default settings."""
+    from types import SimpleNamespace as NS
+
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+    from sglang_m3.plugin import _widen_dense_kv_splits
+
+    dense = TritonAttnBackend.__new__(TritonAttnBackend)  # the attributes its __init__ sets, without a GPU
+    dense.max_kv_splits, dense.use_mla = flag_splits, False
+    dense.enable_deterministic, dense.split_tile_size = deterministic, tile
+    runner = NS(server_args=NS(triton_attention_num_kv_splits=flag_splits))
+    assert _widen_dense_kv_splits(dense, runner) is dense
+    assert dense.max_kv_splits == expect
+    other = NS(max_kv_splits=8)  # not a Triton backend: untouched
+    assert _widen_dense_kv_splits(other, runner).max_kv_splits == 8
