@@ -1,6 +1,7 @@
 """Strict weight loading for MiniMax-M3 (M3_SPEC §4), unquantized or quantized (quant.py).
 
-Maps the released tensor names onto the fused SGLang parameters (q/k/v → qkv_proj, gate/up → gate_up_proj,
+Maps the released tensor names onto the fused SGLang parameters (q/k/v → qkv_proj, on sparse layers index_q/index_k
+too (or → index_proj, model.M3Attention), gate/up → gate_up_proj,
 per-expert w1/w3/w2 → FusedMoE's stacked w13/w2), for weights and for their `weight_scale_inv` alike, and refuses
 to serve a checkpoint that does not fit, naming the tensors:
 - a tensor that maps to no parameter (including a scale of a module the model built unquantized);
@@ -25,9 +26,11 @@ from collections import defaultdict
 from typing import Iterable, Optional
 
 import torch
+from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 
 from sglang_m3 import quant
+from sglang_m3.layers.qkv_index import QKVIndexParallelLinear
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,10 @@ _STACKED = (
     (".self_attn.q_proj", ".self_attn.qkv_proj", "q"),
     (".self_attn.k_proj", ".self_attn.qkv_proj", "k"),
     (".self_attn.v_proj", ".self_attn.qkv_proj", "v"),
+    (".self_attn.index_q_proj", ".self_attn.qkv_proj", "index_q"),  # sparse layers: one q/k/v/index GEMM
+    (".self_attn.index_k_proj", ".self_attn.qkv_proj", "index_k"),
+    (".self_attn.index_q_proj", ".self_attn.index_proj", "index_q"),  # ... or two (model.M3Attention)
+    (".self_attn.index_k_proj", ".self_attn.index_proj", "index_k"),
     (".gate_proj", ".gate_up_proj", 0),
     (".up_proj", ".gate_up_proj", 1),
 )
@@ -85,8 +92,9 @@ def _target(name: str, params: dict, model) -> Optional[tuple[str, object, Optio
                 return target, shard, expert_id
             return None
         for suffix, fused, shard in _STACKED:
-            if module.endswith(suffix) and module[: -len(suffix)] + fused + "." + leaf in params:
-                return module[: -len(suffix)] + fused + "." + leaf, shard, None
+            target = module[: -len(suffix)] + fused
+            if module.endswith(suffix) and target + "." + leaf in params and shard in _shard_ids(model, target):
+                return target + "." + leaf, shard, None
     return (name, None, None) if name in params else None
 
 
@@ -102,11 +110,25 @@ def _required_shards(model, params: dict) -> dict[str, set]:
                 elif pname.startswith(f"{name}.w2_"):
                     required[pname] = {(e, "w2") for e in experts}
     for name in params:
-        if ".qkv_proj." in name:
-            required[name] = {"q", "k", "v"}
-        elif ".gate_up_proj." in name:
-            required[name] = {0, 1}
+        shards = _shard_ids(model, name.rpartition(".")[0])
+        if shards:
+            required[name] = set(shards)
     return required
+
+
+def _shard_ids(model, module_name: str) -> tuple:
+    """The shard ids a fused linear module is loaded with (one per checkpoint tensor), () for other modules."""
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return ()
+    if isinstance(module, QKVIndexParallelLinear):
+        return module.parts
+    if isinstance(module, QKVParallelLinear):
+        return ("q", "k", "v")
+    if isinstance(module, MergedColumnParallelLinear):
+        return tuple(range(len(module.output_sizes)))
+    return ()
 
 
 class _Loader:
@@ -191,7 +213,10 @@ class _Loader:
             param.weight_loader(param, tensor, param_name, shard_id=shard, expert_id=expert_id)
             self.loaded[param_name].add((expert_id, shard))
         elif shard is not None:
-            param.weight_loader(param, tensor, shard)
+            try:
+                param.weight_loader(param, tensor, shard)
+            except ValueError as e:  # QKVIndexParallelLinear's shape/layout checks
+                raise CheckpointMismatchError(f"checkpoint tensor {ckpt_name}: {e}") from None
             self.loaded[param_name].add(shard)
         else:
             if tuple(param.shape) != tuple(tensor.shape) and not hasattr(param, "output_dim"):

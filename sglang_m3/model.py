@@ -15,8 +15,9 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 from sglang.srt.layers.layernorm import GemmaRMSNorm
-from sglang.srt.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from sglang.srt.layers.linear import QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.quantization.utils import is_layer_skipped
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -28,6 +29,7 @@ from sglang.srt.utils import add_prefix
 from sglang_m3.config import M3TextView, m3_text_view
 from sglang_m3.layers.moe import M3MoE
 from sglang_m3.layers.norm import PerHeadGemmaRMSNorm
+from sglang_m3.layers.qkv_index import INDEX_PARTS, PARTS, QKV_PARTS, QKVIndexParallelLinear
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP
 from sglang_m3.quant import check_quant_config
 
@@ -40,17 +42,47 @@ def _qk_norm_and_rope(view: M3TextView, head_dim: int):
 
 
 class M3Attention(nn.Module):
-    """§2.4 (+ §3.1 on sparse layers): q/k/v projections, per-head Gemma QK norm, partial NeoX RoPE."""
+    """§2.4 (+ §3.1 on sparse layers): q/k/v (+ index q/k) projections, per-head Gemma norms, partial NeoX RoPE.
+
+    Dense layers project with SGLang's QKVParallelLinear. Sparse layers project q, k, v, index_q and index_k with
+    one GEMM (`QKVIndexParallelLinear` as `qkv_proj`: this rank's index heads are those of its KV heads, the
+    index key is replicated); only when the checkpoint quantizes q/k/v and the index pair differently (its
+    ignore list names one group and not the other) do they take two layers, `qkv_proj` and `index_proj`.
+    """
 
     def __init__(self, view: M3TextView, layer_id: int, quant_config=None, prefix: str = ""):
         super().__init__()
-        # Read where SGLang's parallel linear layers read it, so the index-head slice follows their KV heads.
-        tp_size, tp_rank = get_parallel().tp_size, get_parallel().tp_rank
+        tp_size = get_parallel().tp_size
         self.head_dim = view.head_dim
         self.num_heads = view.num_heads // tp_size
         self.num_kv_heads = max(1, view.num_kv_heads // tp_size)
-        self.qkv_proj = QKVParallelLinear(view.hidden_size, view.head_dim, view.num_heads, view.num_kv_heads,
-                                          bias=False, quant_config=quant_config, prefix=add_prefix("qkv_proj", prefix))
+        qkv_sizes = [self.num_heads * view.head_dim, self.num_kv_heads * view.head_dim,
+                     self.num_kv_heads * view.head_dim]
+        self.is_sparse = view.is_sparse(layer_id)
+        if self.is_sparse:
+            sparse = view.sparse
+            self.index_dim = sparse.index_dim
+            self.num_index_heads = self.num_kv_heads  # one index head per KV head (config.py requires it)
+            qkv_quant, index_quant = _projection_quant(quant_config, prefix)
+
+            def proj(name, parts, quant):
+                return QKVIndexParallelLinear(view.hidden_size, view.head_dim, view.num_heads, view.num_kv_heads,
+                                              sparse.index_dim, parts=parts, quant_config=quant,
+                                              prefix=add_prefix(name, prefix))
+
+            if qkv_quant is index_quant:
+                self.qkv_proj = proj("qkv_proj", PARTS, qkv_quant)
+                self._projections = (("qkv_proj", self.qkv_proj.part_sizes),)
+            else:
+                self.qkv_proj = proj("qkv_proj", QKV_PARTS, qkv_quant)
+                self.index_proj = proj("index_proj", INDEX_PARTS, index_quant)
+                self._projections = (("qkv_proj", qkv_sizes), ("index_proj", self.index_proj.part_sizes))
+            self.index_q_norm, self.index_k_norm, self.index_rotary_emb = _qk_norm_and_rope(view, sparse.index_dim)
+        else:
+            self.qkv_proj = QKVParallelLinear(view.hidden_size, view.head_dim, view.num_heads, view.num_kv_heads,
+                                              bias=False, quant_config=quant_config,
+                                              prefix=add_prefix("qkv_proj", prefix))
+            self._projections = (("qkv_proj", qkv_sizes),)
         self.o_proj = RowParallelLinear(view.num_heads * view.head_dim, view.hidden_size, bias=False,
                                         quant_config=quant_config, prefix=add_prefix("o_proj", prefix))
         self.q_norm, self.k_norm, self.rotary_emb = _qk_norm_and_rope(view, view.head_dim)
@@ -58,48 +90,50 @@ class M3Attention(nn.Module):
                                    num_kv_heads=self.num_kv_heads, layer_id=layer_id,
                                    prefix=add_prefix("attn", prefix))
 
-        self.is_sparse = view.is_sparse(layer_id)
-        if self.is_sparse:
-            sparse = view.sparse
-            self.index_dim = sparse.index_dim
-            # One index head per KV head: this rank keeps the index heads of its KV heads (replicated like
-            # them when TP exceeds the KV head count). The single index-key head is shared by all.
-            self.index_head_start = tp_rank * view.num_kv_heads // tp_size
-            self.num_index_heads = self.num_kv_heads
-            self.index_q_proj = ReplicatedLinear(view.hidden_size, sparse.num_index_heads * sparse.index_dim,
-                                                 bias=False, quant_config=quant_config,
-                                                 prefix=add_prefix("index_q_proj", prefix))
-            self.index_k_proj = ReplicatedLinear(view.hidden_size, sparse.index_dim, bias=False,
-                                                 quant_config=quant_config, prefix=add_prefix("index_k_proj", prefix))
-            self.index_q_norm, self.index_k_norm, self.index_rotary_emb = _qk_norm_and_rope(view, sparse.index_dim)
-
     def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         tokens = x.shape[0]
-        qkv, _ = self.qkv_proj(x)
-        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                             self.num_kv_heads * self.head_dim], dim=-1)
+        parts = []
+        for name, sizes in self._projections:
+            y, _ = getattr(self, name)(x)
+            parts += y.split(sizes, dim=-1)
+        q, k, v, *index = parts
         q = self.q_norm(q.reshape(tokens, self.num_heads, self.head_dim)).reshape(tokens, -1)
         k = self.k_norm(k.reshape(tokens, self.num_kv_heads, self.head_dim)).reshape(tokens, -1)
         q, k = self.rotary_emb(positions, q, k)  # norm before rope (§2.4)
         if self.is_sparse:
-            index_q, index_k = self.index_qk(positions, x)
+            index_q, index_k = self.index_qk(positions, *index)
             out = self.attn(q, k, v, forward_batch, index_q=index_q, index_k=index_k)
         else:
             out = self.attn(q, k, v, forward_batch)
         out, _ = self.o_proj(out)
         return out
 
-    def index_qk(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """§3.1: index queries `[T, local index heads, Di]` and the shared index key `[T, Di]`."""
-        tokens = x.shape[0]
-        index_q, _ = self.index_q_proj(x)
-        index_q = index_q.reshape(tokens, -1, self.index_dim)
-        index_q = index_q[:, self.index_head_start:self.index_head_start + self.num_index_heads]
-        index_q = self.index_q_norm(index_q).reshape(tokens, -1)
-        index_k, _ = self.index_k_proj(x)
+    def index_qk(self, positions: torch.Tensor, index_q: torch.Tensor,
+                 index_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """§3.1 on the projected index rows (`[T, local index heads·Di]`, `[T, Di]`): per-head Gemma norms, then
+        the partial NeoX RoPE → index queries `[T, local index heads, Di]` and the shared index key `[T, Di]`."""
+        tokens = index_q.shape[0]
+        index_q = self.index_q_norm(index_q.reshape(tokens, self.num_index_heads, self.index_dim)).reshape(tokens, -1)
         index_k = self.index_k_norm(index_k)
         index_q, index_k = self.index_rotary_emb(positions, index_q, index_k)
         return index_q.reshape(tokens, self.num_index_heads, self.index_dim), index_k.reshape(tokens, self.index_dim)
+
+
+def _projection_quant(quant_config, prefix: str):
+    """(quant config for q/k/v, quant config for index_q/index_k) of the sparse layer at `prefix`: `quant_config`,
+    or None for a group whose checkpoint modules are all in its ignored_layers (SGLang's `is_layer_skipped`
+    matching, the same test its layers apply to their own names). Raises ValueError when one group is split."""
+    if quant_config is None:
+        return None, None
+    ignored = getattr(quant_config, "ignored_layers", None) or []
+    result = []
+    for group in (("q_proj", "k_proj", "v_proj"), ("index_q_proj", "index_k_proj")):
+        skipped = {name: is_layer_skipped(add_prefix(name, prefix), ignored) for name in group}
+        if len(set(skipped.values())) > 1:
+            raise ValueError(f"{prefix}: quantization_config.ignored_layers lists only some of {group} "
+                             f"({[n for n, s in skipped.items() if s]}); they share one GEMM and need one precision")
+        result.append(None if any(skipped.values()) else quant_config)
+    return tuple(result)
 
 
 class M3DecoderLayer(nn.Module):

@@ -327,8 +327,8 @@ def test_m3attention_qk_norm_then_rope(sglang_env, layer_id):
         Di, NI = view.sparse.index_dim, view.sparse.num_index_heads
         w |= {"iq": _randn(NI * Di, Hd, seed=56, scale=0.1), "ik": _randn(Di, Hd, seed=57, scale=0.1),
               "iqn": _randn(Di, seed=58, scale=0.5), "ikn": _randn(Di, seed=59, scale=0.5)}
-        _load(attn.index_q_proj.weight, w["iq"])
-        _load(attn.index_k_proj.weight, w["ik"])
+        _load(attn.qkv_proj.weight, w["iq"], "index_q")  # sparse layers: one q/k/v/index projection
+        _load(attn.qkv_proj.weight, w["ik"], "index_k")
         _load(attn.index_q_norm.weight, w["iqn"])
         _load(attn.index_k_norm.weight, w["ikn"])
 
@@ -370,37 +370,38 @@ def test_m3attention_qk_norm_then_rope(sglang_env, layer_id):
 @pytest.mark.parametrize("tp_size,kv_heads", [(2, 2), (4, 2), (8, 4)], ids=["tp2-kv2", "tp4-kv2", "tp8-kv4"])
 def test_tp_rank_keeps_the_index_heads_of_its_kv_heads(sglang_env, tp_size, kv_heads):
     """§3.1 selects per KV group, so each TP rank must compute the index queries of exactly the KV heads that
-    SGLang's QKVParallelLinear loads onto it — also when TP exceeds the KV heads and they are replicated (the
-    release at TP8: 4 KV heads, each on 2 ranks). Each rank is built under SGLang's parallel override; which
-    KV head it holds is read back from the K rows its weight loader kept."""
+    it holds — also when TP exceeds the KV heads and they are replicated (the release at TP8: 4 KV heads, each on
+    2 ranks). Each rank is built under SGLang's parallel override; which KV head it holds is read back from the K
+    rows its weight loader kept; its index queries are compared with the float64 §3.1 formula for those heads."""
     from sglang.srt.runtime_context import get_parallel
     from sglang_m3.model import M3Attention
 
     view = m3_text_view(build_text_config(num_attention_heads=16, num_key_value_heads=kv_heads))
-    Hd, D, HQ, Di = view.hidden_size, view.head_dim, view.num_heads, view.sparse.index_dim
+    Hd, D, Di, r = view.hidden_size, view.head_dim, view.sparse.index_dim, view.rotary_dim
     w_k = _randn(kv_heads * D, Hd, seed=80, scale=0.1)
     w_iq = _randn(kv_heads * Di, Hd, seed=81, scale=0.1)
-    x, pos = _randn(5, Hd, seed=82).float(), torch.tensor([0, 1, 2, 300, 301])
-    full_index_q = None
+    x, pos = _randn(5, Hd, seed=82), torch.tensor([0, 1, 2, 300, 301])
+    # all index heads (norm weights 0: Gemma's 1 + w = 1), float64
+    z = (x @ w_iq.T).reshape(5, kv_heads, Di)
+    z = torch.stack([ref_gemma_rmsnorm(z[:, h], torch.zeros(Di)) for h in range(kv_heads)], dim=1).reshape(5, -1)
+    full_index_q = ref_rope_neox(z, pos, Di, r, view.rope_theta).reshape(5, kv_heads, Di)
     for rank in range(tp_size):
         with get_parallel().override(tp_size=tp_size, tp_rank=rank):
             attn = M3Attention(view, 1, prefix="model.layers.1.self_attn")
             _load(attn.qkv_proj.weight, w_k, "k")
-            _load(attn.index_q_proj.weight, w_iq)
+            _load(attn.qkv_proj.weight, w_iq, "index_q")
+            for norm in (attn.index_q_norm, attn.index_k_norm):
+                norm.weight.data.zero_()
             local_k = attn.qkv_proj.weight.data[attn.num_heads * D:(attn.num_heads + attn.num_kv_heads) * D]
             held = [h for h in range(kv_heads) for j in range(attn.num_kv_heads)
                     if torch.equal(local_k[j * D:(j + 1) * D], w_k[h * D:(h + 1) * D].float())]
             assert len(held) == attn.num_kv_heads == max(1, kv_heads // tp_size), (rank, held)
             attn.attn = _CaptureAttention(torch.zeros(5, attn.num_heads * D))
             with torch.no_grad():
-                attn(pos, x, None)
-                if full_index_q is None:  # all index heads, as computed by the full (unsharded) branch
-                    attn.num_index_heads, attn.index_head_start = kv_heads, 0
-                    full_index_q, _ = attn.index_qk(pos, x)
-                    attn.num_index_heads = attn.num_kv_heads
-            # (different arithmetic: the rank's own projection call vs the full one; a wrong head is off by O(1))
+                attn(pos, x.float(), None)
+            # (fp32 projection + norm + rope vs float64; a wrong head is off by O(1))
             _close(f"TP{tp_size} rank {rank}: index queries of KV heads {held}", attn.attn.seen["index_q"],
-                   full_index_q[:, held].double(), rtol=1e-5, atol=1e-6)
+                   full_index_q[:, held], rtol=1e-5, atol=2e-5)
             others = [h for h in range(kv_heads) if h not in held]
             if others:
                 _far(f"TP{tp_size} rank {rank}: another KV head's index queries", full_index_q[:, others[:1]],

@@ -61,8 +61,9 @@ def test_intact_checkpoints_load_every_parameter(sglang_env, tensors):  # noqa: 
         assert any(k.startswith("vision_tower.") for k in tensors["vl"])  # there was something to skip
     qkv = model.model.layers[1].self_attn.qkv_proj.weight
     ck = tensors["vl"]
-    want = torch.cat([ck[f"language_model.{L1}.self_attn.{s}_proj.weight"] for s in "qkv"])
-    assert torch.equal(qkv.data, want)  # shards in place (q | k | v rows), not merely filled
+    want = torch.cat([ck[f"language_model.{L1}.self_attn.{s}_proj.weight"]
+                      for s in ("q", "k", "v", "index_q", "index_k")])
+    assert torch.equal(qkv.data, want)  # shards in place (sparse layer: q | k | v | index_q | index_k rows)
 
 
 def _drop(*names):
@@ -87,6 +88,10 @@ CASES = {
                         ["model.layers.2.self_attn.qkv_proj.weight"]),
     "missing_v_shard": ("flat", _drop("model.layers.0.self_attn.v_proj.weight"), "were not (fully) loaded",
                         ["model.layers.0.self_attn.qkv_proj.weight"]),
+    "missing_index_q_shard": ("flat", _drop(f"{L1}.self_attn.index_q_proj.weight"), "were not (fully) loaded",
+                              [f"{L1}.self_attn.qkv_proj.weight"]),  # sparse layers fuse q/k/v/index_q/index_k
+    "index_k_on_dense_layer": ("flat", _add("model.layers.0.self_attn.index_k_proj.weight", torch.zeros(128, 128)),
+                               "map to no parameter", ["model.layers.0.self_attn.index_k_proj.weight"]),
     "missing_gate_shard": ("flat", _drop("model.layers.0.mlp.gate_proj.weight"), "were not (fully) loaded",
                            ["model.layers.0.mlp.gate_up_proj.weight"]),
     "missing_up_shard": ("flat", _drop(f"{L1}.block_sparse_moe.shared_experts.up_proj.weight"),

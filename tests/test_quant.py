@@ -340,7 +340,7 @@ def read(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / "model.safetensors"))
 
 
-QUANTIZED_LINEAR = ("self_attn.qkv_proj", "self_attn.o_proj", "self_attn.index_q_proj", "self_attn.index_k_proj",
+QUANTIZED_LINEAR = ("self_attn.qkv_proj", "self_attn.o_proj", "self_attn.index_proj",  # index_proj: split only
                     "mlp.gate_up_proj", "mlp.down_proj", "block_sparse_moe.shared_experts.gate_up_proj",
                     "block_sparse_moe.shared_experts.down_proj")
 
@@ -378,7 +378,8 @@ def test_layers_get_block_fp8_methods(sglang_env, ckpts):
             n, k = module.weight.shape
             assert module.weight.dtype == E4M3 and module.weight_scale_inv.dtype == torch.float32, name
             assert tuple(module.weight_scale_inv.shape) == (-(-n // 128), -(-k // 128)), name
-    assert seen == 2 + 2 + 4 + 2  # qkv/o ×2 layers, dense MLP, index q/k, shared expert
+    assert seen == 2 + 2 + 2 + 2  # qkv/o ×2 layers (sparse: q/k/v/index q/k in one qkv_proj), dense MLP, shared expert
+    assert "model.layers.1.self_attn.index_proj" not in modules
     experts = modules["model.layers.1.block_sparse_moe.experts"]
     assert type(experts.quant_method) is Fp8MoEMethod and experts.quant_method.weight_block_size == [128, 128]
     assert experts.w13_weight.dtype == E4M3 and tuple(experts.w13_weight_scale_inv.shape) == (4, 2, 2)
@@ -393,9 +394,8 @@ def test_layers_get_block_fp8_methods(sglang_env, ckpts):
     cfg.ignored_layers += ["language_model.model.layers.1.self_attn.index_q_proj",
                            "language_model.model.layers.1.self_attn.index_k_proj"]
     ignored = dict(build_model(ckpts["mxfp8"], cfg).named_modules())
-    for proj in ("index_q_proj", "index_k_proj"):
-        module = ignored[f"model.layers.1.self_attn.{proj}"]
-        assert type(module.quant_method) is UnquantizedLinearMethod and module.weight.dtype == torch.bfloat16
+    module = ignored["model.layers.1.self_attn.index_proj"]  # then split off the q/k/v GEMM
+    assert type(module.quant_method) is UnquantizedLinearMethod and module.weight.dtype == torch.bfloat16
     assert type(ignored["model.layers.1.self_attn.qkv_proj"].quant_method) is Fp8LinearMethod
 
 
@@ -457,12 +457,11 @@ def test_mxfp8_checkpoint_loads_converted(sglang_env, ckpts):
 
     for layer in (0, 1):
         a = f"model.layers.{layer}.self_attn"
-        check(f"{a}.qkv_proj", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], "qkv")
+        index = [f"{a}.index_q_proj", f"{a}.index_k_proj"] if layer == 1 else []  # sparse layer: one GEMM
+        check(f"{a}.qkv_proj", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj", *index], "qkv")
         check(f"{a}.o_proj", [f"{a}.o_proj"], "o")
     check("model.layers.0.mlp.gate_up_proj", ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"], "mlp")
     check("model.layers.0.mlp.down_proj", ["model.layers.0.mlp.down_proj"], "mlp down")
-    check("model.layers.1.self_attn.index_q_proj", ["model.layers.1.self_attn.index_q_proj"], "index q")
-    check("model.layers.1.self_attn.index_k_proj", ["model.layers.1.self_attn.index_k_proj"], "index k")
     sh = "model.layers.1.block_sparse_moe.shared_experts"
     check(f"{sh}.gate_up_proj", [f"{sh}.gate_proj", f"{sh}.up_proj"], "shared")
     check(f"{sh}.down_proj", [f"{sh}.down_proj"], "shared down")
@@ -499,7 +498,8 @@ def test_mxfp8_checkpoint_with_unquantized_index_projections(sglang_env, ckpts):
     assert weights[name].dtype == torch.bfloat16 and name + "_scale_inv" not in weights
     model = build_model(ckpt, block_config(ckpt))
     load_m3_weights(model, weights.items(), checkpoint_prefix="language_model.")
-    assert torch.equal(dict(model.named_parameters())["model.layers.1.self_attn.index_q_proj.weight"], weights[name])
+    index = dict(model.named_parameters())["model.layers.1.self_attn.index_proj.weight"]  # q/k/v stay fp8
+    assert torch.equal(index, torch.cat([weights[name], weights[name.replace("index_q", "index_k")]]))
 
 
 def _mutations():
