@@ -262,7 +262,7 @@ def _backend(algorithm, topk, n, r2t):
     cfg = MiniMaxM3Config(**build_text_config(num_attention_heads=HQ, num_key_value_heads=H, head_dim=D,
                                               block_size=BLOCK, topk_blocks=TOPK, num_hidden_layers=3))
     pool = M3KVPool(300, 1, torch.float32, H, D, 3, "cpu", False, start_layer=0, end_layer=3,
-                    enable_alt_stream=False, enable_kv_cache_copy=False, sparse_layer_ids=SPARSE, index_dim=D)
+                    enable_alt_stream=False, enable_kv_cache_copy=True, sparse_layer_ids=SPARSE, index_dim=D)
     runner = types.SimpleNamespace(
         model_config=types.SimpleNamespace(hf_config=cfg), token_to_kv_pool=pool,
         req_to_token_pool=types.SimpleNamespace(req_to_token=r2t), device="cpu",
@@ -613,3 +613,84 @@ print(json.dumps({"lazy": lazy, "ours": sorted(map(list, plugin.DRAFT_GRAPH_PROB
     assert r["lazy"] == r["ours"], "the draft-graph capture's lazy backend imports changed: update DRAFT_GRAPH_PROBES"
     assert r["other"] == "ImportError"  # nothing changed for servers of other models
     assert r["m3"] is False  # the probe ran; the draft backend is none of those types
+
+
+def test_second_verify_after_moving_the_accepted_path_equals_prefill(sglang_env):  # noqa: F811
+    """Two tree-verify steps as SGLang runs them: after step 1 the accepted path's K/V and index keys are moved to
+    the slots right after the prefix (pool.move_kv_cache, 0.5.17 eagle_worker_common.py), the rejected drafts'
+    slots are left stale, and step 2 drafts from the new committed length. Every step-2 node must equal a prefill
+    of prefix + accepted path + its own path: the index lane moved with K/V, stale slots overwritten before read."""
+    import types
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    g = torch.Generator().manual_seed(51)
+    n = 5
+    trees1 = [[-1, 0, 0, 2, 3], [-1, 0, 1, 0, 3]]
+    # accepted paths that skip rejected nodes, so their slots really move: nodes 0,2,3,4 and 0,3,4
+    accepted = [path(trees1[0], 4), path(trees1[1], 4)]
+    assert accepted == [[0, 2, 3, 4], [0, 3, 4]]
+    b1 = make_batch([9, 6], trees1, seed=12, dv=D)
+    r2t = torch.zeros(b1["req_to_token"].shape[0], 40, dtype=torch.int32)
+    r2t[:, : b1["req_to_token"].shape[1]] = b1["req_to_token"]
+    backend = _backend("EAGLE3", 4, n, r2t)
+    pool = backend.token_to_kv_pool
+    rows = b1["req_pool_indices"].tolist()
+    n_slots = b1["ik_cache"].shape[0]
+    pre = [s for i, s0 in enumerate(b1["prefix_lens"]) for s in r2t[rows[i], :s0].tolist()]
+
+    def layer(lid):
+        return types.SimpleNamespace(layer_id=lid, tp_q_head_num=HQ, qk_head_dim=D, v_head_dim=D,
+                                     scaling=SM_SCALE, k_scale=None, v_scale=None)
+
+    def verify(b, parts):
+        fb = types.SimpleNamespace(
+            forward_mode=ForwardMode.TARGET_VERIFY, req_pool_indices=b["req_pool_indices"], seq_lens=b["seq_lens"],
+            out_cache_loc=b["out_cache_loc"], extend_seq_lens=None, extend_start_loc=None,
+            spec_info=types.SimpleNamespace(custom_mask=b["custom_mask"], draft_token_num=n))
+        backend.init_forward_metadata(fb)
+        outs = {}
+        for lid in SPARSE:
+            out = backend.forward(parts["q"].reshape(-1, HQ * D), parts["k"], parts["v"], layer(lid), fb,
+                                  index_q=parts["iq"], index_k=parts["ik"])
+            sel = ref.index_block_topk(parts["iq"], pool.get_index_k_buffer(lid), *_meta(backend),
+                                       block_size=BLOCK, topk_blocks=TOPK)
+            outs[lid] = sel, out.view(-1, HQ, D)
+        return outs
+
+    for lid in SPARSE:
+        pool.k_buffer[lid][:n_slots][pre] = b1["k_cache"][pre]
+        pool.v_buffer[lid][:n_slots][pre] = b1["v_cache"][pre]
+        pool.get_index_k_buffer(lid)[:n_slots][pre] = b1["ik_cache"][pre]
+    cat1 = {k: torch.cat([rq["draft"][k] for rq in b1["reqs"]]) for k in ("q", "k", "v", "iq", "ik")}
+    for sel, out in verify(b1, cat1).values():
+        check_bruteforce(b1, sel, out, BLOCK, TOPK)
+
+    # acceptance: the accepted nodes' slots -> the slots at positions seq_len .. seq_len + accepted - 1
+    src = torch.cat([b1["out_cache_loc"][i * n + torch.tensor(acc)] for i, acc in enumerate(accepted)])
+    tgt = torch.cat([r2t[rows[i], s: s + len(acc)].long() for i, (s, acc) in
+                     enumerate(zip(b1["prefix_lens"], accepted))])
+    pool.move_kv_cache(tgt, src)
+
+    # step 2: committed = prefix + accepted path; new drafts in the slots after it (stale rejected slots reused,
+    # fresh slots past the old drafts' end)
+    prefix2 = [s + len(acc) for s, acc in zip(b1["prefix_lens"], accepted)]
+    trees2 = [random_tree(n, g) for _ in prefix2]
+    fresh = iter(range(200, 260))
+    out_loc = []
+    for i, s in enumerate(prefix2):
+        for p in range(s, s + n):
+            if p >= b1["prefix_lens"][i] + n:
+                r2t[rows[i], p] = next(fresh)
+        out_loc.append(r2t[rows[i], s: s + n].long())
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    drafts2 = [dict(iq=r(n, H, DI), ik=r(n, DI), q=r(n, HQ, D), k=r(n, H, D), v=r(n, H, D)) for _ in prefix2]
+    reqs2 = [dict(pre={k: torch.cat([rq["pre"][k], rq["draft"][k][acc]]) for k in rq["pre"]}, draft=d)
+             for rq, acc, d in zip(b1["reqs"], accepted, drafts2)]
+    b2 = dict(reqs=reqs2, trees=trees2, prefix_lens=prefix2, n=n, req_pool_indices=b1["req_pool_indices"],
+              seq_lens=torch.tensor(prefix2, dtype=torch.int64), out_cache_loc=torch.cat(out_loc),
+              custom_mask=full_mask(prefix2, trees2))
+    cat2 = {k: torch.cat([d[k] for d in drafts2]) for k in ("q", "k", "v", "iq", "ik")}
+    for sel, out in verify(b2, cat2).values():
+        check_bruteforce(b2, sel, out, BLOCK, TOPK)
+        assert (sel >= 0).sum(-1).max() == TOPK  # sparse rows exist
