@@ -16,6 +16,15 @@ time is read from the server log.
                                                                   # full size (issue 12): the whole model, 8 GPUs
     python benchmarks/e2e.py --out $OUT --servers ours --layers 18 --dense-layers 3 --tp 2 --workloads 2k,32k,128k
                                                                   # the most layers 2 x H200 hold (full_size.py)
+    python benchmarks/e2e.py --out $OUT --servers ours,ours_mxfp8 --workloads 2k,32k --waves 2
+                                                                  # bf16 vs MXFP8 (issue 10), side by side
+
+Server labels: `ours` and `intree` serve the bf16 config; `ours_mxfp8` is ours serving the same config with the
+MXFP8 release's quantization_config (`sglang_m3.tiny --config-only --real-dims --quant mxfp8`; dummy fp8 weights
+and scales, served as 128x128 block FP8 on sm90 by the plugin's m3_mxfp8_block, Triton block-FP8 GEMMs). Per server:
+weights per rank (SGLang's "Load weight end" line), the KV pool it could then allocate (max_total_num_tokens, the
+same --mem-fraction-static for all), and nvidia-smi's peak per GPU (which, with the pool sized to the memory
+fraction, is about the same for every server: the weights saved go to the KV pool).
 
 Writes e2e.json and e2e.md under --out (the device host returns at most 8 files); checkpoints, server logs and
 the serving benchmark's own outputs go to --work.
@@ -38,6 +47,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from servers import Server  # noqa: E402
 from gpu_memory import PeakMemory, weight_memory_gb  # noqa: E402
+from gpu_quant import ENV as QUANT_ENV  # noqa: E402  (the Triton block-FP8 GEMM; DeepGEMM's JIT is not installed)
 
 # name: (input tokens, output tokens, concurrency). The concurrency-1 workloads measure small-batch decode (TPOT at
 # batch 1), where sparse attention should pay most and where our decode was behind (issue 9).
@@ -49,7 +59,8 @@ GPU_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--trust-remote-co
              "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "64", "--context-length", "133120",
              "--mem-fraction-static", "0.85"]
 SMOKE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--sleep-on-idle"]
-SERVER_ENV = {"ours": {}, "intree": {"SGLANG_PLUGINS": "none"}}
+SERVER_ENV = {"ours": {}, "intree": {"SGLANG_PLUGINS": "none"}, "ours_mxfp8": QUANT_ENV}
+SERVER_QUANT = {"ours_mxfp8": "mxfp8"}  # label -> the checkpoint's quantization (the others: bf16)
 # Targets of issue 9 (H200, same run): ours / in-tree output throughput, ours / in-tree median TPOT at
 # concurrency 1, and the cold decode-graph capture time.
 THROUGHPUT_TARGET = {"2k": 1.05, "32k": 1.2, "128k": 1.2}
@@ -57,13 +68,24 @@ TPOT_TARGET = {"32k-c1": 0.85, "128k-c1": 0.85}
 CAPTURE_TARGET_S = 30
 
 
-def checkpoint(out: Path, smoke: bool, layers: int = 4, dense_layers: int = 1) -> Path:
+def checkpoint(out: Path, smoke: bool, layers: int = 4, dense_layers: int = 1, quant: str | None = None) -> Path:
+    """The directory a server is launched on: the tiny fp32 checkpoint (smoke) or a config-only real-dimension one
+    (`quant` "mxfp8": with the MXFP8 release's quantization_config)."""
     from sglang_m3.tiny import write_tiny_checkpoint
 
     if smoke:  # real (random) weights: the CPU server loads them
+        if quant:
+            raise ValueError(f"--smoke serves the tiny fp32 model on CPU: no {quant} there")
         return write_tiny_checkpoint(out / "ckpt_tiny", flat=True, dtype="float32")
-    return write_tiny_checkpoint(out / f"ckpt_real_dims_{layers}l_{dense_layers}d", flat=True, config_only=True,
-                                 real_dims=True, num_hidden_layers=layers, dense_layers=dense_layers)
+    return write_tiny_checkpoint(out / f"ckpt_real_dims_{layers}l_{dense_layers}d{'_' + quant if quant else ''}",
+                                 flat=True, config_only=True, real_dims=True, num_hidden_layers=layers,
+                                 dense_layers=dense_layers, quant=quant)
+
+
+def kv_pool_tokens(log: str) -> int | None:
+    """KV-pool size in tokens as the scheduler logs it ("max_total_num_tokens=123456, ...")."""
+    found = re.findall(r"max_total_num_tokens=(\d+)", log)
+    return int(found[-1]) if found else None
 
 
 def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, waves: int = WAVES) -> dict:
@@ -97,7 +119,8 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
         try:
             server.wait(timeout=1200)
             info = {"startup_s": round(server.startup_s, 1), "capture_s": capture_seconds(server.log()),
-                    "weights_gb_per_rank": weight_memory_gb(server.log()), "workloads": {}}
+                    "weights_gb_per_rank": weight_memory_gb(server.log()),
+                    "kv_pool_tokens": kv_pool_tokens(server.log()), "checkpoint": ckpt.name, "workloads": {}}
             for wname, workload in workloads.items():
                 try:
                     m = bench(server, ckpt, wname, workload, work, waves)
@@ -114,11 +137,17 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
 
 
 def compare(servers: dict, workloads: dict) -> list[dict]:
+    """Per workload: each server's numbers, ours ÷ in-tree ratios (issue 9 targets) and ours_mxfp8 ÷ ours
+    (`mxfp8_*_ratio`, issue 10) where both ran."""
     rows = []
     for wname, (inp, outp, conc) in workloads.items():
         row = {"workload": wname, "input": inp, "output": outp, "concurrency": conc}
-        for name in ("ours", "intree"):
+        for name in SERVER_ENV:
             row[name] = servers.get(name, {}).get("workloads", {}).get(wname)
+        mx, bf = row["ours_mxfp8"], row["ours"]
+        if mx and bf and "error" not in mx and "error" not in bf:
+            row["mxfp8_throughput_ratio"] = mx["output_throughput"] / bf["output_throughput"]
+            row["mxfp8_tpot_ratio"] = mx["median_tpot_ms"] / bf["median_tpot_ms"]
         ours, intree = row["ours"], row["intree"]
         if ours and intree and "error" not in ours and "error" not in intree:
             row["throughput_ratio"] = ours["output_throughput"] / intree["output_throughput"]
@@ -144,6 +173,13 @@ def markdown(results: dict) -> str:
         tpot = f"{r['tpot_ratio']:.2f}{target(r, 'tpot_target', '≤')}" if "tpot_ratio" in r else "—"
         lines.append(f"| {r['workload']} ({r['input']}/{r['output']}, {r['concurrency']}) | {fmt(r['ours'])} | "
                      f"{fmt(r['intree'])} | {ratio} | {ttft} | {tpot} |")
+    if any(r.get("ours_mxfp8") for r in results["compare"]):
+        lines += ["", "| workload | ours_mxfp8 tok/s / TTFT ms / TPOT ms | ours_mxfp8 ÷ ours throughput | "
+                  "ours_mxfp8 ÷ ours TPOT |", "|---|---|---|---|"]
+        for r in results["compare"]:
+            ratio = lambda k: f"{r[k]:.2f}" if k in r else "—"  # noqa: E731
+            lines.append(f"| {r['workload']} | {fmt(r['ours_mxfp8'])} | {ratio('mxfp8_throughput_ratio')} | "
+                         f"{ratio('mxfp8_tpot_ratio')} |")
     lines += ["", f"| server | start-up s (cold Triton cache) | decode-graph capture s (target ≤ {CAPTURE_TARGET_S}) |",
               "|---|---|---|"]
     for name, info in results["servers"].items():
@@ -152,12 +188,13 @@ def markdown(results: dict) -> str:
     lines += ["", f"Per GPU ({gpus} GPU{'s' if gpus > 1 else ''}): output tok/s per GPU by workload; weights per rank "
               "(SGLang's log); peak memory.used per GPU (nvidia-smi, launch to stop)", "",
               "| server | " + " | ".join(f"{w} tok/s/GPU" for w in (r["workload"] for r in results["compare"]))
-              + " | weights GB per rank | peak MiB per GPU |", "|---|" + "---|" * (len(results["compare"]) + 2)]
+              + " | weights GB per rank | KV pool tokens | peak MiB per GPU |",
+              "|---|" + "---|" * (len(results["compare"]) + 3)]
     for name, info in results["servers"].items():
         per_gpu = [info.get("workloads", {}).get(r["workload"]) or {} for r in results["compare"]]
         cells = [f"{m['output_throughput_per_gpu']:.0f}" if "output_throughput_per_gpu" in m else "—" for m in per_gpu]
         lines.append(f"| {name} | {' | '.join(cells)} | {info.get('weights_gb_per_rank')} | "
-                     f"{info.get('peak_mem_mib_per_gpu')} |")
+                     f"{info.get('kv_pool_tokens')} | {info.get('peak_mem_mib_per_gpu')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,8 +225,14 @@ def main():
     state_path = Path(args.state) if args.state else work / f"e2e_state_{args.layers}l_tp{args.tp}.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}}
 
-    ckpt = checkpoint(work, args.smoke, args.layers, args.dense_layers)
-    for i, name in enumerate(args.servers.split(",")):
+    names = args.servers.split(",")
+    unknown = [n for n in names if n not in SERVER_ENV]
+    if unknown:
+        ap.error(f"unknown server label(s) {unknown}; known: {', '.join(SERVER_ENV)}")
+    if args.smoke and any(n in SERVER_QUANT for n in names):
+        ap.error("--smoke serves the tiny fp32 model on CPU: quantized labels need a GPU")
+    for i, name in enumerate(names):
+        ckpt = checkpoint(work, args.smoke, args.layers, args.dense_layers, SERVER_QUANT.get(name))
         earlier = state["servers"].get(name, {}).get("workloads", {})  # a previous call's workloads stay
         state["servers"][name] = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp,
                                             waves=args.waves)

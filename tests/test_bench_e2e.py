@@ -1,6 +1,8 @@
 """The end-to-end benchmark harness (benchmarks/e2e.py) runs: its CPU smoke mode serves the tiny model and
 drives SGLang's serving benchmark through it. Numbers are not judged here (speed is recorded in BENCHMARKS.md,
-not tested); what is checked is that every request ran with exactly the lengths the workload asks for."""
+not tested); what is checked is that every request ran with exactly the lengths the workload asks for, and that
+the bf16 and MXFP8 servers of one run (labels ours / ours_mxfp8, issue 10) are launched on the right
+checkpoints and compared side by side."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import pytest
 
 from tests.conftest import REPO, cpu_env
 
-pytestmark = pytest.mark.server
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+@pytest.mark.server
 def test_e2e_benchmark_smoke(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "e2e.py"), "--smoke", "--servers", "ours",
            "--out", str(tmp_path), "--work", str(tmp_path / "work")]
@@ -33,3 +36,41 @@ def test_e2e_benchmark_smoke(tmp_path):
         assert (m["completed"], m["total_input_tokens"], m["total_output_tokens"]) == (n, n * inp, n * outp), m
         assert m["output_throughput"] > 0 and m["median_ttft_ms"] > 0
     assert "| smoke (300/8, 2) |" in (tmp_path / "e2e.md").read_text()
+
+
+def test_mxfp8_label_gets_the_mxfp8_real_dims_config_and_a_side_by_side_row(tmp_path):
+    import e2e
+
+    bf16 = e2e.checkpoint(tmp_path, smoke=False, layers=4, dense_layers=1)
+    mx = e2e.checkpoint(tmp_path, smoke=False, layers=4, dense_layers=1, quant=e2e.SERVER_QUANT["ours_mxfp8"])
+    cfg_bf16, cfg_mx = (json.loads((d / "config.json").read_text()) for d in (bf16, mx))
+    assert bf16 != mx and "quantization_config" not in cfg_bf16
+    q = cfg_mx["quantization_config"]
+    assert (q["quant_method"], q["weight_block_size"]) == ("mxfp8", [1, 32])
+    assert {k: v for k, v in cfg_mx.items() if k != "quantization_config"} == cfg_bf16  # same model otherwise
+    assert not (mx / "model.safetensors").exists()  # config only: --load-format dummy
+    with pytest.raises(ValueError, match="no mxfp8"):
+        e2e.checkpoint(tmp_path, smoke=True, quant="mxfp8")
+
+    # Side by side: ratios are mxfp8 / bf16 of the same workload; a failed workload gives no ratio.
+    m = lambda tput, tpot: {"output_throughput": tput, "median_ttft_ms": 10.0, "median_tpot_ms": tpot}  # noqa: E731
+    servers = {"ours": {"workloads": {"2k": m(1000.0, 8.0), "32k": m(400.0, 20.0)}},
+               "ours_mxfp8": {"workloads": {"2k": m(1250.0, 6.0), "32k": {"error": "boom"}}}}
+    rows = {r["workload"]: r for r in e2e.compare(servers, {k: e2e.WORKLOADS[k] for k in ("2k", "32k")})}
+    assert rows["2k"]["mxfp8_throughput_ratio"] == pytest.approx(1.25)
+    assert rows["2k"]["mxfp8_tpot_ratio"] == pytest.approx(0.75)
+    assert "mxfp8_throughput_ratio" not in rows["32k"] and "throughput_ratio" not in rows["2k"]  # no in-tree
+    md = e2e.markdown({"servers": {k: {**v, "kv_pool_tokens": 7} for k, v in servers.items()},
+                       "compare": list(rows.values()), "tp": 1})
+    assert "| 2k | 1250 / 10 / 6.00 | 1.25 | 0.75 |" in md
+
+    assert e2e.kv_pool_tokens("x\n[sched] max_total_num_tokens=123, chunked_prefill_size=8192\n") == 123
+    assert e2e.kv_pool_tokens("no pool line") is None
+
+
+def test_unknown_or_cpu_quantized_labels_are_refused(tmp_path):
+    for servers, msg in (("ours,ours_fp4", "unknown server label"), ("ours_mxfp8", "quantized labels need a GPU")):
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "e2e.py"), "--smoke", "--servers", servers,
+                               "--out", str(tmp_path), "--work", str(tmp_path / "work")],
+                              env=cpu_env(), cwd=REPO, text=True, timeout=300, capture_output=True)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
