@@ -81,7 +81,8 @@ def write_tiny_checkpoint(out_dir, *, flat: bool = False, config_only: bool = Fa
         config = build_vl_config(text_cfg, image_token_id=ids[IMAGE], video_token_id=ids[VIDEO], dtype=dtype,
                                  real_dims=real_dims)
         vl = config
-    quant_cfg = mxfp8_quantization_config(text_cfg, tuple(quant_ignored)) if quant else None
+    quant_cfg = mxfp8_quantization_config(text_cfg, tuple(quant_ignored), prefix="" if flat else "language_model.") \
+        if quant else None
     if quant_cfg:
         config["quantization_config"] = quant_cfg  # top level, where HF configs (and SGLang) keep it
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

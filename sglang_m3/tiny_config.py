@@ -261,20 +261,25 @@ def build_flat_config(text_config: dict, *, dtype: str) -> dict:
     return cfg
 
 
-def mxfp8_quantization_config(text_config: dict, extra_ignored: tuple[str, ...] = ()) -> dict:
+def mxfp8_quantization_config(text_config: dict, extra_ignored: tuple[str, ...] = (), prefix: str = "") -> dict:
     """The MXFP8 release's `quantization_config` for this text config (M3_SPEC §4.3).
 
-    The release's ignore list is known only second-hand (ROCm ATOM tests quote
-    ["lm_head", "model.embed_tokens", "vision_tower"]; TRT-LLM/SGLang-style tests list each MoE layer's
-    `model.layers.N.block_sparse_moe.gate`): both are written here. `extra_ignored` adds module names (e.g.
-    "self_attn.index_q_proj") whose weights then stay unquantized, as a checkpoint would declare them.
+    As in MiniMaxAI/MiniMax-M3-MXFP8's config.json (read from a public model-inspection report that reproduces the
+    release's config.json and tensor list, 31 shards, 413.27 GB, found through a GitHub code index whose entry did
+    not name its repository; the scale format "U8 E8M0 per [1, 32], `weight_scale_inv`" is confirmed by
+    github.com/ml-explore/mlx-lm/pull/1398): quant_method mxfp8, activation_scheme dynamic, weight_block_size
+    [1, 32], ignored_layers = lm_head, model.embed_tokens, vision_tower, multi_modal_projector, patch_merge_mlp and
+    each MoE layer's router, named with the packaging's prefix (`prefix`: "language_model." for the VL packaging,
+    "" for the flat one): `language_model.model.layers.N.block_sparse_moe.gate` in the release. `extra_ignored`
+    adds module names (e.g. "self_attn.index_q_proj") whose weights then stay unquantized, as a checkpoint would
+    declare them.
     """
     moe_layers = [layer for layer, moe in enumerate(text_config["moe_layer_freq"]) if moe]
     return {
         "quant_method": "mxfp8",
         "activation_scheme": "dynamic",
         "weight_block_size": [1, 32],
-        "ignored_layers": ["lm_head", "model.embed_tokens", "vision_tower",
-                           *[f"model.layers.{layer}.block_sparse_moe.gate" for layer in moe_layers],
+        "ignored_layers": ["lm_head", "model.embed_tokens", "vision_tower", "multi_modal_projector", "patch_merge_mlp",
+                           *[f"{prefix}model.layers.{layer}.block_sparse_moe.gate" for layer in moe_layers],
                            *extra_ignored],
     }

@@ -199,9 +199,57 @@ def test_config_accepts_mxfp8_only(tmp_path):
     out = tiny.main([str(tmp_path / "real"), "--config-only", "--real-dims", "--layers", "4", "--quant", "mxfp8"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "mxfp8" and not (out / "model.safetensors").exists()
-    assert "model.layers.3.block_sparse_moe.gate" in cfg["quantization_config"]["ignored_layers"]
+    # the release's ignore list (VL packaging: routers named with the language_model. prefix, vision side listed)
+    ignored = cfg["quantization_config"]["ignored_layers"]
+    assert {"language_model.model.layers.3.block_sparse_moe.gate", "lm_head", "model.embed_tokens", "vision_tower",
+            "multi_modal_projector", "patch_merge_mlp"} == set(ignored)
     view = m3_text_view(_obj(cfg))
     assert (view.hidden_size, view.num_layers, view.moe_layers) == (6144, 4, (3,))
+
+
+# MiniMaxAI/MiniMax-M3-MXFP8 as published (a public model-inspection report reproducing the release's config.json
+# and its 45,838-tensor list, 31 shards, 413.27 GB; layer and expert indices folded to N): tensor name -> dtype. Every
+# quantized weight comes with `weight_scale_inv` uint8 [out, in/32] (e.g. q_proj [8192, 6144] + [8192, 192]).
+_RELEASE_TEXT = {"lm_head.weight": "BF16", "model.embed_tokens.weight": "BF16", "model.norm.weight": "BF16",
+                 **{f"model.layers.N.{n}.weight": "BF16" for n in (
+                     "input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm",
+                     "self_attn.index_q_norm", "self_attn.index_k_norm")},
+                 "model.layers.N.block_sparse_moe.gate.weight": "F32",
+                 "model.layers.N.block_sparse_moe.e_score_correction_bias": "F32"}
+_RELEASE_MXFP8 = [f"model.layers.N.{m}" for m in (
+    *(f"self_attn.{p}_proj" for p in ("q", "k", "v", "o", "index_q", "index_k")),
+    *(f"mlp.{p}_proj" for p in ("gate", "up", "down")),
+    *(f"block_sparse_moe.shared_experts.{p}_proj" for p in ("gate", "up", "down")),
+    *(f"block_sparse_moe.experts.N.{w}" for w in ("w1", "w2", "w3")))]
+_RELEASE_IGNORED = {"lm_head", "model.embed_tokens", "vision_tower", "multi_modal_projector", "patch_merge_mlp"}
+
+
+def test_writer_mxfp8_layout_is_the_release_layout(tmp_path):
+    """The tiny writer's VL MXFP8 checkpoint has exactly the release's text tensor names and dtypes (the loader's
+    tests run on it), scale shapes [N, K/32], and the release's quantization_config (routers ignored under the
+    VL prefix)."""
+    from safetensors import safe_open
+
+    out = tiny.write_tiny_checkpoint(tmp_path / "vl", quant="mxfp8", dtype="bfloat16", **SHAPE)
+    want = {**_RELEASE_TEXT, **{f"{m}.weight": "F8_E4M3" for m in _RELEASE_MXFP8},
+            **{f"{m}.weight_scale_inv": "U8" for m in _RELEASE_MXFP8}}
+    got, shapes = {}, {}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            if name.startswith("language_model."):
+                folded = re.sub(r"\.\d+\.", ".N.", name[len("language_model."):])
+                got[folded] = f.get_slice(name).get_dtype()
+                shapes[name] = f.get_slice(name).get_shape()
+    assert got == want
+    for name, shape in shapes.items():
+        if name.endswith("weight_scale_inv"):
+            n, k = shapes[name[: -len("_scale_inv")]]
+            assert shape == [n, k // 32], name
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (q["quant_method"], q["activation_scheme"], q["weight_block_size"]) == ("mxfp8", "dynamic", [1, 32])
+    moe = [i for i, m in enumerate(tiny.build_text_config(**SHAPE)["moe_layer_freq"]) if m]
+    assert set(q["ignored_layers"]) == _RELEASE_IGNORED | {
+        f"language_model.model.layers.{i}.block_sparse_moe.gate" for i in moe}
 
 
 def test_method_choice_per_device():
