@@ -107,35 +107,48 @@ def record_report() -> dict:
     return out
 
 
+def our_kernels() -> list:
+    """Every Triton kernel (JITFunction) of sglang_m3.attention.kernels."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    # (by module path: the package binds the names indexer/sparse_attention/... to functions too)
+    mods = [importlib.import_module(f"sglang_m3.attention.kernels.{m}")
+            for m in ("common", "indexer", "sparse_attention", "store")]
+    return [v for m in mods for v in vars(m).values() if isinstance(v, JITFunction)]
+
+
 def gpu_report(batch_sizes) -> dict:
-    """Cold warm-up on the GPU (fresh Triton cache dir): seconds per batch size, and compiled kernels."""
+    """Cold warm-up on the GPU (fresh Triton cache dir): seconds per batch size, the kernels compiled (from each
+    kernel's in-memory cache), and whether they are the ones the CPU recorder predicts."""
     import torch
-    import triton  # noqa: F401
 
-    from sglang_m3.attention.kernels import common, indexer, sparse_attention, store
-
-    kernels = [common._meta_kernel, indexer._indexer_kernel, indexer._indexer_merge_kernel,
-               indexer._indexer_select_kernel, sparse_attention._sparse_attn_kernel,
-               sparse_attention._sparse_attn_merge_kernel, store._store_index_k_kernel]
-    out = {"device": torch.cuda.get_device_name(), "triton_cache_dir": os.environ["TRITON_CACHE_DIR"]}
+    out = {"device": torch.cuda.get_device_name(), "batch_sizes": list(batch_sizes)}
     for heads in HEADS:
+        predicted = {k: len(v) for k, v in recorded_variants(batch_sizes, heads).items()}
+        kernels = our_kernels()
         for k in kernels:
             k.device_caches.clear()
         times = {}
         for bs in batch_sizes:
             t0 = time.perf_counter()
             warmup([bs], heads, device="cuda")
+            torch.cuda.synchronize()
             times[bs] = round(time.perf_counter() - t0, 3)
         compiled = {k.fn.__name__: sum(len(c[0]) for c in k.device_caches.values()) for k in kernels}
+        compiled = {k: n for k, n in compiled.items() if n}
         out[heads] = {"warmup_s_per_bs": times, "warmup_s_total": round(sum(times.values()), 2),
-                      "compiled": compiled, "compiled_total": sum(compiled.values())}
+                      "compiled": compiled, "compiled_total": sum(compiled.values()),
+                      "cpu_recorder_predicted": predicted, "prediction_matches": predicted == compiled}
     return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--record", action="store_true", help="count cache keys without a GPU (nothing compiles)")
-    ap.add_argument("--bs", default="1-64", help="GPU mode: batch sizes, '1-64' or a comma list")
+    ap.add_argument("--bs", default=",".join(map(str, SGLANG_CAPTURED_64)),
+                    help="GPU mode: batch sizes, '1-64' or a comma list (default: SGLang's capture list for 64)")
     ap.add_argument("--out", type=Path, default=None, help="write capture_variants.json here")
     args = ap.parse_args(argv)
     if args.record:

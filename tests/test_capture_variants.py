@@ -56,3 +56,62 @@ def test_recorder_sees_integer_specialisation():
         unspecialised[(1,)](x, 5, C=2)
     assert len(seen["plain"]) == 3
     assert len(seen["unspecialised"]) == 2
+
+
+# ---- benchmarks/capture_time.py: compiles inside the capture window, from Triton's compilation listener ----------
+
+LISTENER_PROBE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+@triton.jit
+def probe_kernel(x_ptr, C: tl.constexpr):
+    tl.store(x_ptr, C)
+
+for c in (3, 3, 4):  # the second is a cache hit
+    triton.compile(ASTSource(probe_kernel, {"x_ptr": "*fp32", "C": "constexpr"}, {(1,): c}),
+                   target=GPUTarget("cuda", 90, 32))
+"""
+
+
+def test_compile_listener_logs_each_compile(tmp_path):
+    """The sitecustomize the capture-time server starts with logs every Triton compile of the process (here: two
+    sm_90 compiles and one cache hit, compiled on CPU -- no GPU needed to compile)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks import capture_time
+
+    log = tmp_path / "compiles.jsonl"
+    env = {**os.environ, "M3_COMPILE_LOG": str(log), "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(capture_time.LISTENER), os.environ.get("PYTHONPATH", "")])}
+    probe = tmp_path / "probe.py"  # (a file: triton.jit reads the kernel's source)
+    probe.write_text(LISTENER_PROBE)
+    out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(c["name"], c["cache_hit"]) for c in lines] == [("probe_kernel", False), ("probe_kernel", True),
+                                                             ("probe_kernel", False)]
+    assert all(c["s"] > 0 for c in lines if not c["cache_hit"])
+
+
+def test_capture_window_and_compile_summary():
+    from benchmarks import capture_time
+
+    log = ("[2026-11-30 10:05:01] Load weight end.\n"
+           "[2026-11-30 10:05:10 TP0] Capture target decode CUDA graph begin. backend=full, bs=[1, 2]\n"
+           "[2026-11-30 10:05:40 TP0] Capture target decode CUDA graph end. elapsed=30.00 s, mem usage=1 GB\n")
+    begin, end = capture_time.capture_window(log)
+    assert end - begin == 31.0
+    lines = [{"t": begin - 5, "name": "_indexer_kernel", "s": 2.0, "cache_hit": False},   # before: not counted
+             {"t": begin + 1, "name": "_indexer_kernel", "s": 3.0, "cache_hit": False},
+             {"t": begin + 2, "name": "fused_moe_kernel", "s": 4.0, "cache_hit": False},
+             {"t": begin + 3, "name": "fused_moe_kernel", "s": 0.1, "cache_hit": True}]   # a hit: no compile
+    s = capture_time.compile_summary(lines, (begin, end))
+    assert (s["in_capture"]["compiles"], s["in_capture"]["compile_s"]) == (2, 7.0)
+    assert (s["in_capture"]["ours_compiles"], s["in_capture"]["ours_compile_s"]) == (1, 3.0)
+    assert (s["all"]["compiles"], s["all"]["ours_compile_s"]) == (3, 5.0)
+    assert capture_time.capture_window("no capture here") is None

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Where a cold decode-graph capture's time goes (issue 9 §4: ≤ 30 s cold for bs ≤ 64), for our server on the
+e2e model (benchmarks/e2e.py: 4-layer real-dimension M3, dummy weights, the e2e flags, --cuda-graph-max-bs 64).
+
+The server starts with a fresh Triton cache and benchmarks/compile_listener first on PYTHONPATH, so every Triton
+compile in its processes is logged (kernel, seconds; Triton's compilation listener). Reported: start-up and SGLang's
+"Capture ... decode ... end. elapsed=" seconds, and the compiles inside the capture window (between its begin and
+end log lines) by kernel -- ours (the MSA kernels) and SGLang's (fused MoE, dense attention, ...) -- with their
+summed compile seconds, so the capture time splits into compiling and the rest. With --warm the server is started
+again on the same Triton cache: the warm capture time is the capture without compiles.
+
+    python benchmarks/capture_time.py --out $OUT [--warm]      # GPU; writes capture_time.json / .md under --out
+    python benchmarks/capture_time.py --smoke --out /tmp/ct    # CPU harness check (no capture, no Triton there)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from servers import Server  # noqa: E402
+
+import e2e  # noqa: E402
+
+LISTENER = REPO / "benchmarks" / "compile_listener"
+OURS = {"_meta_kernel", "_store_index_k_kernel", "_store_kv_index_kernel", "_indexer_kernel", "_indexer_merge_kernel",
+        "_indexer_select_kernel", "_sparse_attn_kernel", "_sparse_attn_merge_kernel"}
+
+
+def capture_window(log: str) -> tuple[float, float] | None:
+    """Epoch seconds of the target decode capture's begin and end log lines ("[YYYY-mm-dd HH:MM:SS ...] Capture
+    target decode ... begin/end"; one-second resolution)."""
+    stamps = {}
+    for when in ("begin", "end"):
+        found = re.findall(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[^\]]*\] Capture [^\n]*?decode[^\n]*? " + when, log)
+        if not found:
+            return None
+        stamps[when] = dt.datetime.strptime(found[-1], "%Y-%m-%d %H:%M:%S").timestamp()
+    return stamps["begin"], stamps["end"] + 1.0
+
+
+def compile_summary(lines: list[dict], window: tuple[float, float] | None) -> dict:
+    """Compiles (cache misses) by kernel: all, and those inside the capture window."""
+    out = {"all": defaultdict(lambda: [0, 0.0]), "in_capture": defaultdict(lambda: [0, 0.0])}
+    for c in lines:
+        if c["cache_hit"]:
+            continue
+        for part in ("all", "in_capture") if window and window[0] <= c["t"] <= window[1] else ("all",):
+            out[part][c["name"]][0] += 1
+            out[part][c["name"]][1] += c["s"]
+    res = {}
+    for part, by_name in out.items():
+        ours = {k: v for k, v in by_name.items() if k in OURS}
+        res[part] = {"by_kernel": {k: {"compiles": n, "s": round(s, 2)} for k, (n, s) in
+                                   sorted(by_name.items(), key=lambda kv: -kv[1][1])},
+                     "compiles": sum(n for n, _ in by_name.values()),
+                     "compile_s": round(sum(s for _, s in by_name.values()), 2),
+                     "ours_compiles": sum(n for n, _ in ours.values()),
+                     "ours_compile_s": round(sum(s for _, s in ours.values()), 2)}
+    return res
+
+
+def start(name: str, ckpt: Path, work: Path, cache: str, port: int, flags: list[str]) -> dict:
+    compile_log = work / f"compiles_{name}.jsonl"
+    compile_log.unlink(missing_ok=True)
+    env = {"TRITON_CACHE_DIR": cache, "M3_COMPILE_LOG": str(compile_log),
+           "PYTHONPATH": os.pathsep.join([str(LISTENER), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    server = Server(name, ckpt, flags, log_dir=work, port=port, env=env)
+    try:
+        server.wait(timeout=900)
+        log = server.log()
+    finally:
+        server.stop()
+    lines = [json.loads(x) for x in compile_log.read_text().splitlines()] if compile_log.exists() else []
+    window = capture_window(log)
+    return {"startup_s": round(server.startup_s, 1), "capture_s": e2e.capture_seconds(log),
+            "capture_window_found": window is not None, "compile_log_lines": len(lines),
+            "compiles": compile_summary(lines, window)}
+
+
+def markdown(res: dict) -> str:
+    out = ["| start | start-up s | capture s | compiles in capture (ours) | their compile s (ours) |", "|---|---|---|---|---|"]
+    for name, r in res["runs"].items():
+        c = r["compiles"]["in_capture"]
+        out.append(f"| {name} | {r['startup_s']} | {r['capture_s']} | {c['compiles']} ({c['ours_compiles']}) | "
+                   f"{c['compile_s']} ({c['ours_compile_s']}) |")
+    cold = res["runs"]["cold"]["compiles"]["in_capture"]["by_kernel"]
+    out += ["", "Cold capture, compiles by kernel:", "", "| kernel | compiles | s |", "|---|---|---|"]
+    out += [f"| {k} | {v['compiles']} | {v['s']} |" for k, v in cold.items()]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "./capture_out")))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "m3_capture_time")
+    ap.add_argument("--warm", action="store_true", help="start a second time on the same Triton cache")
+    ap.add_argument("--smoke", action="store_true", help="CPU harness check: the tiny model, e2e's CPU flags")
+    ap.add_argument("--budget-s", type=float, default=240,
+                    help="skip the warm start when the cold one's start-up would not fit in what is left")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    ckpt = e2e.checkpoint(args.work, smoke=args.smoke)
+    flags = e2e.SMOKE_FLAGS if args.smoke else e2e.GPU_FLAGS
+    cache = tempfile.mkdtemp(prefix="triton_capture_")
+    res = {"flags": flags, "checkpoint": ckpt.name, "runs": {}}
+    t0 = time.time()
+    for name in ("cold", "warm") if args.warm else ("cold",):
+        if name == "warm" and time.time() - t0 + res["runs"]["cold"]["startup_s"] > args.budget_s:
+            res["runs"]["warm"] = {"error": f"skipped: would not fit in --budget-s {args.budget_s}"}
+            break
+        try:
+            res["runs"][name] = start(name, ckpt, args.work, cache, port=30400, flags=flags)
+        except Exception as e:  # noqa: BLE001 -- keep what the cold start measured
+            res["runs"][name] = {"error": repr(e)[-2000:]}
+            break
+        (args.out / "capture_time.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out / "capture_time.json").write_text(json.dumps(res, indent=1) + "\n")
+    ok = {k: v for k, v in res["runs"].items() if "error" not in v}
+    if "cold" in ok:
+        (args.out / "capture_time.md").write_text(markdown({"runs": ok}))
+        print(markdown({"runs": ok}))
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "compiles"} for k, v in res["runs"].items()}))
+
+
+if __name__ == "__main__":
+    main()
