@@ -230,12 +230,31 @@ class _Loader:
         unpaired = [f"{ckpt_name} (no {ckpt_name.rpartition('.')[0]}.{LEAVES[1] if leaf == 'weight' else 'weight'})"
                     for entry in self.pending.values() for leaf, (ckpt_name, _, _) in entry.items()]
         required = _required_shards(self.model, self.params)
-        missing = sorted(name for name in self.expected
+        missing = sorted(name + self._no_tensors(name, required.get(name, set()) - self.loaded.get(name, set()))
+                         for name in self.expected
                          if not self.loaded.get(name) or not required.get(name, set()) <= self.loaded[name])
         if self.unexpected or missing or unpaired:
             raise CheckpointMismatchError(_mismatch_message(self.unexpected, missing, unpaired))
         if self.skipped:
             logger.info("MiniMax-M3: skipped %d vision-tower/projector/MTP tensors (text model only).", self.skipped)
+
+
+    def _no_tensors(self, param_name: str, shards: set, show: int = 4) -> str:
+        """' (no <checkpoint tensors>)': the tensors that would have filled the missing `shards` of a fused
+        parameter (q/k/v/index, gate/up, experts), so the error names what the checkpoint lacks; '' for none."""
+        module, _, leaf = param_name.rpartition(".")
+        names = []
+        for shard in shards:
+            if isinstance(shard, tuple):  # FusedMoE: (expert id, w1/w2/w3) of `w13_<leaf>` / `w2_<leaf>`
+                names.append(f"{module}.{shard[0]}.{shard[1]}.{leaf.partition('_')[2]}")
+            else:
+                names += [module[: -len(fused)] + suffix + "." + leaf
+                          for suffix, fused, s in _STACKED if s == shard and module.endswith(fused)]
+        if not names:
+            return ""
+        names = sorted(self.prefix + n for n in names)
+        more = f" and {len(names) - show} more" if len(names) > show else ""
+        return f" (no {', '.join(names[:show])}{more})"
 
 
 def load_m3_weights(model, weights: Iterable[tuple[str, torch.Tensor]], checkpoint_prefix: str = "") -> _Loader:

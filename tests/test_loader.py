@@ -89,7 +89,7 @@ CASES = {
     "missing_v_shard": ("flat", _drop("model.layers.0.self_attn.v_proj.weight"), "were not (fully) loaded",
                         ["model.layers.0.self_attn.qkv_proj.weight"]),
     "missing_index_q_shard": ("flat", _drop(f"{L1}.self_attn.index_q_proj.weight"), "were not (fully) loaded",
-                              [f"{L1}.self_attn.qkv_proj.weight"]),  # sparse layers fuse q/k/v/index_q/index_k
+                              [f"{L1}.self_attn.qkv_proj.weight (no {L1}.self_attn.index_q_proj.weight)"]),
     "index_k_on_dense_layer": ("flat", _add("model.layers.0.self_attn.index_k_proj.weight", torch.zeros(128, 128)),
                                "map to no parameter", ["model.layers.0.self_attn.index_k_proj.weight"]),
     "missing_gate_shard": ("flat", _drop("model.layers.0.mlp.gate_proj.weight"), "were not (fully) loaded",
@@ -97,7 +97,7 @@ CASES = {
     "missing_up_shard": ("flat", _drop(f"{L1}.block_sparse_moe.shared_experts.up_proj.weight"),
                          "were not (fully) loaded", [f"{L1}.block_sparse_moe.shared_experts.gate_up_proj.weight"]),
     "missing_expert_w3": ("flat", _drop(f"{L1}.block_sparse_moe.experts.3.w3.weight"), "were not (fully) loaded",
-                          [f"{L1}.block_sparse_moe.experts.w13_weight"]),
+                          [f"{L1}.block_sparse_moe.experts.w13_weight (no {L1}.block_sparse_moe.experts.3.w3.weight)"]),
     "missing_expert_w2": ("flat", _drop("model.layers.3.block_sparse_moe.experts.7.w2.weight"),
                           "were not (fully) loaded", ["model.layers.3.block_sparse_moe.experts.w2_weight"]),
     "unexpected_tensor": ("flat", _add(f"{L1}.self_attn.index_v_proj.weight", torch.zeros(32, 128)),
