@@ -107,7 +107,7 @@ class M3SparseAttnBackend(AttentionBackend):
                        # (tree verify reads a virtual req_to_token one column wider, _init_verify_graph_state)
                        context_len=self.req_to_token_pool.req_to_token.shape[1] + int(verify_tree))
         if self.num_draft_tokens is not None:
-            self._init_verify_graph_state(max_bs)
+            self._init_verify_graph_state(max_bs, captured)
         self._graph_workspace.freeze()
         self._graph_block_topk = torch.full((max(max_bs, max_num_tokens), self.num_kv_heads, self.sparse.topk_blocks),
                                             -1, dtype=torch.int32, device=self.device)
@@ -145,14 +145,15 @@ class M3SparseAttnBackend(AttentionBackend):
         if cuda_graph_bs is not None:
             self._copy_tree_mask(spec_info)
 
-    def _init_verify_graph_state(self, max_bs: int):
-        """Fixed-address verify layout buffers (sized for max_bs requests x N drafts) and their kernel warmup."""
+    def _init_verify_graph_state(self, max_bs: int, captured: list[int]):
+        """Fixed-address verify layout buffers (sized for max_bs requests x N drafts) and the chain form's kernel
+        warmup at the captured batch sizes."""
         n, dev = self.num_draft_tokens, self.device
         r2t = self.req_to_token_pool.req_to_token
         g = dict(rows=torch.arange(max_bs * n, dtype=torch.int64, device=dev))
         if self.verify_is_chain:
             g["lens"] = tuple(torch.zeros(max_bs, dtype=torch.int32, device=dev) for _ in range(3))
-            self._warmup_chain_verify(max_bs)
+            self._warmup_chain_verify(captured)
         else:
             g["r2t"] = torch.zeros((max_bs * n, r2t.shape[1] + 1), dtype=r2t.dtype, device=dev)
             g["node_lens"] = torch.ones(max_bs * n, dtype=torch.int64, device=dev)
@@ -167,8 +168,9 @@ class M3SparseAttnBackend(AttentionBackend):
                 g["mask"], g["own_mask"] = torch.zeros(need, dtype=torch.uint8, device=dev), True
         self._graph_verify = g
 
-    def _warmup_chain_verify(self, max_bs: int):
-        """Compile and size the graph workspace for the chain-verify (extend-form) shapes of every batch size."""
+    def _warmup_chain_verify(self, batch_sizes: list[int]):
+        """Compile and size the graph workspace for the chain-verify (extend-form) shapes of the batch sizes the
+        verify graphs are captured at (each size's split counts, hence scratch sizes, differ)."""
         n, sp, pool = self.num_draft_tokens, self.sparse, self.token_to_kv_pool
         dt, kv_dt = getattr(pool, "index_dtype", pool.dtype), pool.dtype  # model dtype (q, index lane); K/V cache
         ctx = 2 * sp.topk_blocks * sp.block_size + n + 1  # reaches the sparse code paths; small dummy caches
@@ -177,7 +179,7 @@ class M3SparseAttnBackend(AttentionBackend):
         kc = torch.zeros(ctx, self.num_kv_heads, self.head_dim, dtype=kv_dt, device=self.device)
         vc = torch.zeros(ctx, self.num_kv_heads, pool.v_head_dim, dtype=kv_dt, device=self.device)
         ws = self._graph_workspace
-        for bs in range(1, max_bs + 1):
+        for bs in batch_sizes:
             rpi = torch.zeros(bs, dtype=torch.int64, device=self.device)
             total, ext, start = reference.verify_chain_layout(
                 torch.full((bs,), ctx - n, dtype=torch.int64, device=self.device), n)
