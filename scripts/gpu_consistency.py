@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import threading
 import urllib.error
 from pathlib import Path
@@ -235,8 +236,9 @@ def main():
         ap.error("; ".join(problems))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path("/tmp/m3_gpu_consistency")  # not under --out: the device host returns at most 8 files
-    work.mkdir(parents=True, exist_ok=True)
+    # Not under --out (the device host returns few files); one per run, so two lanes of one host (gpu_round.sh)
+    # never share a checkpoint or a forced-token log.
+    work = Path(tempfile.mkdtemp(prefix="m3_gpu_consistency_"))
     if args.cpu:
         from sglang_m3.tiny import write_tiny_checkpoint
         from tests.conftest import Server as CpuServer  # the CPU flags the tests use (--dtype float32, ...)
@@ -280,10 +282,11 @@ def main():
             results["servers"][name] = {"error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
         finally:
             server.stop()
+            # after every server (the servers not yet run count as failed), so a run cut short by the device's
+            # time limit still leaves its numbers
+            results["verdict"] = verdict(results["servers"], names)
             (out / "consistency.json").write_text(json.dumps(results, indent=1))
-    results["verdict"] = verdict(results["servers"], names)
-    (out / "consistency.json").write_text(json.dumps(results, indent=1))
-    (out / "consistency.md").write_text(markdown(results))
+            (out / "consistency.md").write_text(markdown(results))
     print((out / "consistency.md").read_text())
     return results
 

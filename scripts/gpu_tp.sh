@@ -2,6 +2,7 @@
 # Tensor parallelism on the device host (issue 12). Run from the repo root with OUT set:
 #   bash scripts/gpu_tp.sh 2     # 2-GPU host: --tp 2 vs --tp 1, ~3-4 min
 #   bash scripts/gpu_tp.sh 8     # 8-GPU host: --tp 8 vs --tp 1
+#   bash scripts/gpu_tp.sh 2 --quant mxfp8   # the MXFP8 checkpoint at --tp 2 vs --tp 1 (+ a bf16 tp1 for dq), ~4-5 min
 # Verdict (PASS/FAIL at gpu_e2e.py's bf16 bound) in $OUT/results.md; exit status 0 only on PASS.
 set -uo pipefail
 tp=${1:?usage: gpu_tp.sh TP [gpu_tp.py args...]}; shift
