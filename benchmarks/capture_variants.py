@@ -10,7 +10,8 @@ Two modes:
     computes each launch's cache key (``JITFunction.run``'s ``compute_cache_key`` over the specialisation of
     every argument and the launch options), and nothing is compiled or run. One key = one compile on a GPU.
   * default on a GPU: the same warm-up for real, with a fresh ``TRITON_CACHE_DIR``, timed per batch size, and
-    the compiled kernels counted from each kernel's in-memory cache (``device_caches``).
+    the compiled kernels counted from each kernel's in-memory cache (``device_caches``); then cold again with the
+    compiles submitted to a thread pool first (``kernels.precompile.compile_in_parallel``).
 
     python benchmarks/capture_variants.py --record              # CPU: variants for bs 1..64, TP1 and TP8 heads
     python benchmarks/capture_variants.py --out $OUT            # GPU: cold warm-up seconds + compiles, as JSON
@@ -119,28 +120,54 @@ def our_kernels() -> list:
     return [v for m in mods for v in vars(m).values() if isinstance(v, JITFunction)]
 
 
-def gpu_report(batch_sizes) -> dict:
-    """Cold warm-up on the GPU (fresh Triton cache dir): seconds per batch size, the kernels compiled (from each
-    kernel's in-memory cache), and whether they are the ones the CPU recorder predicts."""
+def _cold(kernels) -> None:
+    """A fresh on-disk Triton cache and empty in-memory JIT caches: the next launches compile."""
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_capture_variants_")
+    for k in kernels:
+        k.device_caches.clear()
+
+
+def _timed_warmups(batch_sizes, heads) -> dict:
     import torch
 
-    out = {"device": torch.cuda.get_device_name(), "batch_sizes": list(batch_sizes)}
+    times = {}
+    for bs in batch_sizes:
+        t0 = time.perf_counter()
+        warmup([bs], heads, device="cuda")
+        torch.cuda.synchronize()
+        times[bs] = round(time.perf_counter() - t0, 3)
+    return times
+
+
+def gpu_report(batch_sizes) -> dict:
+    """Cold warm-up on the GPU: seconds per batch size, the kernels compiled (from each kernel's in-memory cache),
+    whether they are the ones the CPU recorder predicts; then cold again with the compiles done first on a thread
+    pool (sglang_m3.attention.kernels.precompile), and the warm-up after it."""
+    import torch
+
+    from sglang_m3.attention.kernels.precompile import compile_in_parallel
+
+    out = {"device": torch.cuda.get_device_name(), "cpus": os.cpu_count(), "batch_sizes": list(batch_sizes)}
+    kernels = our_kernels()
     for heads in HEADS:
         predicted = {k: len(v) for k, v in recorded_variants(batch_sizes, heads).items()}
-        kernels = our_kernels()
-        for k in kernels:
-            k.device_caches.clear()
-        times = {}
-        for bs in batch_sizes:
-            t0 = time.perf_counter()
-            warmup([bs], heads, device="cuda")
-            torch.cuda.synchronize()
-            times[bs] = round(time.perf_counter() - t0, 3)
+        _cold(kernels)
+        times = _timed_warmups(batch_sizes, heads)
         compiled = {k.fn.__name__: sum(len(c[0]) for c in k.device_caches.values()) for k in kernels}
         compiled = {k: n for k, n in compiled.items() if n}
-        out[heads] = {"warmup_s_per_bs": times, "warmup_s_total": round(sum(times.values()), 2),
-                      "compiled": compiled, "compiled_total": sum(compiled.values()),
-                      "cpu_recorder_predicted": predicted, "prediction_matches": predicted == compiled}
+        res = {"warmup_s_per_bs": times, "warmup_s_total": round(sum(times.values()), 2),
+               "compiled": compiled, "compiled_total": sum(compiled.values()),
+               "cpu_recorder_predicted": predicted, "prediction_matches": predicted == compiled}
+        _cold(kernels)
+        t0 = time.perf_counter()
+        submitted = compile_in_parallel(lambda: warmup(batch_sizes, heads, device="cuda"))
+        res["parallel_compile_s"] = round(time.perf_counter() - t0, 2)
+        res["parallel_submitted"] = submitted
+        after = _timed_warmups(batch_sizes, heads)
+        res["warmup_after_parallel_s_total"] = round(sum(after.values()), 2)
+        again = {k.fn.__name__: sum(len(c[0]) for c in k.device_caches.values()) for k in kernels}
+        res["parallel_compiled_same"] = {k: n for k, n in again.items() if n} == compiled
+        out[heads] = res
     return out
 
 
@@ -154,7 +181,6 @@ def main(argv=None) -> None:
     if args.record:
         report = record_report()
     else:
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_capture_variants_")  # cold
         lo, _, hi = args.bs.partition("-")
         bss = list(range(int(lo), int(hi) + 1)) if hi else [int(b) for b in args.bs.split(",")]
         report = gpu_report(bss)

@@ -115,3 +115,41 @@ def test_capture_window_and_compile_summary():
     assert (s["in_capture"]["ours_compiles"], s["in_capture"]["ours_compile_s"]) == (1, 3.0)
     assert (s["all"]["compiles"], s["all"]["ours_compile_s"]) == (3, 5.0)
     assert capture_time.capture_window("no capture here") is None
+
+
+# ---- sglang_m3.attention.kernels.precompile: the warm-up's compiles on a thread pool, nothing launched -----------
+
+def test_compile_in_parallel_compiles_every_launch_and_launches_nothing(tmp_path, monkeypatch):
+    """A stand-in CUDA driver for an sm_90 target (compiling needs no GPU; loading and launching do): every
+    distinct launch of the function is compiled once and filed in the kernel's JIT cache, and nothing is launched
+    (a launch needs the driver's loader, which the stand-in lacks -- shown by the launch afterwards failing)."""
+    import torch
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    from sglang_m3.attention.kernels.precompile import compile_in_parallel
+
+    class NoGpu:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    @triton.jit
+    def toy(x_ptr, n, C: tl.constexpr):
+        tl.store(x_ptr + n, C)
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    x = torch.zeros(8)
+    monkeypatch.setattr(driver, "_active", NoGpu())  # (restored after the test)
+    submitted = compile_in_parallel(lambda: [toy[(1,)](x, 5, C=c) for c in (1, 2, 2)], workers=2)
+    assert submitted == 2
+    assert sum(len(c[0]) for c in toy.device_caches.values()) == 2
+    with pytest.raises(AttributeError):  # a real launch reaches for the driver's loader
+        toy[(1,)](x, 5, C=1)

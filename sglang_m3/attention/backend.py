@@ -16,6 +16,7 @@ The torch twins in `reference.py` run steps 2–3 on CPU; the Triton kernels rep
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -97,15 +98,16 @@ class M3SparseAttnBackend(AttentionBackend):
         # Tree verify runs as bs*N decode rows; decode-form shapes cover both.
         captured = self._captured_batch_sizes(max_bs, max_num_tokens)
         rows = [bs * self.num_draft_tokens for bs in captured] if verify_tree else captured
-        kernels.warmup(self._graph_workspace, batch_sizes=rows, num_q_heads=self.num_q_heads,
-                       num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                       head_dim_v=self.token_to_kv_pool.v_head_dim, index_dim=self.sparse.index_dim,
-                       block_size=self.sparse.block_size, topk_blocks=self.sparse.topk_blocks,
-                       init_blocks=self.sparse.init_blocks, local_blocks=self.sparse.local_blocks,
-                       dtype=self.token_to_kv_pool.index_dtype, kv_dtype=self.token_to_kv_pool.dtype,
-                       device=self.device,
-                       # (tree verify reads a virtual req_to_token one column wider, _init_verify_graph_state)
-                       context_len=self.req_to_token_pool.req_to_token.shape[1] + int(verify_tree))
+        warm = functools.partial(
+            kernels.warmup, self._graph_workspace, batch_sizes=rows, num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, head_dim_v=self.token_to_kv_pool.v_head_dim,
+            index_dim=self.sparse.index_dim, block_size=self.sparse.block_size, topk_blocks=self.sparse.topk_blocks,
+            init_blocks=self.sparse.init_blocks, local_blocks=self.sparse.local_blocks,
+            dtype=self.token_to_kv_pool.index_dtype, kv_dtype=self.token_to_kv_pool.dtype, device=self.device,
+            # (tree verify reads a virtual req_to_token one column wider, _init_verify_graph_state)
+            context_len=self.req_to_token_pool.req_to_token.shape[1] + int(verify_tree))
+        _compile_in_parallel(warm)  # cold start: the variants' compiles side by side; the warm-up then finds them
+        warm()
         if self.num_draft_tokens is not None:
             self._init_verify_graph_state(max_bs, captured)
         self._graph_workspace.freeze()
@@ -291,6 +293,24 @@ class M3SparseAttnBackend(AttentionBackend):
             pool.get_value_buffer(layer.layer_id), **meta, block_topk=block_topk,
             block_size=self.sparse.block_size, sm_scale=layer.scaling, k_scale=k_scale, v_scale=v_scale, **plan)
         return out.reshape(tokens, layer.tp_q_head_num * layer.v_head_dim)
+
+
+def _compile_in_parallel(warm) -> None:
+    """Compile the Triton kernels ``warm()`` launches on a thread pool first (kernels.precompile): a cold
+    decode-graph capture otherwise compiles them one after the other. Never fatal: after any error the warm-up
+    compiles what is missing itself, as without this step."""
+    import time
+
+    from sglang_m3.attention.kernels.precompile import compile_in_parallel
+
+    t0 = time.perf_counter()
+    try:
+        n = compile_in_parallel(warm)
+    except Exception as e:  # noqa: BLE001 -- the serial warm-up that follows compiles (and reports) the same
+        logger.warning("sglang-m3: parallel compile of the MSA kernels failed (%r); the warm-up compiles them", e)
+        return
+    logger.info("sglang-m3: %d MSA kernel variants compiled or loaded in %.1f s (thread pool)", n,
+                time.perf_counter() - t0)
 
 
 def _kv_scales(layer, cache_dtype: torch.dtype, kv_dtype: torch.dtype) -> tuple[float, float]:
