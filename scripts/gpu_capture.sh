@@ -8,6 +8,6 @@
 # Writes $OUT/capture_variants.json, $OUT/capture_time.{json,md}.
 set -uo pipefail
 source scripts/gpu_setup.sh
-timeout 60 python3 benchmarks/capture_variants.py --out "$OUT" 2>&1 | tee "$OUT/capture_variants.log" \
+timeout 80 python3 benchmarks/capture_variants.py --out "$OUT" 2>&1 | tee "$OUT/capture_variants.log" \
   | grep -E "warmup_s_total|compiled_total|prediction_matches|Error" 
-timeout 250 python3 benchmarks/capture_time.py --out "$OUT" --warm --budget-s 230 2>&1 | tail -40
+timeout 215 python3 benchmarks/capture_time.py --out "$OUT" --warm --budget-s 205 2>&1 | tail -40
