@@ -132,7 +132,10 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
             info = {"error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
         finally:
             server.stop()
-    info["peak_mem_mib_per_gpu"] = peak.peak_mib
+    # nvidia-smi lists every GPU of the host; keep this server's (another lane may be using the others)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    info["peak_mem_mib_per_gpu"] = {i: mib for i, mib in peak.peak_mib.items()
+                                    if not visible or str(i) in visible.split(",")}
     return info
 
 
@@ -233,10 +236,13 @@ def main():
         ap.error("--smoke serves the tiny fp32 model on CPU: quantized labels need a GPU")
     for i, name in enumerate(names):
         ckpt = checkpoint(work, args.smoke, args.layers, args.dense_layers, SERVER_QUANT.get(name))
+        info = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp, waves=args.waves)
+        # Re-read the state just before writing it: another lane of the same host (gpu_round.sh, same --work) may
+        # have added its server meanwhile (e.g. ours and ours_mxfp8 on the two GPUs at once).
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
         earlier = state["servers"].get(name, {}).get("workloads", {})  # a previous call's workloads stay
-        state["servers"][name] = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp,
-                                            waves=args.waves)
-        state["servers"][name]["workloads"] = {**earlier, **state["servers"][name].get("workloads", {})}
+        state["servers"][name] = {**info, "workloads": {**earlier, **info.get("workloads", {})}}
         state_path.write_text(json.dumps(state, indent=1))
     results = {"flags": flags, "waves": args.waves, "layers": args.layers, "dense_layers": args.dense_layers,
                "tp": args.tp, "servers": state["servers"],
