@@ -9,7 +9,7 @@ end log lines) by kernel -- ours (the MSA kernels) and SGLang's (fused MoE, dens
 summed compile seconds, so the capture time splits into compiling and the rest. With --warm the server is started
 again on the same Triton cache: the warm capture time is the capture without compiles.
 
-    python benchmarks/capture_time.py --out $OUT [--warm]      # GPU; writes capture_time.json / .md under --out
+    python benchmarks/capture_time.py --out $OUT [--warm]      # GPU; capture_time.json / .md, server_*.log in --out
     python benchmarks/capture_time.py --smoke --out /tmp/ct    # CPU harness check (no capture, no Triton there)
 """
 
@@ -127,8 +127,12 @@ def main(argv=None) -> None:
             res["runs"][name] = start(name, ckpt, args.work, cache, port=30400, flags=flags)
         except Exception as e:  # noqa: BLE001 -- keep what the cold start measured
             res["runs"][name] = {"error": repr(e)[-2000:]}
-            break
+        log = args.work / f"server_{name}.log"  # brought back: its last 400K characters
+        if log.exists():
+            (args.out / f"server_{name}.log").write_text(log.read_text(errors="replace")[-400_000:])
         (args.out / "capture_time.json").write_text(json.dumps(res, indent=1) + "\n")
+        if "error" in res["runs"][name]:
+            break
     (args.out / "capture_time.json").write_text(json.dumps(res, indent=1) + "\n")
     ok = {k: v for k, v in res["runs"].items() if "error" not in v}
     if "cold" in ok:
