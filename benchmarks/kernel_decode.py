@@ -9,8 +9,9 @@ req_to_token table, slots and pool rows randomly permuted.
 
   ours     ``sglang_m3.attention.kernels`` as ``M3SparseAttnBackend`` drives them under decode CUDA graphs:
            MSAWorkspace + warmup(...) + freeze(), fixed-address top-k/output buffers, prepare_meta(...) once per
-           forward, then per layer: the K/V write of SGLang's MHATokenToKVPool (its ``store_cache`` JIT kernel),
-           store_index_k, index_block_topk(out=...), sparse_attention(out=...). prepare_meta serves all 57 sparse
+           forward, then per layer: store_kv_index (K, V and index key, one launch), index_block_topk(out=...),
+           sparse_attention(out=...). The store it replaced (the K/V write of SGLang's MHATokenToKVPool, its
+           ``store_cache`` JIT kernel, then store_index_k) is timed as the stage ``store_unfused``. prepare_meta serves all 57 sparse
            layers of a forward, so it is captured in a graph of its own and reported apart (``ours_meta_us``).
   in-tree  what ``MiniMaxSparseAttnBackend.forward_decode`` (srt/layers/attention/minimax_sparse_backend.py) runs
            on Hopper under decode graphs: the fused K/V/index-key store (``store_kv_index`` JIT, the path
@@ -79,6 +80,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from sglang_m3.attention import kernels  # noqa: E402
 
 from kernel_inputs import (HEADS, SMOKE_ATOL, SMOKE_BS, SMOKE_CTX, SMOKE_DECODE_LENS, SMOKE_HEADS,  # noqa: E402
                            SMOKE_PREFILL, cache_bytes, decode_bytes_needed, make_batch)
@@ -117,11 +119,17 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     out_ours, sel_ours = ours.out.clone(), ours.block_topk.clone()
     row["ours_indexer_variant"] = ours.indexer_variant
     del g_ours, g_meta
-    # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection).
-    for two_pass, name in ((True, "two_pass"), (False, "split")):
-        alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass)
-        alt.prepare()
-        g = capture(alt.indexer)
+    # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection),
+    # and the two-pass one with its earlier pass 2 (bitonic select, INDEXER_SELECT = "bitonic").
+    for two_pass, name, select in ((True, "two_pass", "radix"), (False, "split", "radix"),
+                                   (True, "two_pass_bitonic", "bitonic")):
+        saved, kernels.common.INDEXER_SELECT = kernels.common.INDEXER_SELECT, select
+        try:
+            alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass)
+            alt.prepare()
+            g = capture(alt.indexer)
+        finally:
+            kernels.common.INDEXER_SELECT = saved
         row[f"ours_indexer_{name}_us"] = timer.graph_us(g)
         row[f"sel_mismatch_{name}_vs_ours"] = sel_mismatch(alt.block_topk, sel_ours)
         del g, alt
@@ -157,7 +165,7 @@ def bench_prefill(geo, L, args, timer, intree, device):
         row["skipped"] = why
         return row
     b = make_batch(geo, [L], [L], context_len=max(args.context_len, L), device=device, seed=args.seed)
-    ours = OursPrefill(geo, b, sglang_kv_store())
+    ours = OursPrefill(geo, b)
     out_ours = ours.layer()
     sel_ours = ours.block_topk
     torch.cuda.synchronize()
@@ -251,7 +259,7 @@ def run_smoke(args, geos):
                                    sel_mismatch_other_indexer_variant=sel_mismatch(alt.block_topk, ours.block_topk)))
         lens, ext = zip(*SMOKE_PREFILL)
         b = make_batch(geo, lens, ext, context_len=args.context_len, device=device, seed=args.seed)
-        ours = OursPrefill(geo, b, sglang_kv_store())
+        ours = OursPrefill(geo, b)
         out_ours = ours.layer()
         out_in, sel_in = intree.with_selection(lambda: intree.prefill_layer(geo, b))
         rows.append(_check("prefill", geo, b, out_ours, ours.block_topk, out_in, sel_in))

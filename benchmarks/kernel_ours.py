@@ -70,6 +70,12 @@ class OursDecode:
                                          index_heads=self.geo.hkv, workspace=self.ws)
 
     def store(self):
+        """The backend's store: K, V and the index key in one store_kv_index launch."""
+        b = self.b
+        kernels.store_kv_index(b.k_cache, b.v_cache, b.index_k_cache, b.out_cache_loc, b.k, b.v, b.index_k)
+
+    def store_unfused(self):
+        """The store before store_kv_index (timed for comparison): the pool's K/V write, then store_index_k."""
         self.kv_store(self.b)
         kernels.store_index_k(self.b.index_k_cache, self.b.out_cache_loc, self.b.index_k)
 
@@ -87,7 +93,8 @@ class OursDecode:
                                  out=self.out, meta=self.meta, workspace=self.ws)
 
     def stages(self) -> dict:
-        return {"store": self.store, "indexer": self.indexer, "attention": self.attention}
+        return {"store": self.store, "store_unfused": self.store_unfused, "indexer": self.indexer,
+                "attention": self.attention}
 
     def layer(self) -> torch.Tensor:
         """_forward_sparse of one layer."""
@@ -100,16 +107,15 @@ class OursDecode:
 class OursPrefill:
     """Our eager extend path (M3SparseAttnBackend.forward_extend): scratch from the caching allocator."""
 
-    def __init__(self, geo: Geometry, b: Batch, kv_store):
-        self.geo, self.b, self.kv_store = geo, b, kv_store
+    def __init__(self, geo: Geometry, b: Batch):
+        self.geo, self.b = geo, b
         self.meta = kernels.prepare_meta(b.req_pool_indices, b.seq_lens, b.extend_seq_lens, b.extend_start_loc,
                                          b.num_tokens, index_heads=geo.hkv)  # per forward
         self.block_topk = None
 
     def layer(self) -> torch.Tensor:
         geo, b = self.geo, self.b
-        self.kv_store(b)
-        kernels.store_index_k(b.index_k_cache, b.out_cache_loc, b.index_k)
+        kernels.store_kv_index(b.k_cache, b.v_cache, b.index_k_cache, b.out_cache_loc, b.k, b.v, b.index_k)
         self.block_topk = kernels.index_block_topk(
             b.index_q, b.index_k_cache, b.req_to_token, b.req_pool_indices, b.seq_lens, b.extend_seq_lens,
             b.extend_start_loc, block_size=geo.block, topk_blocks=geo.topk, init_blocks=geo.init_blocks,

@@ -254,6 +254,36 @@ def indexer_two_pass_matches_twin():
 
 
 @cpu_case
+def indexer_select_ties():
+    """Pass 2 of the two-pass indexer (radix select) picks exactly the split kernel's blocks -- packed-key order,
+    ties to the lower block id -- and the bitonic select's, where block scores tie a lot: index keys rounded to
+    halves (many equal block maxima), all keys equal (every block ties), forced init/local blocks (+inf ties);
+    topk below and above the visible block count. (The twin's torch.topk orders ties arbitrarily, so it is only
+    held to the near-tie allowance.)"""
+    from sglang_m3.attention.kernels import common
+
+    saved = common.INDEXER_SELECT
+    try:
+        for coarse in (True, False):
+            b = make_batch([150, 200, 33, 17], [1] * 4, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=1)
+            if coarse:
+                b["index_k_cache"][:] = torch.round(b["index_k_cache"] * 2)
+                b["index_q"][:] = torch.round(b["index_q"])
+            else:
+                b["index_k_cache"][:] = b["index_k_cache"][:1].clone()
+            for (init_b, local_b), topk in (((0, 0), 5), ((2, 1), 5), ((0, 1), 16)):
+                common.INDEXER_SELECT = "radix"
+                got, want = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=True)
+                split, _ = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
+                common.INDEXER_SELECT = "bitonic"
+                bitonic, _ = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=True)
+                assert torch.equal(got, split) and torch.equal(got, bitonic), (coarse, init_b, local_b, topk)
+                assert_same_selection(got, want, b, 16, 1e-5)
+    finally:
+        common.INDEXER_SELECT = saved
+
+
+@cpu_case
 def decode_fp32_mqa_splits():
     """TP8-like grouping (2 q heads / 1 kv head, padded to 16 rows), Di 32, block 32, decode form,
     default splits (2 in the worker) for both kernels, and the extend form on the same batch."""
@@ -373,9 +403,57 @@ def check_store_index_k(device):
         K.store_index_k(torch.zeros(9, 24, device=device), loc[:1], torch.zeros(1, 2, 24, device=device))
 
 
+def check_store_kv_index(device):
+    """store_kv_index (one launch) == its twin, bit for bit, and the twin == what SGLang's set_kv_buffer does
+    (``cache_k.div_(k_scale).to(cache dtype)``, then index_put) + store_index_k; fp8 values span subnormals,
+    the rounding boundary at 464 and beyond (-> NaN); K arrives as a strided view (as from a qkv split)."""
+    from sglang_m3.attention import kernels as K
+    from sglang_m3.attention import reference as ref
+
+    T, H, D, DV, DI, S = 5, 3, 24, 40, 16, 20
+    g = torch.Generator().manual_seed(5)
+    loc = torch.tensor([3, 7, 1, 19, 0], device=device)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+    def same_bits(a, b):  # NaN payloads included
+        return torch.equal(a.view(bits[a.element_size()]), b.view(bits[b.element_size()]))
+
+    fp32_cases = [(torch.float32, torch.float32, 1.0, 1.0), (torch.float32, torch.float8_e4m3fn, 0.37, 2.5)]
+    for dt, cdt, ks, vs in [(torch.bfloat16, torch.bfloat16, 1.0, 1.0), (torch.bfloat16, torch.float8_e4m3fn, 1.0, 1.0),
+                            (torch.bfloat16, torch.float8_e4m3fn, 0.37, 2.5), (torch.float16, torch.float8_e4m3fn, 0.2, 1.0),
+                            *fp32_cases]:
+        wide = torch.logspace(-5, 3, D)  # e4m3 subnormals (< 2^-6) up to past its range
+        k = (torch.randn(T, 2 * H, D, generator=g) * wide).to(dt).to(device)[:, ::2]  # strided heads
+        k[0, 0, :3] = torch.tensor([464.0, 465.0, -500.0]).to(dt)
+        v = (torch.randn(T, H, DV, generator=g) * 100).to(dt).to(device)
+        ik = torch.randn(T, 1, DI, generator=g).to(dt).to(device)
+        caches = [torch.zeros(S, H, D, dtype=cdt, device=device), torch.zeros(S, H, DV, dtype=cdt, device=device),
+                  torch.zeros(S, DI, dtype=dt, device=device)]
+        got, want, pool = ([c.clone() for c in caches] for _ in range(3))
+        K.store_kv_index(*got, loc, k, v, ik, k_scale=ks, v_scale=vs)
+        ref.store_kv_index(*want, loc, k, v, ik[:, 0], k_scale=ks, v_scale=vs)
+        for src, cache, scale in ((k, pool[0], ks), (v, pool[1], vs)):  # MHATokenToKVPool.set_kv_buffer's ops
+            x = src.clone().div_(scale).to(cdt) if cdt != dt else src
+            cache.view(bits[cache.element_size()])[loc] = x.view(bits[x.element_size()])
+        pool[2][loc] = ik[:, 0]
+        for i, name in enumerate(("k", "v", "index_k")):
+            assert same_bits(got[i], want[i]), (name, dt, cdt, ks)
+            assert same_bits(want[i], pool[i]), (name, dt, cdt, ks)
+    c = [torch.zeros(S, H, D, device=device), torch.zeros(S, H, D, device=device), torch.zeros(S, DI, device=device)]
+    x = torch.zeros(T, H, D, device=device)
+    for args, match in (((x, x, torch.zeros(T, 2, DI, device=device)), "ONE shared"),
+                        ((x[:, :2], x, torch.zeros(T, DI, device=device)), "k must be"),
+                        ((x, x, torch.zeros(T, DI + 1, device=device)), "index_k must be")):
+        with pytest.raises(ValueError, match=match):
+            K.store_kv_index(*c, loc, *args)
+    with pytest.raises(ValueError, match="must be > 0"):
+        K.store_kv_index(*c, loc, x, x, torch.zeros(T, DI, device=device), k_scale=0.0)
+
+
 @cpu_case
 def store_index_k_matches_twin():
     check_store_index_k("cpu")
+    check_store_kv_index("cpu")
 
 
 # Two workers, roughly balanced (interpreter seconds, unloaded 2-core machine).
@@ -384,7 +462,7 @@ _WORKER_SPLIT = [
      "attention_holes_duplicates_out_of_range"],
     ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
      "graph_style_decode_with_frozen_workspace"],
-    ["indexer_prefetch_variants", "indexer_two_pass_matches_twin"],
+    ["indexer_prefetch_variants", "indexer_two_pass_matches_twin", "indexer_select_ties"],
 ]
 assert sorted(sum(_WORKER_SPLIT, [])) == sorted(CPU_CASES)
 
@@ -520,7 +598,7 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
-    bs 4 takes the two-pass indexer, bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 16)."""
+    bs 4 takes the two-pass indexer, bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
     from sglang_m3.attention import kernels as K
     from sglang_m3.attention.kernels import common
 
@@ -540,6 +618,8 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
     iq = torch.zeros(bs, hkv, HD, dtype=torch.bfloat16, device="cuda")
     q = torch.zeros(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
     new_ik = torch.zeros(bs, HD, dtype=torch.bfloat16, device="cuda")
+    new_k = torch.zeros(bs, hkv, HD, dtype=torch.bfloat16, device="cuda")
+    new_v = torch.zeros(bs, hkv, HD, dtype=torch.bfloat16, device="cuda")
     loc = torch.zeros(bs, dtype=torch.int64, device="cuda")
 
     def load(b):
@@ -553,24 +633,26 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
         seq.copy_(m["seq_lens"])
         iq.copy_(b["index_q"])
         q.copy_(b["q"])
-        # the new token's index key is (re)written by the captured store_index_k, as in a forward
+        # the new token's K, V and index key are (re)written by the captured store_kv_index, as in a forward
         last = seq - 1
         loc.copy_(r2t[rpi, last].long())
         new_ik.copy_(ik[loc])
+        new_k.copy_(kc[loc])
+        new_v.copy_(vc[loc])
 
     ws = K.MSAWorkspace("cuda")
-    K.warmup(ws, batch_sizes=[1, 8, bs], num_q_heads=hq, num_kv_heads=hkv, head_dim=HD, head_dim_v=HD,
+    K.warmup(ws, batch_sizes=[1, bs], num_q_heads=hq, num_kv_heads=hkv, head_dim=HD, head_dim_v=HD,
              index_dim=HD, block_size=BLOCK, topk_blocks=TOPK, device="cuda", context_len=cap)
     ws.freeze()
-    # warmed bs 1, 8 (and 4) take the two-pass indexer, bs 24 the split one
-    assert "indexer.scores" in ws._bufs and ("indexer.part" in ws._bufs) == (bs > 16)
-    assert common.INDEXER_TWO_PASS_MAX_TILES == 16, "update the bs parametrisation to cover both variants"
+    # warmed bs 1 (and 4) take the two-pass indexer, bs 24 the split one
+    assert 4 <= common.INDEXER_TWO_PASS_MAX_TILES < 24, "update the bs parametrisation to cover both variants"
+    assert "indexer.scores" in ws._bufs and ("indexer.part" in ws._bufs) == (bs > common.INDEXER_TWO_PASS_MAX_TILES)
     sel_buf = torch.empty(bs, hkv, TOPK, dtype=torch.int32, device="cuda")
     out_buf = torch.empty(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
 
     def step():
         meta = K.prepare_meta(rpi, seq, None, None, bs, index_heads=hkv, workspace=ws)
-        K.store_index_k(ik, loc, new_ik)
+        K.store_kv_index(kc, vc, ik, loc, new_k, new_v, new_ik)
         K.index_block_topk(iq, ik, r2t, rpi, seq, None, None, block_size=BLOCK, topk_blocks=TOPK,
                            out=sel_buf, meta=meta, workspace=ws)
         K.sparse_attention(q, kc, vc, r2t, rpi, seq, None, None, sel_buf, block_size=BLOCK,
@@ -612,6 +694,7 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
 @needs_cuda
 def test_gpu_store_index_k():
     check_store_index_k("cuda")
+    check_store_kv_index("cuda")
 
 
 def check_timed_results(b, sel, out):

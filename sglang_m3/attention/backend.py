@@ -63,6 +63,12 @@ class M3SparseAttnBackend(AttentionBackend):
                     len(self.sparse_layer_ids), self.sparse.block_size, self.sparse.topk_blocks,
                     "Triton kernels" if self.use_kernels else "torch reference", type(dense_backend).__name__)
 
+    @functools.cached_property
+    def fused_store(self) -> bool:
+        """K, V and index key in one store_kv_index launch where the pool's K/V write is a plain row scatter;
+        otherwise (HND / 5-D layouts, quantized caches) the pool's own set_kv_buffer, then the index key."""
+        return _plain_kv_rows(self.token_to_kv_pool)
+
     # Attributes the model runner reads off its backend (forward_metadata, capability flags, ...) come
     # from the dense backend, which handles every non-sparse layer.
     def __getattr__(self, name):
@@ -274,11 +280,16 @@ class M3SparseAttnBackend(AttentionBackend):
         pool = self.token_to_kv_pool
         # K/V and the index key are always stored together: a later token (or a radix-cache hit) reads both.
         k_scale, v_scale = _kv_scales(layer, pool.dtype, k.dtype)
-        if k_scale == v_scale == 1.0:
-            pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
-        else:  # the pool stores k / k_scale, dividing in place: keep the caller's tensors intact
-            pool.set_kv_buffer(layer, fb.out_cache_loc, k.clone(), v.clone(), k_scale, v_scale)
-        self.impl.store_index_k(pool.get_index_k_buffer(layer.layer_id), fb.out_cache_loc, index_k)
+        if self.fused_store:  # one launch, rounding as set_kv_buffer's
+            self.impl.store_kv_index(pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id),
+                                     pool.get_index_k_buffer(layer.layer_id), fb.out_cache_loc, k, v, index_k,
+                                     k_scale=k_scale, v_scale=v_scale)
+        else:
+            if k_scale == v_scale == 1.0:
+                pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+            else:  # the pool stores k / k_scale, dividing in place: keep the caller's tensors intact
+                pool.set_kv_buffer(layer, fb.out_cache_loc, k.clone(), v.clone(), k_scale, v_scale)
+            self.impl.store_index_k(pool.get_index_k_buffer(layer.layer_id), fb.out_cache_loc, index_k)
 
         tokens = q.shape[0]
         meta, plan = self._meta
@@ -293,6 +304,17 @@ class M3SparseAttnBackend(AttentionBackend):
             pool.get_value_buffer(layer.layer_id), **meta, block_topk=block_topk,
             block_size=self.sparse.block_size, sm_scale=layer.scaling, k_scale=k_scale, v_scale=v_scale, **plan)
         return out.reshape(tokens, layer.tp_q_head_num * layer.v_head_dim)
+
+
+def _plain_kv_rows(pool) -> bool:
+    """Whether ``pool.set_kv_buffer`` is a plain per-slot row write of K/V at the pool dtype (model dtype or
+    float8_e4m3fn): SGLang's NHD layout with its base ``_store_kv_layer``, not a quantized (FP4) cache."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    return (getattr(pool, "kv_cache_layout", "nhd") == "nhd" and not getattr(pool, "use_hnd", False)
+            and not getattr(pool, "is_quantized_kv_cache", False)
+            and getattr(type(pool), "_store_kv_layer", None) is MHATokenToKVPool._store_kv_layer
+            and pool.dtype in (getattr(pool, "index_dtype", None), torch.float8_e4m3fn))
 
 
 def _compile_in_parallel(warm) -> None:

@@ -31,7 +31,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["store_index_k", "index_block_topk", "sparse_attention", "verify_chain_layout", "verify_tree_rows"]
+__all__ = ["store_index_k", "store_kv_index", "index_block_topk", "sparse_attention", "verify_chain_layout", "verify_tree_rows"]
 
 # Upper bound on the number of fp32 elements of one [queries, heads, keys] score tile. Queries of
 # a request are processed in chunks so memory stays bounded for long sequences (e.g. 64 query
@@ -121,6 +121,59 @@ def _exact_fp32(fn):
 # ----------------------------------------------------------------------------------------------
 # index-key cache
 # ----------------------------------------------------------------------------------------------
+
+
+def check_store_kv_index(k_cache, v_cache, index_k_cache, loc, k, v, index_k, k_scale, v_scale) -> None:
+    """Shape/dtype checks of ``store_kv_index`` (shared with its Triton twin); ValueError naming the problem."""
+    _check(k_cache.dim() == 3 and v_cache.dim() == 3,
+           f"k_cache/v_cache must be [num_slots, Hkv, D], got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    _check(v_cache.shape[:2] == k_cache.shape[:2] and v_cache.dtype == k_cache.dtype,
+           f"v_cache {tuple(v_cache.shape)} {v_cache.dtype} does not match k_cache {tuple(k_cache.shape)} "
+           f"{k_cache.dtype} in slots/heads/dtype")
+    _check(index_k_cache.dim() == 2 and index_k_cache.shape[0] == k_cache.shape[0],
+           f"index_k_cache must be [num_slots={k_cache.shape[0]}, Di], got {tuple(index_k_cache.shape)}")
+    _check(loc.dim() == 1, f"loc must be 1-D [T], got {tuple(loc.shape)}")
+    T = loc.numel()
+    _check(tuple(k.shape) == (T, *k_cache.shape[1:]), f"k must be [T={T}, Hkv, D] = {(T, *k_cache.shape[1:])}, "
+           f"got {tuple(k.shape)}")
+    _check(tuple(v.shape) == (T, *v_cache.shape[1:]), f"v must be [T={T}, Hkv, Dv] = {(T, *v_cache.shape[1:])}, "
+           f"got {tuple(v.shape)}")
+    _check(index_k.dim() in (2, 3) and (index_k.dim() == 2 or index_k.shape[1] == 1),
+           f"index_k must be [T, Di] or [T, 1, Di] (M3 has ONE shared index-key head), got {tuple(index_k.shape)}")
+    _check(index_k.shape[0] == T and index_k.shape[-1] == index_k_cache.shape[1],
+           f"index_k must be [T={T}, Di={index_k_cache.shape[1]}], got {tuple(index_k.shape)}")
+    _check(k_cache.dtype in (k.dtype, torch.float8_e4m3fn),
+           f"k_cache dtype {k_cache.dtype} must be K's ({k.dtype}) or float8_e4m3fn")
+    _check(k_scale > 0 and v_scale > 0, f"k_scale ({k_scale}) and v_scale ({v_scale}) must be > 0")
+    _check(k_cache.stride(2) == 1 and v_cache.stride(2) == 1 and index_k_cache.stride(1) == 1,
+           "k_cache, v_cache and index_k_cache need a contiguous last dimension")
+
+
+def store_kv_index(k_cache: Tensor, v_cache: Tensor, index_k_cache: Tensor, loc: Tensor, k: Tensor, v: Tensor,
+                   index_k: Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """A sparse layer's cache write: K, V and the index key of the new tokens into their slots, in place.
+
+    k_cache [num_slots, Hkv, D], v_cache [num_slots, Hkv, Dv]: the model dtype, or float8_e4m3fn
+    (--kv-cache-dtype fp8_e4m3); index_k_cache [num_slots, Di] (model dtype); loc [T] int slots;
+    k [T, Hkv, D], v [T, Hkv, Dv], index_k [T, Di] or [T, 1, Di] (model dtype).
+    K/V as SGLang's MHATokenToKVPool.set_kv_buffer writes them: when the cache dtype differs from K's,
+    K is divided by k_scale (V by v_scale) in K's dtype, then cast to the cache dtype (torch's rounding:
+    nearest even, fp8 overflow past 464 -> NaN); scales are ignored when the dtypes agree.
+    The division is written as a multiply by the fp32 reciprocal, which is what torch's ``div_`` by a
+    host scalar computes on CUDA. Raises ValueError on shapes/dtypes that do not fit.
+    """
+    check_store_kv_index(k_cache, v_cache, index_k_cache, loc, k, v, index_k, k_scale, v_scale)
+    for src, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if cache.dtype != src.dtype:
+            if scale != 1.0:
+                inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
+                src = (src.float() * inv.to(src.device)).to(src.dtype)
+            src = src.to(cache.dtype)
+        if cache.element_size() == 1:  # (index_put has no fp8 kernels; the pool stores them as uint8 too)
+            cache, src = cache.view(torch.uint8), src.view(torch.uint8)
+        cache[loc] = src
+    store_index_k(index_k_cache, loc, index_k)
+
 
 
 def store_index_k(index_k_cache: Tensor, loc: Tensor, index_k: Tensor) -> None:

@@ -2,6 +2,7 @@
 
 Kernels (same signatures and semantics as their twins, plus optional keyword arguments):
   store_index_k(index_k_cache, loc, index_k)
+  store_kv_index(k_cache, v_cache, index_k_cache, loc, k, v, index_k, *, k_scale=1.0, v_scale=1.0)
   index_block_topk(index_q, index_k_cache, req_to_token, req_pool_indices, seq_lens,
                    extend_seq_lens, extend_start_loc, *, block_size, topk_blocks, init_blocks=0,
                    local_blocks=1, out=None, meta=None, workspace=None, num_splits=None,
@@ -28,7 +29,7 @@ request i at position seq_lens[i] - 1):
   init_forward_metadata_in_graph(fb):   (captured; replays recompute it from the new seq_lens)
       meta = prepare_meta(fb.req_pool_indices, fb.seq_lens, None, None, bs, index_heads=H_index, workspace=ws)
   each sparse layer (captured):
-      store_index_k(...); index_block_topk(..., None, None, ..., out=topk_buf[:bs], meta=meta, workspace=ws)
+      store_kv_index(...); index_block_topk(..., None, None, ..., out=topk_buf[:bs], meta=meta, workspace=ws)
       sparse_attention(..., None, None, topk_buf[:bs], ..., out=out_buf[:bs], meta=meta, workspace=ws)
 Grids depend only on (bs, head counts, topk, block size); lengths, rows and slots are read on the
 device, so replays with new lengths / slots / pool rows need nothing but the usual input copies.
@@ -45,9 +46,9 @@ from torch import Tensor
 from .common import MSAMeta, MSAWorkspace, interpret_mode, prepare_meta
 from .indexer import index_block_topk
 from .sparse_attention import sparse_attention
-from .store import store_index_k
+from .store import store_index_k, store_kv_index
 
-__all__ = ["store_index_k", "index_block_topk", "sparse_attention", "prepare_meta", "MSAMeta",
+__all__ = ["store_index_k", "store_kv_index", "index_block_topk", "sparse_attention", "prepare_meta", "MSAMeta",
            "MSAWorkspace", "warmup", "use_triton", "get_impl"]
 
 
@@ -56,7 +57,7 @@ def use_triton(t: Tensor) -> bool:
 
 
 def get_impl(t: Tensor):
-    """Namespace with store_index_k / index_block_topk / sparse_attention for tensors like ``t``."""
+    """Namespace with store_index_k / store_kv_index / index_block_topk / sparse_attention for tensors like ``t``."""
     import sys
 
     if use_triton(t):
@@ -98,11 +99,14 @@ def warmup(workspace: MSAWorkspace, *, batch_sizes, num_q_heads: int, num_kv_hea
         seq = torch.full((bs,), n, dtype=torch.int64, device=device)
         meta = prepare_meta(rpi, seq, None, None, bs, index_heads=index_heads, workspace=workspace)
         iq = torch.zeros(bs, index_heads, index_dim, dtype=dtype, device=device)
-        store_index_k(ik_cache, torch.zeros(bs, dtype=torch.int64, device=device), iq[:, 0])
+        q = torch.zeros(bs, num_q_heads, head_dim, dtype=dtype, device=device)
+        kn = torch.zeros(bs, num_kv_heads, head_dim, dtype=dtype, device=device)
+        vn = torch.zeros(bs, num_kv_heads, head_dim_v, dtype=dtype, device=device)
+        loc = torch.zeros(bs, dtype=torch.int64, device=device)  # (the padding slot)
+        store_kv_index(k_cache, v_cache, ik_cache, loc, kn, vn, iq[:, 0])
         sel = index_block_topk(iq, ik_cache, r2t, rpi, seq, None, None, block_size=block_size,
                                topk_blocks=topk_blocks, init_blocks=init_blocks, local_blocks=local_blocks,
                                meta=meta, workspace=workspace)
-        q = torch.zeros(bs, num_q_heads, head_dim, dtype=dtype, device=device)
         sparse_attention(q, k_cache, v_cache, r2t, rpi, seq, None, None, sel,
                          block_size=block_size, sm_scale=head_dim ** -0.5, meta=meta, workspace=workspace)
     if device.type == "cuda":

@@ -45,12 +45,24 @@ INDEXER_PREFETCH_PROGRAMS_PER_SM = 1
 # every visible block's score to a [T, H, blocks of a req_to_token row] scratch from many programs (no running
 # top-k, so the key axis can be cut finely without a merge whose cost grows with the cut), pass 2 selects the
 # top-k per token. Used when the batch has at most this many tiles; larger batches keep the split kernel, whose
-# programs already fill the GPU (bs >= 32 ran at 1.04-1.47x the HBM floor on H100). Provisional (not yet timed
-# against the split kernel per batch size): `benchmarks/sweep_launch_knobs.py INDEXER_TWO_PASS_MAX_TILES=0,1024`.
-INDEXER_TWO_PASS_MAX_TILES = 16
+# programs already fill the GPU. Only the batch size is known at capture, not the context. H200, TP1 heads, graph
+# replay (benchmarks/results/2026-11-30-h200x2/kernel_decode_partial.log), two-pass vs split indexer, us:
+#   bs 1: 26.4 vs 42.0 (32K), 50.3 vs 61.6 (128K); bs 8: 46.8 vs 57.8 (32K), 125.0 vs 108.6 (128K);
+#   bs 32: 106.2 vs 97.2 (32K), 347.6 vs 289.4 (128K).
+# Those two-pass times used the bitonic pass 2, which the window-1 profile put at 20 us a layer at bs 1 x 32K (one
+# program per token; it grows with the context: 2 chunks at 128K). bs 8 was a draw with it (-11 us at 32K, +16 us
+# at 128K); the radix pass 2 (one program per (token, head)) removes most of the context-dependent part, so bs 8
+# is expected to go two-pass -- to be confirmed by the forced-variant columns of benchmarks/kernel_decode.py at
+# bs 8 (bs 2-4 and 9-16 not measured). bs 32: split (pass 1 alone is the larger part there).
+INDEXER_TWO_PASS_MAX_TILES = 8
 # Pass-1 programs aimed for per SM (a program scores >= 1 key block; programs beyond the token's blocks exit).
 INDEXER_TWO_PASS_PROGRAMS_PER_SM = 8
-# Block scores per bitonic top-k step of pass 2 (power of two; 512 is the size the split merge uses).
+# Pass 2 of the two-pass indexer: "radix" (threshold by a 4-bit radix search, then a prefix-sum scatter; one
+# program per (token, index head)) or "bitonic" (tl.topk over packed int64 keys, one program per token: 20 us a
+# layer at bs 1 x 32K on the H200, the largest item of our sparse attention in the window-1 profile). Kept
+# selectable until the two are timed side by side (benchmarks/kernel_decode.py: ours_indexer_two_pass_bitonic_us).
+INDEXER_SELECT = "radix"
+# Block scores per chunk of pass 2 (power of two).
 INDEXER_SELECT_CHUNK = 512
 # Attention programs aimed for per SM before the block list is split (1 and 2 measured equal
 # for 64 q heads; 1 is 10% faster for 8 q heads at bs 256).

@@ -28,8 +28,10 @@ SCORES set: grid (token, program), each program scores a contiguous range of >= 
 visible block's score image (int32, the packed key's high word) in a scratch int32 [T, H, max_blocks],
 max_blocks = ceil(req_to_token.shape[1] / block_size) -- fixed by the pool's shape, so it is sized once
 at warmup and stays valid for every captured graph. Pass 2 (``_indexer_select_kernel``, one program per
-token) packs score and id exactly as above and keeps the top-k with bitonic tl.topk over chunks of
-``INDEXER_SELECT_CHUNK`` blocks. Same keys, same order -> the same selection as the split variant.
+(token, index head)) finds the k-th largest score image by a 4-bit radix search and takes the blocks above
+it plus the lowest-id blocks equal to it, ids written ascending through a prefix sum (``INDEXER_SELECT =
+"bitonic"``: the earlier pass 2, bitonic tl.topk over packed keys, one program per token). Same keys, same
+order -> the same selection as the split variant.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
@@ -274,12 +276,14 @@ def _indexer_merge_kernel(
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
-def _indexer_select_kernel(
+def _indexer_select_bitonic_kernel(
     tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
     H: tl.constexpr, BLOCK_SIZE: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
     CH: tl.constexpr,
 ):
-    # Pass 2 of the two-pass indexer: one program per token, rows = index heads. Reads the token's visible
+    # Pass 2 of the two-pass indexer, INDEXER_SELECT == "bitonic" (H200, bs 1 x 32K, 3 sparse layers: 60 us per
+    # decode step, 20 us a layer -- the largest item of our attention; the radix select below replaces it):
+    # one program per token, rows = index heads. Reads the token's visible
     # block scores (written by _indexer_kernel with SCORES) CH at a time, packs each with its block id exactly
     # as the split kernel does (score image << 32 | 2^31 - 1 - id: ties to the lower id) and keeps the TOPK
     # largest keys, then writes ascending ids, -1 padded. Scratch entries of invisible blocks are never read.
@@ -303,6 +307,67 @@ def _indexer_select_kernel(
         top = tl.topk(cand, K_PAD, dim=1)
         run = tl.topk(tl.reshape(tl.join(run, top), [R, 2 * K_PAD]), K_PAD, dim=1)
     _store_ids(out_ptr, t.to(tl.int64) * stride_ot + head * stride_oh, row_ok, run, kcol, TOPK)
+
+
+@triton.jit(do_not_specialize=["max_blocks"])
+def _indexer_select_kernel(
+    tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
+    H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
+):
+    # Pass 2 of the two-pass indexer (radix select): one program per (token, index head). The selection is the
+    # top TOPK visible blocks by score image (the int32 order-preserving image pass 1 stored), ties to the lower
+    # block id -- the order of the packed keys everywhere else. Instead of sorting 64-bit keys it finds the
+    # threshold tau = the k-th largest image (k = min(TOPK, visible blocks)) by an MSB-first radix search, 4 bits
+    # per round (8 rounds, each a 16-bin histogram of the blocks whose higher digits equal tau's so far), then
+    # takes every block above tau and the lowest-id blocks equal to it, writing their ids in ascending order at
+    # the running count of picks (a prefix sum): no sort, no 64-bit data, all int32. Scores are re-read per
+    # round (1-4 KB per row: L1/L2 hits).
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    if tl.load(tok_row_ptr + t) < 0:  # token owned by no request: its out row stays untouched
+        return
+    nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
+    row = score_ptr + (t * H + h).to(tl.int64) * max_blocks
+    offs = tl.arange(0, CH)
+    bins = tl.arange(0, 16)
+    need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
+    level = nb * 0  # tau >> (the bits not decided yet), signed
+    for p in tl.static_range(8):
+        sh = 28 - 4 * p
+        hist = tl.zeros([16], tl.int32)
+        for c0 in range(0, nb, CH):
+            b = c0 + offs
+            ok = b < nb
+            sc = tl.load(row + b, mask=ok, other=0)
+            if p == 0:
+                dig = (sc >> 28) + 8  # signed top nibble -> 0..15, order kept
+            else:
+                dig = (sc >> sh) & 15
+                ok = ok & ((sc >> (sh + 4)) == level)
+            hist += tl.sum(((dig[:, None] == bins[None, :]) & ok[:, None]).to(tl.int32), axis=0)
+        ge = tl.sum(tl.where(bins[None, :] >= bins[:, None], hist[None, :], 0), axis=1)  # blocks with digit >= b
+        d = tl.max(tl.where(ge >= need, bins, -1), axis=0)  # tau's digit: the largest reaching `need`
+        need -= tl.sum(tl.where(bins == d, ge - hist, 0), axis=0)  # those strictly above d are all picked
+        if p == 0:
+            level = d - 8
+        else:
+            level = level * 16 + d
+    # level == tau; take every block above it and the `need` lowest-id blocks equal to it, ids ascending
+    out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
+    taken = nb * 0
+    eq_seen = nb * 0
+    for c0 in range(0, nb, CH):
+        b = c0 + offs
+        ok = b < nb
+        sc = tl.load(row + b, mask=ok, other=0)
+        eq = (ok & (sc == level)).to(tl.int32)
+        pick = (ok & (sc > level)) | ((eq_seen + tl.cumsum(eq, axis=0) - eq < need) & (eq != 0))
+        pk = pick.to(tl.int32)
+        tl.store(out_row + taken + tl.cumsum(pk, axis=0) - pk, b.to(out_ptr.dtype.element_ty), mask=pick)
+        taken += tl.sum(pk, axis=0)
+        eq_seen += tl.sum(eq, axis=0)
+    kcol = tl.arange(0, K_PAD)
+    tl.store(out_row + kcol, tl.full([K_PAD], -1, out_ptr.dtype.element_ty), mask=(kcol >= taken) & (kcol < TOPK))
 
 
 def indexer_num_splits(num_tiles: int, device: torch.device) -> int:
@@ -412,10 +477,16 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         DOT_F32=common.dot_in_fp32(index_k_cache.dtype),
         PREFETCH=n_tiles * n_splits <= common.INDEXER_PREFETCH_PROGRAMS_PER_SM * common.num_sms(dev),
         SCORES=two_pass, num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
-    if two_pass:
+    if two_pass and common.INDEXER_SELECT == "radix":
+        # (the interpreter runs the same code on chunks small enough to iterate)
+        _indexer_select_kernel[(T, H)](
+            meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
+            H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
+            CH=8 if interp else common.INDEXER_SELECT_CHUNK, num_warps=4)
+    elif two_pass:
         # (the interpreter runs the same bitonic code, on chunks small enough to be quick and to iterate)
         ch = max(k_pad, 16 if interp else common.INDEXER_SELECT_CHUNK)
-        _indexer_select_kernel[(T,)](
+        _indexer_select_bitonic_kernel[(T,)](
             meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
             H=H, BLOCK_SIZE=block_size, R=max(4, h_pad),  # R=1 hangs triton 3.6's compiler
             TOPK=topk_blocks, K_PAD=k_pad, CH=ch, num_warps=4)

@@ -14,8 +14,8 @@ query tokens. Design:
     for the P @ V tensor-core dot, as in FlashAttention;
   * splits: a small decode batch (T x Hkv programs << #SMs) would leave most SMs idle, so the
     block list is cut into n_splits slices, each producing an unnormalised partial (m, l, acc)
-    that a second tiny kernel merges. Large batches and extend use n_splits = 1 and write the
-    output directly.
+    that a second tiny kernel merges (one program per (token, query head), every split loaded at
+    once). Large batches and extend use n_splits = 1 and write the output directly.
 
 Graph safety: grid = (T, Hkv, n_splits), n_splits a function of (T, Hkv, topk) only; positions
 and rows come from MSAMeta on the device.
@@ -141,36 +141,30 @@ def _sparse_attn_kernel(
 @triton.jit(do_not_specialize=["n_splits"])
 def _sparse_attn_merge_kernel(
     tok_row_ptr, out_ptr, stride_ot, stride_oh, pacc_ptr, pml_ptr, n_splits,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, S_PAD: tl.constexpr,
 ):
-    # One program per (token, KV head): log-sum-exp merge of the split partials.
+    # One program per (token, query head): log-sum-exp merge of its split partials, all splits loaded at once
+    # ([S_PAD, DV] tile) -- a loop over the splits would wait for one load round-trip per split, which is most
+    # of this kernel's time at small batch (bs 1: 16 splits).
     t = tl.program_id(0)
-    h = tl.program_id(1)
+    qh = tl.program_id(1)
     if tl.load(tok_row_ptr + t) < 0:
         return
-    offs_g = tl.arange(0, G_PAD)
-    g_ok = offs_g < GROUP
-    qh = h * GROUP + offs_g
+    s = tl.arange(0, S_PAD)
+    s_ok = s < n_splits
+    prow = ((t * tl.num_programs(1) + qh) * n_splits + s).to(tl.int64)  # [S]
+    m_s = tl.load(pml_ptr + prow * 2, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(pml_ptr + prow * 2 + 1, mask=s_ok, other=0.0)
     offs_dv = tl.arange(0, DV_PAD)
-    mask = g_ok[:, None] & (offs_dv < DV)[None, :]
-    base = ((t * (tl.num_programs(1) * GROUP) + qh) * n_splits).to(tl.int64)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
-    for s in range(0, n_splits):
-        m_s = tl.load(pml_ptr + (base + s) * 2, mask=g_ok, other=float("-inf"))
-        l_s = tl.load(pml_ptr + (base + s) * 2 + 1, mask=g_ok, other=0.0)
-        a_s = tl.load(pacc_ptr + (base + s)[:, None] * DV + offs_dv[None, :], mask=mask, other=0.0)
-        m_new = tl.maximum(m, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        c_old = tl.exp2(m - m_use)
-        c_s = tl.exp2(m_s - m_use)
-        l = l * c_old + l_s * c_s
-        acc = acc * c_old[:, None] + a_s * c_s[:, None]
-        m = m_new
-    o = acc / tl.where(l > 0.0, l, 1.0)[:, None]
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + qh[:, None] * stride_oh + offs_dv[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=mask)
+    dv_ok = offs_dv < DV
+    a_s = tl.load(pacc_ptr + prow[:, None] * DV + offs_dv[None, :], mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
+    m = tl.max(m_s, axis=0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)  # no usable key in any split: avoid inf - inf
+    w = tl.exp2(m_s - m_use)  # [S]; 0 for empty splits
+    l = tl.sum(w * l_s, axis=0)
+    o = tl.sum(w[:, None] * a_s, axis=0) / tl.where(l > 0.0, l, 1.0)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + qh * stride_oh + offs_dv, o.to(out_ptr.dtype.element_ty),
+             mask=dv_ok)
 
 
 def attention_num_splits(num_tokens: int, kv_heads: int, topk: int, device: torch.device) -> tuple[int, int]:
@@ -263,9 +257,9 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
         KV_WIDEN=k_cache.dtype != q.dtype or v_cache.dtype != q.dtype,
         num_warps=4 if g_pad <= 16 else 8, num_stages=common.ATTN_NUM_STAGES)
     if n_splits > 1:
-        _sparse_attn_merge_kernel[(T, hkv)](
+        _sparse_attn_merge_kernel[(T, hq)](
             meta.tok_row, out, out.stride(0), out.stride(1), pacc, pml, n_splits,
-            GROUP=group, G_PAD=g_pad, DV=dv, DV_PAD=dv_pad, num_warps=4)
+            DV=dv, DV_PAD=dv_pad, S_PAD=max(2, common.next_pow2(topk)), num_warps=2)
     return out
 
 
