@@ -109,3 +109,45 @@ def test_hooked_get_moe_configs_answers_our_names_only_while_m3_is_served(tmp_pa
     assert up == ours["256"] and down is None  # nearest M to 200; no _down file: the down GEMM runs the up config
     assert "fused-MoE kernel configs from" in out.stderr and "E=128,N=768" in out.stderr  # the file, logged
     assert out.stderr.count("fused-MoE kernel configs from") == 1  # once
+
+
+# ---- the packaged files ---------------------------------------------------------------------------------------
+
+CONFIG_KEYS = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages"}
+
+
+def test_every_shipped_config_parses_names_an_m3_shape_and_is_package_data():
+    """Each file under sglang_m3/moe_configs/configs: a Triton-version folder, SGLang's name for E = M3's expert
+    count and N = its expert width / TP for TP 1, 2, 4 or 8 (oracle: the release config's numbers through
+    m3_text_view), a JSON map of token counts to complete kernel configs, and matched by pyproject's package-data
+    (so a wheel carries it)."""
+    import fnmatch
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from sglang_m3 import moe_configs
+    from sglang_m3.config import MiniMaxM3Config, m3_text_view
+    from sglang_m3.tiny import build_text_config
+
+    files = sorted(moe_configs.CONFIG_DIR.glob("*/*.json"))
+    if not files:
+        pytest.skip("no fused-MoE configs packaged yet (scripts/gpu_tune_moe.sh makes them)")
+    cfg = MiniMaxM3Config(**build_text_config(real_dims=True))
+    cfg.architectures = ["MiniMaxM3SparseForCausalLM"]
+    view = m3_text_view(cfg)
+    widths = {view.moe_intermediate_size // tp for tp in (1, 2, 4, 8)}
+    package = Path(moe_configs.__file__).resolve().parents[1]
+    patterns = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for f in files:
+        assert re.fullmatch(r"triton_\d+(_\d+)+", f.parent.name), f
+        m = re.fullmatch(r"E=(\d+),N=(\d+),device_name=[^,]+?(,dtype=\w+)?(,block_shape=\[\d+, \d+\])?(_down)?\.json",
+                         f.name)
+        assert m and int(m[1]) == view.num_experts and int(m[2]) in widths, f.name
+        table = json.loads(f.read_text())
+        assert table, f
+        for tokens, config in table.items():
+            assert int(tokens) > 0 and set(config) >= CONFIG_KEYS, (f.name, tokens, config)
+            assert all(isinstance(config[k], int) and config[k] > 0 for k in CONFIG_KEYS), (f.name, tokens)
+        rel = f.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns["sglang_m3"]), rel
