@@ -8,7 +8,9 @@ the compile to an executor and returns at once, and leaving the mode waits for e
 in its JIT cache. ``compile_in_parallel(fn)`` runs ``fn`` once that way -- every launch of ``fn`` becomes a
 submitted compile, nothing runs on the GPU -- so that the real ``fn()`` afterwards finds every kernel compiled.
 ``fn`` must launch the same kernels whatever the values it computes (true of ``kernels.warmup``: no host reads of
-device values), and is called with garbage in every kernel output.
+device values), and is called with garbage in every kernel output: it must not hand a kernel's output to a
+non-Triton op that indexes memory with it (a garbage index there is an illegal access that ends the process).
+``kernels.warmup`` and the wrappers it calls only pass kernel outputs on to other Triton kernels.
 """
 
 from __future__ import annotations
