@@ -161,6 +161,7 @@ class M3SparseAttnBackend(AttentionBackend):
         g = dict(rows=torch.arange(max_bs * n, dtype=torch.int64, device=dev))
         if self.verify_is_chain:
             g["lens"] = tuple(torch.zeros(max_bs, dtype=torch.int32, device=dev) for _ in range(3))
+            _compile_in_parallel(lambda: self._warmup_chain_verify(captured))
             self._warmup_chain_verify(captured)
         else:
             g["r2t"] = torch.zeros((max_bs * n, r2t.shape[1] + 1), dtype=r2t.dtype, device=dev)
