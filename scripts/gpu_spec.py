@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -152,6 +153,9 @@ def main():
                                          "intree_eagle3,intree_ngram")
     ap.add_argument("--budget-s", type=float, default=330, help="skip servers that would start after this")
     args = ap.parse_args()
+    # A step timeout (gpu_round.sh's `timeout`, via gpu_spec.sh) sends SIGTERM: unwind through the `finally` that
+    # stops the running server (its own session, so nothing else would) and trims its log.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +196,7 @@ def main():
             continue
         flags, env = configs[name]
         server = Server(name, ckpt, [*FLAGS, *flags], log_dir=out / "logs", port=30200 + k, env=env)
+        info = None  # this server's measurements so far (kept if the run is interrupted)
         try:
             server.wait(timeout=240)
             use = prompts + rep + long_rep[:1]
@@ -216,7 +221,10 @@ def main():
         finally:
             server.stop()
             trim_log(server)
-        (out / "spec_results.json").write_text(json.dumps(results, indent=1))
+            results["servers"].setdefault(name, {"error": "interrupted (SIGTERM: the step's time limit)",
+                                                 "partial": info,
+                                                 "log": f"logs/server_{name}.log"})
+            (out / "spec_results.json").write_text(json.dumps(results, indent=1))
     results["verdict"] = verdict(results["servers"])
     results["elapsed_s"] = round(time.time() - t_start, 1)
     (out / "spec_results.json").write_text(json.dumps(results, indent=1))

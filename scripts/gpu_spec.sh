@@ -7,4 +7,11 @@
 # $OUT/spec_results.md; everything: $OUT/spec_results.json; each server's whole log: $OUT/logs/server_<name>.log.
 set -uo pipefail
 source scripts/gpu_setup.sh
-python3 scripts/gpu_spec.py --out "$OUT" "$@" 2>&1 | tee "$OUT/spec.log" | tail -40
+# python in the background so a SIGTERM to this script (a step timeout) reaches it: it then stops its server.
+python3 scripts/gpu_spec.py --out "$OUT" "$@" >"$OUT/spec.log" 2>&1 &
+py=$!
+trap 'kill -TERM $py 2>/dev/null; wait $py' TERM INT
+wait $py
+rc=$?
+tail -40 "$OUT/spec.log"
+exit $rc
