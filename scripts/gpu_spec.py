@@ -159,7 +159,8 @@ def main():
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path("/tmp/m3_gpu_spec")
+    # checkpoint and draft per lane: gpu_round.sh's two lanes may run this script side by side
+    work = Path(f"/tmp/m3_gpu_spec_lane{os.environ.get('SGLANG_M3_PORT_LANE', '0')}")
     work.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     ckpt = write_checkpoint(work)
