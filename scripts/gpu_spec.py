@@ -1,8 +1,8 @@
 """Speculative decoding on the GPU: EAGLE3 (random tiny draft) and NGRAM against no speculation, ours and in-tree.
 
-Same tiny checkpoint as gpu_e2e.py (real attention geometry: head/index dim 128, block 128, top-4, so prompts past
-512 tokens are sparse) plus a random EAGLE3 draft (sglang_m3.tiny_eagle3). Servers, in priority order (a time
-budget skips the tail, recorded as skipped):
+The tiny checkpoint of gpu_e2e.py with a 64K context (real attention geometry: head/index dim 128, block 128,
+top-4, so prompts past 512 tokens are sparse) plus a random EAGLE3 draft (sglang_m3.tiny_eagle3). Servers, in
+priority order (a time budget skips the tail, recorded as skipped):
   base            ours, no speculation, CUDA graphs on
   eagle3          ours, EAGLE3 chain (topk 1, 3 steps, 4 draft tokens), graphs on
   ngram           ours, NGRAM (8 draft tokens; its drafts are always a tree), graphs on
@@ -38,13 +38,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_e2e import COMMON_FLAGS, MEAN_TOL, consistency, diff, greedy, prompt, write_checkpoint  # noqa: E402
+from gpu_e2e import CKPT_SHAPE, COMMON_FLAGS, MEAN_TOL, consistency, diff, greedy, prompt  # noqa: E402
 from servers import Server, flush, post  # noqa: E402
 
 PROMPT_LENS = (700, 1500)  # sparse (> top-4 x 128), not multiples of 128
 DECODE = 64
 SPEED_TOKENS = 256
 LONG_LEN = 32_700  # ~32K "code" tokens; not a multiple of the 128-token block (the prefix ends mid-block)
+CONTEXT = 65_536  # the checkpoint's max_position_embeddings (gpu_e2e's tiny one has 8192: too short for LONG_LEN)
 FLAGS = list(COMMON_FLAGS)
 FLAGS[FLAGS.index("--cuda-graph-max-bs") + 1] = "8"  # fewer captures: faster start-up
 
@@ -163,7 +164,10 @@ def main():
     work = Path(f"/tmp/m3_gpu_spec_lane{os.environ.get('SGLANG_M3_PORT_LANE', '0')}")
     work.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    ckpt = write_checkpoint(work)
+    from sglang_m3.tiny import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(work / "ckpt", flat=True, dtype="bfloat16", **CKPT_SHAPE,
+                                 max_position_embeddings=CONTEXT)
     from sglang_m3.tiny_eagle3 import write_tiny_eagle3
 
     draft = write_tiny_eagle3(work / "eagle3", ckpt)
