@@ -293,7 +293,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {i['startup_s']} | {eq} | {dv} | {acc} | {cons} | "
                      f"{sp[0].get('tok_s', sp[0].get('error'))} | {sp[1].get('tok_s')} | "
                      f"{rp.get('tok_s', rp.get('error', ''))} (acc {rp.get('spec_accept_length')}) | "
-                     f"{lg[0].get('tok_s', str(lg[0].get('error'))[:120])} ({_mean(lg[0].get('spec_accept_length'))}) | "
+                     f"{lg[0].get('tok_s', str(lg[0].get('error'))[:120])} "
+                     f"({_mean(lg[0].get('spec_accept_length'))}) | "
                      f"{lg[1].get('tok_s')} ({_mean(lg[1].get('spec_accept_length'))}) |")
     lines += ["", "checks: " + json.dumps(v["checks"])]
     return "\n".join(lines) + "\n"
