@@ -9,7 +9,9 @@ parallel override, so TP8's per-rank GEMMs run on one GPU):
   index heads then sliced to the rank's, a ReplicatedLinear for the index key (3 GEMMs);
 - `fused`: sglang_m3.layers.qkv_index.QKVIndexParallelLinear, one GEMM with [q | k | v | index_q | index_k].
 Each is timed alone (`gemm`) and followed by what the attention layer does next with the outputs (`+norm_rope`:
-per-head Gemma norms of q, k, index q, index k and the partial NeoX RoPE, SGLang's GemmaRMSNorm and get_rope),
+per-head Gemma norms of q, k, index q, index k and the partial NeoX RoPE, SGLang's GemmaRMSNorm and get_rope, as
+sparse layers ran them before item 2; `fused_kernel_norm_rope`: the fused GEMM then sglang_m3's one-launch
+qk_norm_rope_ on its output row, what M3Attention runs now),
 captured in a CUDA graph, median replay time over --iters replays (L2 not flushed: weights of one layer at
 decode sizes stay L2-resident on an H200 only for TP8; the figure is the steady-state per-layer cost).
 Outputs are not compared here (the variants hold different random weights): tests/test_qkv_index.py checks the
@@ -61,6 +63,7 @@ def build(variant: str, dims: dict, tp: int, quant_config, device: str):
 
             def fwd(x):
                 y, _ = layer(x)
+                fwd.y = y  # for the fused norm + RoPE, which works on the whole row
                 return y.split(layer.part_sizes, dim=-1)
         else:
             qkv = QKVParallelLinear(H, D, HQ, KV, bias=False, quant_config=quant_config, prefix="p.qkv_proj")
@@ -106,6 +109,23 @@ def norm_rope(dims: dict, heads: tuple[int, int], device: str):
         ik = norms[3](ik.contiguous())
         iq, ik = rope(pos, iq, ik)
         return q, k, v, iq, ik
+    return apply
+
+
+def fused_norm_rope(dims: dict, heads: tuple[int, int], device: str):
+    """sglang_m3.layers.qk_norm_rope_ on the fused row (what M3Attention runs now): one launch, in place."""
+    from sglang.srt.layers.rotary_embedding import get_rope
+    from sglang_m3.layers.qk_norm_rope import qk_norm_rope_
+
+    D, DI, R = dims["head_dim"], dims["index_dim"], dims["rotary_dim"]
+    hq, kv = heads
+    rope = get_rope(D, rotary_dim=R, max_position=1 << 20, base=5e6, is_neox_style=True).to(device)
+    w = [torch.zeros(D, device=device) for _ in range(4)]
+    iq0 = (hq + 2 * kv) * D
+    groups = [(0, hq, w[0]), (hq * D, kv, w[1]), (iq0, kv, w[2]), (iq0 + kv * DI, 1, w[3])]
+
+    def apply(pos, y):
+        qk_norm_rope_(y, pos, rope.cos_sin_cache, groups, R, 1e-6)
     return apply
 
 
@@ -160,6 +180,8 @@ def main(argv=None) -> int:
         for tp in [int(t) for t in a.tp.split(",")]:
             built = {v: build(v, dims, tp, qcfg, device) for v in ("separate", "fused")}
             nr = norm_rope(dims, built["fused"][2], device)
+            fnr = fused_norm_rope(dims, built["fused"][2], device)
+            fused_fwd = built["fused"][1]
             for T in [int(t) for t in a.tokens.split(",")]:
                 x = torch.randn(T, dims["hidden"], device=device) * 0.5
                 pos = torch.randint(0, 1 << 17, (T,), device=device)
@@ -167,20 +189,29 @@ def main(argv=None) -> int:
                 for v, (_, fwd, _) in built.items():
                     row[f"{v}_gemm_us"] = round(time_us(lambda: fwd(x), a.iters, cuda), 2)
                     row[f"{v}_norm_rope_us"] = round(time_us(lambda: nr(pos, *fwd(x)), a.iters, cuda), 2)
+
+                def fused_all():
+                    fused_fwd(x)
+                    fnr(pos, fused_fwd.y)
+                row["fused_kernel_norm_rope_us"] = round(time_us(fused_all, a.iters, cuda), 2)
                 row["gemm_speedup"] = round(row["separate_gemm_us"] / row["fused_gemm_us"], 3)
                 row["norm_rope_speedup"] = round(row["separate_norm_rope_us"] / row["fused_norm_rope_us"], 3)
+                row["total_speedup"] = round(row["separate_norm_rope_us"] / row["fused_kernel_norm_rope_us"], 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dims": dims, "iters": a.iters,
             "graphs": cuda}
     (a.out / "proj_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Sparse-layer projections, separate (3 GEMMs) vs fused (1 GEMM) — {meta['device']}", "",
-             "| quant | TP | tokens | separate µs | fused µs | ×  | separate +norm/rope µs | fused +norm/rope µs | × |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "GEMM alone; then GEMM + per-head norms + RoPE: SGLang's GemmaRMSNorm/rope per tensor (before: separate, "
+             "after item 2.1: fused GEMM) and sglang-m3's one-launch qk_norm_rope_ (now). × = before ÷ after.", "",
+             "| quant | TP | tokens | separate µs | fused µs | × | separate +norm/rope µs | fused +norm/rope µs | × "
+             "| fused + qk_norm_rope_ µs | × vs before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['quant']} | {r['tp']} | {r['tokens']} | {r['separate_gemm_us']} | {r['fused_gemm_us']} | "
                      f"{r['gemm_speedup']} | {r['separate_norm_rope_us']} | {r['fused_norm_rope_us']} | "
-                     f"{r['norm_rope_speedup']} |")
+                     f"{r['norm_rope_speedup']} | {r['fused_kernel_norm_rope_us']} | {r['total_speedup']} |")
     (a.out / "proj_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

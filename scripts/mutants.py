@@ -101,9 +101,12 @@ MUTANTS = [
            "torch.topk(scores, top_k, dim=-1)",
            ("tests/test_layers.py", "-k", "route or moe")),
     Mutant("rope_not_neox", "RoPE pairs channels GPT-J style (interleaved) instead of NeoX rotate-half",
-           "sglang_m3/model.py",
-           "base=view.rope_theta, is_neox_style=True))",
-           "base=view.rope_theta, is_neox_style=False))",
+           "sglang_m3/layers/qk_norm_rope.py",  # the twin: the CPU path of the fused norm + RoPE
+           "        a, b = z[..., :half], z[..., half:rotary_dim]\n"
+           "        z = torch.cat([a * cos - b * sin, b * cos + a * sin, z[..., rotary_dim:]], dim=-1)\n",
+           "        a, b = z[..., 0:rotary_dim:2], z[..., 1:rotary_dim:2]\n"
+           "        z = torch.cat([torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2),"
+           " z[..., rotary_dim:]], dim=-1)\n",
            ("tests/test_layers.py", "-k", "rope")),
     Mutant("tp_index_head_slice", "every TP rank keeps index heads from 0 instead of those of its KV heads",
            "sglang_m3/layers/qkv_index.py",

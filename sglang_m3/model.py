@@ -29,6 +29,7 @@ from sglang.srt.utils import add_prefix
 from sglang_m3.config import M3TextView, m3_text_view
 from sglang_m3.layers.moe import M3MoE
 from sglang_m3.layers.norm import PerHeadGemmaRMSNorm
+from sglang_m3.layers.qk_norm_rope import qk_norm_rope_
 from sglang_m3.layers.qkv_index import INDEX_PARTS, PARTS, QKV_PARTS, QKVIndexParallelLinear
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP
 from sglang_m3.quant import check_quant_config
@@ -37,8 +38,7 @@ from sglang_m3.quant import check_quant_config
 def _qk_norm_and_rope(view: M3TextView, head_dim: int):
     """Per-head Gemma norms for queries and keys, and the partial NeoX RoPE applied after them (§2.4, §3.1)."""
     return (PerHeadGemmaRMSNorm(head_dim, view.rms_norm_eps), PerHeadGemmaRMSNorm(head_dim, view.rms_norm_eps),
-            get_rope(head_dim, rotary_dim=view.rotary_dim, max_position=view.max_position_embeddings,
-                     base=view.rope_theta, is_neox_style=True))
+            get_rope_of(view, head_dim))
 
 
 class M3Attention(nn.Module):
@@ -58,6 +58,9 @@ class M3Attention(nn.Module):
         self.num_kv_heads = max(1, view.num_kv_heads // tp_size)
         qkv_sizes = [self.num_heads * view.head_dim, self.num_kv_heads * view.head_dim,
                      self.num_kv_heads * view.head_dim]
+        self.eps = view.rms_norm_eps
+        # (rope module, first column, heads, norm module) of q and k in the q/k/v projection's output
+        qk = [("rotary_emb", 0, self.num_heads, "q_norm"), ("rotary_emb", qkv_sizes[0], self.num_kv_heads, "k_norm")]
         self.is_sparse = view.is_sparse(layer_id)
         if self.is_sparse:
             sparse = view.sparse
@@ -70,19 +73,27 @@ class M3Attention(nn.Module):
                                               sparse.index_dim, parts=parts, quant_config=quant,
                                               prefix=add_prefix(name, prefix))
 
+            self.index_q_norm, self.index_k_norm, self.index_rotary_emb = _qk_norm_and_rope(view, sparse.index_dim)
+            index_rope = "index_rotary_emb"
+            if sparse.index_dim == view.head_dim and self.index_rotary_emb is get_rope_of(view, view.head_dim):
+                index_rope = "rotary_emb"  # the same SGLang rope object: index heads join q/k's launch
+            index_cols = self.num_kv_heads * sparse.index_dim
+            index = [(index_rope, 0, self.num_index_heads, "index_q_norm"), (index_rope, index_cols, 1, "index_k_norm")]
             if qkv_quant is index_quant:
                 self.qkv_proj = proj("qkv_proj", PARTS, qkv_quant)
-                self._projections = (("qkv_proj", self.qkv_proj.part_sizes),)
+                shift = sum(qkv_sizes)
+                self._projections = (("qkv_proj", self.qkv_proj.part_sizes,
+                                      _norm_rope_spec(qk + [(r, c + shift, h, n) for r, c, h, n in index])),)
             else:
                 self.qkv_proj = proj("qkv_proj", QKV_PARTS, qkv_quant)
                 self.index_proj = proj("index_proj", INDEX_PARTS, index_quant)
-                self._projections = (("qkv_proj", qkv_sizes), ("index_proj", self.index_proj.part_sizes))
-            self.index_q_norm, self.index_k_norm, self.index_rotary_emb = _qk_norm_and_rope(view, sparse.index_dim)
+                self._projections = (("qkv_proj", qkv_sizes, _norm_rope_spec(qk)),
+                                     ("index_proj", self.index_proj.part_sizes, _norm_rope_spec(index)))
         else:
             self.qkv_proj = QKVParallelLinear(view.hidden_size, view.head_dim, view.num_heads, view.num_kv_heads,
                                               bias=False, quant_config=quant_config,
                                               prefix=add_prefix("qkv_proj", prefix))
-            self._projections = (("qkv_proj", qkv_sizes),)
+            self._projections = (("qkv_proj", qkv_sizes, _norm_rope_spec(qk)),)
         self.o_proj = RowParallelLinear(view.num_heads * view.head_dim, view.hidden_size, bias=False,
                                         quant_config=quant_config, prefix=add_prefix("o_proj", prefix))
         self.q_norm, self.k_norm, self.rotary_emb = _qk_norm_and_rope(view, view.head_dim)
@@ -91,32 +102,42 @@ class M3Attention(nn.Module):
                                    prefix=add_prefix("attn", prefix))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        tokens = x.shape[0]
         parts = []
-        for name, sizes in self._projections:
+        for name, sizes, norm_rope in self._projections:
             y, _ = getattr(self, name)(x)
+            for rope_name, groups in norm_rope:  # per-head Gemma norm, then partial NeoX RoPE (§2.4, §3.1), in place
+                rope = getattr(self, rope_name)
+                qk_norm_rope_(y, positions, rope.cos_sin_cache,
+                              [(col, heads, getattr(self, norm).weight) for col, heads, norm in groups],
+                              rope.rotary_dim, self.eps)
             parts += y.split(sizes, dim=-1)
         q, k, v, *index = parts
-        q = self.q_norm(q.reshape(tokens, self.num_heads, self.head_dim)).reshape(tokens, -1)
-        k = self.k_norm(k.reshape(tokens, self.num_kv_heads, self.head_dim)).reshape(tokens, -1)
-        q, k = self.rotary_emb(positions, q, k)  # norm before rope (§2.4)
         if self.is_sparse:
-            index_q, index_k = self.index_qk(positions, *index)
-            out = self.attn(q, k, v, forward_batch, index_q=index_q, index_k=index_k)
+            index_q, index_k = index
+            out = self.attn(q, k, v, forward_batch, index_q=index_q.view(-1, self.num_index_heads, self.index_dim),
+                            index_k=index_k)
         else:
             out = self.attn(q, k, v, forward_batch)
         out, _ = self.o_proj(out)
         return out
 
-    def index_qk(self, positions: torch.Tensor, index_q: torch.Tensor,
-                 index_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """§3.1 on the projected index rows (`[T, local index heads·Di]`, `[T, Di]`): per-head Gemma norms, then
-        the partial NeoX RoPE → index queries `[T, local index heads, Di]` and the shared index key `[T, Di]`."""
-        tokens = index_q.shape[0]
-        index_q = self.index_q_norm(index_q.reshape(tokens, self.num_index_heads, self.index_dim)).reshape(tokens, -1)
-        index_k = self.index_k_norm(index_k)
-        index_q, index_k = self.index_rotary_emb(positions, index_q, index_k)
-        return index_q.reshape(tokens, self.num_index_heads, self.index_dim), index_k.reshape(tokens, self.index_dim)
+
+def get_rope_of(view: M3TextView, head_dim: int):
+    """SGLang's (cached, shared) rope object for heads of `head_dim` (§2.4: every M3 rope is the same)."""
+    return get_rope(head_dim, rotary_dim=view.rotary_dim, max_position=view.max_position_embeddings,
+                    base=view.rope_theta, is_neox_style=True)
+
+
+def _norm_rope_spec(entries):
+    """[(rope module, first column, heads, norm module)] → [(rope module, [(first column, heads, norm module)])],
+    one launch per rope module (consecutive entries merged)."""
+    spec = []
+    for rope, col, heads, norm in entries:
+        if spec and spec[-1][0] == rope:
+            spec[-1][1].append((col, heads, norm))
+        else:
+            spec.append((rope, [(col, heads, norm)]))
+    return tuple((rope, tuple(groups)) for rope, groups in spec)
 
 
 def _projection_quant(quant_config, prefix: str):
