@@ -48,6 +48,7 @@ LONG_LEN = 32_700  # ~32K "code" tokens; not a multiple of the 128-token block (
 CONTEXT = 65_536  # the checkpoint's max_position_embeddings (gpu_e2e's tiny one has 8192: too short for LONG_LEN)
 FLAGS = list(COMMON_FLAGS)
 FLAGS[FLAGS.index("--cuda-graph-max-bs") + 1] = "8"  # fewer captures: faster start-up
+FLAGS += ["--decode-log-interval", "10"]  # SGLang's "Decode batch" lines say whether each batch ran graphed
 
 
 def repetitive_prompt(n: int, seed: int) -> list[int]:
@@ -137,6 +138,19 @@ def trim_log(server: Server) -> None:
     if len(text) > LOG_HEAD + LOG_TAIL:
         server.log_path.write_text(text[:LOG_HEAD] + f"\n[... {len(text) - LOG_HEAD - LOG_TAIL} characters cut by "
                                    "gpu_spec.trim_log ...]\n" + text[-LOG_TAIL:])
+
+
+def decode_graph_use(log: str) -> dict:
+    """Per #running-req, how many of SGLang's periodic "Decode batch" log lines (0.5.17 metrics_reporter.py: one
+    every --decode-log-interval steps, "..., cuda graph: True|False, ...") ran with the CUDA graph and how many
+    eagerly: tells whether a slow concurrency fell back to eager."""
+    import re
+
+    use: dict = {}
+    for m in re.finditer(r"Decode batch.*?#running-req: (\d+),.*?cuda graph: (True|False)", log):
+        d = use.setdefault(m.group(1), {"graph": 0, "eager": 0})
+        d["graph" if m.group(2) == "True" else "eager"] += 1
+    return use
 
 
 def stage(info: dict, key: str, fn):
@@ -229,6 +243,8 @@ def main():
             results["servers"].setdefault(name, {"error": "interrupted (SIGTERM: the step's time limit)",
                                                  "partial": info,
                                                  "log": f"logs/server_{name}.log"})
+            if server.log_path.exists():
+                results["servers"][name]["decode_graph_use"] = decode_graph_use(server.log())
             (out / "spec_results.json").write_text(json.dumps(results, indent=1))
     results["verdict"] = verdict(results["servers"])
     results["elapsed_s"] = round(time.time() - t_start, 1)
@@ -296,6 +312,10 @@ def markdown(r: dict) -> str:
                      f"{lg[0].get('tok_s', str(lg[0].get('error'))[:120])} "
                      f"({_mean(lg[0].get('spec_accept_length'))}) | "
                      f"{lg[1].get('tok_s')} ({_mean(lg[1].get('spec_accept_length'))}) |")
+    lines += ["", "decode batches logged per #running-req, graphed / eager (SGLang's Decode batch lines):"]
+    lines += [f"- {name}: " + ", ".join(f"{k}: {u['graph']}/{u['eager']}" for k, u in
+                                          sorted(i.get("decode_graph_use", {}).items(), key=lambda kv: int(kv[0])))
+              for name, i in r["servers"].items() if "skipped" not in i]
     lines += ["", "checks: " + json.dumps(v["checks"])]
     return "\n".join(lines) + "\n"
 
