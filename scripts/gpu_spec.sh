@@ -6,7 +6,9 @@
 # the time budget are recorded as skipped (run them in a second call with --servers). Verdict and table:
 # $OUT/spec_results.md; everything: $OUT/spec_results.json; each server's whole log: $OUT/logs/server_<name>.log.
 set -uo pipefail
-source scripts/gpu_setup.sh
+# inside gpu_round.sh (which sets SGLANG_M3_PORT_LANE per step) the round already installed everything; a second
+# pip install into /tmp/site while the other lane's servers import from it would race
+[ -n "${SGLANG_M3_PORT_LANE:-}" ] || source scripts/gpu_setup.sh
 # python in the background so a SIGTERM to this script (a step timeout) reaches it: it then stops its server.
 python3 scripts/gpu_spec.py --out "$OUT" "$@" >"$OUT/spec.log" 2>&1 &
 py=$!
