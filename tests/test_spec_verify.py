@@ -145,14 +145,15 @@ def test_chain_verify_equals_prefill_of_prefix_and_drafts(init_blocks, local_blo
     assert (sel >= 0).sum(-1).max() == topk  # sparse rows exist
 
 
-def test_tree_verify_equals_prefill_of_prefix_and_path():
+@pytest.mark.parametrize("init_blocks,local_blocks", [(0, 1), (1, 1), (0, 2)])
+def test_tree_verify_equals_prefill_of_prefix_and_path(init_blocks, local_blocks):
     g = torch.Generator().manual_seed(7)
     prefix_lens, n, bsz, topk = [17, 10, 26], 8, 4, 3
     trees = [random_tree(n, g) for _ in prefix_lens]
     assert any(t != chain(n) for t in trees)
     b = make_batch(prefix_lens, trees, seed=2)
-    (sel, o), node_lens = run_tree(b, bsz, topk)
-    check_bruteforce(b, sel, o, bsz, topk)
+    (sel, o), node_lens = run_tree(b, bsz, topk, init_blocks, local_blocks)
+    check_bruteforce(b, sel, o, bsz, topk, init_blocks, local_blocks)
     # node x of request i is the last token of prefix + path(x): seq_len + depth + 1 visible keys
     assert node_lens.tolist() == [s + len(path(t, x)) for s, t in zip(prefix_lens, trees) for x in range(n)]
 
@@ -178,6 +179,19 @@ def test_dense_to_sparse_switch_inside_the_draft_at_block_128():
         n_sel = (sel >= 0).sum(-1)
         assert n_sel.min() == 2 and n_sel.max() == 2
         assert (sel[:, :, 0] != 0).any() and (sel[:, :, 0] == 0).any()  # some rows drop block 0
+
+
+def test_prefix_ending_on_a_block_boundary_at_block_128():
+    """Prefixes of exactly 1 and 2 blocks (128, 256): the first draft opens a new block, which is its own local
+    block, so every draft row keeps it; chain and tree."""
+    bsz, topk, n = 128, 2, 6
+    g = torch.Generator().manual_seed(13)
+    for trees, run in (([chain(n)] * 2, "chain"), ([random_tree(n, g), random_tree(n, g)], "tree")):
+        b = make_batch([256, 128], trees, seed=14)
+        sel, o = run_chain(b, bsz, topk) if run == "chain" else run_tree(b, bsz, topk)[0]
+        check_bruteforce(b, sel, o, bsz, topk)
+        first_req = sel[:n]  # prefix 256: 3 blocks seen by every draft, top-2 of them
+        assert ((first_req == 2).any(-1)).all() and (first_req >= 0).sum(-1).eq(2).all()
 
 
 def test_chain_layout_and_tree_rows_agree_on_a_chain():
