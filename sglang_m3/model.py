@@ -28,7 +28,6 @@ from sglang.srt.utils import add_prefix
 
 from sglang_m3.config import M3TextView, m3_text_view
 from sglang_m3.layers.moe import M3MoE
-from sglang_m3.layers.norm import PerHeadGemmaRMSNorm
 from sglang_m3.layers.qk_norm_rope import qk_norm_rope_
 from sglang_m3.layers.qkv_index import INDEX_PARTS, PARTS, QKV_PARTS, QKVIndexParallelLinear
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP
@@ -36,8 +35,10 @@ from sglang_m3.quant import check_quant_config
 
 
 def _qk_norm_and_rope(view: M3TextView, head_dim: int):
-    """Per-head Gemma norms for queries and keys, and the partial NeoX RoPE applied after them (§2.4, §3.1)."""
-    return (PerHeadGemmaRMSNorm(head_dim, view.rms_norm_eps), PerHeadGemmaRMSNorm(head_dim, view.rms_norm_eps),
+    """Per-head Gemma norms for queries and keys (`qk_norm_type: per_head`: one [head_dim] weight shared by every
+    head) and the partial NeoX RoPE applied after them (§2.4, §3.1). Only the norms' weights and the rope's cos/sin
+    cache are used: layers/qk_norm_rope applies both in one launch."""
+    return (GemmaRMSNorm(head_dim, eps=view.rms_norm_eps), GemmaRMSNorm(head_dim, eps=view.rms_norm_eps),
             get_rope_of(view, head_dim))
 
 

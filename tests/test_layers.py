@@ -226,27 +226,6 @@ def test_gemma_rmsnorm_plain_and_fused_residual(sglang_env):
     _far("GemmaRMSNorm fused: norm of x instead of x+residual", ref_gemma_rmsnorm(x, w), ref_gemma_rmsnorm(s, w), 0.1)
 
 
-def test_per_head_gemma_rmsnorm(sglang_env):
-    from sglang_m3.layers.norm import PerHeadGemmaRMSNorm
-
-    T, H, D = 5, 3, 32
-    w = _randn(D, seed=4, scale=0.5)
-    norm = PerHeadGemmaRMSNorm(D, EPS)
-    assert tuple(norm.weight.shape) == (D,)  # one weight shared by every head
-    _load(norm.weight, w)  # arrives in offset form through the weight loader
-    x = _randn(T, H, D, seed=5) * torch.tensor([1.0, 100.0, 1e-2], dtype=torch.float64)[None, :, None]
-    want = torch.stack([ref_gemma_rmsnorm(x[:, h], w) for h in range(H)], dim=1)
-
-    got = norm(x.float())
-    _close("PerHeadGemmaRMSNorm [T,H,D]", got, want, rtol=1e-5, atol=1e-6)
-    # a flattened [T*H, D] input is the same op
-    _close("PerHeadGemmaRMSNorm [T*H,D]", norm(x.float().reshape(T * H, D)), want.reshape(T * H, D),
-           rtol=1e-5, atol=1e-6)
-    # per_layer (M2-style: one RMS over all heads' channels) gives different numbers on this input
-    per_layer = ref_gemma_rmsnorm(x.reshape(T, H * D), w.repeat(H)).reshape(T, H, D)
-    _far("PerHead vs per_layer norm", per_layer, want, 0.1)
-
-
 # ------------------------------------------------------------------------------------------------ RoPE
 
 def test_partial_neox_rope(sglang_env):

@@ -38,7 +38,8 @@ def make_case(T: int, d: int, r: int, heads=(4, 2, 2, 2, 1), seed: int = 0, dtyp
     here from θ = 5e6, and the four norm weights; returns (y, positions, cache, groups)."""
     g = torch.Generator().manual_seed(seed)
     hq, hk, hv, hiq, hik = heads
-    y = (torch.randn(T, sum(heads) * d, generator=g) * torch.rand(T, 1, generator=g) * 3).to(dtype)
+    head_scale = (torch.rand(sum(heads), generator=g) * 4 + 0.1).repeat_interleave(d)  # heads of unlike size
+    y = (torch.randn(T, sum(heads) * d, generator=g) * torch.rand(T, 1, generator=g) * 3 * head_scale).to(dtype)
     positions = torch.randint(0, 4096, (T,), generator=g)
     inv = 5e6 ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
     ang = torch.arange(4096, dtype=torch.float64)[:, None] * inv[None]
@@ -49,23 +50,27 @@ def make_case(T: int, d: int, r: int, heads=(4, 2, 2, 2, 1), seed: int = 0, dtyp
     return y, positions, cache, groups
 
 
+def rotate(z, cs, r):
+    """§2.4 partial NeoX RoPE of float64 head vectors z [T, D] with cos/sin rows cs [T, r] (cos | sin)."""
+    half = r // 2
+    o = z.clone()
+    for i in range(half):
+        c, s = cs[:, i], cs[:, half + i]
+        o[:, i] = z[:, i] * c - z[:, i + half] * s
+        o[:, i + half] = z[:, i + half] * c + z[:, i] * s
+    return o
+
+
 def oracle(y, positions, cache, groups, r):
-    """float64, head by head, pair by pair (§2.2, §2.4)."""
+    """float64, head by head, pair by pair (§2.2 per-head Gemma norm, then §2.4)."""
     out = y.double().clone()
     cs = cache.double()[positions]
-    half = r // 2
     for start, heads, w in groups:
         d = w.numel()
         for h in range(heads):
             cols = slice(start + h * d, start + (h + 1) * d)
             z = y[:, cols].double()
-            z = z / torch.sqrt((z * z).mean(-1, keepdim=True) + EPS) * (1.0 + w.double())
-            o = z.clone()
-            for i in range(half):
-                c, s = cs[:, i], cs[:, half + i]
-                o[:, i] = z[:, i] * c - z[:, i + half] * s
-                o[:, i + half] = z[:, i + half] * c + z[:, i] * s
-            out[:, cols] = o
+            out[:, cols] = rotate(z / torch.sqrt((z * z).mean(-1, keepdim=True) + EPS) * (1.0 + w.double()), cs, r)
     return out
 
 
@@ -83,6 +88,13 @@ def test_twin_against_float64_oracle(d, r):
     swapped = y.clone()
     qk_norm_rope_torch(swapped, pos, cache, [groups[0], (groups[1][0], 2, groups[3][2]), *groups[2:]], r, EPS)
     assert float((swapped.double() - want).abs().max()) > 0.05
+    # per_layer (M2-style: one RMS over all of a group's heads) instead of per_head is far too
+    start, heads, w = groups[0]
+    q = y[:, start:start + heads * d].double()
+    q = q / torch.sqrt((q * q).mean(-1, keepdim=True) + EPS) * (1.0 + w.double()).repeat(heads)
+    cs = cache.double()[pos]
+    per_layer = torch.cat([rotate(q[:, h * d:(h + 1) * d], cs, r) for h in range(heads)], dim=-1)
+    assert float((per_layer - want[:, start:start + heads * d]).abs().max()) > 0.05
 
 
 def test_twin_refuses_bad_groups():
