@@ -30,6 +30,9 @@ if str(REPO) not in sys.path:
 
 from sglang_m3.layers.qk_norm_rope import qk_norm_rope_torch  # noqa: E402
 
+if __name__ != "__main__":  # (the interpreter worker needs no SGLang set-up)
+    from tests.test_layers import sglang_env  # noqa: F401,E402  (fixture: published ServerArgs, for SGLang's layers)
+
 EPS = 1e-6
 
 
@@ -157,11 +160,13 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="needs CUDA")
-def test_kernel_on_gpu_real_dims():
+def test_kernel_on_gpu_real_dims(sglang_env):  # noqa: F811
     """On the GPU at the release's per-rank TP1 shapes (64 q, 4 k, 4 v, 4 index q, 1 index k heads of 128, RoPE on
     64 channels), bf16, positions up to 128K: the kernel within one bf16 ulp of the twin (the twin on the same GPU
-    data), and within two bf16 ulps (plus 1e-3 absolute for values near zero) of the path it replaces, SGLang's
-    GemmaRMSNorm then its CUDA RoPE on the cos/sin cache, each rounding to bf16 (the unfused path rounds twice)."""
+    data), and within 2^-6 of each head's largest magnitude (a few bf16 ulps of it: the rotation mixes a head's
+    channels, so errors scale with the head, not the element) of the path it replaces, SGLang's GemmaRMSNorm then its
+    RoPE on the cos/sin cache, each rounding to bf16 (the unfused path rounds twice; SGLang's CUDA RoPE computes in
+    fp32, so ~2^-8 is expected; even its CPU RoPE, which computes in bf16, stays inside: 0.0143 measured there)."""
     from sglang.srt.layers.layernorm import GemmaRMSNorm
     from sglang.srt.layers.rotary_embedding import get_rope
     from sglang_m3.layers.qk_norm_rope import qk_norm_rope_
@@ -190,8 +195,8 @@ def test_kernel_on_gpu_real_dims():
     iq, ik = rope(pos, normed[2].clone(), normed[3].clone())
     for (s, h, _), z in zip(groups, (q, k, iq, ik)):
         ref[:, s:s + h * d] = z
-    err = (got.double() - ref.double()).abs()
-    bound = 2.0 ** -6 * ref.double().abs() + 1e-3
-    assert bool((err <= bound).all()), f"max err {float(err.max()):.3e}"
+    err = (got.double() - ref.double()).abs().view(T, -1, d)
+    scale = ref.double().abs().view(T, -1, d).amax(-1, keepdim=True)  # per head: rotation mixes its channels
+    assert bool((err <= 2.0 ** -6 * scale).all()), f"max err / head max {float((err / scale).max()):.3e}"
     v = slice((64 + 4) * d, (64 + 8) * d)
     assert torch.equal(got[:, v], y[:, v])
