@@ -92,7 +92,8 @@ def start(name: str, ckpt: Path, work: Path, cache: str, port: int, flags: list[
 
 
 def markdown(res: dict) -> str:
-    out = ["| start | start-up s | capture s | compiles in capture (ours) | their compile s (ours) |", "|---|---|---|---|---|"]
+    out = ["| start | start-up s | capture s | compiles in capture (ours) | their compile s (ours) |",
+           "|---|---|---|---|---|"]
     for name, r in res["runs"].items():
         c = r["compiles"]["in_capture"]
         out.append(f"| {name} | {r['startup_s']} | {r['capture_s']} | {c['compiles']} ({c['ours_compiles']}) | "
