@@ -80,7 +80,6 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from sglang_m3.attention import kernels  # noqa: E402
 
 from kernel_inputs import (HEADS, SMOKE_ATOL, SMOKE_BS, SMOKE_CTX, SMOKE_DECODE_LENS, SMOKE_HEADS,  # noqa: E402
                            SMOKE_PREFILL, cache_bytes, decode_bytes_needed, make_batch)
@@ -119,17 +118,11 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     out_ours, sel_ours = ours.out.clone(), ours.block_topk.clone()
     row["ours_indexer_variant"] = ours.indexer_variant
     del g_ours, g_meta
-    # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection),
-    # and the two-pass one with its earlier pass 2 (bitonic select, INDEXER_SELECT = "bitonic").
-    for two_pass, name, select in ((True, "two_pass", "radix"), (False, "split", "radix"),
-                                   (True, "two_pass_bitonic", "bitonic")):
-        saved, kernels.common.INDEXER_SELECT = kernels.common.INDEXER_SELECT, select
-        try:
-            alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass)
-            alt.prepare()
-            g = capture(alt.indexer)
-        finally:
-            kernels.common.INDEXER_SELECT = saved
+    # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection).
+    for two_pass, name in ((True, "two_pass"), (False, "split")):
+        alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass)
+        alt.prepare()
+        g = capture(alt.indexer)
         row[f"ours_indexer_{name}_us"] = timer.graph_us(g)
         row[f"sel_mismatch_{name}_vs_ours"] = sel_mismatch(alt.block_topk, sel_ours)
         del g, alt

@@ -52,8 +52,8 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer split | two-pass, bitonic select | sel ≠ two-pass / split / bitonic |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "indexer split | sel ≠ two-pass / split |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
                 f"| {r['heads']} | {r['bs']} | {r['context']} | {_f(r.get('ours_meta_us'), '.1f')} | "
@@ -61,9 +61,7 @@ def markdown(res) -> str:
                 f"{_f(r.get('ours_indexer_us'), '.1f')} "
                 f"({r.get('ours_indexer_variant', '?')}) | {_f(r.get('ours_attention_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_us'), '.1f')} | {_f(r.get('ours_indexer_split_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_two_pass_bitonic_us'), '.1f')} | "
-                f"{r.get('sel_mismatch_two_pass_vs_ours', '—')} / {r.get('sel_mismatch_split_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_two_pass_bitonic_vs_ours', '—')} |")
+                f"{r.get('sel_mismatch_two_pass_vs_ours', '—')} / {r.get('sel_mismatch_split_vs_ours', '—')} |")
     if g["prefill"]:
         lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",
                   "| heads | prompt | ours ms | in-tree ms | ours tok/s | in-tree tok/s | speed-up | max abs Δ | sel ≠ |",

@@ -256,31 +256,22 @@ def indexer_two_pass_matches_twin():
 @cpu_case
 def indexer_select_ties():
     """Pass 2 of the two-pass indexer (radix select) picks exactly the split kernel's blocks -- packed-key order,
-    ties to the lower block id -- and the bitonic select's, where block scores tie a lot: index keys rounded to
-    halves (many equal block maxima), all keys equal (every block ties), forced init/local blocks (+inf ties);
-    topk below and above the visible block count. (The twin's torch.topk orders ties arbitrarily, so it is only
-    held to the near-tie allowance.)"""
-    from sglang_m3.attention.kernels import common
-
-    saved = common.INDEXER_SELECT
-    try:
-        for coarse in (True, False):
-            b = make_batch([150, 200, 33, 17], [1] * 4, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=1)
-            if coarse:
-                b["index_k_cache"][:] = torch.round(b["index_k_cache"] * 2)
-                b["index_q"][:] = torch.round(b["index_q"])
-            else:
-                b["index_k_cache"][:] = b["index_k_cache"][:1].clone()
-            for (init_b, local_b), topk in (((0, 0), 5), ((2, 1), 5), ((0, 1), 16)):
-                common.INDEXER_SELECT = "radix"
-                got, want = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=True)
-                split, _ = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
-                common.INDEXER_SELECT = "bitonic"
-                bitonic, _ = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=True)
-                assert torch.equal(got, split) and torch.equal(got, bitonic), (coarse, init_b, local_b, topk)
-                assert_same_selection(got, want, b, 16, 1e-5)
-    finally:
-        common.INDEXER_SELECT = saved
+    ties to the lower block id -- where block scores tie a lot: index keys rounded to halves (many equal block
+    maxima), all keys equal (every block ties), forced init/local blocks (+inf ties); topk below and above the
+    visible block count. (The twin's torch.topk orders ties arbitrarily, so it is only held to the near-tie
+    allowance.)"""
+    for coarse in (True, False):
+        b = make_batch([150, 200, 33, 17], [1] * 4, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=1)
+        if coarse:
+            b["index_k_cache"][:] = torch.round(b["index_k_cache"] * 2)
+            b["index_q"][:] = torch.round(b["index_q"])
+        else:
+            b["index_k_cache"][:] = b["index_k_cache"][:1].clone()
+        for (init_b, local_b), topk in (((0, 0), 5), ((2, 1), 5), ((0, 1), 16)):
+            got, want = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=True)
+            split, _ = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
+            assert torch.equal(got, split), (coarse, init_b, local_b, topk)
+            assert_same_selection(got, want, b, 16, 1e-5)
 
 
 @cpu_case

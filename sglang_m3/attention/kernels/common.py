@@ -49,20 +49,15 @@ INDEXER_PREFETCH_PROGRAMS_PER_SM = 1
 # replay (benchmarks/results/2026-11-30-h200x2/kernel_decode_partial.log), two-pass vs split indexer, us:
 #   bs 1: 26.4 vs 42.0 (32K), 50.3 vs 61.6 (128K); bs 8: 46.8 vs 57.8 (32K), 125.0 vs 108.6 (128K);
 #   bs 32: 106.2 vs 97.2 (32K), 347.6 vs 289.4 (128K).
-# Those two-pass times used the bitonic pass 2, which the window-1 profile put at 20 us a layer at bs 1 x 32K (one
-# program per token; it grows with the context: 2 chunks at 128K). bs 8 was a draw with it (-11 us at 32K, +16 us
-# at 128K); the radix pass 2 (one program per (token, head)) removes most of the context-dependent part, so bs 8
-# is expected to go two-pass -- to be confirmed by the forced-variant columns of benchmarks/kernel_decode.py at
-# bs 8 (bs 2-4 and 9-16 not measured). bs 32: split (pass 1 alone is the larger part there).
+# Those two-pass times used an earlier pass 2 (bitonic tl.topk over packed int64 keys, one program per token).
+# With the radix pass 2 (one program per (token, index head); benchmarks/results/2026-11-30-h200x2-s5/
+# kernel_decode.md), two-pass vs split, us: bs 1: 21.4 vs 40.5 (32K), 35.4 vs 59.7 (128K); bs 8: 41.9 vs 57.0
+# (32K), 106.7 vs 108.4 (128K) -- and vs the bitonic pass 2 it replaced: 26.9, 51.1, 47.3, 126.0 us, same
+# selections. bs 2-4 and 9-16 not measured. bs 32: split (pass 1 alone is the larger part there).
 INDEXER_TWO_PASS_MAX_TILES = 8
 # Pass-1 programs aimed for per SM (a program scores >= 1 key block; programs beyond the token's blocks exit).
 INDEXER_TWO_PASS_PROGRAMS_PER_SM = 8
-# Pass 2 of the two-pass indexer: "radix" (threshold by a 4-bit radix search, then a prefix-sum scatter; one
-# program per (token, index head)) or "bitonic" (tl.topk over packed int64 keys, one program per token: 20 us a
-# layer at bs 1 x 32K on the H200, the largest item of our sparse attention in the window-1 profile). Kept
-# selectable until the two are timed side by side (benchmarks/kernel_decode.py: ours_indexer_two_pass_bitonic_us).
-INDEXER_SELECT = "radix"
-# Block scores per chunk of pass 2 (power of two).
+# Block scores per chunk of pass 2, the radix select (power of two).
 INDEXER_SELECT_CHUNK = 512
 # Attention programs aimed for per SM before the block list is split (1 and 2 measured equal
 # for 64 q heads; 1 is 10% faster for 8 q heads at bs 256).

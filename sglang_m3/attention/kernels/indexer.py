@@ -29,8 +29,7 @@ visible block's score image (int32, the packed key's high word) in a scratch int
 max_blocks = ceil(req_to_token.shape[1] / block_size) -- fixed by the pool's shape, so it is sized once
 at warmup and stays valid for every captured graph. Pass 2 (``_indexer_select_kernel``, one program per
 (token, index head)) finds the k-th largest score image by a 4-bit radix search and takes the blocks above
-it plus the lowest-id blocks equal to it, ids written ascending through a prefix sum (``INDEXER_SELECT =
-"bitonic"``: the earlier pass 2, bitonic tl.topk over packed keys, one program per token). Same keys, same
+it plus the lowest-id blocks equal to it, ids written ascending through a prefix sum. Same keys, same
 order -> the same selection as the split variant.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
@@ -276,40 +275,6 @@ def _indexer_merge_kernel(
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
-def _indexer_select_bitonic_kernel(
-    tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
-    H: tl.constexpr, BLOCK_SIZE: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
-    CH: tl.constexpr,
-):
-    # Pass 2 of the two-pass indexer, INDEXER_SELECT == "bitonic" (H200, bs 1 x 32K, 3 sparse layers: 60 us per
-    # decode step, 20 us a layer -- the largest item of our attention; the radix select below replaces it):
-    # one program per token, rows = index heads. Reads the token's visible
-    # block scores (written by _indexer_kernel with SCORES) CH at a time, packs each with its block id exactly
-    # as the split kernel does (score image << 32 | 2^31 - 1 - id: ties to the lower id) and keeps the TOPK
-    # largest keys, then writes ascending ids, -1 padded. Scratch entries of invisible blocks are never read.
-    t = tl.program_id(0)
-    if tl.load(tok_row_ptr + t) < 0:  # token owned by no request: its out rows stay untouched
-        return
-    nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
-    head = tl.arange(0, R)
-    row_ok = head < H
-    base = (t * H + head).to(tl.int64) * max_blocks  # [R]
-    kcol = tl.arange(0, K_PAD)
-    ccol = tl.arange(0, CH)
-    run = tl.full([R, K_PAD], _MINKEY, tl.int64)  # best TOPK keys so far
-    for c0 in range(0, nb, CH):
-        b = c0 + ccol
-        ok = row_ok[:, None] & (b < nb)[None, :]
-        sk = tl.load(score_ptr + base[:, None] + b[None, :], mask=ok, other=0)
-        cand = (sk.to(tl.int64) << 32) | (b ^ _BIG_ID).to(tl.int64)[None, :]
-        cand = tl.where(ok, cand, _MINKEY)
-        # bitonic top-K_PAD of the chunk, then of (running U chunk's best); sorted descending
-        top = tl.topk(cand, K_PAD, dim=1)
-        run = tl.topk(tl.reshape(tl.join(run, top), [R, 2 * K_PAD]), K_PAD, dim=1)
-    _store_ids(out_ptr, t.to(tl.int64) * stride_ot + head * stride_oh, row_ok, run, kcol, TOPK)
-
-
-@triton.jit(do_not_specialize=["max_blocks"])
 def _indexer_select_kernel(
     tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
     H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
@@ -477,19 +442,12 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         DOT_F32=common.dot_in_fp32(index_k_cache.dtype),
         PREFETCH=n_tiles * n_splits <= common.INDEXER_PREFETCH_PROGRAMS_PER_SM * common.num_sms(dev),
         SCORES=two_pass, num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
-    if two_pass and common.INDEXER_SELECT == "radix":
+    if two_pass:
         # (the interpreter runs the same code on chunks small enough to iterate)
         _indexer_select_kernel[(T, H)](
             meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
             H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
             CH=8 if interp else common.INDEXER_SELECT_CHUNK, num_warps=4)
-    elif two_pass:
-        # (the interpreter runs the same bitonic code, on chunks small enough to be quick and to iterate)
-        ch = max(k_pad, 16 if interp else common.INDEXER_SELECT_CHUNK)
-        _indexer_select_bitonic_kernel[(T,)](
-            meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
-            H=H, BLOCK_SIZE=block_size, R=max(4, h_pad),  # R=1 hangs triton 3.6's compiler
-            TOPK=topk_blocks, K_PAD=k_pad, CH=ch, num_warps=4)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,

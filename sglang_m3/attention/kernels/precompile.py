@@ -2,7 +2,7 @@
 capture time, issue 9 §4).
 
 A cold warm-up compiles its kernel variants one after the other, each on first launch (seconds each; the indexer's
-merge and select kernels, with their bitonic top-k, are the slowest). Triton 3.6 can compile in the background
+merge kernel, with its bitonic top-k, is among the slowest). Triton 3.6 can compile in the background
 (``triton.runtime._async_compile.AsyncCompileMode``): a launch made with ``warmup=True`` under that mode submits
 the compile to an executor and returns at once, and leaving the mode waits for every compile and files each kernel
 in its JIT cache. ``compile_in_parallel(fn)`` runs ``fn`` once that way -- every launch of ``fn`` becomes a
