@@ -23,11 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_timing import capture  # noqa: E402
 
 REAL = dict(hidden=6144, head_dim=128, num_heads=64, num_kv_heads=4, index_dim=128, rotary_dim=64)
 TINY = dict(hidden=256, head_dim=128, num_heads=16, num_kv_heads=4, index_dim=128, rotary_dim=64)
@@ -136,15 +140,7 @@ def time_us(fn, iters: int, cuda: bool) -> float:
         for _ in range(iters):
             fn()
         return (time.perf_counter() - t0) / iters * 1e6
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g = capture(fn)  # kernel_timing's: warm-up on a side stream, then one captured call
     for _ in range(3):
         g.replay()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]

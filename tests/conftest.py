@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,18 @@ def cpu_env(**extra) -> dict:
                PYTHONPATH=os.pathsep.join([str(CPU_SHIM), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env.update(extra)
     return env
+
+
+def interpreted_worker(script, flag: str, timeout: float) -> dict:
+    """Run `python script flag` under the Triton interpreter (TRITON_INTERPRET=1, CPU) from the repo root and
+    return the JSON the worker printed after `@@RESULT@@`; fails the test with the worker's output tail when it
+    printed none (crash, timeout of the kernel interpreter)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(script), flag], cwd=Path(__file__).resolve().parents[1], env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+    assert line, f"worker died (rc={proc.returncode}):\n{proc.stdout[-6000:]}"
+    return json.loads(line[-1][len("@@RESULT@@"):])
 
 
 def free_port() -> int:

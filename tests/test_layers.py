@@ -21,9 +21,7 @@ distributed / model-parallel init, done once by the module-scoped `sglang_env` f
 from __future__ import annotations
 
 import json
-import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -714,12 +712,9 @@ def _fused_moe_worker() -> None:
 
 
 def test_m3moe_cuda_path_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__, "--fused-moe-worker"], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
-    assert line, f"worker died (rc={proc.returncode}):\n{proc.stdout[-6000:]}"
-    r = json.loads(line[-1][len("@@RESULT@@"):])
+    from tests.conftest import interpreted_worker  # not at module level: the worker runs this file as a script
+
+    r = interpreted_worker(__file__, "--fused-moe-worker", timeout=900)
     print(r)
     assert r["rel_err"] < FUSED_TOL and r["rel_err_again"] < FUSED_TOL, r
     # The check can see the bugs it exists for: reading the input after the in-place kernel, the wrong

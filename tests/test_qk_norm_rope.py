@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -139,12 +138,9 @@ def _worker() -> None:
 
 
 def test_triton_kernel_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__, "--worker"], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
-    assert line, f"worker died (rc={proc.returncode}):\n{proc.stdout[-6000:]}"
-    results = json.loads(line[-1][len("@@RESULT@@"):])
+    from tests.conftest import interpreted_worker  # not at module level: the worker runs this file as a script
+
+    results = interpreted_worker(__file__, "--worker", timeout=600)
     print(results)
     assert len(results) == 8
     for name, r in results.items():
