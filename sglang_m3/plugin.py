@@ -197,42 +197,6 @@ def _draft_backends_not_ours(original, factory, server_args, *args, **kwargs):
             getattr(server_args, "decode_attention_backend", None),
             getattr(server_args, "prefill_attention_backend", None), server_args.attention_backend):
         factory.draft_attn_backend = _dense_backend_name(factory.draft_model_runner)
-    if _is_m3(server_args.get_model_config().hf_config):
-        _stand_ins_for_draft_graph_probes()
-
-
-# Backend classes EAGLEWorkerV2._capture_cuda_graphs imports on CUDA only to ask whether the draft-extend backend
-# is one of them (0.5.17 speculative/eagle_worker_v2.py:413-431, `isinstance(self.draft_extend_attn_backend, ...)`).
-DRAFT_GRAPH_PROBES = (
-    ("sglang.srt.layers.attention.dsa_backend", "DeepseekSparseAttnBackend"),
-    ("sglang.srt.layers.attention.deepseek_v4_backend", "DeepseekV4AttnBackend"),
-    ("sglang.srt.layers.attention.flashmla_backend", "FlashMLABackend"),
-)
-
-
-def _stand_ins_for_draft_graph_probes() -> None:
-    """Make the draft-graph capture's backend-type probes importable where their modules are not.
-
-    `dsa_backend` imports deep_gemm unguarded on CUDA (0.5.17 layers/attention/dsa_backend.py:89-90), so on a host
-    without deep_gemm the probe raised ModuleNotFoundError after the draft decode graphs were captured and the
-    scheduler died (H200, session 4: the "-9" of EAGLE3 with graphs; benchmarks/results/2026-11-30-h200x2/
-    spec_results.json, eagle3 log_tail). A backend of a type whose module cannot be imported cannot exist, so a
-    stand-in module with a class nothing is an instance of gives the probe its true answer (not that backend).
-    Modules that import are left untouched.
-    """
-    import importlib
-    import sys
-    import types
-
-    for module_name, class_name in DRAFT_GRAPH_PROBES:
-        try:
-            importlib.import_module(module_name)
-        except ImportError as e:
-            logger.warning("sglang-m3: %s cannot be imported here (%s); the EAGLE draft-graph capture's backend "
-                           "probe gets a stand-in %s that no backend is an instance of.", module_name, e, class_name)
-            stand_in = types.ModuleType(module_name, f"sglang-m3 stand-in: {module_name} is not importable ({e}).")
-            setattr(stand_in, class_name, type(class_name, (), {"__module__": module_name}))
-            sys.modules[module_name] = stand_in
 
 
 def _request_limits(tokenizer_manager, obj):
