@@ -71,8 +71,10 @@ FLAGS[FLAGS.index("--cuda-graph-max-bs") + 1] = "4"
 # name: (checkpoint, extra flags, environment)
 SERVERS = {"ours": ("bf16", [], {}), "intree": ("bf16", [], {"SGLANG_PLUGINS": "none"}),
            "ours_mxfp8": ("mxfp8", [], QUANT_ENV), "ours_fp8": ("bf16", ["--quantization", "fp8"], QUANT_ENV),
-           "ours_fp8kv": ("bf16", ["--kv-cache-dtype", "fp8_e4m3"], {})}
-QUANTIZED = ("ours_mxfp8", "ours_fp8", "ours_fp8kv")
+           "ours_fp8kv": ("bf16", ["--kv-cache-dtype", "fp8_e4m3"], {}),
+           # SGLang's default on sm90 once sgl-deep-gemm imports (a standard install): DeepGEMM's JIT block-FP8 GEMM
+           "ours_mxfp8_deepgemm": ("mxfp8", [], {})}
+QUANTIZED = ("ours_mxfp8", "ours_fp8", "ours_fp8kv", "ours_mxfp8_deepgemm")
 CPU_SERVERS = ("ours", "ours_fp8kv")  # SGLang's CPU engine serves neither fp8 GEMMs nor the in-tree M3's kernels
 CHECKS = ("decode", "radix", "batch", "oov")
 QUANT_BAR_FRACTION = 0.5  # of Δq, added to ours' gap (see the module docstring)

@@ -52,8 +52,9 @@ DECODE_TOKENS = 32
 TOL_FACTOR = 3.0
 FLAGS = ["--attention-backend", "triton", "--cuda-graph-max-bs", "4", "--max-running-requests", "4",
          "--mem-fraction-static", "0.5", "--disable-prefill-cuda-graph"]
-# The block-FP8 GEMM under test is SGLang's Triton one (DeepGEMM would JIT-compile for minutes and is not
-# part of the trimmed GPU install).
+# The block-FP8 GEMM under test is SGLang's Triton one. With sgl-deep-gemm importable (a standard install; `.gpu/c`
+# on our host) SGLang would pick DeepGEMM's JIT GEMM on sm90 instead: scripts/gpu_consistency.py's server
+# ours_mxfp8_deepgemm runs that default path.
 ENV = {"SGLANG_ENABLE_JIT_DEEPGEMM": "0"}
 
 
