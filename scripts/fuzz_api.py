@@ -164,6 +164,8 @@ def build_cases(info: dict) -> list[Case]:
         {"input_ids": p, "sampling_params": {**short, "custom_params": [1]}}, "reject")
     gen("body a JSON list", "types", [1, 2, 3], "reject", True)
     gen("body not JSON", "types", b"{\"input_ids\": [1, 2", "reject", True)
+    for raw, kind in (([1, 2, 3], "array"), ("hello", "string"), (None, "null")):  # SGLang's chat validators: 500
+        cases.append(Case(f"chat body a JSON {kind}", "types", "/v1/chat/completions", raw, "reject", kind == "null"))
     cmpl("max_tokens a string", "types", {"prompt": "hi", "max_tokens": "four"}, "reject", True)
     cmpl("prompt a dict", "types", {"prompt": {"text": "hi"}, "max_tokens": 4}, "reject")
     cmpl("temperature a string", "types", {"prompt": "hi", "max_tokens": 4, "temperature": "x"}, "reject")

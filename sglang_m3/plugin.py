@@ -96,6 +96,8 @@ def register() -> None:
     HookRegistry.register(tokenizer_manager + "generate_request", _check_request_shape, HookType.AROUND)
     HookRegistry.register(tokenizer_manager + "_handle_batch_request", _check_batch_request, HookType.AROUND)
     HookRegistry.register(tokenizer_manager + "_validate_one_request", _check_one_request, HookType.BEFORE)
+    # A chat body that is JSON but not an object fails inside SGLang's own request model (HTTP 500): answer 400 first.
+    HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _json_object_bodies, HookType.BEFORE)
 
 
 def enable() -> None:
@@ -238,6 +240,18 @@ def _check_one_request(tokenizer_manager, obj, input_ids, *args, **kwargs):
     limits = _request_limits(tokenizer_manager, obj)
     if limits:
         check_request(obj, limits, input_ids, tokenized=True)
+
+
+def _json_object_bodies(server_args, *args, **kwargs):
+    """Before the HTTP server starts (its app takes no middleware later): for an M3 server, put
+    request_validation.JsonObjectBody in front of SGLang's routes."""
+    from sglang.srt.entrypoints.http_server import app
+
+    from sglang_m3.request_validation import JsonObjectBody
+
+    if _is_m3(server_args.get_model_config().hf_config) and not any(
+            m.cls is JsonObjectBody for m in app.user_middleware):
+        app.add_middleware(JsonObjectBody)
 
 
 def _eager_prefill(original, server_args):

@@ -269,3 +269,59 @@ def check_shape(obj, limits: Limits) -> None:
         if isinstance(value, list) and (batch is None or len(value) != batch):
             raise M3RequestError(f"{name} is a list of {len(value)}: give one value per prompt "
                                  f"({batch or 'a single prompt takes a single value'})")
+
+
+JSON_OBJECT_ROUTES = ("/v1/chat/completions",)
+
+
+def json_kind(body: bytes) -> Optional[str]:
+    """The JSON type of an HTTP body ("object", "array", "string", "number", "boolean", "null"), or None when it
+    is not JSON (SGLang answers that itself, with 400)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    for kind, types in (("object", dict), ("array", list), ("string", str), ("boolean", bool), ("null", type(None))):
+        if isinstance(value, types):
+            return kind
+    return "number"
+
+
+class JsonObjectBody:
+    """ASGI middleware: a POST to a route of JSON_OBJECT_ROUTES whose body is JSON but not an object gets HTTP 400
+    naming what it got. Why: SGLang 0.5.17's ChatCompletionRequest "before" validators call ``values.get`` on the
+    raw body, so `[1,2]`, `"x"` or `null` raised AttributeError inside pydantic and came back as HTTP 500. The body is
+    read once and handed on unchanged; responses (streams included) pass through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in JSON_OBJECT_ROUTES:
+            return await self.app(scope, receive, send)
+        chunks, message = [], {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return
+            chunks.append(message.get("body", b""))
+        body = b"".join(chunks)
+        kind = json_kind(body)
+        if kind not in (None, "object"):
+            payload = json.dumps({"object": "error", "type": "BadRequestError", "param": None, "code": 400,
+                                  "message": f"The request body must be a JSON object; got a JSON {kind}."}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)

@@ -156,3 +156,15 @@ def test_empty_prompt_anywhere_in_a_batch_is_refused(start_server, flat):
     status, out = _post(server, "/generate", {"input_ids": [list(range(40, 60)), [5]],
                                               "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
     assert status == 200 and [o["meta_info"]["completion_tokens"] for o in out] == [3, 3]
+
+
+def test_chat_body_that_is_not_a_json_object_is_refused_naming_its_type(start_server, flat):
+    """SGLang 0.5.17 answered these with HTTP 500 (its chat request validators call .get on the raw body);
+    the plugin's JsonObjectBody middleware answers 400 first, and the next well-formed chat is served."""
+    server = start_server(flat, "--context-length", "1024")
+    for body, kind in (([1, 2, 3], "array"), ("hello", "string"), (None, "null"), (42, "number"), (True, "boolean")):
+        status, out = _post(server, "/v1/chat/completions", body)
+        assert status == 400 and f"got a JSON {kind}" in out["message"], (body, status, out)
+    status, out = _post(server, "/v1/chat/completions", {"model": "x", "max_tokens": 3,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and out["usage"]["completion_tokens"] == 3, out

@@ -144,3 +144,12 @@ def test_shape_before_normalization():
     assert "image_data" in refused(check_shape, req(text="look", image_data="data:image/png;base64,AAAA"), LIMITS)
     check_shape(req(input_ids=[[5], [6]], sampling_params=[{}, {"max_new_tokens": 3}]), LIMITS)
     check_shape(req(text=["a", "b"], sampling_params={"max_new_tokens": 3}), LIMITS)
+
+
+@pytest.mark.parametrize("body, kind", [(b'{"a": 1}', "object"), (b"[1, 2]", "array"), (b'"x"', "string"),
+                                        (b"null", "null"), (b"4.5", "number"), (b"false", "boolean"),
+                                        (b"{not json", None), (b"", None)])
+def test_json_kind(body, kind):
+    from sglang_m3.request_validation import json_kind
+
+    assert json_kind(body) == kind
