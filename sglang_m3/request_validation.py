@@ -6,8 +6,8 @@ SGLang 0.5.17's tokenizer manager turns a `ValueError` raised while it prepares 
 handle_request`), and a streamed `/generate` into an in-stream error event with code 400. Anything else a bad
 field raises there (TypeError from `SamplingParams(**params)` or from comparing a string with an int) becomes a
 500, and what reaches the scheduler unchecked can end it: an id outside the vocabulary is an out-of-range
-embedding read (IndexError on CPU, a CUDA fault on a GPU), an empty prompt inside a batch is a zero-token extend, a request with input_embeds batched with
-token-id requests is a shape error.
+embedding read (IndexError on CPU, a CUDA fault on a GPU), an empty prompt inside a batch is a zero-token extend,
+a request with input_embeds batched with token-id requests is a shape error.
 SGLang has `TokenizerManager._validate_input_ids_in_vocab` but never calls it (issue 8).
 
 The plugin calls `check_request` from two places (sglang_m3/plugin.py): once per item of a batch before any item
@@ -291,7 +291,8 @@ class JsonObjectBody:
     """ASGI middleware: a POST to a route of JSON_OBJECT_ROUTES whose body is JSON but not an object gets HTTP 400
     naming what it got. Why: SGLang 0.5.17's ChatCompletionRequest "before" validators call ``values.get`` on the
     raw body, so `[1,2]`, `"x"` or `null` raised AttributeError inside pydantic and came back as HTTP 500. The body is
-    read once and handed on unchanged; responses (streams included) pass through untouched."""
+    read once and handed on unchanged (parsed here only when it does not open with "{"); responses (streams
+    included) pass through untouched."""
 
     def __init__(self, app):
         self.app = app
@@ -306,7 +307,8 @@ class JsonObjectBody:
                 return
             chunks.append(message.get("body", b""))
         body = b"".join(chunks)
-        kind = json_kind(body)
+        # A body opening with "{" is an object or not JSON: SGLang's own parse answers it, the hot path parses once.
+        kind = None if body.lstrip()[:1] == b"{" else json_kind(body)
         if kind not in (None, "object"):
             payload = json.dumps({"object": "error", "type": "BadRequestError", "param": None, "code": 400,
                                   "message": f"The request body must be a JSON object; got a JSON {kind}."}).encode()
