@@ -24,8 +24,19 @@ def post(url: str, body: dict | None = None, timeout: float = 600):
     return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in this (main-thread) process, so that a step's time limit (gpu_round.sh's
+    `timeout`) unwinds through the caller's `finally: server.stop()`: the server runs in its own session and would
+    otherwise outlive its caller and keep the GPU's memory from the next step."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 class Server:
     def __init__(self, name: str, model_path: Path, flags, *, log_dir: Path, port: int, env: dict | None = None):
+        _exit_on_sigterm()
         # Parallel lanes of one host (scripts/gpu_round.sh runs one per GPU) use disjoint port ranges.
         port += 1000 * int(os.environ.get("SGLANG_M3_PORT_LANE", "0"))
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
