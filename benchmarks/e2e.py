@@ -111,7 +111,9 @@ def capture_seconds(log: str) -> float | None:
 
 
 def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: Path, port: int, gpus: int = 1,
-               waves: int = WAVES) -> dict:
+               waves: int = WAVES, progress=lambda info: None) -> dict:
+    """Start one server, run the workloads, stop it. `progress(info)` gets the partial result after start-up and
+    after each workload, so a run cut by its time limit keeps what it measured."""
     # A fresh Triton cache per server: start-up and capture are measured cold.
     env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix=f"triton_{name}_")}
     with PeakMemory() as peak:  # nvidia-smi from launch to stop: peak memory per GPU (empty on CPU)
@@ -121,6 +123,7 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
             info = {"startup_s": round(server.startup_s, 1), "capture_s": capture_seconds(server.log()),
                     "weights_gb_per_rank": weight_memory_gb(server.log()),
                     "kv_pool_tokens": kv_pool_tokens(server.log()), "checkpoint": ckpt.name, "workloads": {}}
+            progress(info)
             for wname, workload in workloads.items():
                 try:
                     m = bench(server, ckpt, wname, workload, work, waves)
@@ -128,6 +131,7 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
                     info["workloads"][wname] = m
                 except Exception as e:  # noqa: BLE001 -- one failed workload must not hide the others
                     info["workloads"][wname] = {"error": repr(e)[:500]}
+                progress(info)
         except Exception as e:  # noqa: BLE001
             info = {"error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
         finally:
@@ -226,7 +230,6 @@ def main():
         workloads = {k: workloads[k] for k in args.workloads.split(",")}
     flags = SMOKE_FLAGS if args.smoke else [*GPU_FLAGS, "--tp", str(args.tp)]
     state_path = Path(args.state) if args.state else work / f"e2e_state_{args.layers}l_tp{args.tp}.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}}
 
     names = args.servers.split(",")
     unknown = [n for n in names if n not in SERVER_ENV]
@@ -234,21 +237,25 @@ def main():
         ap.error(f"unknown server label(s) {unknown}; known: {', '.join(SERVER_ENV)}")
     if args.smoke and any(n in SERVER_QUANT for n in names):
         ap.error("--smoke serves the tiny fp32 model on CPU: quantized labels need a GPU")
-    for i, name in enumerate(names):
-        ckpt = checkpoint(work, args.smoke, args.layers, args.dense_layers, SERVER_QUANT.get(name))
-        info = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp, waves=args.waves)
-        # Re-read the state just before writing it: another lane of the same host (gpu_round.sh, same --work) may
-        # have added its server meanwhile (e.g. ours and ours_mxfp8 on the two GPUs at once).
-        if state_path.exists():
-            state = json.loads(state_path.read_text())
+    def save(name: str, info: dict) -> dict:
+        # Re-read the state just before writing it: another lane of the same host (gpu_round.sh, same --state)
+        # may have added its server meanwhile (e.g. ours and the in-tree on the two GPUs at once).
+        state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}}
         earlier = state["servers"].get(name, {}).get("workloads", {})  # a previous call's workloads stay
         state["servers"][name] = {**info, "workloads": {**earlier, **info.get("workloads", {})}}
         state_path.write_text(json.dumps(state, indent=1))
-    results = {"flags": flags, "waves": args.waves, "layers": args.layers, "dense_layers": args.dense_layers,
-               "tp": args.tp, "servers": state["servers"],
-               "compare": compare(state["servers"], workloads)}
-    (out / "e2e.json").write_text(json.dumps(results, indent=1))
-    (out / "e2e.md").write_text(markdown(results))
+        results = {"flags": flags, "waves": args.waves, "layers": args.layers, "dense_layers": args.dense_layers,
+                   "tp": args.tp, "servers": state["servers"], "compare": compare(state["servers"], workloads)}
+        (out / "e2e.json").write_text(json.dumps(results, indent=1))
+        (out / "e2e.md").write_text(markdown(results))
+        return results
+
+    results = None
+    for i, name in enumerate(names):
+        ckpt = checkpoint(work, args.smoke, args.layers, args.dense_layers, SERVER_QUANT.get(name))
+        info = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp, waves=args.waves,
+                          progress=lambda partial, name=name: save(name, partial))
+        results = save(name, info)
     print(markdown(results))
 
 
