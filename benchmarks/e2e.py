@@ -100,8 +100,11 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, wa
     with open(log, "w") as f:
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, timeout=1800)
     m = json.loads(result.read_text().strip().splitlines()[-1])
-    return {k: m[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed", "duration",
-                              "total_input_tokens", "total_output_tokens")}
+    # ITL and end-to-end latency too: a cross-check of the TPOT (SGLang's bench derives it per request from the
+    # latency, TTFT and completion_tokens).
+    return {k: m.get(k) for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms",
+                                  "median_e2e_latency_ms", "completed", "duration", "total_input_tokens",
+                                  "total_output_tokens")}
 
 
 def capture_seconds(log: str) -> float | None:
