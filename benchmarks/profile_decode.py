@@ -34,18 +34,24 @@ from servers import Server, post  # noqa: E402
 
 def kernel_table(trace_dir: Path, steps: int) -> dict:
     """Sum the GPU kernels of every trace under `trace_dir` by name: {name: µs per step}, largest first."""
-    per_name, count = defaultdict(float), 0
+    per_name, calls, count, files = defaultdict(float), defaultdict(int), 0, []
     for path in sorted(trace_dir.rglob("*.json*")):
+        files.append(path.name)
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt") as f:
             trace = json.load(f)
         for ev in trace.get("traceEvents", []):
             if ev.get("cat") == "kernel" and ev.get("ph") == "X":
                 per_name[ev["name"]] += float(ev.get("dur", 0.0))
+                calls[ev["name"]] += 1
                 count += 1
     table = {k: round(v / steps, 2) for k, v in sorted(per_name.items(), key=lambda kv: -kv[1])}
+    # The trace files read and the launch count of the largest kernels: a check of the division by `steps` (the
+    # lm_head GEMM runs once per step, so its count is the number of steps the traces hold).
+    top = list(table)[:8]
     return {"us_per_step": table, "total_us_per_step": round(sum(per_name.values()) / steps, 1),
-            "kernels_per_step": round(count / steps, 1)}
+            "kernels_per_step": round(count / steps, 1), "trace_files": files,
+            "launches_of_largest": {k: calls[k] for k in top}}
 
 
 def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path) -> dict:
