@@ -154,3 +154,70 @@ def test_every_shipped_config_parses_names_an_m3_shape_and_is_package_data():
             assert all(isinstance(v, int) and v > 0 for v in config.values()), (f.name, tokens)
         rel = f.relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(rel, p) for p in patterns["sglang_m3"]), rel
+
+
+# ---- the tuner's block-FP8 case (benchmarks/tune_moe.py) --------------------------------------------------------
+
+@pytest.mark.parametrize("tp", [8, 1])
+def test_tuner_fp8_case_is_what_sglangs_block_fp8_moe_serves_and_its_file_is_found(tmp_path, h200, tp):
+    """The tuner's fp8_w8a8 case against SGLang's own block-FP8 MoE layer as our MXFP8-on-Hopper config builds it
+    (Fp8MoEMethod(Mxfp8AsBlockFp8Config()).create_weights, on the meta device: no memory): same weight and scale
+    shapes and dtypes, and the quant arguments the Triton runner passes (get_triton_quant_info: use_fp8_w8a8,
+    block_shape). The tuner's file names (bf16 and fp8) are the ones sglang_m3.moe_configs.lookup opens for the
+    arguments SGLang's try_get_optimal_moe_config passes (dtype from get_config_dtype_str, block_n/block_k)."""
+    import torch
+    import triton
+    from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe_triton_config import get_config_dtype_str
+    from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
+    from sglang.srt.runtime_context import get_parallel
+
+    from benchmarks import tune_moe
+    from sglang_m3 import moe_configs
+    from sglang_m3.quant import Mxfp8AsBlockFp8Config
+
+    n = 3072 // tp
+    case = tune_moe.Case(tp, "meta", "fp8_w8a8")
+    method = Fp8MoEMethod(Mxfp8AsBlockFp8Config())
+    layer = torch.nn.Module()
+    with torch.device("meta"), get_parallel().override(tp_size=tp, tp_rank=0):  # as on a TP rank
+        method.create_weights(layer, num_experts=128, hidden_size=6144, intermediate_size_per_partition=n,
+                              params_dtype=torch.bfloat16)
+    for ours, sglang in [(case.w1, layer.w13_weight), (case.w2, layer.w2_weight),
+                         (case.w1_scale, layer.w13_weight_scale_inv), (case.w2_scale, layer.w2_weight_scale_inv)]:
+        assert (ours.shape, ours.dtype) == (sglang.shape, sglang.dtype)
+    info = method.get_triton_quant_info(layer)
+    kwargs = case.quant_kwargs()
+    assert info.use_fp8_w8a8 and kwargs["use_fp8_w8a8"] and kwargs["block_shape"] == info.block_shape == [128, 128]
+    assert (case.sglang_dtype, case.block_shape) == (get_config_dtype_str(torch.bfloat16, use_fp8_w8a8=True),
+                                                     info.block_shape)
+    assert all(tune_moe.valid_for_block_fp8(c, info.block_shape) for m in tune_moe.DEFAULT_M
+               for c in tune_moe.candidates(m, "fp8_w8a8"))
+
+    here = tmp_path / f"triton_{triton.__version__.replace('.', '_')}"
+    here.mkdir()
+    table = {"1": tune_moe.candidates(1, "fp8_w8a8")[0]}
+    (here / tune_moe.config_file_name(n, "fp8_w8a8")).write_text(json.dumps(table))
+    block_n, block_k = info.block_shape
+    assert moe_configs.lookup(128, n, case.sglang_dtype, block_n, block_k, config_dir=tmp_path) == {1: table["1"]}
+    assert moe_configs.lookup(128, n, None, 0, 0, config_dir=tmp_path) is None  # bf16 is another file
+    bf16_dir = tmp_path / "bf16"  # another folder: lookup caches the miss above
+    (bf16_dir / here.name).mkdir(parents=True)
+    (bf16_dir / here.name / tune_moe.config_file_name(n, "bf16")).write_text(json.dumps(table))
+    assert moe_configs.lookup(128, n, None, 0, 0, config_dir=bf16_dir) == {1: table["1"]}
+
+
+def test_tuner_candidate_space_respects_block_fp8_tiles_and_budget_order():
+    """Block-FP8 tiles: BLOCK_SIZE_K divides 128; BLOCK_SIZE_N divides 128 or exceeds it (fused_moe_kernel reads
+    one scale per K step and, for N tiles ≤ 128, one per tile). Budget plan: TP8 first, both dtypes per TP, decode
+    M before larger M."""
+    from benchmarks import tune_moe
+
+    assert tune_moe.valid_for_block_fp8(dict(BLOCK_SIZE_N=64, BLOCK_SIZE_K=128))
+    assert tune_moe.valid_for_block_fp8(dict(BLOCK_SIZE_N=256, BLOCK_SIZE_K=64))
+    assert not tune_moe.valid_for_block_fp8(dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=256))
+    assert not tune_moe.valid_for_block_fp8(dict(BLOCK_SIZE_N=96, BLOCK_SIZE_K=128))
+    shapes, passes = tune_moe.plan([8, 4, 2, 1], ["bf16", "fp8_w8a8"], tune_moe.DEFAULT_M)
+    assert shapes[:3] == [("bf16", 8), ("fp8_w8a8", 8), ("bf16", 4)] and len(shapes) == 8
+    assert passes[0][1] == [1, 2, 4, 8, 16, 32, 64, 128, 256] and passes[-1][1] == [512, 1024, 2048, 4096]
+    with pytest.raises(ValueError, match="unknown MoE dtype"):
+        tune_moe.sglang_dtype("fp16")
