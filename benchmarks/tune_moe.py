@@ -35,16 +35,22 @@ its time on); an M once started runs to the end of its candidates unless the who
 what is left to decode sizes a shape's share did not reach (shape order), pass 3 an equal share per shape to the
 larger M. A cut run so covers decode sizes of every shape first; what is not reached is listed per shape.
 
-Candidate space and compile cost: each distinct config compiles twice per dtype (gate-up and down kernels differ
-in constexprs) and again where Triton's integer specialisation changes with M; ~1-3 s per compile on an H200 host.
-bf16: block M by M (each expert sees ~M * 4 / 128 rows), block N 64/128/256, block K 64/128, 4/8 warps, 3 stages:
-20-22 configs per M, ~50 distinct. fp8_w8a8 (block [128, 128]): the kernel reads one activation and one weight
+Candidate space and cost: each distinct config compiles twice per dtype (gate-up and down kernels differ in
+constexprs), and again where Triton's integer specialisation (value 1, multiple of 16) changes with M. Compiling
+every candidate's gate-up kernel for sm90 with the installed Triton 3.6 on a shared 2-core CPU took 0.25 s (bf16)
+and 0.30 s (fp8) per config on average, 3 s at most; the H200 host compiles at least as fast, so compiles cost
+~1-2 min of the run. Timing dominates: ~100 ``fused_experts`` calls per config (warm-up, capture, 8 replays of
+10), an estimated 0.1-0.5 s per config from TP8 decode to TP1 M=256 (not yet measured with graphs), so the
+decode pass should take ~4-6 min for both dtypes.
+bf16: block M by M (each expert sees ~M * 4 / 128 rows), block N 64/128/256, block K 64/128, 4/8 warps, 3 stages,
+less tiles whose pipelined buffers exceed Hopper's 227 KB of shared memory (``pipelined_smem_bytes``): 19-20 configs
+per M, 49 distinct. fp8_w8a8 (block [128, 128]): the kernel reads one activation and one weight
 scale per K step (``offs_ks = k_start // group_k``), so BLOCK_SIZE_K must divide 128; for BLOCK_SIZE_N ≤ group_n
 it reads one weight scale per N tile (``pid_n * BLOCK_SIZE_N // group_n``), so BLOCK_SIZE_N must divide 128, and
-above 128 it indexes per column (any multiple works); SGLang's own default for block quant is BLOCK_SIZE_N =
+above 128 it indexes per column (any multiple works). SGLang's own default for block quant is BLOCK_SIZE_N =
 BLOCK_SIZE_K = 128. We keep block K = 128 only (SGLang's bundled H200 block-FP8 files for E=128 use 128 at every
-M; with 1-byte weights a 64-wide K step halves the bytes per load) and block N 64/128/256: ~10-11 configs per M,
-half of bf16's, so both dtypes × 4 TP shapes reach M = 1..256 within ~420 s including compiles.
+M; with 1-byte weights a 64-wide K step halves the bytes per load) and block N 64/128/256: 10-11 configs per M,
+half of bf16's, so both dtypes × 4 TP shapes reach M = 1..256 within the default 420 s.
 
 Outputs under --out: ``configs/triton_<ver>/<SGLang's name>`` (tuned M values only, written after every M) and
 ``tune_moe.json`` (per shape and M: best config and µs, SGLang's current config and µs, the gain; budget shares;
@@ -70,6 +76,7 @@ GRAPH_CALLS = 10  # fused_experts calls per timed CUDA-graph replay
 DECODE_MAX_M = 256
 DEFAULT_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 DTYPES = ("bf16", "fp8_w8a8")
+HOPPER_SMEM_BYTES = 232448  # sm90 shared memory per block (opt-in), the "Hardware limit" of the H200 run
 FP8_BLOCK = [128, 128]  # [block_n, block_k] of quant.Mxfp8AsBlockFp8Config (weight_block_size)
 
 
@@ -83,11 +90,20 @@ def candidates(m: int, dtype: str = "bf16") -> list[dict]:
             continue
         if bm <= 32 and bn == 256 and warps == 8:
             continue
+        if pipelined_smem_bytes(bm, bn, bk, 3, dtype) > HOPPER_SMEM_BYTES:  # OutOfResources at launch
+            continue
         out.append(dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1 if m <= 64 else 16,
                         num_warps=warps, num_stages=3))
     if dtype == "fp8_w8a8":
         assert all(valid_for_block_fp8(c) for c in out)
     return out
+
+
+def pipelined_smem_bytes(bm: int, bn: int, bk: int, stages: int, dtype: str) -> int:
+    """Shared memory of fused_moe_kernel's pipelined A and B tiles, bytes: stages * (BM*BK + BK*BN) * element size
+    (2 for bf16, 1 for fp8; block scales add ~1 KB). Matches what the H200 run reported for bf16 64x256x128, 3
+    stages ("Required: 245760") and what Triton 3.6 computes when compiling the kernel for sm90."""
+    return stages * (bm * bk + bk * bn) * (1 if dtype == "fp8_w8a8" else 2)
 
 
 def valid_for_block_fp8(config: dict, block_shape=FP8_BLOCK) -> bool:

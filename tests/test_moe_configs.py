@@ -216,6 +216,13 @@ def test_tuner_candidate_space_respects_block_fp8_tiles_and_budget_order():
     assert tune_moe.valid_for_block_fp8(dict(BLOCK_SIZE_N=256, BLOCK_SIZE_K=64))
     assert not tune_moe.valid_for_block_fp8(dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=256))
     assert not tune_moe.valid_for_block_fp8(dict(BLOCK_SIZE_N=96, BLOCK_SIZE_K=128))
+    # the H200 run's OutOfResources for bf16 64x256x128, 3 stages: "Required: 245760, Hardware limit: 232448"
+    assert tune_moe.pipelined_smem_bytes(64, 256, 128, 3, "bf16") == 245760 > tune_moe.HOPPER_SMEM_BYTES == 232448
+    for dtype in tune_moe.DTYPES:
+        for m in tune_moe.DEFAULT_M:
+            assert all(tune_moe.pipelined_smem_bytes(c["BLOCK_SIZE_M"], c["BLOCK_SIZE_N"], c["BLOCK_SIZE_K"],
+                                                     c["num_stages"], dtype) <= 232448
+                       for c in tune_moe.candidates(m, dtype))
     shapes, passes = tune_moe.plan([8, 4, 2, 1], ["bf16", "fp8_w8a8"], tune_moe.DEFAULT_M)
     assert shapes[:3] == [("bf16", 8), ("fp8_w8a8", 8), ("bf16", 4)] and len(shapes) == 8
     assert passes[0][1] == [1, 2, 4, 8, 16, 32, 64, 128, 256] and passes[-1][1] == [512, 1024, 2048, 4096]
