@@ -274,6 +274,81 @@ def indexer_select_ties():
             assert_same_selection(got, want, b, 16, 1e-5)
 
 
+def select_oracle(scores, nb, topk):
+    """Top min(topk, nb) block ids of one int32 score-image row by (score desc, id asc), ascending, -1 padded."""
+    ids = sorted(range(nb), key=lambda i: (-int(scores[i]), i))[:topk]
+    return sorted(ids) + [-1] * (topk - len(ids))
+
+
+@cpu_case
+def indexer_select_variants_exact():
+    """Pass 2 alone, both variants ("radix4", "radix8"), on hand-made int32 score-image rows against a plain sort
+    (score descending, ties to the lower id): full-range random images, images equal in their top 1 / 2 / 3 bytes
+    (every radix round decides), many exact ties, INT32_MIN / INT32_MAX; rows shorter and longer than the
+    interpreter's chunk (8: registers vs chunked loop), nb below / equal / above topk, lengths clipped by
+    max_blocks; a token owned by no request keeps its out row. Then the full two-pass indexer with select="radix8"
+    equals select="radix4" and the split variant exactly on tie-heavy batches, and the twin up to near-ties."""
+    from sglang_m3.attention import kernels as K
+    from sglang_m3.attention.kernels import indexer as I
+
+    g = torch.Generator().manual_seed(11)
+    H, topk, bsz, max_blocks = 2, 5, 4, 23
+    pos = torch.tensor([0, 9, 17, 27, 35, 91, 50, 200, 12], dtype=torch.int32)  # nb 1, 3, 5, 7, 9, 23(clip)...
+    T = pos.numel()
+    rows = torch.arange(T, dtype=torch.int32)
+    rows[6] = -1  # owned by no request
+    base = torch.randint(-2**31, 2**31 - 1, (T, H, max_blocks), generator=g, dtype=torch.int64)
+    sc = base.clone()
+    for t in range(T):
+        kind = t % 5
+        if kind in (1, 2, 3):  # equal top `kind` bytes: later rounds decide
+            keep = 32 - 8 * kind
+            sc[t] = (base[t, :, :1] >> keep << keep) | (base[t] & ((1 << keep) - 1))
+        elif kind == 4:  # heavy ties
+            sc[t] = torch.randint(-2, 2, (H, max_blocks), generator=g) * 1000003
+    sc[0, 0, 0] = 2**31 - 1
+    sc[4, 1, :3] = -2**31
+    sc[4, 0, :] = 2**31 - 1
+    sc = ((sc + 2**31) % 2**32 - 2**31).to(torch.int32)
+    for select in ("radix4", "radix8"):
+        out = torch.full((T, H, topk), 77, dtype=torch.int32)
+        kern = I._indexer_select8_kernel if select == "radix8" else I._indexer_select_kernel
+        kern[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks,
+                     H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8, num_warps=4)
+        for t in range(T):
+            for h in range(H):
+                if rows[t] < 0:
+                    assert (out[t, h] == 77).all(), (select, t)
+                    continue
+                nb = min(int(pos[t]) // bsz + 1, max_blocks)
+                want = select_oracle(sc[t, h].tolist(), nb, topk)
+                assert out[t, h].tolist() == want, (select, t, h, nb, out[t, h].tolist(), want)
+    with pytest.raises(ValueError, match="select must be"):
+        b = make_batch([40], [1], hq=2, hkv=1, d=16, di=16, dv=16, dtype=torch.float32, seed=2)
+        run_both_indexers(b, 16, 3, meta_args=decode_meta(b), two_pass=True, select="radix2")
+    # whole indexer: tie-heavy and plain batches, lengths off the block grid, rows above and below the chunk
+    for coarse in (True, False):
+        b = make_batch([150, 200, 33, 17, 129], [1] * 5, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32,
+                       seed=3)
+        if coarse:
+            b["index_k_cache"][:] = torch.round(b["index_k_cache"] * 2)
+            b["index_q"][:] = torch.round(b["index_q"])
+        for (init_b, local_b), topk in (((0, 1), 3), ((2, 1), 5), ((0, 0), 16)):
+            kw = dict(meta_args=decode_meta(b), two_pass=True)
+            got8, want = run_both_indexers(b, 16, topk, init_b, local_b, select="radix8", **kw)
+            got4, _ = run_both_indexers(b, 16, topk, init_b, local_b, select="radix4", **kw)
+            split, _ = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
+            assert torch.equal(got8, got4) and torch.equal(got8, split), (coarse, init_b, local_b, topk)
+            assert_same_selection(got8, want, b, 16, 1e-5)
+    # extend form, one token per tile, a row owned by no request
+    b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,
+                   extra_rows=1)
+    out = torch.full((b["T"], 2, 3), 77, dtype=torch.int32)
+    got, want = run_both_indexers(b, 16, 3, out=out, two_pass=True, select="radix8")
+    assert (out[-1] == 77).all()
+    assert_same_selection(got[:-1], want[:-1], b, 16, 1e-5)
+
+
 @cpu_case
 def decode_fp32_mqa_splits():
     """TP8-like grouping (2 q heads / 1 kv head, padded to 16 rows), Di 32, block 32, decode form,
@@ -453,7 +528,8 @@ _WORKER_SPLIT = [
      "attention_holes_duplicates_out_of_range"],
     ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
      "graph_style_decode_with_frozen_workspace"],
-    ["indexer_prefetch_variants", "indexer_two_pass_matches_twin", "indexer_select_ties"],
+    ["indexer_prefetch_variants", "indexer_two_pass_matches_twin", "indexer_select_ties",
+     "indexer_select_variants_exact"],
 ]
 assert sorted(sum(_WORKER_SPLIT, [])) == sorted(CPU_CASES)
 
@@ -538,10 +614,14 @@ def check_gpu_indexer_variants(b, got):
     allowance: both compute each block score with the same dot, but they are separately compiled kernels."""
     from sglang_m3.attention import kernels as K
 
-    for two_pass in (True, False):
+    sels = {}
+    for two_pass, select in ((True, "radix4"), (True, "radix8"), (False, None)):
         sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
-                                 topk_blocks=TOPK, two_pass=two_pass)
+                                 topk_blocks=TOPK, two_pass=two_pass, select=select)
         assert_same_selection(sel, got, b, BLOCK, 1e-4)
+        sels[select] = sel
+    # both pass-2 variants select from the same pass-1 score images: exactly equal
+    assert torch.equal(sels["radix8"], sels["radix4"]), "radix8 and radix4 pass 2 differ"
 
 
 @pytest.mark.gpu
@@ -584,14 +664,17 @@ def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-@pytest.mark.parametrize("bs", [4, 24])
-def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
+@pytest.mark.parametrize("bs,select", [(4, "radix4"), (4, "radix8"), (24, "radix4")])
+def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select, monkeypatch):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
-    bs 4 takes the two-pass indexer, bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
+    bs 4 takes the two-pass indexer (with either pass 2, common.INDEXER_SELECT), bs 24 the split one
+    (INDEXER_TWO_PASS_MAX_TILES = 8)."""
     from sglang_m3.attention import kernels as K
     from sglang_m3.attention.kernels import common
+
+    monkeypatch.setattr(common, "INDEXER_SELECT", select)
 
     g = torch.Generator().manual_seed(21)
     sets = [torch.randint(1, 40000, (bs,), generator=g).tolist() for _ in range(3)]
@@ -717,11 +800,11 @@ def test_gpu_decode_timings(capsys):
             sel = torch.empty(bs, hkv, TOPK, dtype=torch.int32, device="cuda")
             out = torch.empty(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
 
-            def idx(two_pass=None):
+            def idx(two_pass=None, select=None):
                 meta = K.prepare_meta(m["req_pool_indices"], m["seq_lens"], None, None, bs, index_heads=hkv,
                                       workspace=ws)
                 K.index_block_topk(b["index_q"], b["index_k_cache"], **m, block_size=BLOCK, topk_blocks=TOPK,
-                                   out=sel, meta=meta, workspace=ws, two_pass=two_pass)
+                                   out=sel, meta=meta, workspace=ws, two_pass=two_pass, select=select)
                 return meta
 
             def attn(meta):
@@ -738,7 +821,8 @@ def test_gpu_decode_timings(capsys):
             both = ""
             if bs <= 32:
                 t2, t1 = (tt.do_bench(lambda v=v: idx(v), warmup=5, rep=30) * 1e3 for v in (True, False))
-                both = f" [two-pass {t2:.1f}, split {t1:.1f}]"
+                t8 = tt.do_bench(lambda: idx(True, "radix8"), warmup=5, rep=30) * 1e3
+                both = f" [two-pass {t2:.1f} (radix8 pass 2: {t8:.1f}), split {t1:.1f}]"
             key_bytes = bs * ctx * HD * 2
             rows.append(f"hq={hq:2d} hkv={hkv} bs={bs:3d} ctx={ctx:6d}: indexer {t_idx:8.1f} us{both} "
                         f"({key_bytes / t_idx / 1e3:6.0f} GB/s of index keys), attention {t_att:7.1f} us")

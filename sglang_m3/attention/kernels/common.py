@@ -59,6 +59,11 @@ INDEXER_TWO_PASS_MAX_TILES = 8
 INDEXER_TWO_PASS_PROGRAMS_PER_SM = 8
 # Block scores per chunk of pass 2, the radix select (power of two).
 INDEXER_SELECT_CHUNK = 512
+# Pass 2 variant: "radix4" (8 rounds of 4-bit digits) or "radix8" (4 rounds of 8-bit digits via tl.histogram, the
+# row held in registers when it has <= INDEXER_SELECT8_CHUNK blocks; a power of two). Same selection; radix8 not
+# yet measured on a GPU.
+INDEXER_SELECT = "radix4"
+INDEXER_SELECT8_CHUNK = 1024
 # Attention programs aimed for per SM before the block list is split (1 and 2 measured equal
 # for 64 q heads; 1 is 10% faster for 8 q heads at bs 256).
 ATTN_PROGRAMS_PER_SM = 1
