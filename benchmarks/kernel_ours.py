@@ -40,10 +40,13 @@ class OursDecode:
 
     ``two_pass`` forces the indexer variant (True: score-then-select, False: split + merge); None takes the
     kernels' shape rule, as the backend does. ``select`` forces the two-pass variant's pass 2 ("radix4" /
-    "radix8"; None: the kernels' default, common.INDEXER_SELECT)."""
+    "radix8"; None: the kernels' default, common.INDEXER_SELECT). ``merge`` forces how the attention's split
+    partials are merged ("launch" / "fused"; None: common.ATTN_MERGE)."""
 
-    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None, select: str | None = None):
+    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None, select: str | None = None,
+                 merge: str | None = None):
         self.geo, self.b, self.kv_store, self.two_pass, self.select = geo, b, kv_store, two_pass, select
+        self.merge = merge
         dev = b.q.device
         # init_cuda_graph_state: compile every variant and size the scratch before capture, then freeze.
         self.ws = kernels.MSAWorkspace(dev)
@@ -54,9 +57,12 @@ class OursDecode:
         self.block_topk = torch.full((b.bs, geo.hkv, geo.topk), -1, dtype=torch.int32, device=dev)
         self.out = torch.empty(b.bs, geo.hq, geo.d, dtype=geo.dtype, device=dev)
         self.meta = None
-        if two_pass is not None:  # warmup followed the shape rule: size the scratch of the forced variant too
+        if two_pass is not None or select is not None or merge is not None:
+            # warmup followed the defaults: size the scratch of the forced variant too
             self.prepare()
             self.indexer()
+            if merge is not None:
+                self.attention()
         self.ws.freeze()
 
     @property
@@ -92,7 +98,7 @@ class OursDecode:
         geo, b = self.geo, self.b
         kernels.sparse_attention(b.q, b.k_cache, b.v_cache, b.req_to_token, b.req_pool_indices, b.seq_lens,
                                  None, None, self.block_topk, block_size=geo.block, sm_scale=geo.sm_scale,
-                                 out=self.out, meta=self.meta, workspace=self.ws)
+                                 out=self.out, meta=self.meta, workspace=self.ws, merge=self.merge)
 
     def stages(self) -> dict:
         return {"store": self.store, "store_unfused": self.store_unfused, "indexer": self.indexer,

@@ -391,6 +391,42 @@ def attention_holes_duplicates_out_of_range():
 
 
 @cpu_case
+def attention_fused_merge():
+    """merge="fused" (the last split of a (token, KV head) merges, found by a ticket counter) against the twin and
+    the two-launch merge: decode and extend forms, 2 / 3 / all-topk splits, odd lists (holes, duplicates, ids
+    beyond the visible blocks, an empty list -> 0), a row owned by no request (out row untouched); repeated calls
+    on one workspace give the same output and leave every counter at 0 (what a graph replay relies on)."""
+    from sglang_m3.attention import kernels as K
+
+    bsz = 8
+    b = make_batch([60, 29, 90], [1, 1, 1], hq=4, hkv=2, d=16, di=16, dv=8, dtype=torch.float32, seed=7,
+                   extra_rows=1)
+    g = torch.Generator().manual_seed(7)
+    sel = torch.randint(-1, 12, (b["T"], 2, 5), generator=g, dtype=torch.int32)
+    sel[0, 0] = torch.tensor([6, 2, 6, -1, 2], dtype=torch.int32)
+    sel[1, 1] = -1  # nothing to attend: output 0
+    ws = K.MSAWorkspace("cpu")
+    for ns in (2, 3, 5):
+        for rep in range(2):
+            out = torch.full((b["T"], 4, 8), 77.0)
+            o, o_ref = run_both_attentions(b, sel, bsz, 0.3, num_splits=ns, merge="fused", workspace=ws, out=out)
+            n = b["T"] - 1
+            torch.testing.assert_close(o[:n], o_ref[:n], rtol=1e-4, atol=1e-4)
+            assert (o[n] == 77).all(), "row owned by no request was written"
+            assert (o[1, 2:] == 0).all()
+            assert (ws._bufs["attn.ticket"] == 0).all(), (ns, rep)
+            o2, _ = run_both_attentions(b, sel, bsz, 0.3, num_splits=ns, merge="launch")
+            torch.testing.assert_close(o[:n], o2[:n], rtol=1e-6, atol=1e-6)
+    lens = [200, 33, 48, 17]
+    b = make_batch(lens, [1] * 4, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=8)
+    got, want = run_both_indexers(b, 16, 4, meta_args=decode_meta(b))
+    o, o_ref = run_both_attentions(b, want, 16, 0.25, meta_args=decode_meta(b), merge="fused", num_splits=4)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="merge must be"):
+        run_both_attentions(b, want, 16, 0.25, merge="twice")
+
+
+@cpu_case
 def block_size_not_power_of_two():
     lens, ext, bsz, topk = [61, 40, 100], [1, 2, 1], 12, 3
     b = make_batch(lens, ext, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=6)
@@ -525,7 +561,7 @@ def store_index_k_matches_twin():
 # Two workers, roughly balanced (interpreter seconds, unloaded 2-core machine).
 _WORKER_SPLIT = [
     ["extend_mixed_fp32_gqa2", "store_index_k_matches_twin", "block_size_not_power_of_two",
-     "attention_holes_duplicates_out_of_range"],
+     "attention_holes_duplicates_out_of_range", "attention_fused_merge"],
     ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
      "graph_style_decode_with_frozen_workspace"],
     ["indexer_prefetch_variants", "indexer_two_pass_matches_twin", "indexer_select_ties",
@@ -605,6 +641,8 @@ def check_gpu(b, hq, **idx_kw):
     assert_same_selection(got[:n], want[:n], b, BLOCK, 1e-4)
     o, o_ref = run_both_attentions(b, want, BLOCK, HD ** -0.5)
     torch.testing.assert_close(o[:n].float(), o_ref[:n].float(), **BF16_TOL)
+    o_f, _ = run_both_attentions(b, want, BLOCK, HD ** -0.5, merge="fused")  # split merge fused, forced
+    torch.testing.assert_close(o_f[:n].float(), o_ref[:n].float(), **BF16_TOL)
     return got, want
 
 
@@ -664,17 +702,19 @@ def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-@pytest.mark.parametrize("bs,select", [(4, "radix4"), (4, "radix8"), (24, "radix4")])
-def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select, monkeypatch):
+@pytest.mark.parametrize("bs,select,merge", [(4, "radix4", "launch"), (4, "radix8", "fused"), (24, "radix4", "launch")])
+def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select, merge, monkeypatch):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
-    bs 4 takes the two-pass indexer (with either pass 2, common.INDEXER_SELECT), bs 24 the split one
-    (INDEXER_TWO_PASS_MAX_TILES = 8)."""
+    bs 4 takes the two-pass indexer (with either pass 2, common.INDEXER_SELECT) and a split attention (with
+    either merge, common.ATTN_MERGE: the fused one's ticket counters must be back at 0 after every call), bs 24
+    the split indexer (INDEXER_TWO_PASS_MAX_TILES = 8)."""
     from sglang_m3.attention import kernels as K
     from sglang_m3.attention.kernels import common
 
     monkeypatch.setattr(common, "INDEXER_SELECT", select)
+    monkeypatch.setattr(common, "ATTN_MERGE", merge)
 
     g = torch.Generator().manual_seed(21)
     sets = [torch.randint(1, 40000, (bs,), generator=g).tolist() for _ in range(3)]
@@ -762,6 +802,8 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select, monkeypatch):
         o_ref = ref.sparse_attention(q, kc, vc, r2t, rpi, seq, torch.ones_like(seq), torch.arange(bs, device="cuda"),
                                      sel_g, block_size=BLOCK, sm_scale=HD ** -0.5)
         torch.testing.assert_close(out_g.float(), o_ref.float(), **BF16_TOL)
+        if merge == "fused":
+            assert (ws._bufs["attn.ticket"] == 0).all(), "ticket counters not reset"
 
 
 @pytest.mark.gpu

@@ -67,6 +67,9 @@ INDEXER_SELECT8_CHUNK = 1024
 # Attention programs aimed for per SM before the block list is split (1 and 2 measured equal
 # for 64 q heads; 1 is 10% faster for 8 q heads at bs 256).
 ATTN_PROGRAMS_PER_SM = 1
+# How split attention partials are merged: "launch" (a second kernel) or "fused" (the last split of each
+# (token, KV head) merges them, found by a ticket counter: one launch fewer). Not yet measured on a GPU.
+ATTN_MERGE = "launch"
 ATTN_NUM_STAGES = 2
 # SM count assumed off-GPU (interpreter).
 _DEFAULT_SMS = 132
@@ -127,7 +130,8 @@ class MSAWorkspace:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+            zero: bool = False) -> Tensor:
         n = 1
         for s in shape:
             n *= int(s)
@@ -138,15 +142,16 @@ class MSAWorkspace:
                 raise RuntimeError(
                     f"MSAWorkspace buffer {name!r} needs {n} x {dtype} but holds {have}; it cannot grow while "
                     "frozen or during CUDA-graph capture: call kernels.warmup(...) with the largest shapes first")
-            buf = torch.empty(max(n, 1), dtype=dtype, device=device)
+            # zero: the buffer starts zeroed (a kernel that keeps it zero between calls, e.g. ticket counters)
+            buf = (torch.zeros if zero else torch.empty)(max(n, 1), dtype=dtype, device=device)
             self._bufs[name] = buf
         return buf[:n].view(shape)
 
 
-def scratch(workspace: MSAWorkspace | None, name: str, shape, dtype, device) -> Tensor:
+def scratch(workspace: MSAWorkspace | None, name: str, shape, dtype, device, zero: bool = False) -> Tensor:
     if workspace is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return workspace.get(name, tuple(shape), dtype, device)
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    return workspace.get(name, tuple(shape), dtype, device, zero)
 
 
 # ----------------------------------------------------------------------------------------------
