@@ -252,7 +252,7 @@ def main():
             ckpt, *FLAGS[FLAGS.index("--enable-custom-logit-processor"):], *flags, log_dir=work / name)
     else:
         ckpts = {"bf16": write_checkpoint(work)}
-        if "ours_mxfp8" in names:  # the same source weights in the MXFP8 release's layout
+        if any(SERVERS[n][0] == "mxfp8" for n in names):  # the same source weights in the MXFP8 release's layout
             from sglang_m3.tiny import write_tiny_checkpoint
 
             ckpts["mxfp8"] = write_tiny_checkpoint(work / "ckpt_mxfp8", flat=True, dtype="bfloat16", quant="mxfp8",
