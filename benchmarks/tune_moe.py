@@ -272,6 +272,27 @@ def dry_run(shapes, passes, ms, budget_s: float) -> None:
         print(f"pass {name}: M {pass_ms}; {share}")
 
 
+def fill_untuned(out: Path, report: dict) -> None:
+    """Complete each written config file with SGLang's own choice (its bundled file's nearest entry, else
+    get_default_config) at every M the budget did not reach, so that shipping the file changes nothing at those M:
+    SGLang takes the nearest M of a file, and without these entries a large prefill chunk would run the config
+    tuned for the largest M reached. Records the entries as report["shapes"][i]["filled"] and rewrites the files
+    and tune_moe.json. Needs SGLang's published config and, off the GPU, its device name patched to
+    report["device"] (what main(--fill-untuned) does); the values equal what the tuner recorded as
+    "sglang_config" on the GPU (checked for every tuned M of the 2026-11-30 H200 run)."""
+    version_dir = f"triton_{report['triton'].replace('.', '_')}"
+    for shape in report["shapes"]:
+        path = out / "configs" / version_dir / shape["file"]
+        if not shape["not_reached"] or not path.is_file():
+            continue
+        case = Case(shape["tp"], "meta", shape["dtype"])  # shapes only: nothing is allocated
+        configs = json.loads(path.read_text())
+        shape["filled"] = {m: case.sglang_current_config(m) for m in shape["not_reached"]}
+        configs.update({str(m): cfg for m, cfg in shape["filled"].items()})
+        path.write_text(json.dumps({k: configs[k] for k in sorted(configs, key=int)}, indent=4))
+    (out / "tune_moe.json").write_text(json.dumps(report, indent=1, default=str))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", default="8,4,2,1", help="TP sizes in priority order (N = 3072 / TP)")
@@ -282,6 +303,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop tuning after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT") or "tune_moe_out")
     ap.add_argument("--dry-run", action="store_true", help="print shapes, file names, space and budget; run nothing")
+    ap.add_argument("--fill-untuned", metavar="DIR", default=None,
+                    help="complete an earlier run's files under DIR (its tune_moe.json) with SGLang's choice at the "
+                         "M values it did not reach (any machine; a GPU run does this itself at the end)")
     args = ap.parse_args(argv)
     tps = parse_list(args.tp, "--tp")
     dtypes = parse_list(args.dtype, "--dtype", str.strip)
@@ -292,6 +316,16 @@ def main(argv=None):
             raise SystemExit(str(e))
     ms = sorted(set(parse_list(args.m, "--m")))
     shapes, passes = plan(tps, dtypes, ms)
+    if args.fill_untuned:
+        from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe_triton_config as sglang_cfg
+        from sglang.srt.runtime_context import publish
+        from sglang.srt.server_args import ServerArgs
+
+        report = json.loads((Path(args.fill_untuned) / "tune_moe.json").read_text())
+        publish(ServerArgs(model_path="dummy", device="cpu", moe_runner_backend="triton"), role="tune_moe")
+        sglang_cfg.get_device_name = lambda: report["device"]  # the tuned GPU's files, looked up from any machine
+        fill_untuned(Path(args.fill_untuned), report)
+        return
     if args.dry_run:
         dry_run(shapes, passes, ms, args.budget_s)
         return
@@ -364,7 +398,7 @@ def main(argv=None):
                 tune(key, m, cases[key])
     for key in shapes:
         entries[key]["not_reached"] = [m for m in ms if m not in entries[key]["m"]]
-    (out / "tune_moe.json").write_text(json.dumps(report, indent=1, default=str))
+    fill_untuned(out, report)
     print(f"wrote {out}/configs/{version_dir}/ and tune_moe.json")
 
 
