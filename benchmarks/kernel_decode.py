@@ -118,25 +118,14 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     out_ours, sel_ours = ours.out.clone(), ours.block_topk.clone()
     row["ours_indexer_variant"] = ours.indexer_variant
     del g_ours, g_meta
-    # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
-    # two-pass also with the other pass 2 ("radix8": 4 rounds of 8-bit digits, a candidate default).
-    for two_pass, select, name in ((True, "radix4", "two_pass"), (True, "radix8", "two_pass_radix8"),
-                                   (False, None, "split")):
-        alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
+    # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection).
+    for two_pass, name in ((True, "two_pass"), (False, "split")):
+        alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass)
         alt.prepare()
         g = capture(alt.indexer)
         row[f"ours_indexer_{name}_us"] = timer.graph_us(g)
         row[f"sel_mismatch_{name}_vs_ours"] = sel_mismatch(alt.block_topk, sel_ours)
         del g, alt
-    # The attention with the split merge fused into the split kernel (merge="fused"), forced, captured alone on
-    # this step's selection; its output must match ours.
-    alt = OursDecode(geo, b, sglang_kv_store(), merge="fused")
-    alt.prepare()
-    alt.block_topk.copy_(sel_ours)
-    g = capture(alt.attention)
-    row["ours_attention_fused_merge_us"] = timer.graph_us(g)
-    row["max_abs_fused_merge_vs_ours"] = max_abs(alt.out, out_ours)
-    del g, alt
 
     if intree is not None:
         intree.reset_autotune()  # tune on this case's inputs (see the module docstring)
@@ -257,21 +246,10 @@ def run_smoke(args, geos):
                 alt = OursDecode(geo, b, sglang_kv_store(), two_pass=ours.indexer_variant != "two-pass")
                 alt.prepare()
                 alt.indexer()
-                # the two-pass indexer with the radix8 pass 2, forced: the same selection again
-                r8 = OursDecode(geo, b, sglang_kv_store(), two_pass=True, select="radix8")
-                r8.prepare()
-                r8.indexer()
-                # the attention with its split merge fused, forced, on our selection: the same output
-                fm = OursDecode(geo, b, sglang_kv_store(), merge="fused")
-                fm.prepare()
-                fm.block_topk.copy_(ours.block_topk)
-                fm.attention()
                 out_in, sel_in = intree.with_selection(lambda: intree.decode_layer(geo, b, args.context_len))
                 rows.append(_check("decode", geo, b, out_ours, ours.block_topk, out_in, sel_in,
                                    indexer_variant=ours.indexer_variant,
-                                   sel_mismatch_other_indexer_variant=sel_mismatch(alt.block_topk, ours.block_topk),
-                                   sel_mismatch_two_pass_radix8=sel_mismatch(r8.block_topk, ours.block_topk),
-                                   max_abs_fused_merge_vs_ours=max_abs(fm.out, out_ours)))
+                                   sel_mismatch_other_indexer_variant=sel_mismatch(alt.block_topk, ours.block_topk)))
         lens, ext = zip(*SMOKE_PREFILL)
         b = make_batch(geo, lens, ext, context_len=args.context_len, device=device, seed=args.seed)
         ours = OursPrefill(geo, b)

@@ -39,14 +39,10 @@ class OursDecode:
     """Our decode path as M3SparseAttnBackend runs it under a captured decode graph (see kernels/__init__.py).
 
     ``two_pass`` forces the indexer variant (True: score-then-select, False: split + merge); None takes the
-    kernels' shape rule, as the backend does. ``select`` forces the two-pass variant's pass 2 ("radix4" /
-    "radix8"; None: the kernels' default, common.INDEXER_SELECT). ``merge`` forces how the attention's split
-    partials are merged ("launch" / "fused"; None: common.ATTN_MERGE)."""
+    kernels' shape rule, as the backend does."""
 
-    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None, select: str | None = None,
-                 merge: str | None = None):
-        self.geo, self.b, self.kv_store, self.two_pass, self.select = geo, b, kv_store, two_pass, select
-        self.merge = merge
+    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None):
+        self.geo, self.b, self.kv_store, self.two_pass = geo, b, kv_store, two_pass
         dev = b.q.device
         # init_cuda_graph_state: compile every variant and size the scratch before capture, then freeze.
         self.ws = kernels.MSAWorkspace(dev)
@@ -57,12 +53,9 @@ class OursDecode:
         self.block_topk = torch.full((b.bs, geo.hkv, geo.topk), -1, dtype=torch.int32, device=dev)
         self.out = torch.empty(b.bs, geo.hq, geo.d, dtype=geo.dtype, device=dev)
         self.meta = None
-        if two_pass is not None or select is not None or merge is not None:
-            # warmup followed the defaults: size the scratch of the forced variant too
+        if two_pass is not None:  # warmup followed the shape rule: size the scratch of the forced variant too
             self.prepare()
             self.indexer()
-            if merge is not None:
-                self.attention()
         self.ws.freeze()
 
     @property
@@ -91,14 +84,13 @@ class OursDecode:
         kernels.index_block_topk(b.index_q, b.index_k_cache, b.req_to_token, b.req_pool_indices, b.seq_lens,
                                  None, None, block_size=geo.block, topk_blocks=geo.topk,
                                  init_blocks=geo.init_blocks, local_blocks=geo.local_blocks,
-                                 out=self.block_topk, meta=self.meta, workspace=self.ws, two_pass=self.two_pass,
-                                 select=self.select)
+                                 out=self.block_topk, meta=self.meta, workspace=self.ws, two_pass=self.two_pass)
 
     def attention(self):
         geo, b = self.geo, self.b
         kernels.sparse_attention(b.q, b.k_cache, b.v_cache, b.req_to_token, b.req_pool_indices, b.seq_lens,
                                  None, None, self.block_topk, block_size=geo.block, sm_scale=geo.sm_scale,
-                                 out=self.out, meta=self.meta, workspace=self.ws, merge=self.merge)
+                                 out=self.out, meta=self.meta, workspace=self.ws)
 
     def stages(self) -> dict:
         return {"store": self.store, "store_unfused": self.store_unfused, "indexer": self.indexer,

@@ -52,22 +52,16 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer two-pass radix8 | indexer split | sel ≠ two-pass / radix8 / split | "
-                  "attention fused merge (max abs Δ) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "indexer split | sel ≠ two-pass / split |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
                 f"| {r['heads']} | {r['bs']} | {r['context']} | {_f(r.get('ours_meta_us'), '.1f')} | "
                 f"{_f(r.get('ours_store_us'), '.1f')} ({_f(r.get('ours_store_unfused_us'), '.1f')}) | "
                 f"{_f(r.get('ours_indexer_us'), '.1f')} "
                 f"({r.get('ours_indexer_variant', '?')}) | {_f(r.get('ours_attention_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_two_pass_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_two_pass_radix8_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_split_us'), '.1f')} | {r.get('sel_mismatch_two_pass_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_two_pass_radix8_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_split_vs_ours', '—')} | "
-                f"{_f(r.get('ours_attention_fused_merge_us'), '.1f')} "
-                f"({_f(r.get('max_abs_fused_merge_vs_ours'), '.1e')}) |")
+                f"{_f(r.get('ours_indexer_two_pass_us'), '.1f')} | {_f(r.get('ours_indexer_split_us'), '.1f')} | "
+                f"{r.get('sel_mismatch_two_pass_vs_ours', '—')} / {r.get('sel_mismatch_split_vs_ours', '—')} |")
     if g["prefill"]:
         lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",
                   "| heads | prompt | ours ms | in-tree ms | ours tok/s | in-tree tok/s | speed-up | max abs Δ | sel ≠ |",
@@ -86,8 +80,6 @@ def markdown(res) -> str:
               "Stage times: `ours_meta_us` is per forward (shared by all sparse layers; one tiny kernel, so it is "
               "also about the fixed cost of timing any captured graph alone); store = the one-launch store_kv_index, "
               "(unfused) = the pool's K/V write + store_index_k; the variant columns force the "
-              "indexer's two-pass (score, then select; radix8: its pass 2 with 8-bit digits, 4 rounds) or "
-              "split (+ merge) kernel, and the attention with its split merge fused (merge=\"fused\"; max abs Δ "
-              "vs the default's output); sel ≠ counts rows whose selection differs from the default variant's "
-              "(must be 0)."]
+              "indexer's two-pass (score, then select) or split (+ merge) kernel; sel ≠ counts rows whose selection "
+              "differs from the default variant's (must be 0)."]
     return "\n".join(lines) + "\n"

@@ -281,14 +281,12 @@ def select_oracle(scores, nb, topk):
 
 
 @cpu_case
-def indexer_select_variants_exact():
-    """Pass 2 alone, both variants ("radix4", "radix8"), on hand-made int32 score-image rows against a plain sort
-    (score descending, ties to the lower id): full-range random images, images equal in their top 1 / 2 / 3 bytes
-    (every radix round decides), many exact ties, INT32_MIN / INT32_MAX; rows shorter and longer than the
-    interpreter's chunk (8: registers vs chunked loop), nb below / equal / above topk, lengths clipped by
-    max_blocks; a token owned by no request keeps its out row. Then the full two-pass indexer with select="radix8"
-    equals select="radix4" and the split variant exactly on tie-heavy batches, and the twin up to near-ties."""
-    from sglang_m3.attention import kernels as K
+def indexer_select_exact():
+    """Pass 2 alone (_indexer_select_kernel, the radix select) on hand-made int32 score-image rows against a plain
+    sort (score descending, ties to the lower id): full-range random images, images equal in their top 1 / 2 / 3
+    bytes (the later radix rounds decide), many exact ties, INT32_MIN / INT32_MAX; rows shorter and longer than
+    the interpreter's chunk (8), nb below / equal / above topk, lengths clipped by max_blocks; a token owned by no
+    request keeps its out row, and nothing is written past a row's topk columns."""
     from sglang_m3.attention.kernels import indexer as I
 
     g = torch.Generator().manual_seed(11)
@@ -310,43 +308,19 @@ def indexer_select_variants_exact():
     sc[4, 1, :3] = -2**31
     sc[4, 0, :] = 2**31 - 1
     sc = ((sc + 2**31) % 2**32 - 2**31).to(torch.int32)
-    for select in ("radix4", "radix8"):
-        out = torch.full((T, H, topk), 77, dtype=torch.int32)
-        kern = I._indexer_select8_kernel if select == "radix8" else I._indexer_select_kernel
-        kern[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks,
-                     H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8, num_warps=4)
-        for t in range(T):
-            for h in range(H):
-                if rows[t] < 0:
-                    assert (out[t, h] == 77).all(), (select, t)
-                    continue
-                nb = min(int(pos[t]) // bsz + 1, max_blocks)
-                want = select_oracle(sc[t, h].tolist(), nb, topk)
-                assert out[t, h].tolist() == want, (select, t, h, nb, out[t, h].tolist(), want)
-    with pytest.raises(ValueError, match="select must be"):
-        b = make_batch([40], [1], hq=2, hkv=1, d=16, di=16, dv=16, dtype=torch.float32, seed=2)
-        run_both_indexers(b, 16, 3, meta_args=decode_meta(b), two_pass=True, select="radix2")
-    # whole indexer: tie-heavy and plain batches, lengths off the block grid, rows above and below the chunk
-    for coarse in (True, False):
-        b = make_batch([150, 200, 33, 17, 129], [1] * 5, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32,
-                       seed=3)
-        if coarse:
-            b["index_k_cache"][:] = torch.round(b["index_k_cache"] * 2)
-            b["index_q"][:] = torch.round(b["index_q"])
-        for (init_b, local_b), topk in (((0, 1), 3), ((2, 1), 5), ((0, 0), 16)):
-            kw = dict(meta_args=decode_meta(b), two_pass=True)
-            got8, want = run_both_indexers(b, 16, topk, init_b, local_b, select="radix8", **kw)
-            got4, _ = run_both_indexers(b, 16, topk, init_b, local_b, select="radix4", **kw)
-            split, _ = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
-            assert torch.equal(got8, got4) and torch.equal(got8, split), (coarse, init_b, local_b, topk)
-            assert_same_selection(got8, want, b, 16, 1e-5)
-    # extend form, one token per tile, a row owned by no request
-    b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,
-                   extra_rows=1)
-    out = torch.full((b["T"], 2, 3), 77, dtype=torch.int32)
-    got, want = run_both_indexers(b, 16, 3, out=out, two_pass=True, select="radix8")
-    assert (out[-1] == 77).all()
-    assert_same_selection(got[:-1], want[:-1], b, 16, 1e-5)
+    padded = torch.full((T, H, topk + 1), 77, dtype=torch.int32)  # a guard column after each out row
+    out = padded[..., :topk]
+    I._indexer_select_kernel[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks,
+                                     H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8, num_warps=4)
+    assert (padded[..., topk] == 77).all(), "pass 2 wrote past its TOPK columns"
+    for t in range(T):
+        for h in range(H):
+            if rows[t] < 0:
+                assert (out[t, h] == 77).all(), t
+                continue
+            nb = min(int(pos[t]) // bsz + 1, max_blocks)
+            want = select_oracle(sc[t, h].tolist(), nb, topk)
+            assert out[t, h].tolist() == want, (t, h, nb, out[t, h].tolist(), want)
 
 
 @cpu_case
@@ -388,42 +362,6 @@ def attention_holes_duplicates_out_of_range():
         o, o_ref = run_both_attentions(b, sel, bsz, 0.3, num_splits=ns)
         torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
     assert (o[1, 2:] == 0).all()
-
-
-@cpu_case
-def attention_fused_merge():
-    """merge="fused" (the last split of a (token, KV head) merges, found by a ticket counter) against the twin and
-    the two-launch merge: decode and extend forms, 2 / 3 / all-topk splits, odd lists (holes, duplicates, ids
-    beyond the visible blocks, an empty list -> 0), a row owned by no request (out row untouched); repeated calls
-    on one workspace give the same output and leave every counter at 0 (what a graph replay relies on)."""
-    from sglang_m3.attention import kernels as K
-
-    bsz = 8
-    b = make_batch([60, 29, 90], [1, 1, 1], hq=4, hkv=2, d=16, di=16, dv=8, dtype=torch.float32, seed=7,
-                   extra_rows=1)
-    g = torch.Generator().manual_seed(7)
-    sel = torch.randint(-1, 12, (b["T"], 2, 5), generator=g, dtype=torch.int32)
-    sel[0, 0] = torch.tensor([6, 2, 6, -1, 2], dtype=torch.int32)
-    sel[1, 1] = -1  # nothing to attend: output 0
-    ws = K.MSAWorkspace("cpu")
-    for ns in (2, 3, 5):
-        for rep in range(2):
-            out = torch.full((b["T"], 4, 8), 77.0)
-            o, o_ref = run_both_attentions(b, sel, bsz, 0.3, num_splits=ns, merge="fused", workspace=ws, out=out)
-            n = b["T"] - 1
-            torch.testing.assert_close(o[:n], o_ref[:n], rtol=1e-4, atol=1e-4)
-            assert (o[n] == 77).all(), "row owned by no request was written"
-            assert (o[1, 2:] == 0).all()
-            assert (ws._bufs["attn.ticket"] == 0).all(), (ns, rep)
-            o2, _ = run_both_attentions(b, sel, bsz, 0.3, num_splits=ns, merge="launch")
-            torch.testing.assert_close(o[:n], o2[:n], rtol=1e-6, atol=1e-6)
-    lens = [200, 33, 48, 17]
-    b = make_batch(lens, [1] * 4, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=8)
-    got, want = run_both_indexers(b, 16, 4, meta_args=decode_meta(b))
-    o, o_ref = run_both_attentions(b, want, 16, 0.25, meta_args=decode_meta(b), merge="fused", num_splits=4)
-    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="merge must be"):
-        run_both_attentions(b, want, 16, 0.25, merge="twice")
 
 
 @cpu_case
@@ -561,11 +499,11 @@ def store_index_k_matches_twin():
 # Two workers, roughly balanced (interpreter seconds, unloaded 2-core machine).
 _WORKER_SPLIT = [
     ["extend_mixed_fp32_gqa2", "store_index_k_matches_twin", "block_size_not_power_of_two",
-     "attention_holes_duplicates_out_of_range", "attention_fused_merge"],
+     "attention_holes_duplicates_out_of_range"],
     ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
      "graph_style_decode_with_frozen_workspace"],
     ["indexer_prefetch_variants", "indexer_two_pass_matches_twin", "indexer_select_ties",
-     "indexer_select_variants_exact"],
+     "indexer_select_exact"],
 ]
 assert sorted(sum(_WORKER_SPLIT, [])) == sorted(CPU_CASES)
 
@@ -641,8 +579,6 @@ def check_gpu(b, hq, **idx_kw):
     assert_same_selection(got[:n], want[:n], b, BLOCK, 1e-4)
     o, o_ref = run_both_attentions(b, want, BLOCK, HD ** -0.5)
     torch.testing.assert_close(o[:n].float(), o_ref[:n].float(), **BF16_TOL)
-    o_f, _ = run_both_attentions(b, want, BLOCK, HD ** -0.5, merge="fused")  # split merge fused, forced
-    torch.testing.assert_close(o_f[:n].float(), o_ref[:n].float(), **BF16_TOL)
     return got, want
 
 
@@ -652,14 +588,10 @@ def check_gpu_indexer_variants(b, got):
     allowance: both compute each block score with the same dot, but they are separately compiled kernels."""
     from sglang_m3.attention import kernels as K
 
-    sels = {}
-    for two_pass, select in ((True, "radix4"), (True, "radix8"), (False, None)):
+    for two_pass in (True, False):
         sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
-                                 topk_blocks=TOPK, two_pass=two_pass, select=select)
+                                 topk_blocks=TOPK, two_pass=two_pass)
         assert_same_selection(sel, got, b, BLOCK, 1e-4)
-        sels[select] = sel
-    # both pass-2 variants select from the same pass-1 score images: exactly equal
-    assert torch.equal(sels["radix8"], sels["radix4"]), "radix8 and radix4 pass 2 differ"
 
 
 @pytest.mark.gpu
@@ -702,19 +634,14 @@ def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-@pytest.mark.parametrize("bs,select,merge", [(4, "radix4", "launch"), (4, "radix8", "fused"), (24, "radix4", "launch")])
-def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select, merge, monkeypatch):
+@pytest.mark.parametrize("bs", [4, 24])
+def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
-    bs 4 takes the two-pass indexer (with either pass 2, common.INDEXER_SELECT) and a split attention (with
-    either merge, common.ATTN_MERGE: the fused one's ticket counters must be back at 0 after every call), bs 24
-    the split indexer (INDEXER_TWO_PASS_MAX_TILES = 8)."""
+    bs 4 takes the two-pass indexer, bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
     from sglang_m3.attention import kernels as K
     from sglang_m3.attention.kernels import common
-
-    monkeypatch.setattr(common, "INDEXER_SELECT", select)
-    monkeypatch.setattr(common, "ATTN_MERGE", merge)
 
     g = torch.Generator().manual_seed(21)
     sets = [torch.randint(1, 40000, (bs,), generator=g).tolist() for _ in range(3)]
@@ -802,8 +729,6 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select, merge, monkeypatch):
         o_ref = ref.sparse_attention(q, kc, vc, r2t, rpi, seq, torch.ones_like(seq), torch.arange(bs, device="cuda"),
                                      sel_g, block_size=BLOCK, sm_scale=HD ** -0.5)
         torch.testing.assert_close(out_g.float(), o_ref.float(), **BF16_TOL)
-        if merge == "fused":
-            assert (ws._bufs["attn.ticket"] == 0).all(), "ticket counters not reset"
 
 
 @pytest.mark.gpu
@@ -842,11 +767,11 @@ def test_gpu_decode_timings(capsys):
             sel = torch.empty(bs, hkv, TOPK, dtype=torch.int32, device="cuda")
             out = torch.empty(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
 
-            def idx(two_pass=None, select=None):
+            def idx(two_pass=None):
                 meta = K.prepare_meta(m["req_pool_indices"], m["seq_lens"], None, None, bs, index_heads=hkv,
                                       workspace=ws)
                 K.index_block_topk(b["index_q"], b["index_k_cache"], **m, block_size=BLOCK, topk_blocks=TOPK,
-                                   out=sel, meta=meta, workspace=ws, two_pass=two_pass, select=select)
+                                   out=sel, meta=meta, workspace=ws, two_pass=two_pass)
                 return meta
 
             def attn(meta):
@@ -863,8 +788,7 @@ def test_gpu_decode_timings(capsys):
             both = ""
             if bs <= 32:
                 t2, t1 = (tt.do_bench(lambda v=v: idx(v), warmup=5, rep=30) * 1e3 for v in (True, False))
-                t8 = tt.do_bench(lambda: idx(True, "radix8"), warmup=5, rep=30) * 1e3
-                both = f" [two-pass {t2:.1f} (radix8 pass 2: {t8:.1f}), split {t1:.1f}]"
+                both = f" [two-pass {t2:.1f}, split {t1:.1f}]"
             key_bytes = bs * ctx * HD * 2
             rows.append(f"hq={hq:2d} hkv={hkv} bs={bs:3d} ctx={ctx:6d}: indexer {t_idx:8.1f} us{both} "
                         f"({key_bytes / t_idx / 1e3:6.0f} GB/s of index keys), attention {t_att:7.1f} us")

@@ -59,17 +59,15 @@ INDEXER_TWO_PASS_MAX_TILES = 8
 INDEXER_TWO_PASS_PROGRAMS_PER_SM = 8
 # Block scores per chunk of pass 2, the radix select (power of two).
 INDEXER_SELECT_CHUNK = 512
-# Pass 2 variant: "radix4" (8 rounds of 4-bit digits) or "radix8" (4 rounds of 8-bit digits via tl.histogram, the
-# row held in registers when it has <= INDEXER_SELECT8_CHUNK blocks; a power of two). Same selection; radix8 not
-# yet measured on a GPU.
-INDEXER_SELECT = "radix4"
-INDEXER_SELECT8_CHUNK = 1024
+# Tried and removed (5c7848a): a pass 2 with 8-bit digits (4 rounds of tl.histogram, the row kept in registers
+# up to 1024 blocks) instead of these 8 rounds of 4 bits. Same selections, but slower on one H200
+# (benchmarks/results/2026-11-30-h200-s6/kernel_decode.md, two-pass indexer, us, 4-bit vs 8-bit): TP1 bs 1 20.2
+# vs 40.4 (32K), 34.5 vs 48.4 (128K); bs 8 41.4 vs 56.9 (32K), 105.3 vs 114.6 (128K); TP8 bs 1 x 32K 19.9 vs 40.8.
+# Not used because it lost in every case; not profiled, but the 512-bin histogram and scan per round evidently
+# cost more than the halved round count saves.
 # Attention programs aimed for per SM before the block list is split (1 and 2 measured equal
 # for 64 q heads; 1 is 10% faster for 8 q heads at bs 256).
 ATTN_PROGRAMS_PER_SM = 1
-# How split attention partials are merged: "launch" (a second kernel) or "fused" (the last split of each
-# (token, KV head) merges them, found by a ticket counter: one launch fewer). Not yet measured on a GPU.
-ATTN_MERGE = "launch"
 ATTN_NUM_STAGES = 2
 # SM count assumed off-GPU (interpreter).
 _DEFAULT_SMS = 132
@@ -130,8 +128,7 @@ class MSAWorkspace:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-            zero: bool = False) -> Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         n = 1
         for s in shape:
             n *= int(s)
@@ -142,16 +139,15 @@ class MSAWorkspace:
                 raise RuntimeError(
                     f"MSAWorkspace buffer {name!r} needs {n} x {dtype} but holds {have}; it cannot grow while "
                     "frozen or during CUDA-graph capture: call kernels.warmup(...) with the largest shapes first")
-            # zero: the buffer starts zeroed (a kernel that keeps it zero between calls, e.g. ticket counters)
-            buf = (torch.zeros if zero else torch.empty)(max(n, 1), dtype=dtype, device=device)
+            buf = torch.empty(max(n, 1), dtype=dtype, device=device)
             self._bufs[name] = buf
         return buf[:n].view(shape)
 
 
-def scratch(workspace: MSAWorkspace | None, name: str, shape, dtype, device, zero: bool = False) -> Tensor:
+def scratch(workspace: MSAWorkspace | None, name: str, shape, dtype, device) -> Tensor:
     if workspace is None:
-        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-    return workspace.get(name, tuple(shape), dtype, device, zero)
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.get(name, tuple(shape), dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------

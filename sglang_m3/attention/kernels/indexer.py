@@ -30,9 +30,7 @@ max_blocks = ceil(req_to_token.shape[1] / block_size) -- fixed by the pool's sha
 at warmup and stays valid for every captured graph. Pass 2 (``_indexer_select_kernel``, one program per
 (token, index head)) finds the k-th largest score image by a 4-bit radix search and takes the blocks above
 it plus the lowest-id blocks equal to it, ids written ascending through a prefix sum. Same keys, same
-order -> the same selection as the split variant. ``select="radix8"`` (``_indexer_select8_kernel``) is the same
-search with 8-bit digits (4 rounds, tl.histogram) and the row kept in registers when it fits one chunk: fewer
-dependent steps for the latency-bound batch-1 case (not measured yet; the default is common.INDEXER_SELECT).
+order -> the same selection as the split variant.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
@@ -337,94 +335,6 @@ def _indexer_select_kernel(
     tl.store(out_row + kcol, tl.full([K_PAD], -1, out_ptr.dtype.element_ty), mask=(kcol >= taken) & (kcol < TOPK))
 
 
-@triton.jit
-def _radix8_hist(sc, ok, level, P: tl.constexpr):
-    # 512-bin histogram of byte P (MSB first) of the score images sc whose higher bytes equal `level`; every other
-    # element goes to bin 256 (ignored), so the count never depends on tl.histogram's mask handling.
-    if P == 0:
-        dig = (sc >> 24) + 128  # signed top byte -> 0..255, order kept
-    else:
-        dig = (sc >> (24 - 8 * P)) & 255
-        ok = ok & ((sc >> (32 - 8 * P)) == level)
-    return tl.histogram(tl.where(ok, dig, 256), 512)
-
-
-@triton.jit
-def _radix8_digit(hist, need, level, P: tl.constexpr):
-    # tau's byte P: the largest digit d with (blocks whose digit >= d) >= need; the blocks strictly above d are
-    # all picked, so `need` drops by their count. Returns (need, level with d appended).
-    bins = tl.arange(0, 512)
-    h = tl.where(bins < 256, hist, 0)
-    ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # blocks with digit >= bin
-    d = tl.max(tl.where((ge >= need) & (bins < 256), bins, -1), axis=0)
-    need -= tl.sum(tl.where(bins == d, ge - h, 0), axis=0)
-    if P == 0:
-        level = d - 128
-    else:
-        level = level * 256 + d
-    return need, level
-
-
-@triton.jit
-def _take_chunk(out_row, b, sc, ok, level, need, taken, eq_seen, TOPK: tl.constexpr):
-    # Final pass over one chunk of blocks: every block above tau, and the lowest-id ones equal to it while
-    # `need` lasts, stored at the running pick count (prefix sum) so the ids come out ascending. (The column
-    # bound only matters if tau were wrong: then the row is wrong but nothing is written outside it.)
-    eq = (ok & (sc == level)).to(tl.int32)
-    pick = (ok & (sc > level)) | ((eq_seen + tl.cumsum(eq, axis=0) - eq < need) & (eq != 0))
-    pk = pick.to(tl.int32)
-    col = taken + tl.cumsum(pk, axis=0) - pk
-    tl.store(out_row + col, b.to(out_row.dtype.element_ty), mask=pick & (col < TOPK))
-    return taken + tl.sum(pk, axis=0), eq_seen + tl.sum(eq, axis=0)
-
-
-@triton.jit(do_not_specialize=["max_blocks"])
-def _indexer_select8_kernel(
-    tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
-    H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
-):
-    # Pass 2, "radix8" variant: the same selection as _indexer_select_kernel (same threshold tau, same tie rule,
-    # same output), with a shorter dependent chain. Why it should be faster at batch 1: pass 2 then runs on only
-    # T x H programs (4 at TP1 bs 1), so its time is the length of its chain of dependent steps, not bandwidth.
-    # The 4-bit kernel has 8 rounds, each re-reading the row from L2 and reducing a [CH, 16] compare across the
-    # program's warps; here a round decides 8 bits (4 rounds) with tl.histogram (shared-memory counts, no [CH, 256]
-    # tensor), and when the row fits one chunk (nb <= CH: every block of a 128K context at CH 1024) it is loaded
-    # once and kept in registers for all rounds and the final pass. Longer rows take the chunked loop (re-reads).
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    if tl.load(tok_row_ptr + t) < 0:  # token owned by no request: its out row stays untouched
-        return
-    nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
-    row = score_ptr + (t * H + h).to(tl.int64) * max_blocks
-    out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
-    offs = tl.arange(0, CH)
-    need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's bytes so far
-    level = nb * 0  # tau >> (the bits not decided yet), signed
-    taken = nb * 0
-    eq_seen = nb * 0
-    if nb <= CH:
-        ok = offs < nb
-        sc = tl.load(row + offs, mask=ok, other=0)
-        for p in tl.static_range(4):
-            need, level = _radix8_digit(_radix8_hist(sc, ok, level, p), need, level, p)
-        taken, eq_seen = _take_chunk(out_row, offs, sc, ok, level, need, taken, eq_seen, TOPK)
-    else:
-        for p in tl.static_range(4):
-            hist = tl.zeros([512], tl.int32)
-            for c0 in range(0, nb, CH):
-                b = c0 + offs
-                ok = b < nb
-                hist += _radix8_hist(tl.load(row + b, mask=ok, other=0), ok, level, p)
-            need, level = _radix8_digit(hist, need, level, p)
-        for c0 in range(0, nb, CH):
-            b = c0 + offs
-            ok = b < nb
-            taken, eq_seen = _take_chunk(out_row, b, tl.load(row + b, mask=ok, other=0), ok, level, need,
-                                         taken, eq_seen, TOPK)
-    kcol = tl.arange(0, K_PAD)
-    tl.store(out_row + kcol, tl.full([K_PAD], -1, out_ptr.dtype.element_ty), mask=(kcol >= taken) & (kcol < TOPK))
-
-
 def indexer_num_splits(num_tiles: int, device: torch.device) -> int:
     """Key-range splits per tile: a few programs per SM (latency hiding), capped (merge cost)."""
     target = common.INDEXER_PROGRAMS_PER_SM * common.num_sms(device)
@@ -448,8 +358,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                      extend_start_loc: Tensor | None, *, block_size: int, topk_blocks: int,
                      init_blocks: int = 0, local_blocks: int = 1, out: Tensor | None = None,
                      meta: MSAMeta | None = None, workspace: MSAWorkspace | None = None,
-                     num_splits: int | None = None, two_pass: bool | None = None,
-                     select: str | None = None) -> Tensor:
+                     num_splits: int | None = None, two_pass: bool | None = None) -> Tensor:
     """Triton twin of ``reference.index_block_topk`` (same arguments, result and ``out`` semantics).
 
     Extra keyword arguments (all optional):
@@ -461,9 +370,6 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                     Two-pass needs one token per tile (decode-shaped batches); its block-score scratch is
                     int32 [T, H, ceil(req_to_token.shape[1] / block_size)], so under a frozen workspace
                     ``warmup`` must have seen a req_to_token of the same width (its ``context_len``).
-      select     -- pass 2 of the two-pass variant: "radix4" (``_indexer_select_kernel``, 8 rounds of 4 bits) or
-                    "radix8" (``_indexer_select8_kernel``, 4 rounds of 8 bits, row held in registers); None:
-                    ``common.INDEXER_SELECT``. Same selection either way; ignored by the split variant.
     Both variants give identical results (same block scores, same packed-key order).
     ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
     Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
@@ -510,9 +416,6 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     tiles = [t if t is not None else meta.tok_row for t in
              (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
     interp = common.interpret_mode()
-    select = common.INDEXER_SELECT if select is None else select
-    if select not in ("radix4", "radix8"):
-        raise ValueError(f"select must be 'radix4' or 'radix8', got {select!r}")
     if two_pass:
         max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
         n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
@@ -541,16 +444,10 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         SCORES=two_pass, num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
     if two_pass:
         # (the interpreter runs the same code on chunks small enough to iterate)
-        if select == "radix8":
-            _indexer_select8_kernel[(T, H)](
-                meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
-                H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
-                CH=8 if interp else common.INDEXER_SELECT8_CHUNK, num_warps=4)
-        else:
-            _indexer_select_kernel[(T, H)](
-                meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
-                H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
-                CH=8 if interp else common.INDEXER_SELECT_CHUNK, num_warps=4)
+        _indexer_select_kernel[(T, H)](
+            meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
+            H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
+            CH=8 if interp else common.INDEXER_SELECT_CHUNK, num_warps=4)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,

@@ -16,12 +16,6 @@ query tokens. Design:
     block list is cut into n_splits slices, each producing an unnormalised partial (m, l, acc)
     that a second tiny kernel merges (one program per (token, query head), every split loaded at
     once). Large batches and extend use n_splits = 1 and write the output directly.
-    ``merge="fused"`` (common.ATTN_MERGE; not the default until measured): no second launch -- the split
-    that finishes last for a (token, KV head), told by an atomic ticket counter in the workspace (reset
-    by that split, so graph replays start from 0), merges the partials of the group's query heads.
-    Why it may win: at batch 1 the step is latency-bound and the merge launch costs about as much as
-    the attention itself (profile, bs 1 x 32K: ~6.4 vs ~5.3 us per layer); the price is a serial tail
-    in one program per (token, KV head) that reads every split's [group, Dv] partial.
 
 Graph safety: grid = (T, Hkv, n_splits), n_splits a function of (T, Hkv, topk) only; positions
 and rows come from MSAMeta on the device.
@@ -57,11 +51,9 @@ def _sparse_attn_kernel(
     out_ptr, stride_ot, stride_oh,               # out [T, Hq, DV] (n_splits == 1)
     pacc_ptr, pml_ptr,                           # partials: acc [T, Hq, S, DV], (m, l) [T, Hq, S, 2]
     n_splits, per_split, qk_scale, v_scale,
-    ticket_ptr,                                  # int32 [T, Hkv], all 0 between calls (FUSED_MERGE)
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BN: tl.constexpr,
     TOPK: tl.constexpr, K_PAD: tl.constexpr, DOT_F32: tl.constexpr, KV_WIDEN: tl.constexpr,
-    FUSED_MERGE: tl.constexpr = False, S_PAD: tl.constexpr = 2,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -144,34 +136,6 @@ def _sparse_attn_kernel(
         tl.store(pacc_ptr + prow[:, None] * DV + offs_dv[None, :], acc, mask=g_ok[:, None] & dv_ok[None, :])
         tl.store(pml_ptr + prow * 2, m_i, mask=g_ok)
         tl.store(pml_ptr + prow * 2 + 1, l_i, mask=g_ok)
-        if FUSED_MERGE:
-            # The split that finishes last merges the (token, KV head)'s partials itself, instead of a second
-            # launch: a ticket counter per (token, KV head). The barrier completes every thread's partial stores
-            # before the (one-thread) acq_rel atomic releases them; the winner's acquire makes all splits' stores
-            # visible, and it resets the counter so the next call (a graph replay) starts from 0 again.
-            tl.debug_barrier()
-            tick = ticket_ptr + t * tl.num_programs(1) + h
-            if tl.atomic_add(tick, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-                tl.atomic_xchg(tick, 0, sem="relaxed", scope="gpu")
-                p0 = prow - split  # [G] split 0 of each head
-                offs_s = tl.arange(0, S_PAD)
-                ms_ok = g_ok[:, None] & (offs_s[None, :] < n_splits)
-                m_s = tl.load(pml_ptr + (p0[:, None] + offs_s[None, :]) * 2, mask=ms_ok, other=float("-inf"),
-                              cache_modifier=".cg")  # [G, S]
-                l_s = tl.load(pml_ptr + (p0[:, None] + offs_s[None, :]) * 2 + 1, mask=ms_ok, other=0.0,
-                              cache_modifier=".cg")
-                m = tl.max(m_s, axis=1)
-                m_use = tl.where(m == float("-inf"), 0.0, m)  # no usable key in any split: avoid inf - inf
-                w = tl.exp2(m_s - m_use[:, None])  # [G, S]; 0 for empty splits
-                l = tl.sum(w * l_s, axis=1)
-                o = tl.zeros([G_PAD, DV_PAD], tl.float32)
-                for sp in range(0, n_splits):
-                    a = tl.load(pacc_ptr + (p0 + sp)[:, None] * DV + offs_dv[None, :],
-                                mask=g_ok[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
-                    o += tl.sum(tl.where(offs_s[None, :] == sp, w, 0.0), axis=1)[:, None] * a
-                o = o / tl.where(l > 0.0, l, 1.0)[:, None]
-                tl.store(out_ptr + t.to(tl.int64) * stride_ot + qh[:, None] * stride_oh + offs_dv[None, :],
-                         o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["n_splits"])
@@ -182,6 +146,13 @@ def _sparse_attn_merge_kernel(
     # One program per (token, query head): log-sum-exp merge of its split partials, all splits loaded at once
     # ([S_PAD, DV] tile) -- a loop over the splits would wait for one load round-trip per split, which is most
     # of this kernel's time at small batch (bs 1: 16 splits).
+    # Tried and removed (9b53dff): no second launch -- the split finishing last for a (token, KV head), told by an
+    # atomic ticket counter in the workspace, merged the partials. Same outputs, but on one H200 (attention stage
+    # alone, us, launched vs fused; benchmarks/results/2026-11-30-h200-s6/kernel_decode.md) it was slower where it
+    # was meant to help: TP1 bs 1 13.0 vs 15.5 (32K), 12.9 vs 15.4 (128K); TP8 bs 1 11.6 vs 13.3, bs 8 14.3 vs
+    # 16.2 (32K); only TP1 bs 8 / 32 x 32K gained (25.6 vs 24.6, 53.4 vs 50.2); bs 128 equal. Not used: the
+    # saved launch is cheap inside a CUDA graph, while the fused tail (barrier, atomic, then one program per KV
+    # head reading every split of its query heads) is serial -- a likely cause, not profiled.
     t = tl.program_id(0)
     qh = tl.program_id(1)
     if tl.load(tok_row_ptr + t) < 0:
@@ -217,13 +188,10 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
                      extend_start_loc: Tensor | None, block_topk: Tensor, *, block_size: int,
                      sm_scale: float, out: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
                      meta: MSAMeta | None = None, workspace: MSAWorkspace | None = None,
-                     num_splits: int | None = None, merge: str | None = None) -> Tensor:
+                     num_splits: int | None = None) -> Tensor:
     """Triton twin of ``reference.sparse_attention`` (same arguments, result and ``out`` semantics).
 
-    Extra keyword arguments as for ``index_block_topk`` (meta, workspace, num_splits), and ``merge``: how split
-    partials are merged -- "launch" (``_sparse_attn_merge_kernel``, a second launch) or "fused" (the last split
-    of each (token, KV head) merges, found by a ticket counter kept in the workspace, int32 [T, Hkv], zero between
-    calls); None: ``common.ATTN_MERGE``. Raises ValueError for another value. Returns
+    Extra keyword arguments as for ``index_block_topk`` (meta, workspace, num_splits). Returns
     [T, Hq, Dv] in q.dtype; accumulation is fp32, P is rounded to the V dtype for the P @ V dot.
     Caches of another dtype than q -- fp8 (float8_e4m3fn, --kv-cache-dtype fp8_e4m3) -- are widened to
     q.dtype on load (exact) and dequantized with the per-tensor k_scale / v_scale (host floats, so fixed
@@ -274,16 +242,11 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
     else:
         per = triton.cdiv(topk, max(1, min(num_splits, topk)))
         n_splits = triton.cdiv(topk, per)
-    merge = common.ATTN_MERGE if merge is None else merge
-    if merge not in ("launch", "fused"):
-        raise ValueError(f"merge must be 'launch' or 'fused', got {merge!r}")
-    fused = merge == "fused" and n_splits > 1
     if n_splits > 1:
         pacc = common.scratch(workspace, "attn.acc", (T, hq, n_splits, dv), torch.float32, dev)
         pml = common.scratch(workspace, "attn.ml", (T, hq, n_splits, 2), torch.float32, dev)
     else:
         pacc = pml = out
-    ticket = common.scratch(workspace, "attn.ticket", (T, hkv), torch.int32, dev, zero=True) if fused else out
     g_pad = max(16, common.next_pow2(group))
     dv_pad = max(16, common.next_pow2(dv))
     _sparse_attn_kernel[(T, hkv, n_splits)](
@@ -294,14 +257,13 @@ def sparse_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
         meta.tok_row, meta.tok_pos,
         block_topk, block_topk.stride(0), block_topk.stride(1),
         out, out.stride(0), out.stride(1), pacc, pml,
-        n_splits, per, float(sm_scale) * float(k_scale) * _LOG2E, float(v_scale), ticket,
-        FUSED_MERGE=fused, S_PAD=max(2, common.next_pow2(n_splits)),
+        n_splits, per, float(sm_scale) * float(k_scale) * _LOG2E, float(v_scale),
         GROUP=group, G_PAD=g_pad, D=d, D_PAD=max(16, common.next_pow2(d)), DV=dv, DV_PAD=dv_pad,
         BLOCK_SIZE=block_size, BN=max(16, common.next_pow2(block_size)),
         TOPK=topk, K_PAD=max(2, common.next_pow2(topk)), DOT_F32=common.dot_in_fp32(q.dtype),
         KV_WIDEN=k_cache.dtype != q.dtype or v_cache.dtype != q.dtype,
         num_warps=4 if g_pad <= 16 else 8, num_stages=common.ATTN_NUM_STAGES)
-    if n_splits > 1 and not fused:
+    if n_splits > 1:
         _sparse_attn_merge_kernel[(T, hq)](
             meta.tok_row, out, out.stride(0), out.stride(1), pacc, pml, n_splits,
             DV=dv, DV_PAD=dv_pad, S_PAD=max(2, common.next_pow2(topk)), num_warps=2)
