@@ -152,8 +152,8 @@ def _sparse_attn_merge_kernel(
     # kernel_decode.md) slower where it was meant to help: bs 1, TP1 13.0 vs 15.5 (32K), 12.9 vs 15.4 (128K), TP8
     # 11.6 vs 13.3 (32K); TP8 bs 8 14.3 vs 16.2 (32K); TP1 bs >= 8 and TP8 bs >= 32 gained 0-3 us (TP1 bs 8 x
     # 32K 25.6 vs 24.6, bs 32 x 32K 53.4 vs 50.2; bs 128 about equal). Not used: the saved launch is cheap inside a
-    # CUDA graph, while the fused tail (barrier, atomic, then one program per KV head reading every split of its query heads) is
-    # serial -- a likely cause, not profiled.
+    # CUDA graph, while the fused tail (barrier, atomic, then one program per KV head reading every split of its
+    # query heads) is serial -- a likely cause, not profiled.
     t = tl.program_id(0)
     qh = tl.program_id(1)
     if tl.load(tok_row_ptr + t) < 0:
