@@ -240,24 +240,35 @@ def main():
         ap.error(f"unknown server label(s) {unknown}; known: {', '.join(SERVER_ENV)}")
     if args.smoke and any(n in SERVER_QUANT for n in names):
         ap.error("--smoke serves the tiny fp32 model on CPU: quantized labels need a GPU")
+    def write(path: Path, text: str) -> None:  # whole or not at all: the other lane reads the state meanwhile
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
     def save(name: str, info: dict) -> dict:
         # Re-read the state just before writing it: another lane of the same host (gpu_round.sh, same --state)
         # may have added its server meanwhile (e.g. ours and the in-tree on the two GPUs at once).
         state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}}
         earlier = state["servers"].get(name, {}).get("workloads", {})  # a previous call's workloads stay
         state["servers"][name] = {**info, "workloads": {**earlier, **info.get("workloads", {})}}
-        state_path.write_text(json.dumps(state, indent=1))
+        write(state_path, json.dumps(state, indent=1))
         results = {"flags": flags, "waves": args.waves, "layers": args.layers, "dense_layers": args.dense_layers,
                    "tp": args.tp, "servers": state["servers"], "compare": compare(state["servers"], workloads)}
-        (out / "e2e.json").write_text(json.dumps(results, indent=1))
-        (out / "e2e.md").write_text(markdown(results))
+        write(out / "e2e.json", json.dumps(results, indent=1))
+        write(out / "e2e.md", markdown(results))
         return results
+
+    def progress(name: str, partial: dict) -> None:
+        try:
+            save(name, partial)
+        except Exception as e:  # noqa: BLE001 -- a failed interim save must not end the server's run
+            print(f"e2e: interim save of {name} failed: {e!r}", file=sys.stderr, flush=True)
 
     results = None
     for i, name in enumerate(names):
         ckpt = checkpoint(work, args.smoke, args.layers, args.dense_layers, SERVER_QUANT.get(name))
         info = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp, waves=args.waves,
-                          progress=lambda partial, name=name: save(name, partial))
+                          progress=lambda partial, name=name: progress(name, partial))
         results = save(name, info)
     print(markdown(results))
 

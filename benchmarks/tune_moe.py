@@ -283,6 +283,10 @@ def fill_untuned(out: Path, report: dict) -> None:
     version_dir = f"triton_{report['triton'].replace('.', '_')}"
     for shape in report["shapes"]:
         path = out / "configs" / version_dir / shape["file"]
+        # The M grid asked for minus the M values tuned (keys are str after a JSON round trip): also right for a
+        # report written mid-run, before "not_reached" was set.
+        tuned = {int(m) for m in shape["m"]}
+        shape["not_reached"] = [m for m in report.get("m_grid", shape["not_reached"]) if m not in tuned]
         if not shape["not_reached"] or not path.is_file():
             continue
         case = Case(shape["tp"], "meta", shape["dtype"])  # shapes only: nothing is allocated
@@ -340,7 +344,7 @@ def main(argv=None):
     out = Path(args.out)
     (out / "configs" / version_dir).mkdir(parents=True, exist_ok=True)
     report = dict(device=torch.cuda.get_device_name(), triton=triton.__version__, budget_s=args.budget_s,
-                  shares=[], shapes=[])
+                  m_grid=ms, shares=[], shapes=[])
     entries = {key: dict(dtype=key[0], tp=key[1], n=INTER // key[1], file=config_file_name(INTER // key[1], key[0]),
                          m={}, not_reached=[]) for key in shapes}
     report["shapes"] = list(entries.values())

@@ -40,6 +40,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 LEAK_MARK = "memory leak detected"  # SGLang's InvariantChecker._report_leak (pool and req_to_token pool)
+# The well-formed stream after the campaign vs before it: same tokens, and log-probabilities within this bound. Not 0:
+# both are cold prefills (extra_key) of the same ids, yet a CI run saw 6e-8 in fp32 -- CPU GEMMs may block their
+# sums differently for differently placed buffers (other KV slots, other allocations after the campaign); that is
+# different arithmetic, not a corrupted request, which would move them by orders of magnitude more.
+STREAM_LOGPROB_TOL = 1e-4
 ENDPOINTS = ("/generate", "/v1/completions", "/v1/chat/completions")
 
 
@@ -545,7 +550,7 @@ def campaign(url: str, args, log_text=None) -> dict:
         text = log_text()
         result["leak_lines"] = [ln for ln in text.splitlines() if LEAK_MARK in ln][:20]
     verdict = (not failures and not failure and during and all(streams_equal)
-               and result["stream"]["after_equal_before"] and result["stream"]["after_logprob_max_abs_diff"] == 0.0
+               and result["stream"]["after_equal_before"] and result["stream"]["after_logprob_max_abs_diff"] <= STREAM_LOGPROB_TOL
                and health and not result.get("leak_lines"))
     result["pass"] = bool(verdict)
     return result

@@ -24,19 +24,25 @@ def post(url: str, body: dict | None = None, timeout: float = 600):
     return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
 
 
-def _exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit in this (main-thread) process, so that a step's time limit (gpu_round.sh's
+def _interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt in this (main-thread) process, so that a step's time limit (gpu_round.sh's
     `timeout`) unwinds through the caller's `finally: server.stop()`: the server runs in its own session and would
-    otherwise outlive its caller and keep the GPU's memory from the next step."""
+    otherwise outlive its caller and keep the GPU's memory from the next step. KeyboardInterrupt, not SystemExit:
+    pytest (whose fixtures start servers too) treats SystemExit inside a test as that test's failure and goes on,
+    so `timeout N pytest ...` would no longer stop it; an interrupt stops the session and still runs teardown."""
     import threading
 
+    def interrupt(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the unwinding short
+        raise KeyboardInterrupt("SIGTERM")
+
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 class Server:
     def __init__(self, name: str, model_path: Path, flags, *, log_dir: Path, port: int, env: dict | None = None):
-        _exit_on_sigterm()
+        _interrupt_on_sigterm()
         # Parallel lanes of one host (scripts/gpu_round.sh runs one per GPU) use disjoint port ranges.
         port += 1000 * int(os.environ.get("SGLANG_M3_PORT_LANE", "0"))
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
@@ -65,13 +71,26 @@ class Server:
         raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log()[-4000:]}")
 
     def stop(self) -> None:
+        """SIGTERM the server's process group, then SIGKILL what is left of it after 30 s. Waits for the whole group
+        (scheduler, detokenizer), not only the launcher: a scheduler still exiting holds the GPU's memory, and the
+        next step's server would size its pool without it."""
+        pgid = self.proc.pid
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(30)
-                return
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                try:
+                    self.proc.wait(0.5)
+                except subprocess.TimeoutExpired:
+                    continue
+                try:
+                    os.killpg(pgid, 0)  # any member left?
+                except ProcessLookupError:
+                    return
+                time.sleep(0.5)
 
 
 def flush(server: Server, attempts: int = 30) -> None:

@@ -228,3 +228,81 @@ def test_tuner_candidate_space_respects_block_fp8_tiles_and_budget_order():
     assert passes[0][1] == [1, 2, 4, 8, 16, 32, 64, 128, 256] and passes[-1][1] == [512, 1024, 2048, 4096]
     with pytest.raises(ValueError, match="unknown MoE dtype"):
         tune_moe.sglang_dtype("fp16")
+
+
+# ---- the tuner's completion of untuned M values (benchmarks/tune_moe.py fill_untuned) ------------------------------
+RUN_DIR = "benchmarks/results/2026-11-30-h200-s6"  # the H200 run whose files ship
+
+
+def _tuner():
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import tune_moe
+
+    return root, tune_moe
+
+
+def test_cpu_reproduces_sglangs_h200_choice_for_every_tuned_m(h200):
+    """fill_untuned computes SGLang's config choice off the GPU (device name patched). Oracle: what SGLang itself
+    chose on the H200, recorded by the tuner as "sglang_config" for every M it tuned (92 values, 8 shapes)."""
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+
+    root, tune_moe = _tuner()
+    publish(ServerArgs(model_path="dummy", device="cpu"), role="test")
+    report = json.loads((root / RUN_DIR / "tune_moe.json").read_text())
+    checked = 0
+    for shape in report["shapes"]:
+        case = tune_moe.Case(shape["tp"], "meta", shape["dtype"])
+        for m, entry in shape["m"].items():
+            assert case.sglang_current_config(int(m)) == entry["sglang_config"], (shape["file"], m)
+            checked += 1
+    assert checked >= 80
+
+
+def test_fill_untuned_completes_a_cut_run_from_its_grid(tmp_path, h200):
+    """A report written mid-run (no "not_reached" yet, files ending at the last tuned M) is completed from its M grid
+    with SGLang's choice, and tuned entries stay; oracle: SGLang's try_get_optimal_moe_config for the missing M."""
+    from sglang.srt.layers.moe.moe_runner.triton_utils import try_get_optimal_moe_config
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+
+    root, tune_moe = _tuner()
+    publish(ServerArgs(model_path="dummy", device="cpu"), role="test")
+    shipped = json.loads((root / RUN_DIR / "tune_moe.json").read_text())
+    shape = next(s for s in shipped["shapes"] if s["tp"] == 1 and s["dtype"] == "bf16")
+    tuned = {m: e["best"] for m, e in shape["m"].items()}
+    version_dir = "triton_" + shipped["triton"].replace(".", "_")
+    (tmp_path / "configs" / version_dir).mkdir(parents=True)
+    (tmp_path / "configs" / version_dir / shape["file"]).write_text(json.dumps(tuned))
+    grid = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+    report = dict(device=shipped["device"], triton=shipped["triton"], m_grid=grid,
+                  shapes=[dict(shape, not_reached=[], m=shape["m"])])
+    report["shapes"][0].pop("filled", None)
+    tune_moe.fill_untuned(tmp_path, json.loads(json.dumps(report)))  # keys as a JSON round trip leaves them
+    got = json.loads((tmp_path / "configs" / version_dir / shape["file"]).read_text())
+    assert sorted(map(int, got)) == grid
+    for m in grid:
+        if str(m) in tuned:
+            assert got[str(m)] == tuned[str(m)], m
+        else:
+            want = try_get_optimal_moe_config((128, 6144, 6144), (128, 6144, 3072), 4, None, m)
+            assert got[str(m)] == dict(want), m
+
+
+def test_shipped_block_fp8_configs_respect_the_block_tiles():
+    """Block-FP8 files: every tile reads one weight-scale block per K step (BLOCK_SIZE_K divides 128) and per N tile
+    (BLOCK_SIZE_N divides 128 when <= 128) -- fused_moe_kernel's block-scale indexing (k_start // group_k,
+    offs_bn // group_n)."""
+    from sglang_m3 import moe_configs
+
+    files = sorted(moe_configs.CONFIG_DIR.glob("*/*block_shape=*.json"))
+    if not files:
+        pytest.skip("no block-FP8 configs packaged")
+    for f in files:
+        for m, cfg in json.loads(f.read_text()).items():
+            bn, bk = cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
+            assert 128 % bk == 0 and (bn > 128 or 128 % bn == 0), (f.name, m, cfg)
