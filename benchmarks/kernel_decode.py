@@ -118,9 +118,11 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     out_ours, sel_ours = ours.out.clone(), ours.block_topk.clone()
     row["ours_indexer_variant"] = ours.indexer_variant
     del g_ours, g_meta
-    # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection).
-    for two_pass, name in ((True, "two_pass"), (False, "split")):
-        alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass)
+    # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
+    # two-pass also with the other pass 2 ("rank": all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS blocks).
+    for two_pass, select, name in ((True, "radix", "two_pass"), (True, "rank", "two_pass_rank"),
+                                   (False, "radix", "split")):
+        alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
         alt.prepare()
         g = capture(alt.indexer)
         row[f"ours_indexer_{name}_us"] = timer.graph_us(g)
@@ -246,10 +248,15 @@ def run_smoke(args, geos):
                 alt = OursDecode(geo, b, sglang_kv_store(), two_pass=ours.indexer_variant != "two-pass")
                 alt.prepare()
                 alt.indexer()
+                # the two-pass indexer with the rank pass 2, forced: the same selection again
+                rank = OursDecode(geo, b, sglang_kv_store(), two_pass=True, select="rank")
+                rank.prepare()
+                rank.indexer()
                 out_in, sel_in = intree.with_selection(lambda: intree.decode_layer(geo, b, args.context_len))
                 rows.append(_check("decode", geo, b, out_ours, ours.block_topk, out_in, sel_in,
                                    indexer_variant=ours.indexer_variant,
-                                   sel_mismatch_other_indexer_variant=sel_mismatch(alt.block_topk, ours.block_topk)))
+                                   sel_mismatch_other_indexer_variant=sel_mismatch(alt.block_topk, ours.block_topk),
+                                   sel_mismatch_two_pass_rank=sel_mismatch(rank.block_topk, ours.block_topk)))
         lens, ext = zip(*SMOKE_PREFILL)
         b = make_batch(geo, lens, ext, context_len=args.context_len, device=device, seed=args.seed)
         ours = OursPrefill(geo, b)

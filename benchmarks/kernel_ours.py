@@ -39,10 +39,11 @@ class OursDecode:
     """Our decode path as M3SparseAttnBackend runs it under a captured decode graph (see kernels/__init__.py).
 
     ``two_pass`` forces the indexer variant (True: score-then-select, False: split + merge); None takes the
-    kernels' shape rule, as the backend does."""
+    kernels' shape rule, as the backend does. ``select`` picks the two-pass variant's pass 2 ("radix", the default,
+    or "rank": all-pairs ranking of rows up to common.INDEXER_RANK_MAX_BLOCKS blocks)."""
 
-    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None):
-        self.geo, self.b, self.kv_store, self.two_pass = geo, b, kv_store, two_pass
+    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None, select: str = "radix"):
+        self.geo, self.b, self.kv_store, self.two_pass, self.select = geo, b, kv_store, two_pass, select
         dev = b.q.device
         # init_cuda_graph_state: compile every variant and size the scratch before capture, then freeze.
         self.ws = kernels.MSAWorkspace(dev)
@@ -84,7 +85,8 @@ class OursDecode:
         kernels.index_block_topk(b.index_q, b.index_k_cache, b.req_to_token, b.req_pool_indices, b.seq_lens,
                                  None, None, block_size=geo.block, topk_blocks=geo.topk,
                                  init_blocks=geo.init_blocks, local_blocks=geo.local_blocks,
-                                 out=self.block_topk, meta=self.meta, workspace=self.ws, two_pass=self.two_pass)
+                                 out=self.block_topk, meta=self.meta, workspace=self.ws, two_pass=self.two_pass,
+                                 select=self.select)
 
     def attention(self):
         geo, b = self.geo, self.b

@@ -280,18 +280,27 @@ def select_oracle(scores, nb, topk):
     return sorted(ids) + [-1] * (topk - len(ids))
 
 
+# Pass-2 forms run by indexer_select_exact: (RANK_MAX, RB, CC) -- the radix search alone (the default), rows of
+# <= 16 blocks ranked in row tiles of 4 and column steps of 4 (several of each) with longer rows of the same launch
+# on the radix search, and every row ranked in one tile.
+SELECT_FORMS = ((0, 1, 1), (16, 4, 4), (32, 32, 8))
+
+
 @cpu_case
 def indexer_select_exact():
-    """Pass 2 alone (_indexer_select_kernel, the radix select) on hand-made int32 score-image rows against a plain
-    sort (score descending, ties to the lower id): full-range random images, images equal in their top 1 / 2 / 3
-    bytes (the later radix rounds decide), many exact ties, INT32_MIN / INT32_MAX; rows shorter and longer than
-    the interpreter's chunk (8), nb below / equal / above topk, lengths clipped by max_blocks; a token owned by no
-    request keeps its out row, and nothing is written past a row's topk columns."""
+    """Pass 2 alone (_indexer_select_kernel: the radix select, and the all-pairs rank of select="rank", with rows
+    beyond its RANK_MAX falling back to the radix search in the same launch) on hand-made int32 score-image rows
+    against a plain sort (score descending, ties to the lower id): full-range random images, images equal in their
+    top 1 / 2 / 3 bytes (the later radix rounds decide), many exact ties, INT32_MIN / INT32_MAX; rows shorter and
+    longer than the interpreter's chunk (8), nb below / equal / above topk, nb = RANK_MAX and RANK_MAX + 1, lengths
+    clipped by max_blocks; a token owned by no request keeps its out row, and nothing is written past a row's topk
+    columns."""
     from sglang_m3.attention.kernels import indexer as I
 
     g = torch.Generator().manual_seed(11)
     H, topk, bsz, max_blocks = 2, 5, 4, 23
-    pos = torch.tensor([0, 9, 17, 27, 35, 91, 50, 200, 12], dtype=torch.int32)  # nb 1, 3, 5, 7, 9, 23(clip)...
+    # nb 1, 3, 5, 7, 9, 23 (clipped), 13, 23 (clipped), 4, 16, 17
+    pos = torch.tensor([0, 9, 17, 27, 35, 91, 50, 200, 12, 63, 64], dtype=torch.int32)
     T = pos.numel()
     rows = torch.arange(T, dtype=torch.int32)
     rows[6] = -1  # owned by no request
@@ -307,20 +316,64 @@ def indexer_select_exact():
     sc[0, 0, 0] = 2**31 - 1
     sc[4, 1, :3] = -2**31
     sc[4, 0, :] = 2**31 - 1
+    sc[9, 0, ::2] = -2**31  # ties at INT32_MIN in a ranked row
     sc = ((sc + 2**31) % 2**32 - 2**31).to(torch.int32)
-    padded = torch.full((T, H, topk + 1), 77, dtype=torch.int32)  # a guard column after each out row
-    out = padded[..., :topk]
-    I._indexer_select_kernel[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks,
-                                     H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8, num_warps=4)
-    assert (padded[..., topk] == 77).all(), "pass 2 wrote past its TOPK columns"
-    for t in range(T):
-        for h in range(H):
-            if rows[t] < 0:
-                assert (out[t, h] == 77).all(), t
-                continue
-            nb = min(int(pos[t]) // bsz + 1, max_blocks)
-            want = select_oracle(sc[t, h].tolist(), nb, topk)
-            assert out[t, h].tolist() == want, (t, h, nb, out[t, h].tolist(), want)
+    for rank_max, rb, cc in SELECT_FORMS:
+        padded = torch.full((T, H, topk + 1), 77, dtype=torch.int32)  # a guard column after each out row
+        out = padded[..., :topk]
+        I._indexer_select_kernel[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks,
+                                         H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8,
+                                         RANK_MAX=rank_max, RB=rb, CC=cc, num_warps=4)
+        assert (padded[..., topk] == 77).all(), (rank_max, "pass 2 wrote past its TOPK columns")
+        for t in range(T):
+            for h in range(H):
+                if rows[t] < 0:
+                    assert (out[t, h] == 77).all(), (rank_max, t)
+                    continue
+                nb = min(int(pos[t]) // bsz + 1, max_blocks)
+                want = select_oracle(sc[t, h].tolist(), nb, topk)
+                assert out[t, h].tolist() == want, (rank_max, t, h, nb, out[t, h].tolist(), want)
+
+
+@cpu_case
+def indexer_select_rank_matches_radix():
+    """The whole two-pass indexer with select="rank" equals select="radix" and the split variant exactly (same
+    block scores, same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for several
+    init/local/topk settings, with every row ranked (INDEXER_RANK_MAX_BLOCKS 256) and with rows above and below a
+    RANK_MAX of 8 in one launch (the longer ones take the radix search); and the twin up to near-ties. An extend-form
+    batch of one token per request keeps the out row of a token owned by no request. Any other select: ValueError."""
+    from sglang_m3.attention.kernels import common
+
+    saved = common.INDEXER_RANK_MAX_BLOCKS
+    try:
+        for coarse in (True, False):
+            # nb 10, 13, 3, 2, 9 at block 16
+            b = make_batch([150, 200, 33, 17, 129], [1] * 5, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32,
+                           seed=3)
+            if coarse:
+                b["index_k_cache"][:] = torch.round(b["index_k_cache"] * 2)
+                b["index_q"][:] = torch.round(b["index_q"])
+            for (init_b, local_b), topk in (((0, 1), 3), ((2, 1), 5), ((0, 0), 16)):
+                kw = dict(meta_args=decode_meta(b), two_pass=True)
+                radix, want = run_both_indexers(b, 16, topk, init_b, local_b, select="radix", **kw)
+                split, _ = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
+                assert torch.equal(radix, split), (coarse, init_b, local_b, topk)
+                for rank_max in (256, 8):
+                    common.INDEXER_RANK_MAX_BLOCKS = rank_max
+                    rank, _ = run_both_indexers(b, 16, topk, init_b, local_b, select="rank", **kw)
+                    assert torch.equal(rank, radix), (rank_max, coarse, init_b, local_b, topk)
+                assert_same_selection(rank, want, b, 16, 1e-5)
+        b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,
+                       extra_rows=1)
+        out = torch.full((b["T"], 2, 3), 77, dtype=torch.int32)
+        got, want = run_both_indexers(b, 16, 3, out=out, two_pass=True, select="rank")
+        assert (out[-1] == 77).all()
+        assert_same_selection(got[:-1], want[:-1], b, 16, 1e-5)
+    finally:
+        common.INDEXER_RANK_MAX_BLOCKS = saved
+    with pytest.raises(ValueError, match="select must be"):
+        b = make_batch([40], [1], hq=2, hkv=1, d=16, di=16, dv=16, dtype=torch.float32, seed=2)
+        run_both_indexers(b, 16, 3, meta_args=decode_meta(b), two_pass=True, select="radix8")
 
 
 @cpu_case
@@ -503,7 +556,7 @@ _WORKER_SPLIT = [
     ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
      "graph_style_decode_with_frozen_workspace"],
     ["indexer_prefetch_variants", "indexer_two_pass_matches_twin", "indexer_select_ties",
-     "indexer_select_exact"],
+     "indexer_select_exact", "indexer_select_rank_matches_radix"],
 ]
 assert sorted(sum(_WORKER_SPLIT, [])) == sorted(CPU_CASES)
 
@@ -585,13 +638,18 @@ def check_gpu(b, hq, **idx_kw):
 def check_gpu_indexer_variants(b, got):
     """A decode batch through both indexer variants (two-pass and split, forced) in the decode form: each must
     select as ``got`` (the default variant's selection, already checked against the twin), with the near-tie
-    allowance: both compute each block score with the same dot, but they are separately compiled kernels."""
+    allowance: both compute each block score with the same dot, but they are separately compiled kernels. The
+    two-pass indexer also with select="rank": both pass 2s select from the same pass-1 score images, so exactly
+    equal (rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix search)."""
     from sglang_m3.attention import kernels as K
 
-    for two_pass in (True, False):
+    sels = {}
+    for two_pass, select in ((True, "radix"), (True, "rank"), (False, "radix")):
         sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
-                                 topk_blocks=TOPK, two_pass=two_pass)
+                                 topk_blocks=TOPK, two_pass=two_pass, select=select)
         assert_same_selection(sel, got, b, BLOCK, 1e-4)
+        sels[two_pass, select] = sel
+    assert torch.equal(sels[True, "rank"], sels[True, "radix"]), "rank and radix pass 2 differ"
 
 
 @pytest.mark.gpu
@@ -634,12 +692,13 @@ def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-@pytest.mark.parametrize("bs", [4, 24])
-def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
+@pytest.mark.parametrize("bs,select", [(4, "radix"), (4, "rank"), (24, "radix")])
+def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
-    bs 4 takes the two-pass indexer, bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
+    bs 4 takes the two-pass indexer (with either pass 2; "rank": the lengths below 32K are ranked, the
+    128K one takes the radix search in the same launch), bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
     from sglang_m3.attention import kernels as K
     from sglang_m3.attention.kernels import common
 
@@ -695,7 +754,7 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs):
         meta = K.prepare_meta(rpi, seq, None, None, bs, index_heads=hkv, workspace=ws)
         K.store_kv_index(kc, vc, ik, loc, new_k, new_v, new_ik)
         K.index_block_topk(iq, ik, r2t, rpi, seq, None, None, block_size=BLOCK, topk_blocks=TOPK,
-                           out=sel_buf, meta=meta, workspace=ws)
+                           out=sel_buf, meta=meta, workspace=ws, select=select)
         K.sparse_attention(q, kc, vc, r2t, rpi, seq, None, None, sel_buf, block_size=BLOCK,
                            sm_scale=HD ** -0.5, out=out_buf, meta=meta, workspace=ws)
 
@@ -767,11 +826,11 @@ def test_gpu_decode_timings(capsys):
             sel = torch.empty(bs, hkv, TOPK, dtype=torch.int32, device="cuda")
             out = torch.empty(bs, hq, HD, dtype=torch.bfloat16, device="cuda")
 
-            def idx(two_pass=None):
+            def idx(two_pass=None, select="radix"):
                 meta = K.prepare_meta(m["req_pool_indices"], m["seq_lens"], None, None, bs, index_heads=hkv,
                                       workspace=ws)
                 K.index_block_topk(b["index_q"], b["index_k_cache"], **m, block_size=BLOCK, topk_blocks=TOPK,
-                                   out=sel, meta=meta, workspace=ws, two_pass=two_pass)
+                                   out=sel, meta=meta, workspace=ws, two_pass=two_pass, select=select)
                 return meta
 
             def attn(meta):
@@ -788,7 +847,8 @@ def test_gpu_decode_timings(capsys):
             both = ""
             if bs <= 32:
                 t2, t1 = (tt.do_bench(lambda v=v: idx(v), warmup=5, rep=30) * 1e3 for v in (True, False))
-                both = f" [two-pass {t2:.1f}, split {t1:.1f}]"
+                tr = tt.do_bench(lambda: idx(True, "rank"), warmup=5, rep=30) * 1e3
+                both = f" [two-pass {t2:.1f} (rank pass 2: {tr:.1f}), split {t1:.1f}]"
             key_bytes = bs * ctx * HD * 2
             rows.append(f"hq={hq:2d} hkv={hkv} bs={bs:3d} ctx={ctx:6d}: indexer {t_idx:8.1f} us{both} "
                         f"({key_bytes / t_idx / 1e3:6.0f} GB/s of index keys), attention {t_att:7.1f} us")

@@ -59,6 +59,14 @@ INDEXER_TWO_PASS_MAX_TILES = 8
 INDEXER_TWO_PASS_PROGRAMS_PER_SM = 8
 # Block scores per chunk of pass 2, the radix select (power of two).
 INDEXER_SELECT_CHUNK = 512
+# Forced pass-2 variant select="rank" (index_block_topk; the default stays the radix search): rows of at most this
+# many visible blocks (a power of two) are selected by all-pairs ranking, no dependent rounds; longer rows of the
+# same launch take the radix search. Per row, not per launch: a launch's static max_blocks comes from the pool width
+# (the model's context; 1024 blocks in benchmarks/kernel_decode.py), so a per-launch rule would never rank. The work
+# is nb^2 int64 compares in one program per (token, index head): at 256 blocks (32K context at block 128) 64K, about
+# the element count of the radix's 8 rounds of [512, 16] digit compares; at 512 it would be 4x that, at 1024 16x.
+# Not measured yet.
+INDEXER_RANK_MAX_BLOCKS = 256
 # Tried and removed (5c7848a): a pass 2 with 8-bit digits (4 rounds of tl.histogram, the row kept in registers
 # up to 1024 blocks) instead of these 8 rounds of 4 bits. Same selections, but slower on one H200
 # (benchmarks/results/2026-11-30-h200-s6/kernel_decode.md, two-pass indexer, us, 4-bit vs 8-bit): TP1 bs 1 20.2

@@ -30,7 +30,9 @@ max_blocks = ceil(req_to_token.shape[1] / block_size) -- fixed by the pool's sha
 at warmup and stays valid for every captured graph. Pass 2 (``_indexer_select_kernel``, one program per
 (token, index head)) finds the k-th largest score image by a 4-bit radix search and takes the blocks above
 it plus the lowest-id blocks equal to it, ids written ascending through a prefix sum. Same keys, same
-order -> the same selection as the split variant.
+order -> the same selection as the split variant. ``select="rank"`` (forced; not the default) runs the same
+kernel with RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by
+all-pairs ranking (``_rank_select``: no dependent rounds), longer rows of the same launch by the radix search.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
@@ -56,6 +58,7 @@ _MINKEY = tl.constexpr(-(2**63))  # empty slot / invisible block (below every pa
 _MAXKEY = tl.constexpr(2**63 - 1)  # padding slot beyond topk (never evicted, never reported)
 _BIG_ID = tl.constexpr(2**31 - 1)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+_INT32_MIN = tl.constexpr(-(2**31))
 
 
 @triton.jit
@@ -274,10 +277,43 @@ def _indexer_merge_kernel(
     _store_ids(out_ptr, tok.to(tl.int64) * stride_ot + head * stride_oh, row_ok, run, kcol, TOPK)
 
 
+@triton.jit
+def _rank_select(row, out_row, nb, need, RB: tl.constexpr, CC: tl.constexpr):
+    # Pass 2 by all-pairs ranking (select="rank"): block b's rank is #{b': s_b' > s_b} + #{b' < b: s_b' == s_b}
+    # (its place in the packed-key order: score descending, ties to the lower id); b is picked iff rank < need,
+    # and its output column is the number of picks below it (a prefix sum), so ids come out ascending -- the
+    # radix select's exact output. RB rows at a time (spread over the threads), each compared with all nb blocks,
+    # CC columns per [CC, RB] tile summed along the columns: Triton lays the columns out in each thread's registers,
+    # so the sum needs no shuffle and no barrier (a [rows, columns] tile summed along axis 1 spreads the columns over
+    # all warps: a cross-warp reduction per tile, seen in the sm_90 SASS). No dependent rounds: the column steps
+    # only accumulate counts.
+    rows = tl.arange(0, RB)
+    cols = tl.arange(0, CC)
+    taken = nb * 0
+    for r0 in range(0, nb, RB):
+        b = r0 + rows
+        # (score image, 2^31 - 1 - id) as one int64, as the packed keys: one compare orders by score, ties to the
+        # lower id, and no two blocks compare equal
+        kb = (tl.load(row + b, mask=b < nb, other=0).to(tl.int64) << 32) | (b ^ _BIG_ID).to(tl.int64)
+        rank = tl.zeros([RB], tl.int32)
+        for c0 in range(0, nb, CC):
+            c = c0 + cols
+            # Columns past nb read as INT32_MIN, and such a column never beats a real block: its key is below every
+            # key of a higher score, and against an INT32_MIN score its id is the higher. So no column mask.
+            kc = (tl.load(row + c, mask=c < nb, other=_INT32_MIN).to(tl.int64) << 32) | (c ^ _BIG_ID).to(tl.int64)
+            rank += tl.sum((kc[:, None] > kb[None, :]).to(tl.int32), axis=0)
+        pick = (b < nb) & (rank < need)
+        pk = pick.to(tl.int32)
+        tl.store(out_row + taken + tl.cumsum(pk, axis=0) - pk, b.to(out_row.dtype.element_ty), mask=pick)
+        taken += tl.sum(pk, axis=0)
+    return taken
+
+
 @triton.jit(do_not_specialize=["max_blocks"])
 def _indexer_select_kernel(
     tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
     H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
+    RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr,
 ):
     # Pass 2 of the two-pass indexer (radix select): one program per (token, index head). The selection is the
     # top TOPK visible blocks by score image (the int32 order-preserving image pass 1 stored), ties to the lower
@@ -293,6 +329,16 @@ def _indexer_select_kernel(
         return
     nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
     row = score_ptr + (t * H + h).to(tl.int64) * max_blocks
+    if RANK_MAX > 0:
+        # select="rank": rows of at most RANK_MAX blocks are ranked (_rank_select); longer rows, of the same launch,
+        # take the radix search below. RANK_MAX == 0 (the default): this block is not compiled at all.
+        if nb <= RANK_MAX:
+            out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
+            taken = _rank_select(row, out_row, nb, tl.minimum(nb, TOPK), RB, CC)
+            kcol = tl.arange(0, K_PAD)
+            tl.store(out_row + kcol, tl.full([K_PAD], -1, out_ptr.dtype.element_ty),
+                     mask=(kcol >= taken) & (kcol < TOPK))
+            return
     offs = tl.arange(0, CH)
     bins = tl.arange(0, 16)
     need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
@@ -358,7 +404,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                      extend_start_loc: Tensor | None, *, block_size: int, topk_blocks: int,
                      init_blocks: int = 0, local_blocks: int = 1, out: Tensor | None = None,
                      meta: MSAMeta | None = None, workspace: MSAWorkspace | None = None,
-                     num_splits: int | None = None, two_pass: bool | None = None) -> Tensor:
+                     num_splits: int | None = None, two_pass: bool | None = None,
+                     select: str = "radix") -> Tensor:
     """Triton twin of ``reference.index_block_topk`` (same arguments, result and ``out`` semantics).
 
     Extra keyword arguments (all optional):
@@ -370,6 +417,10 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                     Two-pass needs one token per tile (decode-shaped batches); its block-score scratch is
                     int32 [T, H, ceil(req_to_token.shape[1] / block_size)], so under a frozen workspace
                     ``warmup`` must have seen a req_to_token of the same width (its ``context_len``).
+      select     -- pass 2 of the two-pass variant: "radix" (the default: 8 rounds of a 4-bit radix search) or
+                    "rank" (forced, for measurement: rows of <= common.INDEXER_RANK_MAX_BLOCKS visible blocks are
+                    ranked all-pairs, longer rows of the same launch take the radix search). Same selection
+                    either way; ignored by the split variant. ValueError for any other value.
     Both variants give identical results (same block scores, same packed-key order).
     ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
     Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
@@ -416,6 +467,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     tiles = [t if t is not None else meta.tok_row for t in
              (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
     interp = common.interpret_mode()
+    if select not in ("radix", "rank"):
+        raise ValueError(f"select must be 'radix' or 'rank', got {select!r}")
     if two_pass:
         max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
         n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
@@ -444,10 +497,15 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         SCORES=two_pass, num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
     if two_pass:
         # (the interpreter runs the same code on chunks small enough to iterate)
+        rank_max = common.INDEXER_RANK_MAX_BLOCKS if select == "rank" else 0
         _indexer_select_kernel[(T, H)](
             meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
             H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
-            CH=8 if interp else common.INDEXER_SELECT_CHUNK, num_warps=4)
+            CH=8 if interp else common.INDEXER_SELECT_CHUNK,
+            # rank: one row tile covers a ranked row (RB = RANK_MAX rows, 2 per thread at 256 and 4 warps), 32
+            # columns per step; sm_90 ptxas: 96 registers, no spills (16 columns: a 4-byte spill; 8 warps: ~1.5x
+            # the instructions per pair). 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
+            RANK_MAX=rank_max, RB=max(1, rank_max), CC=32, num_warps=4)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
