@@ -296,7 +296,12 @@ def _rank_select(row, out_row, nb, need, RB: tl.constexpr, CC: tl.constexpr):
         # lower id, and no two blocks compare equal
         kb = (tl.load(row + b, mask=b < nb, other=0).to(tl.int64) << 32) | (b ^ _BIG_ID).to(tl.int64)
         rank = tl.zeros([RB], tl.int32)
-        for c0 in range(0, nb, CC):
+        n_full = nb - nb % CC
+        for c0 in range(0, n_full, CC):  # whole column steps: unmasked loads (fewer instructions per column)
+            c = c0 + cols
+            kc = (tl.load(row + c).to(tl.int64) << 32) | (c ^ _BIG_ID).to(tl.int64)
+            rank += tl.sum((kc[:, None] > kb[None, :]).to(tl.int32), axis=0)
+        for c0 in range(n_full, nb, CC):  # the last, partial step (at most one)
             c = c0 + cols
             # Columns past nb read as INT32_MIN, and such a column never beats a real block: its key is below every
             # key of a higher score, and against an INT32_MIN score its id is the higher. So no column mask.
@@ -503,8 +508,9 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
             CH=8 if interp else common.INDEXER_SELECT_CHUNK,
             # rank: one row tile covers a ranked row (RB = RANK_MAX rows, 2 per thread at 256 and 4 warps), 32
-            # columns per step; sm_90 ptxas: 96 registers, no spills (16 columns: a 4-byte spill; 8 warps: ~1.5x
-            # the instructions per pair). 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
+            # columns per step; sm_90 ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in
+            # the whole-step loop (16 columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per
+            # pair). 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
             RANK_MAX=rank_max, RB=max(1, rank_max), CC=32, num_warps=4)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
