@@ -278,6 +278,13 @@ def _indexer_merge_kernel(
 
 
 @triton.jit
+def _rank_key(image, ids):
+    # (score image, 2^31 - 1 - id) as one int64, as the packed keys: one compare orders by score, ties to the lower
+    # id, and no two blocks compare equal
+    return (image.to(tl.int64) << 32) | (ids ^ _BIG_ID).to(tl.int64)
+
+
+@triton.jit
 def _rank_select(row, out_row, nb, need, RB: tl.constexpr, CC: tl.constexpr):
     # Pass 2 by all-pairs ranking (select="rank"): block b's rank is #{b': s_b' > s_b} + #{b' < b: s_b' == s_b}
     # (its place in the packed-key order: score descending, ties to the lower id); b is picked iff rank < need,
@@ -292,20 +299,18 @@ def _rank_select(row, out_row, nb, need, RB: tl.constexpr, CC: tl.constexpr):
     taken = nb * 0
     for r0 in range(0, nb, RB):
         b = r0 + rows
-        # (score image, 2^31 - 1 - id) as one int64, as the packed keys: one compare orders by score, ties to the
-        # lower id, and no two blocks compare equal
-        kb = (tl.load(row + b, mask=b < nb, other=0).to(tl.int64) << 32) | (b ^ _BIG_ID).to(tl.int64)
+        kb = _rank_key(tl.load(row + b, mask=b < nb, other=0), b)
         rank = tl.zeros([RB], tl.int32)
         n_full = nb - nb % CC
         for c0 in range(0, n_full, CC):  # whole column steps: unmasked loads (fewer instructions per column)
             c = c0 + cols
-            kc = (tl.load(row + c).to(tl.int64) << 32) | (c ^ _BIG_ID).to(tl.int64)
+            kc = _rank_key(tl.load(row + c), c)
             rank += tl.sum((kc[:, None] > kb[None, :]).to(tl.int32), axis=0)
         for c0 in range(n_full, nb, CC):  # the last, partial step (at most one)
             c = c0 + cols
             # Columns past nb read as INT32_MIN, and such a column never beats a real block: its key is below every
             # key of a higher score, and against an INT32_MIN score its id is the higher. So no column mask.
-            kc = (tl.load(row + c, mask=c < nb, other=_INT32_MIN).to(tl.int64) << 32) | (c ^ _BIG_ID).to(tl.int64)
+            kc = _rank_key(tl.load(row + c, mask=c < nb, other=_INT32_MIN), c)
             rank += tl.sum((kc[:, None] > kb[None, :]).to(tl.int32), axis=0)
         pick = (b < nb) & (rank < need)
         pk = pick.to(tl.int32)
