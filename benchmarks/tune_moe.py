@@ -400,9 +400,7 @@ def main(argv=None):
                 if time.monotonic() > shape_end:
                     break
                 tune(key, m, cases[key])
-    for key in shapes:
-        entries[key]["not_reached"] = [m for m in ms if m not in entries[key]["m"]]
-    fill_untuned(out, report)
+    fill_untuned(out, report)  # also sets each shape's not_reached (from m_grid)
     print(f"wrote {out}/configs/{version_dir}/ and tune_moe.json")
 
 
