@@ -55,7 +55,8 @@ def kernel_table(trace_dir: Path, steps: int) -> dict:
 
 
 def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path) -> dict:
-    env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix=f"triton_{name}_")}
+    # e2e.py's per-label Triton cache when --work is e2e's: after an e2e run on the same host the start is warm.
+    env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": str(work / f"triton_{name}")}
     flags = list(GPU_FLAGS)  # capture bs <= 8 only: a faster start; batch 1 is what is profiled
     flags[flags.index("--cuda-graph-max-bs") + 1] = "8"
     server = Server(name, ckpt, flags, log_dir=work, port=31500, env=env)
