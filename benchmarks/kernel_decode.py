@@ -119,7 +119,8 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     row["ours_indexer_variant"] = ours.indexer_variant
     del g_ours, g_meta
     # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
-    # two-pass also with the other pass 2 ("rank": all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS blocks).
+    # two-pass with either pass 2 ("rank", the default: all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS
+    # blocks, the radix search above; "radix": the radix search for every row).
     for two_pass, select, name in ((True, "radix", "two_pass"), (True, "rank", "two_pass_rank"),
                                    (False, "radix", "split")):
         alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
@@ -248,15 +249,15 @@ def run_smoke(args, geos):
                 alt = OursDecode(geo, b, sglang_kv_store(), two_pass=ours.indexer_variant != "two-pass")
                 alt.prepare()
                 alt.indexer()
-                # the two-pass indexer with the rank pass 2, forced: the same selection again
-                rank = OursDecode(geo, b, sglang_kv_store(), two_pass=True, select="rank")
-                rank.prepare()
-                rank.indexer()
+                # the two-pass indexer with the radix pass 2 for every row, forced: the same selection again
+                radix = OursDecode(geo, b, sglang_kv_store(), two_pass=True, select="radix")
+                radix.prepare()
+                radix.indexer()
                 out_in, sel_in = intree.with_selection(lambda: intree.decode_layer(geo, b, args.context_len))
                 rows.append(_check("decode", geo, b, out_ours, ours.block_topk, out_in, sel_in,
                                    indexer_variant=ours.indexer_variant,
                                    sel_mismatch_other_indexer_variant=sel_mismatch(alt.block_topk, ours.block_topk),
-                                   sel_mismatch_two_pass_rank=sel_mismatch(rank.block_topk, ours.block_topk)))
+                                   sel_mismatch_two_pass_radix=sel_mismatch(radix.block_topk, ours.block_topk)))
         lens, ext = zip(*SMOKE_PREFILL)
         b = make_batch(geo, lens, ext, context_len=args.context_len, device=device, seed=args.seed)
         ours = OursPrefill(geo, b)

@@ -39,10 +39,10 @@ class OursDecode:
     """Our decode path as M3SparseAttnBackend runs it under a captured decode graph (see kernels/__init__.py).
 
     ``two_pass`` forces the indexer variant (True: score-then-select, False: split + merge); None takes the
-    kernels' shape rule, as the backend does. ``select`` picks the two-pass variant's pass 2 ("radix", the default,
-    or "rank": all-pairs ranking of rows up to common.INDEXER_RANK_MAX_BLOCKS blocks)."""
+    kernels' shape rule, as the backend does. ``select`` picks the two-pass variant's pass 2 ("rank", the kernels'
+    and the backend's default: all-pairs ranking of rows up to common.INDEXER_RANK_MAX_BLOCKS blocks; or "radix")."""
 
-    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None, select: str = "radix"):
+    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None, select: str = "rank"):
         self.geo, self.b, self.kv_store, self.two_pass, self.select = geo, b, kv_store, two_pass, select
         dev = b.q.device
         # init_cuda_graph_state: compile every variant and size the scratch before capture, then freeze.

@@ -59,13 +59,17 @@ INDEXER_TWO_PASS_MAX_TILES = 8
 INDEXER_TWO_PASS_PROGRAMS_PER_SM = 8
 # Block scores per chunk of pass 2, the radix select (power of two).
 INDEXER_SELECT_CHUNK = 512
-# Forced pass-2 variant select="rank" (index_block_topk; the default stays the radix search): rows of at most this
-# many visible blocks (a power of two) are selected by all-pairs ranking, no dependent rounds; longer rows of the
-# same launch take the radix search. Per row, not per launch: a launch's static max_blocks comes from the pool width
-# (the model's context; 1024 blocks in benchmarks/kernel_decode.py), so a per-launch rule would never rank. The work
-# is nb^2 int64 compares in one program per (token, index head): at 256 blocks (32K context at block 128) 64K, about
+# Pass 2 of the two-pass indexer, select="rank" (index_block_topk's default): rows of at most this many visible
+# blocks (a power of two) are selected by all-pairs ranking, no dependent rounds; longer rows of the same launch
+# take the radix search. Per row, not per launch: a launch's static max_blocks comes from the pool width (the
+# model's context; 1024 blocks in benchmarks/kernel_decode.py), so a per-launch rule would never rank. The work is
+# nb^2 int64 compares in one program per (token, index head): at 256 blocks (32K context at block 128) 64K, about
 # the element count of the radix's 8 rounds of [512, 16] digit compares; at 512 it would be 4x that, at 1024 16x.
-# Not measured yet.
+# Measured on one H200 (benchmarks/results/2026-11-30-h200x2-s7/kernel_decode.md, the two-pass indexer alone,
+# graph replay, us, rank vs radix, same selections): 32K context (256 blocks, ranked) TP1 bs 1 16.4 vs 21.2, bs 8
+# 36.2 vs 41.6; TP8 bs 1 16.4 vs 20.7, bs 8 36.0 vs 40.6. 128K (1024 blocks: the radix search in both) TP1 bs 1
+# 36.5 vs 35.2, TP8 37.0 vs 35.0 -- the ranked variant's larger kernel costs ~1.5-2 us there -- and level at bs 8
+# (105.4 vs 105.6, 106.0 vs 105.1). Hence the default: -4 to -5 us per sparse layer up to 32K, +2 at 128K bs 1.
 INDEXER_RANK_MAX_BLOCKS = 256
 # Tried and removed (5c7848a): a pass 2 with 8-bit digits (4 rounds of tl.histogram, the row kept in registers
 # up to 1024 blocks) instead of these 8 rounds of 4 bits. Same selections, but slower on one H200

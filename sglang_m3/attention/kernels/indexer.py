@@ -30,9 +30,10 @@ max_blocks = ceil(req_to_token.shape[1] / block_size) -- fixed by the pool's sha
 at warmup and stays valid for every captured graph. Pass 2 (``_indexer_select_kernel``, one program per
 (token, index head)) finds the k-th largest score image by a 4-bit radix search and takes the blocks above
 it plus the lowest-id blocks equal to it, ids written ascending through a prefix sum. Same keys, same
-order -> the same selection as the split variant. ``select="rank"`` (forced; not the default) runs the same
-kernel with RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by
-all-pairs ranking (``_rank_select``: no dependent rounds), longer rows of the same launch by the radix search.
+order -> the same selection as the split variant. ``select="rank"`` (the default) runs the same kernel with
+RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by all-pairs ranking
+(``_rank_select``: no dependent rounds; faster up to 32K context, see common.py), longer rows of the same launch
+by the radix search; ``select="radix"`` radix-searches every row.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
@@ -415,7 +416,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                      init_blocks: int = 0, local_blocks: int = 1, out: Tensor | None = None,
                      meta: MSAMeta | None = None, workspace: MSAWorkspace | None = None,
                      num_splits: int | None = None, two_pass: bool | None = None,
-                     select: str = "radix") -> Tensor:
+                     select: str = "rank") -> Tensor:
     """Triton twin of ``reference.index_block_topk`` (same arguments, result and ``out`` semantics).
 
     Extra keyword arguments (all optional):
@@ -427,10 +428,10 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                     Two-pass needs one token per tile (decode-shaped batches); its block-score scratch is
                     int32 [T, H, ceil(req_to_token.shape[1] / block_size)], so under a frozen workspace
                     ``warmup`` must have seen a req_to_token of the same width (its ``context_len``).
-      select     -- pass 2 of the two-pass variant: "radix" (the default: 8 rounds of a 4-bit radix search) or
-                    "rank" (forced, for measurement: rows of <= common.INDEXER_RANK_MAX_BLOCKS visible blocks are
-                    ranked all-pairs, longer rows of the same launch take the radix search). Same selection
-                    either way; ignored by the split variant. ValueError for any other value.
+      select     -- pass 2 of the two-pass variant: "rank" (the default: rows of <= common.INDEXER_RANK_MAX_BLOCKS
+                    visible blocks are ranked all-pairs, longer rows of the same launch take the radix search)
+                    or "radix" (8 rounds of a 4-bit radix search for every row). Same selection either way;
+                    ignored by the split variant. ValueError for any other value.
     Both variants give identical results (same block scores, same packed-key order).
     ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
     Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
