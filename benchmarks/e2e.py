@@ -61,10 +61,16 @@ GPU_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--trust-remote-co
 SMOKE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--sleep-on-idle"]
 SERVER_ENV = {"ours": {}, "intree": {"SGLANG_PLUGINS": "none"}, "ours_mxfp8": QUANT_ENV}
 SERVER_QUANT = {"ours_mxfp8": "mxfp8"}  # label -> the checkpoint's quantization (the others: bf16)
-# Targets of issue 9 (H200, same run): ours / in-tree output throughput, ours / in-tree median TPOT at
-# concurrency 1, and the cold decode-graph capture time.
+# Targets of issue 9 (H200, same run): ours / in-tree output throughput, ours / in-tree decode time per token at
+# concurrency 1, and the cold decode-graph capture time. The decode time per token is judged on the median ITL, not
+# the bench's TPOT: sglang.benchmark.serving stamps TTFT at the first streamed chunk with non-empty text and derives
+# TPOT = (latency - TTFT) / (tokens - 1). The checkpoint here ships the tiny byte-level tokenizer (a few hundred ids)
+# with the release's vocabulary of 200064, and a dummy-weight model emits arbitrary ids, most of which render as no
+# text: TTFT absorbs the decode steps before the first visible byte and TPOT shrinks (32K c1, session 7: TPOT
+# 0.89 ms, ITL 1.75 ms, profiled GPU time per step 1.74 ms). The ITL (each chunk's gap divided by its new tokens)
+# and the end-to-end latency do not depend on where text first appears; TTFT here is an upper bound.
 THROUGHPUT_TARGET = {"2k": 1.05, "32k": 1.2, "128k": 1.2}
-TPOT_TARGET = {"32k-c1": 0.85, "128k-c1": 0.85}
+ITL_TARGET = {"32k-c1": 0.85, "128k-c1": 0.85}
 CAPTURE_TARGET_S = 30
 
 
@@ -168,26 +174,32 @@ def compare(servers: dict, workloads: dict) -> list[dict]:
             row["throughput_ratio"] = ours["output_throughput"] / intree["output_throughput"]
             row["ttft_ratio"] = ours["median_ttft_ms"] / intree["median_ttft_ms"]
             row["tpot_ratio"] = ours["median_tpot_ms"] / intree["median_tpot_ms"]
+            if ours.get("median_itl_ms") and intree.get("median_itl_ms"):
+                row["itl_ratio"] = ours["median_itl_ms"] / intree["median_itl_ms"]
+                row["e2e_latency_ratio"] = ours["median_e2e_latency_ms"] / intree["median_e2e_latency_ms"]
             row["throughput_target"] = THROUGHPUT_TARGET.get(wname)
-            row["tpot_target"] = TPOT_TARGET.get(wname)
+            row["itl_target"] = ITL_TARGET.get(wname)
         rows.append(row)
     return rows
 
 
 def markdown(results: dict) -> str:
     fmt = lambda m: ("—" if not m else m.get("error", "")[:40] if "error" in m else  # noqa: E731
-                     f"{m['output_throughput']:.0f} / {m['median_ttft_ms']:.0f} / {m['median_tpot_ms']:.2f}")
-    lines = ["| workload (in/out, conc) | ours tok/s / TTFT ms / TPOT ms | in-tree tok/s / TTFT ms / TPOT ms "
-             "| ours ÷ in-tree throughput (target) | ours ÷ in-tree TTFT | ours ÷ in-tree TPOT (target) |",
-             "|---|---|---|---|---|---|"]
+                     f"{m['output_throughput']:.0f} / {m['median_ttft_ms']:.0f} / {m['median_tpot_ms']:.2f}"
+                     + (f" / {m['median_itl_ms']:.2f}" if m.get("median_itl_ms") else ""))
+    lines = ["| workload (in/out, conc) | ours tok/s / TTFT ms / TPOT ms / ITL ms | in-tree (same) "
+             "| ours ÷ in-tree throughput (target) | ours ÷ in-tree TTFT | ours ÷ in-tree e2e latency "
+             "| ours ÷ in-tree ITL (target) |",
+             "|---|---|---|---|---|---|---|"]
     target = lambda r, k, op: f" ({op} {r[k]})" if r.get(k) is not None else ""  # noqa: E731
     for r in results["compare"]:
         ratio = (f"{r['throughput_ratio']:.2f}{target(r, 'throughput_target', '≥')}"
                  if "throughput_ratio" in r else "—")
         ttft = f"{r['ttft_ratio']:.2f}" if "ttft_ratio" in r else "—"
-        tpot = f"{r['tpot_ratio']:.2f}{target(r, 'tpot_target', '≤')}" if "tpot_ratio" in r else "—"
+        e2e_lat = f"{r['e2e_latency_ratio']:.2f}" if "e2e_latency_ratio" in r else "—"
+        itl = f"{r['itl_ratio']:.2f}{target(r, 'itl_target', '≤')}" if "itl_ratio" in r else "—"
         lines.append(f"| {r['workload']} ({r['input']}/{r['output']}, {r['concurrency']}) | {fmt(r['ours'])} | "
-                     f"{fmt(r['intree'])} | {ratio} | {ttft} | {tpot} |")
+                     f"{fmt(r['intree'])} | {ratio} | {ttft} | {e2e_lat} | {itl} |")
     if any(r.get("ours_mxfp8") for r in results["compare"]):
         lines += ["", "| workload | ours_mxfp8 tok/s / TTFT ms / TPOT ms | ours_mxfp8 ÷ ours throughput | "
                   "ours_mxfp8 ÷ ours TPOT |", "|---|---|---|---|"]
