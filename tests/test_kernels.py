@@ -280,10 +280,12 @@ def select_oracle(scores, nb, topk):
     return sorted(ids) + [-1] * (topk - len(ids))
 
 
-# Pass-2 forms run by indexer_select_exact: (RANK_MAX, RB, CC) -- the radix search alone (the default), rows of
-# <= 16 blocks ranked in row tiles of 4 and column steps of 4 (several of each) with longer rows of the same launch
-# on the radix search, and every row ranked in one tile.
-SELECT_FORMS = ((0, 1, 1), (16, 4, 4), (32, 32, 8))
+# Pass-2 forms run by indexer_select_exact: (RANK_MAX, RB, CC, SEG) -- the radix search alone, rows of <= 16 blocks
+# ranked in row tiles of 4 and column steps of 4 (several of each) with longer rows of the same launch on the radix
+# search, every row ranked in one tile; and rank_segments: rows of 9..23 blocks ranked by segments of 3 (RANK_MAX 8,
+# a tile of 16), rows of 17..23 by segments of 2, and one where rows of 5..8 blocks take segments of 1 and longer
+# ones the radix search.
+SELECT_FORMS = ((0, 1, 1, 0), (16, 4, 4, 0), (32, 32, 8, 0), (8, 16, 4, 3), (16, 16, 4, 2), (4, 8, 4, 1))
 
 
 @cpu_case
@@ -318,12 +320,12 @@ def indexer_select_exact():
     sc[4, 0, :] = 2**31 - 1
     sc[9, 0, ::2] = -2**31  # ties at INT32_MIN in a ranked row
     sc = ((sc + 2**31) % 2**32 - 2**31).to(torch.int32)
-    for rank_max, rb, cc in SELECT_FORMS:
+    for rank_max, rb, cc, seg in SELECT_FORMS:
         padded = torch.full((T, H, topk + 1), 77, dtype=torch.int32)  # a guard column after each out row
         out = padded[..., :topk]
         I._indexer_select_kernel[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks,
                                          H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8,
-                                         RANK_MAX=rank_max, RB=rb, CC=cc, num_warps=4)
+                                         RANK_MAX=rank_max, RB=rb, CC=cc, SEG=seg, num_warps=4)
         assert (padded[..., topk] == 77).all(), (rank_max, "pass 2 wrote past its TOPK columns")
         for t in range(T):
             for h in range(H):
@@ -337,19 +339,20 @@ def indexer_select_exact():
 
 @cpu_case
 def indexer_select_rank_matches_radix():
-    """The whole two-pass indexer with select="rank" equals select="radix" and the split variant exactly (same
-    block scores, same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for several
-    init/local/topk settings, with every row ranked (INDEXER_RANK_MAX_BLOCKS 256) and with rows above and below a
-    RANK_MAX of 8 in one launch (the longer ones take the radix search); and the twin up to near-ties. An extend-form
+    """The whole two-pass indexer with select="rank" and "rank_segments" equals select="radix" and the split variant
+    exactly (same block scores, same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for
+    several init/local/topk settings, with every row ranked (INDEXER_RANK_MAX_BLOCKS 256) and with rows above and
+    below a RANK_MAX of 8 in one launch (rank: the longer ones take the radix search; rank_segments at top-3:
+    rows of 9-16 blocks by segments of 2, the row of 19 by the radix search); and the twin up to near-ties. An extend-form
     batch of one token per request keeps the out row of a token owned by no request. Any other select: ValueError."""
     from sglang_m3.attention.kernels import common
 
     saved = common.INDEXER_RANK_MAX_BLOCKS
     try:
         for coarse in (True, False):
-            # nb 10, 13, 3, 2, 9 at block 16
-            b = make_batch([150, 200, 33, 17, 129], [1] * 5, hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32,
-                           seed=3)
+            # nb 10, 13, 3, 2, 9, 19 at block 16
+            b = make_batch([150, 200, 33, 17, 129, 300], [1] * 6, hq=4, hkv=2, d=16, di=16, dv=16,
+                           dtype=torch.float32, seed=3)
             if coarse:
                 b["index_k_cache"][:] = torch.round(b["index_k_cache"] * 2)
                 b["index_q"][:] = torch.round(b["index_q"])
@@ -360,8 +363,9 @@ def indexer_select_rank_matches_radix():
                 assert torch.equal(radix, split), (coarse, init_b, local_b, topk)
                 for rank_max in (256, 8):
                     common.INDEXER_RANK_MAX_BLOCKS = rank_max
-                    rank, _ = run_both_indexers(b, 16, topk, init_b, local_b, select="rank", **kw)
-                    assert torch.equal(rank, radix), (rank_max, coarse, init_b, local_b, topk)
+                    for select in ("rank", "rank_segments"):
+                        rank, _ = run_both_indexers(b, 16, topk, init_b, local_b, select=select, **kw)
+                        assert torch.equal(rank, radix), (select, rank_max, coarse, init_b, local_b, topk)
                 assert_same_selection(rank, want, b, 16, 1e-5)
         b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,
                        extra_rows=1)
@@ -639,17 +643,19 @@ def check_gpu_indexer_variants(b, got):
     """A decode batch through both indexer variants (two-pass and split, forced) in the decode form: each must
     select as ``got`` (the default variant's selection, already checked against the twin), with the near-tie
     allowance: both compute each block score with the same dot, but they are separately compiled kernels. The
-    two-pass indexer also with select="rank": both pass 2s select from the same pass-1 score images, so exactly
-    equal (rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix search)."""
+    two-pass indexer with each pass 2 ("radix", "rank", "rank_segments"): they select from the same pass-1 score
+    images, so exactly equal (rank: rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix
+    search; rank_segments: rows up to 4096 blocks by segments too)."""
     from sglang_m3.attention import kernels as K
 
     sels = {}
-    for two_pass, select in ((True, "radix"), (True, "rank"), (False, "radix")):
+    for two_pass, select in ((True, "radix"), (True, "rank"), (True, "rank_segments"), (False, "radix")):
         sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
                                  topk_blocks=TOPK, two_pass=two_pass, select=select)
         assert_same_selection(sel, got, b, BLOCK, 1e-4)
         sels[two_pass, select] = sel
     assert torch.equal(sels[True, "rank"], sels[True, "radix"]), "rank and radix pass 2 differ"
+    assert torch.equal(sels[True, "rank_segments"], sels[True, "radix"]), "rank_segments and radix pass 2 differ"
 
 
 @pytest.mark.gpu
@@ -692,13 +698,14 @@ def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-@pytest.mark.parametrize("bs,select", [(4, "radix"), (4, "rank"), (24, "radix")])
+@pytest.mark.parametrize("bs,select", [(4, "radix"), (4, "rank"), (4, "rank_segments"), (24, "radix")])
 def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
-    bs 4 takes the two-pass indexer (with either pass 2; "rank": the lengths below 32K are ranked, the
-    128K one takes the radix search in the same launch), bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
+    bs 4 takes the two-pass indexer (with each pass 2; "rank": the lengths below 32K are ranked, the 128K one
+    takes the radix search in the same launch; "rank_segments": the 128K one by segments), bs 24 the split one
+    (INDEXER_TWO_PASS_MAX_TILES = 8)."""
     from sglang_m3.attention import kernels as K
     from sglang_m3.attention.kernels import common
 

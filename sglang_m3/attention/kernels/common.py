@@ -71,6 +71,13 @@ INDEXER_SELECT_CHUNK = 512
 # 36.5 vs 35.2, TP8 37.0 vs 35.0 -- the ranked variant's larger kernel costs ~1.5-2 us there -- and level at bs 8
 # (105.4 vs 105.6, 106.0 vs 105.1). Hence the default: -4 to -5 us per sparse layer up to 32K, +2 at 128K bs 1.
 INDEXER_RANK_MAX_BLOCKS = 256
+# Forced pass-2 variant select="rank_segments" (not the default; built to close the 128K batch-1 gap, where the
+# radix search over 1024 blocks takes ~20 us of the indexer's 35): rows longer than INDEXER_RANK_MAX_BLOCKS are cut
+# into segments of this many blocks, the segments ranked by their best key, and the TOPK best segments' blocks
+# (TOPK * 16 <= 256 at top-16) ranked again (indexer._rank_segments_select). Segment length: TOPK segments must fit
+# one ranked tile (K_PAD * SEG <= RANK_MAX) and a row of RANK_MAX segments covers 4096 blocks (512K context at block
+# 128). Not measured yet.
+INDEXER_SEGMENT_BLOCKS = 16
 # Tried and removed (5c7848a): a pass 2 with 8-bit digits (4 rounds of tl.histogram, the row kept in registers
 # up to 1024 blocks) instead of these 8 rounds of 4 bits. Same selections, but slower on one H200
 # (benchmarks/results/2026-11-30-h200-s6/kernel_decode.md, two-pass indexer, us, 4-bit vs 8-bit): TP1 bs 1 20.2

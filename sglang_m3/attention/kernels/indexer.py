@@ -33,7 +33,9 @@ it plus the lowest-id blocks equal to it, ids written ascending through a prefix
 order -> the same selection as the split variant. ``select="rank"`` (the default) runs the same kernel with
 RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by all-pairs ranking
 (``_rank_select``: no dependent rounds; faster up to 32K context, see common.py), longer rows of the same launch
-by the radix search; ``select="radix"`` radix-searches every row.
+by the radix search; ``select="radix"`` radix-searches every row; ``select="rank_segments"`` (forced, not measured
+yet) also ranks longer rows, up to INDEXER_RANK_MAX_BLOCKS * INDEXER_SEGMENT_BLOCKS blocks, in two steps: their
+segments by best key, then the best segments' blocks (``_rank_segments_select``).
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
@@ -320,11 +322,67 @@ def _rank_select(row, out_row, nb, need, RB: tl.constexpr, CC: tl.constexpr):
     return taken
 
 
+@triton.jit
+def _segment_key(row, seg, nb, SEG: tl.constexpr):
+    # The packed key of each segment's best block (segment s: blocks s*SEG .. s*SEG + SEG - 1 below nb); a segment
+    # past nb gets _MINKEY. A loop over the SEG offsets keeps one [len(seg)] vector live, not a [len(seg), SEG] tile.
+    best = tl.full(seg.shape, _MINKEY, tl.int64)
+    for j in tl.static_range(SEG):
+        b = seg * SEG + j
+        ok = b < nb
+        best = tl.maximum(best, tl.where(ok, _rank_key(tl.load(row + b, mask=ok, other=0), b), _MINKEY))
+    return best
+
+
+@triton.jit
+def _rank_segments_select(row, out_row, nb, TOPK: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr,
+                          SEG: tl.constexpr):
+    # Pass 2 for rows of up to RB * SEG blocks (select="rank_segments"), by ranking twice, no dependent rounds:
+    # 1. the row's segments of SEG blocks are ranked by their best key, and the n_top = min(segments, TOPK) best
+    #    segments' ids are written ascending into the out row (scratch until the picks overwrite it);
+    # 2. their blocks (<= TOPK * SEG <= RB), ascending, are ranked among themselves; those of rank < TOPK are the
+    #    picks. Exact: keys are unique, so TOPK segment maxima (distinct blocks) beat every block of an unpicked
+    #    segment, which therefore is not in the top TOPK; and every block above a top-TOPK block is itself one,
+    #    hence a candidate: a candidate's rank among candidates is its rank in the row when that is < TOPK, and
+    #    >= TOPK otherwise. (With fewer than TOPK segments every block is a candidate.)
+    tl.static_assert(TOPK * SEG <= RB)
+    cols = tl.arange(0, CC)
+    nseg = (nb + SEG - 1) // SEG
+    n_cand = tl.minimum(nseg, TOPK) * SEG
+    seg = tl.arange(0, RB)
+    kseg = _segment_key(row, seg, nb, SEG)
+    rank = tl.zeros([RB], tl.int32)
+    for c0 in range(0, nseg, CC):
+        rank += tl.sum((_segment_key(row, c0 + cols, nb, SEG)[:, None] > kseg[None, :]).to(tl.int32), axis=0)
+    top = (seg < nseg) & (rank < TOPK)
+    tp = top.to(tl.int32)
+    tl.store(out_row + tl.cumsum(tp, axis=0) - tp, seg.to(out_row.dtype.element_ty), mask=top)
+    tl.debug_barrier()  # the segment ids, written by some threads, are read by all below
+    c = tl.arange(0, RB)
+    c_ok = c < n_cand
+    cb = tl.load(out_row + c // SEG, mask=c_ok, other=0) * SEG + c % SEG
+    c_ok = c_ok & (cb < nb)
+    kb = _rank_key(tl.load(row + cb, mask=c_ok, other=0), cb)
+    rank = tl.zeros([RB], tl.int32)
+    for c0 in range(0, n_cand, CC):
+        cc = c0 + cols
+        ok = cc < n_cand
+        ccb = tl.load(out_row + cc // SEG, mask=ok, other=0) * SEG + cc % SEG
+        ok = ok & (ccb < nb)
+        kc = tl.where(ok, _rank_key(tl.load(row + ccb, mask=ok, other=0), ccb), _MINKEY)
+        rank += tl.sum((kc[:, None] > kb[None, :]).to(tl.int32), axis=0)
+    pick = c_ok & (rank < TOPK)
+    pk = pick.to(tl.int32)
+    tl.debug_barrier()  # every read of the segment ids above happens before the picks overwrite them
+    tl.store(out_row + tl.cumsum(pk, axis=0) - pk, cb.to(out_row.dtype.element_ty), mask=pick)
+    return tl.sum(pk, axis=0)
+
+
 @triton.jit(do_not_specialize=["max_blocks"])
 def _indexer_select_kernel(
     tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
     H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
-    RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr,
+    RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr, SEG: tl.constexpr,
 ):
     # Pass 2 of the two-pass indexer (radix select): one program per (token, index head). The selection is the
     # top TOPK visible blocks by score image (the int32 order-preserving image pass 1 stored), ties to the lower
@@ -350,6 +408,15 @@ def _indexer_select_kernel(
             tl.store(out_row + kcol, tl.full([K_PAD], -1, out_ptr.dtype.element_ty),
                      mask=(kcol >= taken) & (kcol < TOPK))
             return
+        if SEG > 0:
+            # select="rank_segments": rows of up to RB * SEG blocks (RB = RANK_MAX) by the two-step ranking
+            if nb <= RB * SEG:
+                out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
+                taken = _rank_segments_select(row, out_row, nb, TOPK, RB, CC, SEG)
+                kcol = tl.arange(0, K_PAD)
+                tl.store(out_row + kcol, tl.full([K_PAD], -1, out_ptr.dtype.element_ty),
+                         mask=(kcol >= taken) & (kcol < TOPK))
+                return
     offs = tl.arange(0, CH)
     bins = tl.arange(0, 16)
     need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
@@ -430,8 +497,11 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                     ``warmup`` must have seen a req_to_token of the same width (its ``context_len``).
       select     -- pass 2 of the two-pass variant: "rank" (the default: rows of <= common.INDEXER_RANK_MAX_BLOCKS
                     visible blocks are ranked all-pairs, longer rows of the same launch take the radix search)
-                    or "radix" (8 rounds of a 4-bit radix search for every row). Same selection either way;
-                    ignored by the split variant. ValueError for any other value.
+                    or "radix" (8 rounds of a 4-bit radix search for every row), or "rank_segments" (forced, for
+                    measurement: "rank", plus rows of up to INDEXER_RANK_MAX_BLOCKS * INDEXER_SEGMENT_BLOCKS
+                    blocks -- 512K context at top-16 -- by ranking segment maxima, then the best segments'
+                    blocks; the radix search above). Same selection in every case; ignored by the split
+                    variant. ValueError for any other value.
     Both variants give identical results (same block scores, same packed-key order).
     ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
     Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
@@ -478,8 +548,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     tiles = [t if t is not None else meta.tok_row for t in
              (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
     interp = common.interpret_mode()
-    if select not in ("radix", "rank"):
-        raise ValueError(f"select must be 'radix' or 'rank', got {select!r}")
+    if select not in ("radix", "rank", "rank_segments"):
+        raise ValueError(f"select must be 'radix', 'rank' or 'rank_segments', got {select!r}")
     if two_pass:
         max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
         n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
@@ -508,7 +578,9 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         SCORES=two_pass, num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
     if two_pass:
         # (the interpreter runs the same code on chunks small enough to iterate)
-        rank_max = common.INDEXER_RANK_MAX_BLOCKS if select == "rank" else 0
+        rank_max = common.INDEXER_RANK_MAX_BLOCKS if select != "radix" else 0
+        # rank_segments: segments of SEG blocks, TOPK of them (<= K_PAD * SEG <= RANK_MAX blocks) ranked again
+        seg = min(common.INDEXER_SEGMENT_BLOCKS, rank_max // k_pad) if select == "rank_segments" else 0
         _indexer_select_kernel[(T, H)](
             meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
             H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
@@ -517,7 +589,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             # columns per step; sm_90 ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in
             # the whole-step loop (16 columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per
             # pair). 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
-            RANK_MAX=rank_max, RB=max(1, rank_max), CC=32, num_warps=4)
+            RANK_MAX=rank_max, RB=max(1, rank_max), CC=32, SEG=seg, num_warps=4)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
