@@ -12,17 +12,21 @@ if [ "$SGLANG_M3_DEVICE" = cpu ]; then
   # --sleep-on-idle: an idle CPU scheduler would otherwise busy-poll a whole core.
   flags+=(--device cpu --dtype float32 --max-total-tokens 8192 --grammar-backend llguidance --sleep-on-idle)
 fi
-python -m sglang.launch_server "${flags[@]}" > /tmp/sglang-m3-serve.log 2>&1 &
+LOG=/tmp/sglang-m3-serve-$(id -un)-$PORT.log
+python -m sglang.launch_server "${flags[@]}" > "$LOG" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 for _ in $(seq 300); do
   curl -sf "http://127.0.0.1:$PORT/health_generate" >/dev/null 2>&1 && break
-  kill -0 $server 2>/dev/null || { tail -40 /tmp/sglang-m3-serve.log; exit 1; }
+  kill -0 $server 2>/dev/null || { tail -40 "$LOG"; exit 1; }
   sleep 2
 done
-echo "[sglang-m3] server up (log: /tmp/sglang-m3-serve.log); one chat request:"
+echo "[sglang-m3] server up (log: $LOG); one chat request:"
 curl -s "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' -d '{
   "model": "default", "max_tokens": 32, "temperature": 0,
   "messages": [{"role": "user", "content": "Hello! Who are you?"}],
   "chat_template_kwargs": {"thinking_mode": "disabled"}}' | python -m json.tool
-grep -m1 "sglang-m3 MSA backend" /tmp/sglang-m3-serve.log >/dev/null && echo "[sglang-m3] served by the sglang-m3 plugin"
+grep -m1 "sglang-m3 MSA backend" "$LOG" >/dev/null \
+  || { echo "[sglang-m3] the server did not log the sglang-m3 MSA backend: plugin not loaded? see $LOG"; exit 1; }
+echo "[sglang-m3] served by the sglang-m3 plugin; the server stops now. To keep one up (stop it with Ctrl-C):"
+echo "  source scripts/env.sh && python -m sglang.launch_server ${flags[*]}"

@@ -199,6 +199,10 @@ def build_cases(info: dict) -> list[Case]:
         ("top_k 0", {"top_k": 0, "max_new_tokens": 2}, "reject", True),
         ("top_k -1 (disabled)", {"top_k": -1, "max_new_tokens": 2, "temperature": 0}, "accept", False),
         ("top_k past the vocabulary", {"top_k": V * 4, "max_new_tokens": 2}, "accept", False),
+        # sampler tensors are int32 / float32: these once ended the server inside the scheduler
+        ("top_k 2**31", {"top_k": 2**31, "max_new_tokens": 2}, "reject", True),
+        ("logit_bias 1e39", {"logit_bias": {"5": 1e39}, "max_new_tokens": 2}, "reject", True),
+        ("logit_bias -1e308", {"logit_bias": {"5": -1e308}, "max_new_tokens": 2}, "reject", False),
         ("min_p 2", {"min_p": 2.0, "max_new_tokens": 2}, "reject", False),
         ("repetition_penalty 0", {"repetition_penalty": 0.0, "max_new_tokens": 2}, "reject", False),
         ("frequency_penalty 9", {"frequency_penalty": 9.0, "max_new_tokens": 2}, "reject", False),
@@ -213,6 +217,8 @@ def build_cases(info: dict) -> list[Case]:
     ):
         gen(name, "sampling", {"input_ids": p, "sampling_params": sp}, expect, ci)
     cmpl("max_tokens -1", "sampling", {"prompt": "hi", "max_tokens": -1}, "reject", True)
+    chat("logit_bias 1e39", "sampling", {"logit_bias": {"5": 1e39}}, "reject", True)
+    chat("top_k 2**31", "sampling", {"top_k": 2**31}, "reject", False)
     cmpl("max_tokens 10**12", "sampling", {"prompt": "hi", "max_tokens": 10**12}, "reject")
     cmpl("n 0", "sampling", {"prompt": "hi", "max_tokens": 2, "n": 0}, "reject")
     cmpl("n 2 greedy", "sampling", {"prompt": "hi", "max_tokens": 2, "n": 2, "temperature": 0}, "either")

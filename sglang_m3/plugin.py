@@ -210,7 +210,19 @@ def _request_limits(tokenizer_manager, obj):
     model_config = tokenizer_manager.model_config
     if not isinstance(obj, GenerateReqInput) or not _is_m3(model_config.hf_config):
         return None
-    return Limits(vocab_size=model_config.vocab_size)
+    return Limits(vocab_size=model_config.vocab_size, grammar_refusal=_grammar_refusal(tokenizer_manager.server_args))
+
+
+def _grammar_refusal(server_args) -> str | None:
+    """SGLang 0.5.17 cannot constrain decoding with llguidance under --reasoning-parser: its ReasonerGrammarBackend
+    calls allocate_vocab_mask, which llguidance's GuidanceBackend lacks, and the request came back with a 400 naming
+    only that attribute. Such a server refuses grammar requests up front, saying why and what works."""
+    if server_args.reasoning_parser and server_args.grammar_backend == "llguidance":
+        return ("constrained decoding (regex, json_schema, ebnf, structural_tag; also what response_format and "
+                "tool_choice 'required' or a named function ask for) is unavailable on this server: SGLang 0.5.17's "
+                "llguidance grammar backend fails under --reasoning-parser. Serve without --reasoning-parser, or "
+                "with --grammar-backend xgrammar where it runs (GPU).")
+    return None
 
 
 def _check_request_shape(original, tokenizer_manager, obj, *args, **kwargs):

@@ -32,9 +32,11 @@ class M3RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What the served model accepts: ids in [0, vocab_size)."""
+    """What the served model accepts: ids in [0, vocab_size); `grammar_refusal`: why this server cannot constrain
+    decoding (None: it can), the message a grammar request gets."""
 
     vocab_size: int
+    grammar_refusal: Optional[str] = None
 
 
 # SamplingParams (sglang/srt/sampling/sampling_params.py) API fields by the type it needs; None means "default".
@@ -43,6 +45,14 @@ _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 _GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 _OTHER_FIELDS = ("stop", "stop_regex", "stop_token_ids", "logit_bias", "custom_params")
+# The scheduler packs these into torch tensors for the whole batch (sglang/srt/sampling/sampling_batch_info.py:
+# top_k int32; penaltylib/min_new_tokens.py: int32; temperature, top_p, min_p and the logit_bias rows float32). A
+# value that does not fit raised there ("value cannot be converted to type int32 without overflow"), inside the
+# scheduler, which ended the server and every request in flight (top_k 2**31, logit_bias 1e39); so they are bounded
+# here. Floats above the float32 range would become inf (temperature) or raise (logit_bias): one bound for all.
+_INT32_FIELDS = ("top_k", "min_new_tokens")
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 SAMPLING_FIELDS = frozenset(_INT_FIELDS + _FLOAT_FIELDS + _BOOL_FIELDS + _GRAMMAR_FIELDS + _OTHER_FIELDS)
 
 
@@ -56,6 +66,11 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_float32(v: Any) -> bool:
+    """A number that a float32 holds without overflow (finite, |v| <= float32 max)."""
+    return _is_number(v) and math.isfinite(v) and abs(v) <= _FLOAT32_MAX
 
 
 def check_token_ids(input_ids: Sequence[int], vocab_size: int, field: str = "input_ids",
@@ -94,10 +109,14 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
         v = params.get(name)
         if v is not None and not _is_int(v):
             raise M3RequestError(f"sampling_params.{name}{where} must be an integer, got {v!r}")
+        if v is not None and name in _INT32_FIELDS and not -_INT32_MAX - 1 <= v <= _INT32_MAX:
+            raise M3RequestError(f"sampling_params.{name}{where} = {v} does not fit the int32 the sampler uses "
+                                 f"(at most {_INT32_MAX}; a top_k at or above the vocabulary size means all of it)")
     for name in _FLOAT_FIELDS:
         v = params.get(name)
-        if v is not None and not (_is_number(v) and math.isfinite(v)):
-            raise M3RequestError(f"sampling_params.{name}{where} must be a finite number, got {v!r}")
+        if v is not None and not _is_float32(v):
+            raise M3RequestError(f"sampling_params.{name}{where} must be a finite float32 number "
+                                 f"(|x| <= {_FLOAT32_MAX:.4g}), got {v!r}")
     for name in _BOOL_FIELDS:
         v = params.get(name)
         if v is not None and not isinstance(v, bool):
@@ -131,8 +150,9 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
             if not 0 <= int(key) < vocab_size:
                 raise M3RequestError(f"sampling_params.logit_bias{where} key {key} is outside the vocabulary "
                                      f"[0, {vocab_size})")
-            if not (_is_number(value) and math.isfinite(value)):
-                raise M3RequestError(f"sampling_params.logit_bias[{key}]{where} must be a finite number")
+            if not _is_float32(value):
+                raise M3RequestError(f"sampling_params.logit_bias[{key}]{where} must be a finite float32 number "
+                                     f"(|x| <= {_FLOAT32_MAX:.4g}), got {value!r}")
     custom = params.get("custom_params")
     if custom is not None and not isinstance(custom, dict):
         raise M3RequestError(f"sampling_params.custom_params{where} must be a JSON object")
@@ -203,6 +223,9 @@ def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None
             raise M3RequestError(f"text{_where(item)} is empty: a prompt needs at least one token")
         prompt_len = None
     check_sampling_params(req.sampling_params, limits.vocab_size, item)
+    if limits.grammar_refusal and isinstance(req.sampling_params, dict) and any(
+            req.sampling_params.get(name) not in (None, "") for name in _GRAMMAR_FIELDS):
+        raise M3RequestError(limits.grammar_refusal)
     check_logprob_params(req, prompt_len, limits.vocab_size, item)
 
 

@@ -102,6 +102,54 @@ def test_sampling_params_name_the_bad_field(params, words):
     assert all(w in msg for w in words), msg
 
 
+def test_sampler_tensor_bounds_are_the_tensors_own():
+    """top_k / min_new_tokens and the float fields go into int32 / float32 tensors in SGLang's scheduler, where a value
+    that does not fit raised and ended the server (top_k 2**31, logit_bias 1e39): the validator's bounds are
+    exactly what torch can hold (the oracle: torch building those tensors the way the scheduler does)."""
+    import torch
+
+    i32, f32 = torch.iinfo(torch.int32), torch.finfo(torch.float32)
+    for v in (i32.max, i32.max + 1, 2**63):
+        fits = True
+        try:
+            torch.tensor([v], dtype=torch.int32)
+        except (RuntimeError, OverflowError, ValueError):
+            fits = False
+        for name in ("top_k", "min_new_tokens"):
+            params = {name: v, "max_new_tokens": 4}
+            if fits:
+                check_sampling_params(params, 512)
+            else:
+                msg = refused(check_sampling_params, params, 512)
+                assert name in msg and "int32" in msg and str(v) in msg, msg
+    for v in (f32.max, -f32.max, 3.5e38, 1e39, -1e308):
+        row = torch.zeros(4)
+        try:
+            row[1] = v  # sampling_batch_info: logit_bias[i, int(key)] = value
+            fits = bool(torch.isfinite(torch.tensor([v], dtype=torch.float32)).all())
+        except RuntimeError:
+            fits = False
+        for params, field in (({"logit_bias": {"5": v}}, "logit_bias[5]"), ({"temperature": v}, "temperature")):
+            if fits and field == "logit_bias[5]":
+                check_sampling_params(params, 512)
+            elif not fits:
+                msg = refused(check_sampling_params, params, 512)
+                assert field in msg and "float32" in msg, msg
+
+
+def test_grammar_refusal_applies_to_grammar_requests_only():
+    """A server that cannot constrain decoding (Limits.grammar_refusal) refuses every grammar field with that message,
+    and serves the rest; a server that can does not."""
+    limits = Limits(vocab_size=512, grammar_refusal="no grammars here: --reasoning-parser with llguidance")
+    for name, value in (("regex", "[ab]+"), ("json_schema", '{"type": "object"}'), ("ebnf", 'root ::= "a"'),
+                        ("structural_tag", "{}")):
+        r = req(input_ids=[1, 2], sampling_params={name: value, "max_new_tokens": 2})
+        assert refused(check_request, r, limits) == limits.grammar_refusal
+        check_request(r, LIMITS)
+    check_request(req(input_ids=[1, 2], sampling_params={"max_new_tokens": 2, "regex": ""}), limits)
+    check_request(req(input_ids=[1, 2], sampling_params={"max_new_tokens": 2}), limits)
+
+
 def test_well_formed_sampling_params_pass():
     check_sampling_params({"max_new_tokens": 0, "temperature": 0, "top_k": -1, "stop": ["\n"], "regex": "[ab]{3}",
                            "logit_bias": {"5": -1.5}, "stop_token_ids": [511], "n": 2, "ignore_eos": True,

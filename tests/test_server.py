@@ -230,6 +230,30 @@ def test_openai_chat_streaming_with_tools(vl_server):
     assert bool(calls) == bool(message.get("tool_calls"))
 
 
+def test_grammar_requests_get_a_clear_refusal_under_the_reasoning_parser(vl_server):
+    """SGLang 0.5.17's llguidance backend cannot constrain decoding under --reasoning-parser (vl_server has both;
+    conftest's CPU flags pick llguidance): a regex on /generate, and a chat whose tool_choice names a function (which
+    SGLang turns into a grammar), get a 400 that says so, and the server serves the next request. (Before, SGLang's
+    own 400 named only a missing `allocate_vocab_mask` attribute.)"""
+    def status_and_message(path, body):
+        try:
+            post(vl_server, path, body)
+        except AssertionError as e:
+            return str(e)
+        return "HTTP 200"
+
+    msg = status_and_message("/generate", {"text": "Q:", "sampling_params": {"max_new_tokens": 4, "regex": "[0-9]+"}})
+    assert "HTTP 400" in msg and "--reasoning-parser" in msg and "llguidance" in msg, msg
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    msg = status_and_message("/v1/chat/completions", {
+        "model": "default", "max_tokens": 8, "messages": [{"role": "user", "content": "Weather?"}], "tools": [tool],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert "HTTP 400" in msg and "--reasoning-parser" in msg, msg
+    out = post(vl_server, "/generate", {"text": "Q:", "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
+    assert out["meta_info"]["completion_tokens"] == 3
+
+
 def render_template(ckpt, messages, **kwargs) -> str:
     """The checkpoint's chat template rendered here with plain jinja2 (as transformers does: trim_blocks,
     lstrip_blocks, raise_exception), independent of the server's rendering."""
