@@ -288,6 +288,21 @@ def _rank_key(image, ids):
 
 
 @triton.jit
+def _store_picks(dst, pick, ids):
+    # The picked ids, in order, from dst on: each at the number of picks before it (a prefix sum). Returns the count.
+    pk = pick.to(tl.int32)
+    tl.store(dst + tl.cumsum(pk, axis=0) - pk, ids.to(dst.dtype.element_ty), mask=pick)
+    return tl.sum(pk, axis=0)
+
+
+@triton.jit
+def _pad_row(out_row, taken, TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    # -1 in an out row's columns taken .. TOPK - 1 (a row with fewer visible blocks than TOPK)
+    kcol = tl.arange(0, K_PAD)
+    tl.store(out_row + kcol, tl.full([K_PAD], -1, out_row.dtype.element_ty), mask=(kcol >= taken) & (kcol < TOPK))
+
+
+@triton.jit
 def _rank_select(row, out_row, nb, need, RB: tl.constexpr, CC: tl.constexpr):
     # Pass 2 by all-pairs ranking (select="rank"): block b's rank is #{b': s_b' > s_b} + #{b' < b: s_b' == s_b}
     # (its place in the packed-key order: score descending, ties to the lower id); b is picked iff rank < need,
@@ -315,10 +330,7 @@ def _rank_select(row, out_row, nb, need, RB: tl.constexpr, CC: tl.constexpr):
             # key of a higher score, and against an INT32_MIN score its id is the higher. So no column mask.
             kc = _rank_key(tl.load(row + c, mask=c < nb, other=_INT32_MIN), c)
             rank += tl.sum((kc[:, None] > kb[None, :]).to(tl.int32), axis=0)
-        pick = (b < nb) & (rank < need)
-        pk = pick.to(tl.int32)
-        tl.store(out_row + taken + tl.cumsum(pk, axis=0) - pk, b.to(out_row.dtype.element_ty), mask=pick)
-        taken += tl.sum(pk, axis=0)
+        taken += _store_picks(out_row + taken, (b < nb) & (rank < need), b)
     return taken
 
 
@@ -354,9 +366,7 @@ def _rank_segments_select(row, out_row, nb, TOPK: tl.constexpr, RB: tl.constexpr
     rank = tl.zeros([RB], tl.int32)
     for c0 in range(0, nseg, CC):
         rank += tl.sum((_segment_key(row, c0 + cols, nb, SEG)[:, None] > kseg[None, :]).to(tl.int32), axis=0)
-    top = (seg < nseg) & (rank < TOPK)
-    tp = top.to(tl.int32)
-    tl.store(out_row + tl.cumsum(tp, axis=0) - tp, seg.to(out_row.dtype.element_ty), mask=top)
+    _store_picks(out_row, (seg < nseg) & (rank < TOPK), seg)
     tl.debug_barrier()  # the segment ids, written by some threads, are read by all below
     c = tl.arange(0, RB)
     c_ok = c < n_cand
@@ -371,11 +381,8 @@ def _rank_segments_select(row, out_row, nb, TOPK: tl.constexpr, RB: tl.constexpr
         ok = ok & (ccb < nb)
         kc = tl.where(ok, _rank_key(tl.load(row + ccb, mask=ok, other=0), ccb), _MINKEY)
         rank += tl.sum((kc[:, None] > kb[None, :]).to(tl.int32), axis=0)
-    pick = c_ok & (rank < TOPK)
-    pk = pick.to(tl.int32)
     tl.debug_barrier()  # every read of the segment ids above happens before the picks overwrite them
-    tl.store(out_row + tl.cumsum(pk, axis=0) - pk, cb.to(out_row.dtype.element_ty), mask=pick)
-    return tl.sum(pk, axis=0)
+    return _store_picks(out_row, c_ok & (rank < TOPK), cb)
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -398,24 +405,17 @@ def _indexer_select_kernel(
         return
     nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
     row = score_ptr + (t * H + h).to(tl.int64) * max_blocks
+    out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
     if RANK_MAX > 0:
         # select="rank": rows of at most RANK_MAX blocks are ranked (_rank_select); longer rows, of the same launch,
-        # take the radix search below. RANK_MAX == 0 (the default): this block is not compiled at all.
+        # take the radix search below. RANK_MAX == 0 (select="radix"): this block is not compiled at all.
         if nb <= RANK_MAX:
-            out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
-            taken = _rank_select(row, out_row, nb, tl.minimum(nb, TOPK), RB, CC)
-            kcol = tl.arange(0, K_PAD)
-            tl.store(out_row + kcol, tl.full([K_PAD], -1, out_ptr.dtype.element_ty),
-                     mask=(kcol >= taken) & (kcol < TOPK))
+            _pad_row(out_row, _rank_select(row, out_row, nb, tl.minimum(nb, TOPK), RB, CC), TOPK, K_PAD)
             return
         if SEG > 0:
             # select="rank_segments": rows of up to RB * SEG blocks (RB = RANK_MAX) by the two-step ranking
             if nb <= RB * SEG:
-                out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
-                taken = _rank_segments_select(row, out_row, nb, TOPK, RB, CC, SEG)
-                kcol = tl.arange(0, K_PAD)
-                tl.store(out_row + kcol, tl.full([K_PAD], -1, out_ptr.dtype.element_ty),
-                         mask=(kcol >= taken) & (kcol < TOPK))
+                _pad_row(out_row, _rank_segments_select(row, out_row, nb, TOPK, RB, CC, SEG), TOPK, K_PAD)
                 return
     offs = tl.arange(0, CH)
     bins = tl.arange(0, 16)
@@ -442,7 +442,6 @@ def _indexer_select_kernel(
         else:
             level = level * 16 + d
     # level == tau; take every block above it and the `need` lowest-id blocks equal to it, ids ascending
-    out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
     taken = nb * 0
     eq_seen = nb * 0
     for c0 in range(0, nb, CH):
@@ -451,12 +450,9 @@ def _indexer_select_kernel(
         sc = tl.load(row + b, mask=ok, other=0)
         eq = (ok & (sc == level)).to(tl.int32)
         pick = (ok & (sc > level)) | ((eq_seen + tl.cumsum(eq, axis=0) - eq < need) & (eq != 0))
-        pk = pick.to(tl.int32)
-        tl.store(out_row + taken + tl.cumsum(pk, axis=0) - pk, b.to(out_ptr.dtype.element_ty), mask=pick)
-        taken += tl.sum(pk, axis=0)
+        taken += _store_picks(out_row + taken, pick, b)
         eq_seen += tl.sum(eq, axis=0)
-    kcol = tl.arange(0, K_PAD)
-    tl.store(out_row + kcol, tl.full([K_PAD], -1, out_ptr.dtype.element_ty), mask=(kcol >= taken) & (kcol < TOPK))
+    _pad_row(out_row, taken, TOPK, K_PAD)
 
 
 def indexer_num_splits(num_tiles: int, device: torch.device) -> int:
