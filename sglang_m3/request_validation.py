@@ -94,9 +94,11 @@ def check_token_ids(input_ids: Sequence[int], vocab_size: int, field: str = "inp
                                  f"[0, {vocab_size})")
 
 
-def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = None) -> None:
+def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = None,
+                          grammar_refusal: Optional[str] = None) -> None:
     """Types of the SamplingParams fields, unknown keys, and ids inside them (stop_token_ids, logit_bias keys);
-    grammar strings must be strings, a JSON schema must parse and a regex must compile."""
+    grammar strings must be strings, a JSON schema must parse and a regex must compile; with `grammar_refusal`
+    (Limits.grammar_refusal) any grammar at all is refused with that message."""
     where = _where(item)
     if params is None:
         return
@@ -170,6 +172,8 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
             raise M3RequestError(f"sampling_params.json_schema{where} is not valid JSON: {e}") from None
     if "regex" in grammars:
         _compile(params["regex"], f"sampling_params.regex{where}")
+    if grammars and grammar_refusal:
+        raise M3RequestError(grammar_refusal)
 
 
 def _compile(pattern: str, field: str) -> None:
@@ -222,10 +226,7 @@ def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None
         if not req.text:
             raise M3RequestError(f"text{_where(item)} is empty: a prompt needs at least one token")
         prompt_len = None
-    check_sampling_params(req.sampling_params, limits.vocab_size, item)
-    if limits.grammar_refusal and isinstance(req.sampling_params, dict) and any(
-            req.sampling_params.get(name) not in (None, "") for name in _GRAMMAR_FIELDS):
-        raise M3RequestError(limits.grammar_refusal)
+    check_sampling_params(req.sampling_params, limits.vocab_size, item, limits.grammar_refusal)
     check_logprob_params(req, prompt_len, limits.vocab_size, item)
 
 
