@@ -119,6 +119,11 @@ def capture_seconds(log: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+def triton_cache(work: Path, name: str) -> Path:
+    """The Triton cache of server label `name` under --work (shared with profile_decode.py): absent means cold."""
+    return work / f"triton_{name}"
+
+
 def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: Path, port: int, gpus: int = 1,
                waves: int = WAVES, progress=lambda info: None) -> dict:
     """Start one server, run the workloads, stop it. `progress(info)` gets the partial result after start-up and
@@ -126,7 +131,7 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
     # One Triton cache per server label under --work: the first start is cold (start-up and capture as the
     # target is stated); a later call on the same host (the rest of the workloads, another --layers/--tp) starts
     # warm instead of paying the in-tree's ~7 min cold start again, and says so ("triton_cache").
-    cache = work / f"triton_{name}"
+    cache = triton_cache(work, name)
     cold = not cache.exists()
     env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": str(cache)}
     with PeakMemory() as peak:  # nvidia-smi from launch to stop: peak memory per GPU (empty on CPU)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from e2e import GPU_FLAGS, SERVER_ENV, checkpoint  # noqa: E402
+from e2e import GPU_FLAGS, SERVER_ENV, checkpoint, triton_cache  # noqa: E402
 from servers import Server, post  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def kernel_table(trace_dir: Path, steps: int) -> dict:
 
 def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path) -> dict:
     # e2e.py's per-label Triton cache when --work is e2e's: after an e2e run on the same host the start is warm.
-    env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": str(work / f"triton_{name}")}
+    env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": str(triton_cache(work, name))}
     flags = list(GPU_FLAGS)  # capture bs <= 8 only: a faster start; batch 1 is what is profiled
     flags[flags.index("--cuda-graph-max-bs") + 1] = "8"
     server = Server(name, ckpt, flags, log_dir=work, port=31500, env=env)
