@@ -290,8 +290,9 @@ SELECT_FORMS = ((0, 1, 1, 0), (16, 4, 4, 0), (32, 32, 8, 0), (8, 16, 4, 3), (16,
 
 @cpu_case
 def indexer_select_exact():
-    """Pass 2 alone (_indexer_select_kernel: the radix select, and the all-pairs rank of select="rank", with rows
-    beyond its RANK_MAX falling back to the radix search in the same launch) on hand-made int32 score-image rows
+    """Pass 2 alone (_indexer_select_kernel: the radix select, the all-pairs rank of select="rank" and the segment
+    ranking of "rank_segments", with rows beyond their reach falling back to the radix search in the same launch;
+    SELECT_FORMS) on hand-made int32 score-image rows
     against a plain sort (score descending, ties to the lower id): full-range random images, images equal in their
     top 1 / 2 / 3 bytes (the later radix rounds decide), many exact ties, INT32_MIN / INT32_MAX; rows shorter and
     longer than the interpreter's chunk (8), nb below / equal / above topk, nb = RANK_MAX and RANK_MAX + 1, lengths
