@@ -108,6 +108,7 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     g_meta = capture(ours.prepare)
     g_ours = capture(ours.layer)
     row["ours_us"] = timer.graph_us(g_ours)
+    row["ours_kernels_us"] = timer.graph_kernels_us(g_ours)
     row["ours_meta_us"] = timer.graph_us(g_meta)
     # Where our step's time goes: each stage captured and timed alone (same L2 flush), so the stage sum also
     # shows what the boundaries between them cost.
@@ -135,6 +136,7 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
         intree.reset_autotune()  # tune on this case's inputs (see the module docstring)
         g_in = capture(lambda: intree.decode_layer(geo, b, args.context_len))
         row["intree_us"] = timer.graph_us(g_in)
+        row["intree_kernels_us"] = timer.graph_kernels_us(g_in)
         del g_in
         out_in, sel_in = intree.with_selection(lambda: intree.decode_layer(geo, b, args.context_len))
         row["max_abs_ours_vs_intree"] = max_abs(out_ours, out_in)

@@ -81,6 +81,14 @@ def markdown(res) -> str:
                 f"{r['ours_tokens_per_s']:.3g} | {_f(r.get('intree_tokens_per_s'), '.3g')} | "
                 f"{_f(r.get('speedup'), '.2f')} | {_f(r.get('max_abs_ours_vs_intree'), '.1e')} | "
                 f"{r.get('sel_mismatch_rows', '—')} |")
+    profiled = [r for r in timed if "ours_kernels_us" in r]
+    if profiled:
+        lines += ["", "## Each kernel of one replay (torch profiler, µs; the sum is below the replay time by the gaps "
+                  "between launches)", "", "| heads | bs | context | ours | in-tree |", "|---|---|---|---|---|"]
+        for r in profiled:
+            cell = lambda side: "<br>".join(f"{v:.1f} {k[:48]}" for k, v in  # noqa: E731
+                                            list(r.get(f"{side}_kernels_us", {}).items())[:8]) or "—"
+            lines.append(f"| {r['heads']} | {r['bs']} | {r['context']} | {cell('ours')} | {cell('intree')} |")
     lines += ["", "Floor = bytes needed (index keys of every visible token + K/V of min(context, topk·block) "
               "tokens per KV head + the new token's K/V/index-key writes) / copy bandwidth. "
               "Stage times: `ours_meta_us` is per forward (shared by all sparse layers; one tiny kernel, so it is "

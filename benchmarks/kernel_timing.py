@@ -39,6 +39,32 @@ class Timer:
     def eager_us(self, fn, iters: int) -> float:
         return self._median_us(fn, iters)
 
+    def graph_kernels_us(self, graph: torch.cuda.CUDAGraph, replays: int = 10) -> dict[str, float]:
+        """GPU time of each kernel of one replay, µs (the torch profiler's CUDA kernel records over `replays`
+        replays, each after the same L2 flush as graph_us, summed by kernel name and divided by `replays`),
+        largest first. The flush's own fill kernel is left out. Says where a graph's time goes; the sum is below
+        graph_us by the launch gaps between kernels."""
+        from torch.profiler import ProfilerActivity, profile
+
+        graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                if self.flush_buf is not None:
+                    self.flush_buf.zero_()
+                graph.replay()
+            torch.cuda.synchronize()
+        per_name: dict[str, float] = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA and not _is_flush(ev.name):
+                per_name[ev.name] = per_name.get(ev.name, 0.0) + ev.device_time_total
+        return {k[:120]: round(v / replays, 2) for k, v in sorted(per_name.items(), key=lambda kv: -kv[1])}
+
+
+def _is_flush(name: str) -> bool:
+    # Timer's L2 flush: zero_() of a uint8 buffer (a fill kernel on unsigned char, or a memset record)
+    return ("FillFunctor<unsigned char>" in name) or name.startswith("Memset")
+
 
 def capture(fn) -> torch.cuda.CUDAGraph:
     """Warm up eagerly on a side stream (JIT compile, autotune), then capture one call."""

@@ -5,9 +5,12 @@ of `--ctx` random token ids decoding at concurrency 1 (graph replay at batch 1).
 `/start_profile` records `--steps` decode steps with the torch profiler (GPU activity only); the kernels of the
 trace are summed by name and divided by the number of steps: µs per decode step per kernel, largest first.
 
-    python benchmarks/profile_decode.py --out $OUT --servers ours,intree --ctx 32768
+    python benchmarks/profile_decode.py --out $OUT --servers ours,intree --ctx 32768 [--phases prefill,decode]
 
-Writes profile_decode.json (per server: the step's kernel time table, its total, the kernel count) and
+With --phases prefill too, the same server first profiles the prefill of one fresh --ctx-token prompt (every chunk;
+µs per request by kernel: where TTFT goes).
+
+Writes profile_decode.json (per server and phase: the kernel time table, its total, the kernel count) and
 profile_decode.md under --out; the raw traces stay under --work.
 """
 
@@ -32,10 +35,11 @@ from e2e import GPU_FLAGS, SERVER_ENV, checkpoint, triton_cache  # noqa: E402
 from servers import Server, post  # noqa: E402
 
 
-def kernel_table(trace_dir: Path, steps: int) -> dict:
-    """Sum the GPU kernels of every trace under `trace_dir` by name: {name: µs per step}, largest first."""
+def kernel_table(trace_dir: Path, steps: int, pattern: str = "*.json*") -> dict:
+    """Sum the GPU kernels of every trace under `trace_dir` (named like `pattern`) by name: {name: µs per step},
+    largest first."""
     per_name, calls, count, files = defaultdict(float), defaultdict(int), 0, []
-    for path in sorted(trace_dir.rglob("*.json*")):
+    for path in sorted(trace_dir.rglob(pattern)):
         files.append(path.name)
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt") as f:
@@ -54,33 +58,69 @@ def kernel_table(trace_dir: Path, steps: int) -> dict:
             "launches_of_largest": {k: calls[k] for k in top}}
 
 
-def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path) -> dict:
+def _ids(ctx: int, seed: int) -> list[int]:
+    # distinct id streams per seed: no radix hit between the warm-up and the profiled requests
+    return [(i * seed) % 150000 + 100 for i in range(ctx)]
+
+
+def profile_prefill(server: Server, ctx: int, trace_dir: Path) -> dict:
+    """GPU kernels of one `ctx`-token prefill (all its chunks): µs per request, by kernel. SGLang's by-stage profiler
+    records the next `chunks` prefill batches (chunks = ctx / the server's chunked_prefill_size, rounded up) into a
+    trace of their own (*-EXTEND.trace.json.gz), closed when the first decode batch comes; nothing else runs."""
+    info = post(server.url + "/server_info", None)
+    chunk = int(info.get("chunked_prefill_size") or 0)
+    chunks = -(-ctx // chunk) if chunk > 0 else 1
+    post(server.url + "/start_profile", {"output_dir": str(trace_dir), "num_steps": chunks, "activities": ["GPU"],
+                                         "profile_by_stage": True})
+    t0 = time.perf_counter()
+    # chunks + 3 tokens: enough decode steps after the prefill for the by-stage profiler to close both its traces
+    post(server.url + "/generate", {"input_ids": _ids(ctx, 6007),
+                                    "sampling_params": {"max_new_tokens": chunks + 3, "ignore_eos": True}}, timeout=900)
+    wall = time.perf_counter() - t0
+    for _ in range(60):  # the traces are written after the profiled steps
+        if list(trace_dir.rglob("*EXTEND.trace.json*")):
+            break
+        time.sleep(1)
+    out = kernel_table(trace_dir, 1, "*EXTEND.trace.json*")
+    out.update(chunked_prefill_size=chunk, chunks=chunks, request_wall_ms=round(wall * 1e3, 1))
+    return out
+
+
+def profile_decode(server: Server, ctx: int, steps: int, trace_dir: Path) -> dict:
+    """GPU kernels of `steps` decode steps at batch 1 after a `ctx`-token prompt: µs per step, by kernel."""
+    body = {"input_ids": _ids(ctx, 7919), "sampling_params": {"max_new_tokens": 1500, "temperature": 0, "ignore_eos": True}}
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("r", post(server.url + "/generate", body, timeout=900)))
+    t.start()
+    time.sleep(float(os.environ.get("PROFILE_DELAY_S", "3")))  # prefill done, decode running in the graph
+    post(server.url + "/start_profile", {"output_dir": str(trace_dir), "num_steps": steps, "activities": ["GPU"]})
+    t.join()
+    time.sleep(5)  # the trace is written after the last profiled step
+    out = kernel_table(trace_dir, steps)
+    out["completion_tokens"] = done.get("r", {}).get("meta_info", {}).get("completion_tokens")
+    return out
+
+
+def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: list[str]) -> dict:
     # e2e.py's per-label Triton cache when --work is e2e's: after an e2e run on the same host the start is warm.
     env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": str(triton_cache(work, name))}
     flags = list(GPU_FLAGS)  # capture bs <= 8 only: a faster start; batch 1 is what is profiled
     flags[flags.index("--cuda-graph-max-bs") + 1] = "8"
     server = Server(name, ckpt, flags, log_dir=work, port=31500, env=env)
-    trace_dir = work / f"trace_{name}"
+    results = {}
     try:
         server.wait(timeout=900)
-        # A warm-up request of the same length first (other ids: no radix hit), so the profiled request's prefill
+        # A warm-up request of the same length first (other ids: no radix hit), so the profiled requests' prefill
         # does not JIT-compile Triton kernels (cold cache) into the profiling window.
-        warm = [(i * 104729) % 150000 + 100 for i in range(ctx)]
-        post(server.url + "/generate", {"input_ids": warm, "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}})
-        ids = [(i * 7919) % 150000 + 100 for i in range(ctx)]
-        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1500, "temperature": 0, "ignore_eos": True}}
-        done = {}
-        t = threading.Thread(target=lambda: done.setdefault("r", post(server.url + "/generate", body, timeout=900)))
-        t.start()
-        time.sleep(float(os.environ.get("PROFILE_DELAY_S", "3")))  # prefill done, decode running in the graph
-        post(server.url + "/start_profile", {"output_dir": str(trace_dir), "num_steps": steps, "activities": ["GPU"]})
-        t.join()
-        time.sleep(5)  # the trace is written after the last profiled step
-        out = kernel_table(trace_dir, steps)
-        out["completion_tokens"] = done.get("r", {}).get("meta_info", {}).get("completion_tokens")
-        return out
+        post(server.url + "/generate", {"input_ids": _ids(ctx, 104729),
+                                         "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}, timeout=900)
+        for phase in phases:
+            trace_dir = work / f"trace_{name}_{phase}"
+            results[phase] = (profile_prefill(server, ctx, trace_dir) if phase == "prefill"
+                              else profile_decode(server, ctx, steps, trace_dir))
+        return results
     except Exception as e:  # noqa: BLE001 -- one server's failure must not hide the other's table
-        return {"error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
+        return {**results, "error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
     finally:
         server.stop()
 
@@ -92,21 +132,32 @@ def main():
     ap.add_argument("--servers", default="ours,intree")
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--phases", default="decode", help="comma list of prefill, decode (one server start for all)")
     args = ap.parse_args()
+    phases = args.phases.split(",")
+    if not set(phases) <= {"prefill", "decode"}:
+        ap.error(f"--phases takes prefill and/or decode, got {args.phases!r}")
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint(work, smoke=False)
     results = {"ctx": args.ctx, "steps": args.steps, "servers": {}}
     for name in args.servers.split(","):
-        results["servers"][name] = profile(name, ckpt, args.ctx, args.steps, work)
+        results["servers"][name] = profile(name, ckpt, args.ctx, args.steps, work, phases)
         (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
-    lines = [f"# Decode step at batch 1, {args.ctx} context, µs per step (GPU kernels, {args.steps} steps)", ""]
-    for name, r in results["servers"].items():
-        lines.append(f"## {name}: total {r.get('total_us_per_step')} µs, {r.get('kernels_per_step')} kernels/step")
-        for k, v in list(r.get("us_per_step", {}).items())[:30]:
-            lines.append(f"- {v:8.2f}  {k[:150]}")
-        lines.append("")
+    title = {"decode": f"Decode step at batch 1, {args.ctx} context, µs per step (GPU kernels, {args.steps} steps)",
+             "prefill": f"Prefill of one {args.ctx}-token prompt, µs per request (GPU kernels, every chunk)"}
+    lines = []
+    for phase in phases:
+        lines += [f"# {title[phase]}", ""]
+        for name, res in results["servers"].items():
+            r = res.get(phase, {})
+            extra = f", request {r['request_wall_ms']} ms wall" if "request_wall_ms" in r else ""
+            lines.append(f"## {name}: total {r.get('total_us_per_step')} µs, {r.get('kernels_per_step')} kernels"
+                         f"{extra}{' -- error: ' + res['error'][:200] if 'error' in res else ''}")
+            for k, v in list(r.get("us_per_step", {}).items())[:30]:
+                lines.append(f"- {v:10.2f}  {k[:150]}")
+            lines.append("")
     (out / "profile_decode.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
