@@ -34,5 +34,11 @@ class SwiGLUOAIMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
-        out, _ = self.down_proj(swigluoai(gate_up, self.alpha, self.limit))
+        if gate_up.is_cuda:  # one fused pass (swiglu_triton); the torch form is its twin and the CPU path
+            from sglang_m3.layers.swiglu_triton import swigluoai_triton
+
+            act = swigluoai_triton(gate_up, self.alpha, self.limit)
+        else:
+            act = swigluoai(gate_up, self.alpha, self.limit)
+        out, _ = self.down_proj(act)
         return out
