@@ -52,8 +52,8 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer two-pass rank | indexer two-pass rank_segments | indexer split | "
-                  "sel ≠ two-pass / rank / rank_segments / split |",
+                  "indexer two-pass rank | indexer two-pass chunked | indexer split | "
+                  "sel ≠ two-pass / rank / chunked / split |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
@@ -63,10 +63,10 @@ def markdown(res) -> str:
                 f"({r.get('ours_indexer_variant', '?')}) | {_f(r.get('ours_attention_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_rank_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_two_pass_rank_segments_us'), '.1f')} | "
+                f"{_f(r.get('ours_indexer_two_pass_chunked_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_split_us'), '.1f')} | {r.get('sel_mismatch_two_pass_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_two_pass_rank_segments_vs_ours', '—')} / "
+                f"{r.get('sel_mismatch_two_pass_chunked_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_split_vs_ours', '—')} |")
     if g["prefill"]:
         lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",
@@ -96,8 +96,7 @@ def markdown(res) -> str:
               "(unfused) = the pool's K/V write + store_index_k; the variant columns force the "
               "indexer's two-pass (score, then select; two-pass: the radix search for every row; rank: its pass 2 "
               "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, the radix search above; "
-              "rank_segments: longer rows ranked by segments of INDEXER_SEGMENT_BLOCKS, then the best segments' "
-              "blocks) or split (+ merge) kernel; sel ≠ counts rows "
+              "chunked: the radix search without its register tiles, INDEXER_SELECT_TILE 0) or split (+ merge) kernel; sel ≠ counts rows "
               "whose selection "
               "differs from the default variant's (must be 0)."]
     return "\n".join(lines) + "\n"

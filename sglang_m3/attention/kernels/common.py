@@ -71,13 +71,17 @@ INDEXER_SELECT_CHUNK = 512
 # 36.5 vs 35.2, TP8 37.0 vs 35.0 -- the ranked variant's larger kernel costs ~1.5-2 us there -- and level at bs 8
 # (105.4 vs 105.6, 106.0 vs 105.1). Hence the default: -4 to -5 us per sparse layer up to 32K, +2 at 128K bs 1.
 INDEXER_RANK_MAX_BLOCKS = 256
-# Forced pass-2 variant select="rank_segments" (not the default; built to close the 128K batch-1 gap, where the
-# radix search over 1024 blocks takes ~20 us of the indexer's 35): rows longer than INDEXER_RANK_MAX_BLOCKS are cut
-# into segments of this many blocks, the segments ranked by their best key, and the TOPK best segments' blocks
-# (TOPK * 16 <= 256 at top-16) ranked again (indexer._rank_segments_select). Segment length: TOPK segments must fit
-# one ranked tile (K_PAD * SEG <= RANK_MAX) and a row of RANK_MAX segments covers 4096 blocks (512K context at block
-# 128). Not measured yet.
-INDEXER_SEGMENT_BLOCKS = 16
+# The radix search of pass 2 keeps a row of up to this many blocks (a power of two; 0: never) in registers: rows of
+# <= TILE / 2 and <= TILE blocks each have a register tile of that size (index_block_topk sizes TILE to the launch's
+# max_blocks), longer rows are searched in chunks of INDEXER_SELECT_CHUNK, the row re-read from L1/L2 in each of the
+# 8 rounds with a cross-warp reduction per chunk. Why: the chunked search was the largest MSA kernel of a served
+# decode step (H200, benchmarks/results/2026-11-30-h200x2-s8: 18.6 us per sparse layer at 32K + decode, rows of
+# 257+ blocks; 23.7 us at 128K in the kernel benchmark, where the in-tree's block top-k takes 4.8). At 1024 blocks
+# the tile is [1024] int32 per program plus a [1024, 16] digit compare per round (128 per thread at 4 warps).
+INDEXER_SELECT_TILE = 1024
+# Removed (session 8): a forced select="rank_segments" (rows above RANK_MAX ranked by 16-block segment maxima, then
+# the best segments' blocks): 79.4 us vs 36.2 for the two-pass indexer at TP1 bs 1 x 128K, 148 vs 105 at bs 8
+# (benchmarks/results/2026-11-30-h200x2-s8/kernel_decode.md), same selections.
 # Tried and removed (5c7848a): a pass 2 with 8-bit digits (4 rounds of tl.histogram, the row kept in registers
 # up to 1024 blocks) instead of these 8 rounds of 4 bits. Same selections, but slower on one H200
 # (benchmarks/results/2026-11-30-h200-s6/kernel_decode.md, two-pass indexer, us, 4-bit vs 8-bit): TP1 bs 1 20.2

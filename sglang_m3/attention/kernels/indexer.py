@@ -33,9 +33,9 @@ it plus the lowest-id blocks equal to it, ids written ascending through a prefix
 order -> the same selection as the split variant. ``select="rank"`` (the default) runs the same kernel with
 RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by all-pairs ranking
 (``_rank_select``: no dependent rounds; faster up to 32K context, see common.py), longer rows of the same launch
-by the radix search; ``select="radix"`` radix-searches every row; ``select="rank_segments"`` (forced, not measured
-yet) also ranks longer rows, up to INDEXER_RANK_MAX_BLOCKS * INDEXER_SEGMENT_BLOCKS blocks, in two steps: their
-segments by best key, then the best segments' blocks (``_rank_segments_select``).
+by the radix search; ``select="radix"`` radix-searches every row. The radix search holds a row of up to
+common.INDEXER_SELECT_TILE blocks (128K context at block 128) in registers (``_radix_tile_select``: one load, no
+per-chunk reductions); longer rows are searched in chunks.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
@@ -335,70 +335,64 @@ def _rank_select(row, out_row, nb, need, RB: tl.constexpr, CC: tl.constexpr):
 
 
 @triton.jit
-def _segment_key(row, seg, nb, SEG: tl.constexpr):
-    # The packed key of each segment's best block (segment s: blocks s*SEG .. s*SEG + SEG - 1 below nb); a segment
-    # past nb gets _MINKEY. A loop over the SEG offsets keeps one [len(seg)] vector live, not a [len(seg), SEG] tile.
-    best = tl.full(seg.shape, _MINKEY, tl.int64)
-    for j in tl.static_range(SEG):
-        b = seg * SEG + j
-        ok = b < nb
-        best = tl.maximum(best, tl.where(ok, _rank_key(tl.load(row + b, mask=ok, other=0), b), _MINKEY))
-    return best
+def _digit_counts(sc, ok, level, p: tl.constexpr):
+    # Round p of the radix search: the 16-bin histogram of the blocks' p-th 4-bit digit (MSB first; round 0 the signed
+    # top nibble, shifted to 0..15 in order), counting only the blocks (ok) whose higher digits equal `level`.
+    bins = tl.arange(0, 16)
+    if p == 0:
+        dig = (sc >> 28) + 8
+    else:
+        dig = (sc >> (28 - 4 * p)) & 15
+        ok = ok & ((sc >> (32 - 4 * p)) == level)
+    return tl.sum(((dig[:, None] == bins[None, :]) & ok[:, None]).to(tl.int32), axis=0)
 
 
 @triton.jit
-def _rank_segments_select(row, out_row, nb, TOPK: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr,
-                          SEG: tl.constexpr):
-    # Pass 2 for rows of up to RB * SEG blocks (select="rank_segments"), by ranking twice, no dependent rounds:
-    # 1. the row's segments of SEG blocks are ranked by their best key, and the n_top = min(segments, TOPK) best
-    #    segments' ids are written ascending into the out row (scratch until the picks overwrite it);
-    # 2. their blocks (<= TOPK * SEG <= RB), ascending, are ranked among themselves; those of rank < TOPK are the
-    #    picks. Exact: keys are unique, so TOPK segment maxima (distinct blocks) beat every block of an unpicked
-    #    segment, which therefore is not in the top TOPK; and every block above a top-TOPK block is itself one,
-    #    hence a candidate: a candidate's rank among candidates is its rank in the row when that is < TOPK, and
-    #    >= TOPK otherwise. (With fewer than TOPK segments every block is a candidate.)
-    tl.static_assert(TOPK * SEG <= RB)
-    cols = tl.arange(0, CC)
-    nseg = (nb + SEG - 1) // SEG
-    n_cand = tl.minimum(nseg, TOPK) * SEG
-    seg = tl.arange(0, RB)
-    kseg = _segment_key(row, seg, nb, SEG)
-    rank = tl.zeros([RB], tl.int32)
-    for c0 in range(0, nseg, CC):
-        rank += tl.sum((_segment_key(row, c0 + cols, nb, SEG)[:, None] > kseg[None, :]).to(tl.int32), axis=0)
-    _store_picks(out_row, (seg < nseg) & (rank < TOPK), seg)
-    tl.debug_barrier()  # the segment ids, written by some threads, are read by all below
-    c = tl.arange(0, RB)
-    c_ok = c < n_cand
-    cb = tl.load(out_row + c // SEG, mask=c_ok, other=0) * SEG + c % SEG
-    c_ok = c_ok & (cb < nb)
-    kb = _rank_key(tl.load(row + cb, mask=c_ok, other=0), cb)
-    rank = tl.zeros([RB], tl.int32)
-    for c0 in range(0, n_cand, CC):
-        cc = c0 + cols
-        ok = cc < n_cand
-        ccb = tl.load(out_row + cc // SEG, mask=ok, other=0) * SEG + cc % SEG
-        ok = ok & (ccb < nb)
-        kc = tl.where(ok, _rank_key(tl.load(row + ccb, mask=ok, other=0), ccb), _MINKEY)
-        rank += tl.sum((kc[:, None] > kb[None, :]).to(tl.int32), axis=0)
-    tl.debug_barrier()  # every read of the segment ids above happens before the picks overwrite them
-    return _store_picks(out_row, c_ok & (rank < TOPK), cb)
+def _radix_step(hist, need, level, p: tl.constexpr):
+    # From round p's histogram: tau's digit d (the largest whose blocks at or above it reach `need`), the picks
+    # still to make among the blocks equal to tau so far, and tau's decided digits.
+    bins = tl.arange(0, 16)
+    ge = tl.sum(tl.where(bins[None, :] >= bins[:, None], hist[None, :], 0), axis=1)  # blocks with digit >= b
+    d = tl.max(tl.where(ge >= need, bins, -1), axis=0)
+    need -= tl.sum(tl.where(bins == d, ge - hist, 0), axis=0)  # those strictly above d are all picked
+    if p == 0:
+        level = d - 8
+    else:
+        level = level * 16 + d
+    return need, level
+
+
+@triton.jit
+def _radix_tile_select(row, out_row, nb, need, TILE: tl.constexpr):
+    # The radix search on a row of nb <= TILE blocks held in registers: one load, then the 8 rounds on the tile and
+    # the picks (every block above tau and the `need` lowest-id blocks equal to it, ids ascending). The chunked search
+    # below re-reads the row from L1/L2 in each round and pays a cross-warp reduction per chunk per round.
+    b = tl.arange(0, TILE)
+    ok = b < nb
+    sc = tl.load(row + b, mask=ok, other=0)
+    level = nb * 0
+    for p in tl.static_range(8):
+        need, level = _radix_step(_digit_counts(sc, ok, level, p), need, level, p)
+    eq = (ok & (sc == level)).to(tl.int32)
+    return _store_picks(out_row, (ok & (sc > level)) | ((tl.cumsum(eq, axis=0) - eq < need) & (eq != 0)), b)
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
 def _indexer_select_kernel(
     tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
     H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
-    RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr, SEG: tl.constexpr,
+    RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr, TILE: tl.constexpr,
 ):
-    # Pass 2 of the two-pass indexer (radix select): one program per (token, index head). The selection is the
-    # top TOPK visible blocks by score image (the int32 order-preserving image pass 1 stored), ties to the lower
-    # block id -- the order of the packed keys everywhere else. Instead of sorting 64-bit keys it finds the
-    # threshold tau = the k-th largest image (k = min(TOPK, visible blocks)) by an MSB-first radix search, 4 bits
-    # per round (8 rounds, each a 16-bin histogram of the blocks whose higher digits equal tau's so far), then
-    # takes every block above tau and the lowest-id blocks equal to it, writing their ids in ascending order at
-    # the running count of picks (a prefix sum): no sort, no 64-bit data, all int32. Scores are re-read per
-    # round (1-4 KB per row: L1/L2 hits).
+    # Pass 2 of the two-pass indexer: one program per (token, index head). The selection is the top TOPK visible
+    # blocks by score image (the int32 order-preserving image pass 1 stored), ties to the lower block id -- the
+    # order of the packed keys everywhere else. Rows of <= RANK_MAX blocks are ranked all-pairs (_rank_select);
+    # longer ones take the radix search: instead of sorting 64-bit keys it finds the threshold tau = the k-th
+    # largest image (k = min(TOPK, visible blocks)) MSB first, 4 bits per round (8 rounds, each a 16-bin
+    # histogram of the blocks whose higher digits equal tau's so far), then takes every block above tau and the
+    # lowest-id blocks equal to it, writing their ids in ascending order at the running count of picks (a prefix
+    # sum): no sort, no 64-bit data, all int32. Rows of <= TILE // 2 or <= TILE blocks run it on the row held in
+    # registers (_radix_tile_select); longer rows in chunks of CH, re-reading the row each round.
+    tl.static_assert(TILE == 0 or TILE >= 2)
     t = tl.program_id(0)
     h = tl.program_id(1)
     if tl.load(tok_row_ptr + t) < 0:  # token owned by no request: its out row stays untouched
@@ -406,41 +400,26 @@ def _indexer_select_kernel(
     nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
     row = score_ptr + (t * H + h).to(tl.int64) * max_blocks
     out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
-    if RANK_MAX > 0:
-        # select="rank": rows of at most RANK_MAX blocks are ranked (_rank_select); longer rows, of the same launch,
-        # take the radix search below. RANK_MAX == 0 (select="radix"): this block is not compiled at all.
-        if nb <= RANK_MAX:
-            _pad_row(out_row, _rank_select(row, out_row, nb, tl.minimum(nb, TOPK), RB, CC), TOPK, K_PAD)
-            return
-        if SEG > 0:
-            # select="rank_segments": rows of up to RB * SEG blocks (RB = RANK_MAX) by the two-step ranking
-            if nb <= RB * SEG:
-                _pad_row(out_row, _rank_segments_select(row, out_row, nb, TOPK, RB, CC, SEG), TOPK, K_PAD)
-                return
-    offs = tl.arange(0, CH)
-    bins = tl.arange(0, 16)
     need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
+    if RANK_MAX > 0:  # (RANK_MAX == 0, select="radix": this block is not compiled at all)
+        if nb <= RANK_MAX:
+            _pad_row(out_row, _rank_select(row, out_row, nb, need, RB, CC), TOPK, K_PAD)
+            return
+    if TILE > 0:
+        if nb <= TILE // 2:
+            _pad_row(out_row, _radix_tile_select(row, out_row, nb, need, TILE // 2), TOPK, K_PAD)
+            return
+        if nb <= TILE:
+            _pad_row(out_row, _radix_tile_select(row, out_row, nb, need, TILE), TOPK, K_PAD)
+            return
+    offs = tl.arange(0, CH)
     level = nb * 0  # tau >> (the bits not decided yet), signed
     for p in tl.static_range(8):
-        sh = 28 - 4 * p
         hist = tl.zeros([16], tl.int32)
         for c0 in range(0, nb, CH):
             b = c0 + offs
-            ok = b < nb
-            sc = tl.load(row + b, mask=ok, other=0)
-            if p == 0:
-                dig = (sc >> 28) + 8  # signed top nibble -> 0..15, order kept
-            else:
-                dig = (sc >> sh) & 15
-                ok = ok & ((sc >> (sh + 4)) == level)
-            hist += tl.sum(((dig[:, None] == bins[None, :]) & ok[:, None]).to(tl.int32), axis=0)
-        ge = tl.sum(tl.where(bins[None, :] >= bins[:, None], hist[None, :], 0), axis=1)  # blocks with digit >= b
-        d = tl.max(tl.where(ge >= need, bins, -1), axis=0)  # tau's digit: the largest reaching `need`
-        need -= tl.sum(tl.where(bins == d, ge - hist, 0), axis=0)  # those strictly above d are all picked
-        if p == 0:
-            level = d - 8
-        else:
-            level = level * 16 + d
+            hist += _digit_counts(tl.load(row + b, mask=b < nb, other=0), b < nb, level, p)
+        need, level = _radix_step(hist, need, level, p)
     # level == tau; take every block above it and the `need` lowest-id blocks equal to it, ids ascending
     taken = nb * 0
     eq_seen = nb * 0
@@ -493,11 +472,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                     ``warmup`` must have seen a req_to_token of the same width (its ``context_len``).
       select     -- pass 2 of the two-pass variant: "rank" (the default: rows of <= common.INDEXER_RANK_MAX_BLOCKS
                     visible blocks are ranked all-pairs, longer rows of the same launch take the radix search)
-                    or "radix" (8 rounds of a 4-bit radix search for every row), or "rank_segments" (forced, for
-                    measurement: "rank", plus rows of up to INDEXER_RANK_MAX_BLOCKS * INDEXER_SEGMENT_BLOCKS
-                    blocks -- 512K context at top-16 -- by ranking segment maxima, then the best segments'
-                    blocks; the radix search above). Same selection in every case; ignored by the split
-                    variant. ValueError for any other value.
+                    or "radix" (8 rounds of a 4-bit radix search for every row). Same selection in every case;
+                    ignored by the split variant. ValueError for any other value.
     Both variants give identical results (same block scores, same packed-key order).
     ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
     Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
@@ -544,8 +520,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     tiles = [t if t is not None else meta.tok_row for t in
              (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
     interp = common.interpret_mode()
-    if select not in ("radix", "rank", "rank_segments"):
-        raise ValueError(f"select must be 'radix', 'rank' or 'rank_segments', got {select!r}")
+    if select not in ("radix", "rank"):
+        raise ValueError(f"select must be 'radix' or 'rank', got {select!r}")
     if two_pass:
         max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
         n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
@@ -574,9 +550,9 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         SCORES=two_pass, num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
     if two_pass:
         # (the interpreter runs the same code on chunks small enough to iterate)
-        rank_max = common.INDEXER_RANK_MAX_BLOCKS if select != "radix" else 0
-        # rank_segments: segments of SEG blocks, TOPK of them (<= K_PAD * SEG <= RANK_MAX blocks) ranked again
-        seg = min(common.INDEXER_SEGMENT_BLOCKS, rank_max // k_pad) if select == "rank_segments" else 0
+        rank_max = common.INDEXER_RANK_MAX_BLOCKS if select == "rank" else 0
+        # the register tiles of the radix search: TILE // 2 and TILE blocks, no larger than the launch's rows need
+        tile = min(common.INDEXER_SELECT_TILE, common.next_pow2(max_blocks)) if common.INDEXER_SELECT_TILE else 0
         _indexer_select_kernel[(T, H)](
             meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
             H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
@@ -585,7 +561,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             # columns per step; sm_90 ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in
             # the whole-step loop (16 columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per
             # pair). 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
-            RANK_MAX=rank_max, RB=max(1, rank_max), CC=32, SEG=seg, num_warps=4)
+            RANK_MAX=rank_max, RB=max(1, rank_max), CC=32, TILE=max(2, tile) if tile else 0, num_warps=4)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
