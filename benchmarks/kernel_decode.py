@@ -87,7 +87,6 @@ from kernel_intree import InTree  # noqa: E402
 from kernel_ours import OursDecode, OursPrefill, reference_msa, sglang_kv_store  # noqa: E402
 from kernel_report import markdown  # noqa: E402
 from kernel_timing import Timer, capture, copy_bandwidth, fits, max_abs, sel_mismatch  # noqa: E402
-from sglang_m3.attention.kernels import common  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # GPU benchmark
@@ -122,20 +121,13 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     del g_ours, g_meta
     # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
     # two-pass with each pass 2 ("rank", the default: all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS
-    # blocks, the radix search above; "radix": the radix search for every row; "chunked": the radix search without
-    # its register tiles, INDEXER_SELECT_TILE 0, as before session 8).
-    saved_tile = common.INDEXER_SELECT_TILE
-    for two_pass, select, tile, name in ((True, "radix", saved_tile, "two_pass"),
-                                         (True, "rank", saved_tile, "two_pass_rank"),
-                                         (True, "radix", 0, "two_pass_chunked"), (False, "radix", saved_tile, "split")):
-        common.INDEXER_SELECT_TILE = tile
-        try:
-            alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
-            alt.prepare()
-            g = capture(alt.indexer)
-            row[f"ours_indexer_{name}_us"] = timer.graph_us(g)
-        finally:
-            common.INDEXER_SELECT_TILE = saved_tile
+    # blocks, the radix search above; "radix": the radix search for every row).
+    for two_pass, select, name in ((True, "radix", "two_pass"), (True, "rank", "two_pass_rank"),
+                                   (False, "radix", "split")):
+        alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
+        alt.prepare()
+        g = capture(alt.indexer)
+        row[f"ours_indexer_{name}_us"] = timer.graph_us(g)
         row[f"sel_mismatch_{name}_vs_ours"] = sel_mismatch(alt.block_topk, sel_ours)
         del g, alt
 

@@ -280,19 +280,17 @@ def select_oracle(scores, nb, topk):
     return sorted(ids) + [-1] * (topk - len(ids))
 
 
-# Pass-2 forms run by indexer_select_exact: (RANK_MAX, RB, CC, TILE) -- the chunked radix search alone; rows of
-# <= 16 blocks ranked in row tiles of 4 and column steps of 4 (several of each), longer rows of the same launch on
-# the chunked search; every row ranked in one tile; the radix search on register tiles of 8 (rows <= 8 blocks) and
-# 16 (9..16), rows of 17..23 chunked; rows of <= 4 blocks ranked, 5..8 on the tile of 8, longer ones chunked (a
-# tile of 4 exists but ranking takes its rows first); every row on the tiles of 16 and 32.
-SELECT_FORMS = ((0, 1, 1, 0), (16, 4, 4, 0), (32, 32, 8, 0), (0, 1, 1, 16), (4, 8, 4, 8), (0, 1, 1, 32))
+# Pass-2 forms run by indexer_select_exact: (RANK_MAX, RB, CC) -- the radix search alone; rows of <= 16 blocks
+# ranked in row tiles of 4 and column steps of 4 (several of each), longer rows of the same launch on the radix
+# search; every row ranked in one tile; rows of <= 4 blocks ranked in one tile of 8, column steps of 4.
+SELECT_FORMS = ((0, 1, 1), (16, 4, 4), (32, 32, 8), (4, 8, 4))
 
 
 @cpu_case
 def indexer_select_exact():
-    """Pass 2 alone (_indexer_select_kernel: the radix select, chunked and on register tiles, and the all-pairs rank
-    of select="rank", with rows beyond a form's reach falling back to the chunked search in the same launch;
-    SELECT_FORMS) on hand-made int32 score-image rows
+    """Pass 2 alone (_indexer_select_kernel: the radix select and the all-pairs rank of select="rank", with rows
+    beyond a form's reach falling back to the radix search in the same launch; SELECT_FORMS) on hand-made int32
+    score-image rows
     against a plain sort (score descending, ties to the lower id): full-range random images, images equal in their
     top 1 / 2 / 3 bytes (the later radix rounds decide), many exact ties, INT32_MIN / INT32_MAX; rows shorter and
     longer than the interpreter's chunk (8), nb below / equal / above topk, nb = RANK_MAX and RANK_MAX + 1, lengths
@@ -321,12 +319,12 @@ def indexer_select_exact():
     sc[4, 0, :] = 2**31 - 1
     sc[9, 0, ::2] = -2**31  # ties at INT32_MIN in a ranked row
     sc = ((sc + 2**31) % 2**32 - 2**31).to(torch.int32)
-    for rank_max, rb, cc, tile in SELECT_FORMS:
+    for rank_max, rb, cc in SELECT_FORMS:
         padded = torch.full((T, H, topk + 1), 77, dtype=torch.int32)  # a guard column after each out row
         out = padded[..., :topk]
         I._indexer_select_kernel[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks,
                                          H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8,
-                                         RANK_MAX=rank_max, RB=rb, CC=cc, TILE=tile, num_warps=4)
+                                         RANK_MAX=rank_max, RB=rb, CC=cc, num_warps=4)
         assert (padded[..., topk] == 77).all(), (rank_max, "pass 2 wrote past its TOPK columns")
         for t in range(T):
             for h in range(H):
@@ -343,12 +341,11 @@ def indexer_select_rank_matches_radix():
     """The whole two-pass indexer with select="rank" and "radix" equals the split variant exactly (same block scores,
     same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for several init/local/topk
     settings: with every row ranked (INDEXER_RANK_MAX_BLOCKS 256) and with rows above and below a RANK_MAX of 8 in one
-    launch, each with the radix search on register tiles as large as the rows (INDEXER_SELECT_TILE 1024), on tiles
-    of 4 and 8 with the row of 19 chunked, and chunked only (0); and the twin up to near-ties. An extend-form batch
+    launch (the longer ones take the radix search); and the twin up to near-ties. An extend-form batch
     of one token per request keeps the out row of a token owned by no request. Any other select: ValueError."""
     from sglang_m3.attention.kernels import common
 
-    saved = common.INDEXER_RANK_MAX_BLOCKS, common.INDEXER_SELECT_TILE
+    saved = common.INDEXER_RANK_MAX_BLOCKS
     try:
         for coarse in (True, False):
             # nb 10, 13, 3, 2, 9, 19 at block 16
@@ -360,13 +357,11 @@ def indexer_select_rank_matches_radix():
             for (init_b, local_b), topk in (((0, 1), 3), ((2, 1), 5), ((0, 0), 16)):
                 kw = dict(meta_args=decode_meta(b), two_pass=True)
                 split, want = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
-                for tile in (1024, 8, 0):
-                    common.INDEXER_SELECT_TILE = tile
-                    for rank_max in (256, 8):
-                        common.INDEXER_RANK_MAX_BLOCKS = rank_max
-                        for select in ("rank", "radix"):
-                            got, _ = run_both_indexers(b, 16, topk, init_b, local_b, select=select, **kw)
-                            assert torch.equal(got, split), (select, tile, rank_max, coarse, init_b, local_b, topk)
+                for rank_max in (256, 8):
+                    common.INDEXER_RANK_MAX_BLOCKS = rank_max
+                    for select in ("rank", "radix"):
+                        got, _ = run_both_indexers(b, 16, topk, init_b, local_b, select=select, **kw)
+                        assert torch.equal(got, split), (select, rank_max, coarse, init_b, local_b, topk)
                 assert_same_selection(got, want, b, 16, 1e-5)
         b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,
                        extra_rows=1)
@@ -375,7 +370,7 @@ def indexer_select_rank_matches_radix():
         assert (out[-1] == 77).all()
         assert_same_selection(got[:-1], want[:-1], b, 16, 1e-5)
     finally:
-        common.INDEXER_RANK_MAX_BLOCKS, common.INDEXER_SELECT_TILE = saved
+        common.INDEXER_RANK_MAX_BLOCKS = saved
     with pytest.raises(ValueError, match="select must be"):
         b = make_batch([40], [1], hq=2, hkv=1, d=16, di=16, dv=16, dtype=torch.float32, seed=2)
         run_both_indexers(b, 16, 3, meta_args=decode_meta(b), two_pass=True, select="rank_segments")
@@ -644,26 +639,17 @@ def check_gpu_indexer_variants(b, got):
     """A decode batch through both indexer variants (two-pass and split, forced) in the decode form: each must
     select as ``got`` (the default variant's selection, already checked against the twin), with the near-tie
     allowance: both compute each block score with the same dot, but they are separately compiled kernels. The
-    two-pass indexer with each pass 2 ("radix", "rank"; the radix search on register tiles up to
-    INDEXER_SELECT_TILE blocks, and chunked only): they select from the same pass-1 score images, so exactly equal
-    (rank: rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix search)."""
+    two-pass indexer with each pass 2 ("radix", "rank"): they select from the same pass-1 score images, so exactly
+    equal (rank: rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix search)."""
     from sglang_m3.attention import kernels as K
-    from sglang_m3.attention.kernels import common
 
     sels = {}
-    saved = common.INDEXER_SELECT_TILE
-    try:
-        for two_pass, select, tile in ((True, "radix", saved), (True, "rank", saved), (True, "radix", 0),
-                                       (False, "radix", saved)):
-            common.INDEXER_SELECT_TILE = tile
-            sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
-                                     topk_blocks=TOPK, two_pass=two_pass, select=select)
-            assert_same_selection(sel, got, b, BLOCK, 1e-4)
-            sels[two_pass, select, tile] = sel
-    finally:
-        common.INDEXER_SELECT_TILE = saved
-    assert torch.equal(sels[True, "rank", saved], sels[True, "radix", saved]), "rank and radix pass 2 differ"
-    assert torch.equal(sels[True, "radix", 0], sels[True, "radix", saved]), "chunked and register radix differ"
+    for two_pass, select in ((True, "radix"), (True, "rank"), (False, "radix")):
+        sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
+                                 topk_blocks=TOPK, two_pass=two_pass, select=select)
+        assert_same_selection(sel, got, b, BLOCK, 1e-4)
+        sels[two_pass, select] = sel
+    assert torch.equal(sels[True, "rank"], sels[True, "radix"]), "rank and radix pass 2 differ"
 
 
 @pytest.mark.gpu

@@ -71,14 +71,12 @@ INDEXER_SELECT_CHUNK = 512
 # 36.5 vs 35.2, TP8 37.0 vs 35.0 -- the ranked variant's larger kernel costs ~1.5-2 us there -- and level at bs 8
 # (105.4 vs 105.6, 106.0 vs 105.1). Hence the default: -4 to -5 us per sparse layer up to 32K, +2 at 128K bs 1.
 INDEXER_RANK_MAX_BLOCKS = 256
-# The radix search of pass 2 keeps a row of up to this many blocks (a power of two; 0: never) in registers: rows of
-# <= TILE / 2 and <= TILE blocks each have a register tile of that size (index_block_topk sizes TILE to the launch's
-# max_blocks), longer rows are searched in chunks of INDEXER_SELECT_CHUNK, the row re-read from L1/L2 in each of the
-# 8 rounds with a cross-warp reduction per chunk. Why: the chunked search was the largest MSA kernel of a served
-# decode step (H200, benchmarks/results/2026-11-30-h200x2-s8: 18.6 us per sparse layer at 32K + decode, rows of
-# 257+ blocks; 23.7 us at 128K in the kernel benchmark, where the in-tree's block top-k takes 4.8). At 1024 blocks
-# the tile is [1024] int32 per program plus a [1024, 16] digit compare per round (128 per thread at 4 warps).
-INDEXER_SELECT_TILE = 1024
+# Tried and removed (session 8): the radix search on the row held in registers (tiles of 512 and 1024 blocks: one
+# load, then per round one [tile, 16] digit compare and one reduction) instead of re-reading it in chunks of
+# INDEXER_SELECT_CHUNK each round. Same selections, but slower on one H200 (benchmarks/results/2026-11-30-h200x2-s8/
+# kernel_decode_call5.md, two-pass indexer, us, register vs chunked): TP1 bs 1 x 128K 72.4 vs 35.7, bs 8 x 128K 138.4
+# vs 107.3; TP8 72.7 vs 35.5, 143.7 vs 106.8 (not profiled; the [1024, 16] tile per round evidently costs far more
+# than the re-reads it saves, as the 8-bit histogram form below did).
 # Removed (session 8): a forced select="rank_segments" (rows above RANK_MAX ranked by 16-block segment maxima, then
 # the best segments' blocks): 79.4 us vs 36.2 for the two-pass indexer at TP1 bs 1 x 128K, 148 vs 105 at bs 8
 # (benchmarks/results/2026-11-30-h200x2-s8/kernel_decode.md), same selections.

@@ -33,9 +33,7 @@ it plus the lowest-id blocks equal to it, ids written ascending through a prefix
 order -> the same selection as the split variant. ``select="rank"`` (the default) runs the same kernel with
 RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by all-pairs ranking
 (``_rank_select``: no dependent rounds; faster up to 32K context, see common.py), longer rows of the same launch
-by the radix search; ``select="radix"`` radix-searches every row. The radix search holds a row of up to
-common.INDEXER_SELECT_TILE blocks (128K context at block 128) in registers (``_radix_tile_select``: one load, no
-per-chunk reductions); longer rows are searched in chunks.
+by the radix search; ``select="radix"`` radix-searches every row.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
@@ -362,26 +360,11 @@ def _radix_step(hist, need, level, p: tl.constexpr):
     return need, level
 
 
-@triton.jit
-def _radix_tile_select(row, out_row, nb, need, TILE: tl.constexpr):
-    # The radix search on a row of nb <= TILE blocks held in registers: one load, then the 8 rounds on the tile and
-    # the picks (every block above tau and the `need` lowest-id blocks equal to it, ids ascending). The chunked search
-    # below re-reads the row from L1/L2 in each round and pays a cross-warp reduction per chunk per round.
-    b = tl.arange(0, TILE)
-    ok = b < nb
-    sc = tl.load(row + b, mask=ok, other=0)
-    level = nb * 0
-    for p in tl.static_range(8):
-        need, level = _radix_step(_digit_counts(sc, ok, level, p), need, level, p)
-    eq = (ok & (sc == level)).to(tl.int32)
-    return _store_picks(out_row, (ok & (sc > level)) | ((tl.cumsum(eq, axis=0) - eq < need) & (eq != 0)), b)
-
-
 @triton.jit(do_not_specialize=["max_blocks"])
 def _indexer_select_kernel(
     tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
     H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
-    RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr, TILE: tl.constexpr,
+    RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr,
 ):
     # Pass 2 of the two-pass indexer: one program per (token, index head). The selection is the top TOPK visible
     # blocks by score image (the int32 order-preserving image pass 1 stored), ties to the lower block id -- the
@@ -390,9 +373,8 @@ def _indexer_select_kernel(
     # largest image (k = min(TOPK, visible blocks)) MSB first, 4 bits per round (8 rounds, each a 16-bin
     # histogram of the blocks whose higher digits equal tau's so far), then takes every block above tau and the
     # lowest-id blocks equal to it, writing their ids in ascending order at the running count of picks (a prefix
-    # sum): no sort, no 64-bit data, all int32. Rows of <= TILE // 2 or <= TILE blocks run it on the row held in
-    # registers (_radix_tile_select); longer rows in chunks of CH, re-reading the row each round.
-    tl.static_assert(TILE == 0 or TILE >= 2)
+    # sum): no sort, no 64-bit data, all int32. The row is read in chunks of CH each round (1-4 KB per row: L1/L2
+    # hits; holding it in registers instead was slower, see common.py).
     t = tl.program_id(0)
     h = tl.program_id(1)
     if tl.load(tok_row_ptr + t) < 0:  # token owned by no request: its out row stays untouched
@@ -404,13 +386,6 @@ def _indexer_select_kernel(
     if RANK_MAX > 0:  # (RANK_MAX == 0, select="radix": this block is not compiled at all)
         if nb <= RANK_MAX:
             _pad_row(out_row, _rank_select(row, out_row, nb, need, RB, CC), TOPK, K_PAD)
-            return
-    if TILE > 0:
-        if nb <= TILE // 2:
-            _pad_row(out_row, _radix_tile_select(row, out_row, nb, need, TILE // 2), TOPK, K_PAD)
-            return
-        if nb <= TILE:
-            _pad_row(out_row, _radix_tile_select(row, out_row, nb, need, TILE), TOPK, K_PAD)
             return
     offs = tl.arange(0, CH)
     level = nb * 0  # tau >> (the bits not decided yet), signed
@@ -551,8 +526,6 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     if two_pass:
         # (the interpreter runs the same code on chunks small enough to iterate)
         rank_max = common.INDEXER_RANK_MAX_BLOCKS if select == "rank" else 0
-        # the register tiles of the radix search: TILE // 2 and TILE blocks, no larger than the launch's rows need
-        tile = min(common.INDEXER_SELECT_TILE, common.next_pow2(max_blocks)) if common.INDEXER_SELECT_TILE else 0
         _indexer_select_kernel[(T, H)](
             meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
             H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
@@ -561,7 +534,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             # columns per step; sm_90 ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in
             # the whole-step loop (16 columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per
             # pair). 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
-            RANK_MAX=rank_max, RB=max(1, rank_max), CC=32, TILE=max(2, tile) if tile else 0, num_warps=4)
+            RANK_MAX=rank_max, RB=max(1, rank_max), CC=32, num_warps=4)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
