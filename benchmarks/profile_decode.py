@@ -88,7 +88,9 @@ def profile_prefill(server: Server, ctx: int, trace_dir: Path) -> dict:
 
 def profile_decode(server: Server, ctx: int, steps: int, trace_dir: Path) -> dict:
     """GPU kernels of `steps` decode steps at batch 1 after a `ctx`-token prompt: µs per step, by kernel."""
-    body = {"input_ids": _ids(ctx, 7919), "sampling_params": {"max_new_tokens": 1500, "temperature": 0, "ignore_eos": True}}
+    # 4000 tokens: the request must outlast PROFILE_DELAY_S plus the profiled steps (1500 at 1.7 ms per step did not,
+    # once the prefill got faster: session 8, an empty decode trace)
+    body = {"input_ids": _ids(ctx, 7919), "sampling_params": {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True}}
     done = {}
     t = threading.Thread(target=lambda: done.setdefault("r", post(server.url + "/generate", body, timeout=900)))
     t.start()
