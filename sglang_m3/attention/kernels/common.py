@@ -70,7 +70,13 @@ INDEXER_SELECT_CHUNK = 512
 # 36.2 vs 41.6; TP8 bs 1 16.4 vs 20.7, bs 8 36.0 vs 40.6. 128K (1024 blocks: the radix search in both) TP1 bs 1
 # 36.5 vs 35.2, TP8 37.0 vs 35.0 -- the ranked variant's larger kernel costs ~1.5-2 us there -- and level at bs 8
 # (105.4 vs 105.6, 106.0 vs 105.1). Hence the default: -4 to -5 us per sparse layer up to 32K, +2 at 128K bs 1.
-INDEXER_RANK_MAX_BLOCKS = 256
+# Raised from 256 to 512 (session 8), with two row tiles (RANK_MAX / 2 and RANK_MAX rows, so a short row is not
+# charged the larger tile's compares): a served "32K" request decodes at 257+ blocks (prompt + output), where the
+# radix search cost ~20 us per sparse layer in the batch-1 profile (benchmarks/results/2026-11-30-h200x2-s8/
+# profile_32k_call9.json). Measured (same place, kernel_decode_call11.md, TP1, two-pass indexer, rank vs radix, us):
+# bs 1: 13.5 vs 19.7 (16K, 128 blocks), 18.5 vs 21.4 (33792, 264 blocks), 24.1 vs 24.8 (64K, 512 blocks); bs 8:
+# 23.2 vs 29.8, 38.9 vs 42.1, 61.4 vs 61.7; same selections.
+INDEXER_RANK_MAX_BLOCKS = 512
 # Tried and removed (session 8): the radix search on the row held in registers (tiles of 512 and 1024 blocks: one
 # load, then per round one [tile, 16] digit compare and one reduction) instead of re-reading it in chunks of
 # INDEXER_SELECT_CHUNK each round. Same selections, but slower on one H200 (benchmarks/results/2026-11-30-h200x2-s8/

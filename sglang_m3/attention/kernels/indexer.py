@@ -384,6 +384,11 @@ def _indexer_select_kernel(
     out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
     need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
     if RANK_MAX > 0:  # (RANK_MAX == 0, select="radix": this block is not compiled at all)
+        # two row tiles: rows of <= RANK_MAX / 2 blocks are not charged the compares of the larger one
+        tl.static_assert(RB >= 2)
+        if nb <= RANK_MAX // 2:
+            _pad_row(out_row, _rank_select(row, out_row, nb, need, RB // 2, CC), TOPK, K_PAD)
+            return
         if nb <= RANK_MAX:
             _pad_row(out_row, _rank_select(row, out_row, nb, need, RB, CC), TOPK, K_PAD)
             return
@@ -534,7 +539,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             # columns per step; sm_90 ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in
             # the whole-step loop (16 columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per
             # pair). 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
-            RANK_MAX=rank_max, RB=max(1, rank_max), CC=32, num_warps=4)
+            RANK_MAX=rank_max, RB=max(2, rank_max), CC=32, num_warps=4)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
