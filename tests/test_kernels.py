@@ -697,7 +697,7 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
-    bs 4 takes the two-pass indexer (with each pass 2; "rank": the lengths below 32K are ranked, the 128K one
+    bs 4 takes the two-pass indexer (with each pass 2; "rank": the lengths below 64K are ranked, the 128K one
     takes the radix search in the same launch), bs 24 the split one
     (INDEXER_TWO_PASS_MAX_TILES = 8)."""
     from sglang_m3.attention import kernels as K
