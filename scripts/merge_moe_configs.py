@@ -19,6 +19,8 @@ PACKAGED = Path(__file__).resolve().parents[1] / "sglang_m3" / "moe_configs" / "
 def merge(tune_out: Path, packaged: Path = PACKAGED) -> list[str]:
     """Returns one line per merged file: its name and the M values taken from the tuning run.
     FileNotFoundError when tune_out has no configs/ folder."""
+    if not (tune_out / "configs").is_dir():
+        raise FileNotFoundError(f"{tune_out}/configs: not a tune_moe.py output")
     done = []
     for src in sorted((tune_out / "configs").glob("triton_*/*.json")):
         dst = packaged / src.parent.name / src.name
@@ -28,8 +30,6 @@ def merge(tune_out: Path, packaged: Path = PACKAGED) -> list[str]:
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(json.dumps({k: configs[k] for k in sorted(configs, key=int)}, indent=4) + "\n")
         done.append(f"{src.parent.name}/{src.name}: M {sorted(map(int, tuned))}")
-    if not (tune_out / "configs").is_dir():
-        raise FileNotFoundError(f"{tune_out}/configs: not a tune_moe.py output")
     return done
 
 

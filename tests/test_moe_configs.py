@@ -306,3 +306,32 @@ def test_shipped_block_fp8_configs_respect_the_block_tiles():
         for m, cfg in json.loads(f.read_text()).items():
             bn, bk = cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
             assert 128 % bk == 0 and (bn > 128 or 128 % bn == 0), (f.name, m, cfg)
+
+
+def test_merge_tuned_configs_into_packaged(tmp_path):
+    """scripts/merge_moe_configs.py: a tuning run's M values replace or join the packaged file's entries, the others
+    stay, keys come out in numeric order; a file the package lacks is copied; a folder that is no tuning output is
+    refused by name."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import merge_moe_configs
+
+    packaged, run = tmp_path / "packaged", tmp_path / "run"
+    (packaged / "triton_3_6_0").mkdir(parents=True)
+    (run / "configs" / "triton_3_6_0").mkdir(parents=True)
+    old = {"1": {"BLOCK_SIZE_M": 16}, "4096": {"BLOCK_SIZE_M": 64}, "64": {"BLOCK_SIZE_M": 32}}
+    (packaged / "triton_3_6_0" / "a.json").write_text(json.dumps(old))
+    (run / "configs" / "triton_3_6_0" / "a.json").write_text(
+        json.dumps({"8192": {"BLOCK_SIZE_M": 128}, "4096": {"BLOCK_SIZE_M": 128}}))
+    (run / "configs" / "triton_3_6_0" / "b.json").write_text(json.dumps({"2": {"BLOCK_SIZE_M": 16}}))
+    lines = merge_moe_configs.merge(run, packaged)
+    got = json.loads((packaged / "triton_3_6_0" / "a.json").read_text())
+    assert list(got) == ["1", "64", "4096", "8192"]
+    assert got["1"] == old["1"] and got["64"] == old["64"]
+    assert got["4096"] == got["8192"] == {"BLOCK_SIZE_M": 128}
+    assert json.loads((packaged / "triton_3_6_0" / "b.json").read_text()) == {"2": {"BLOCK_SIZE_M": 16}}
+    assert lines == ["triton_3_6_0/a.json: M [4096, 8192]", "triton_3_6_0/b.json: M [2]"]
+    with pytest.raises(FileNotFoundError, match="not a tune_moe.py output"):
+        merge_moe_configs.merge(tmp_path / "nothing", packaged)

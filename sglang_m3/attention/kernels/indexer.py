@@ -32,7 +32,7 @@ at warmup and stays valid for every captured graph. Pass 2 (``_indexer_select_ke
 it plus the lowest-id blocks equal to it, ids written ascending through a prefix sum. Same keys, same
 order -> the same selection as the split variant. ``select="rank"`` (the default) runs the same kernel with
 RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by all-pairs ranking
-(``_rank_select``: no dependent rounds; faster up to 32K context, see common.py), longer rows of the same launch
+(``_rank_select``: no dependent rounds; faster up to 64K context, see common.py), longer rows of the same launch
 by the radix search; ``select="radix"`` radix-searches every row.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
@@ -535,10 +535,11 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
             H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
             CH=8 if interp else common.INDEXER_SELECT_CHUNK,
-            # rank: one row tile covers a ranked row (RB = RANK_MAX rows, 2 per thread at 256 and 4 warps), 32
-            # columns per step; sm_90 ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in
-            # the whole-step loop (16 columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per
-            # pair). 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
+            # rank: one row tile covers a ranked row (RB = RANK_MAX rows, 4 per thread at 512 and 4 warps; the
+            # RB // 2 tile for rows of <= RANK_MAX / 2), 32 columns per step. At RANK_MAX 256 (one tile), sm_90
+            # ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in the whole-step loop (16
+            # columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per pair); not re-read at
+            # 512. 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
             RANK_MAX=rank_max, RB=max(2, rank_max), CC=32, num_warps=4)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
