@@ -121,9 +121,10 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     del g_ours, g_meta
     # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
     # two-pass with each pass 2 ("rank", the default: all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS
-    # blocks, the radix search above; "radix": the radix search for every row).
+    # blocks, the radix search above; "radix": the radix search for every row; "rank_split", forced: rows cut into
+    # INDEXER_SELECT_SEGMENT_BLOCKS-block segments ranked in parallel, merged by the last program of the row).
     for two_pass, select, name in ((True, "radix", "two_pass"), (True, "rank", "two_pass_rank"),
-                                   (False, "radix", "split")):
+                                   (True, "rank_split", "two_pass_rank_split"), (False, "radix", "split")):
         alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
         alt.prepare()
         g = capture(alt.indexer)

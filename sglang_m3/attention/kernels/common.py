@@ -77,6 +77,12 @@ INDEXER_SELECT_CHUNK = 512
 # bs 1: 13.5 vs 19.7 (16K, 128 blocks), 18.5 vs 21.4 (33792, 264 blocks), 24.1 vs 24.8 (64K, 512 blocks); bs 8:
 # 23.2 vs 29.8, 38.9 vs 42.1, 61.4 vs 61.7; same selections.
 INDEXER_RANK_MAX_BLOCKS = 512
+# select="rank_split" (forced, for measurement; not measured yet): rows longer than this many blocks are cut into
+# segments of it, each ranked by its own program (grid T x H x segments), the last program of a row to finish ranks
+# the segments' picks (indexer._indexer_select_split_kernel). Aims at the radix search's ~24 us over 1024 blocks at
+# 128K (the in-tree's block top-k: 4.8 us): four 256-block ranks in parallel (~3 us each at 32K) and one rank of
+# 64 candidates.
+INDEXER_SELECT_SEGMENT_BLOCKS = 256
 # Tried and removed (session 8): the radix search on the row held in registers (tiles of 512 and 1024 blocks: one
 # load, then per round one [tile, 16] digit compare and one reduction) instead of re-reading it in chunks of
 # INDEXER_SELECT_CHUNK each round. Same selections, but slower on one H200 (benchmarks/results/2026-11-30-h200x2-s8/
@@ -155,7 +161,10 @@ class MSAWorkspace:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+            zero: bool = False) -> Tensor:
+        """A view [shape] of buffer `name`; `zero`: a newly allocated buffer starts zeroed (for counters that the
+        kernels themselves return to zero after each use, so the buffer stays zeroed across calls)."""
         n = 1
         for s in shape:
             n *= int(s)
@@ -166,15 +175,15 @@ class MSAWorkspace:
                 raise RuntimeError(
                     f"MSAWorkspace buffer {name!r} needs {n} x {dtype} but holds {have}; it cannot grow while "
                     "frozen or during CUDA-graph capture: call kernels.warmup(...) with the largest shapes first")
-            buf = torch.empty(max(n, 1), dtype=dtype, device=device)
+            buf = (torch.zeros if zero else torch.empty)(max(n, 1), dtype=dtype, device=device)
             self._bufs[name] = buf
         return buf[:n].view(shape)
 
 
-def scratch(workspace: MSAWorkspace | None, name: str, shape, dtype, device) -> Tensor:
+def scratch(workspace: MSAWorkspace | None, name: str, shape, dtype, device, zero: bool = False) -> Tensor:
     if workspace is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return workspace.get(name, tuple(shape), dtype, device)
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    return workspace.get(name, tuple(shape), dtype, device, zero=zero)
 
 
 # ----------------------------------------------------------------------------------------------
