@@ -209,6 +209,8 @@ def build_cases(info: dict) -> list[Case]:
         ("n 0", {"n": 0, "max_new_tokens": 2}, "reject", True),
         ("n -3", {"n": -3, "max_new_tokens": 2}, "reject", False),
         ("n 3, temperature 1", {"n": 3, "max_new_tokens": 2, "temperature": 1.0}, "accept", True),
+        # n copies of the request are queued: 10**6 of them crowded out every other request for minutes
+        ("n 10**6", {"n": 10**6, "max_new_tokens": 2}, "reject", True),
         ("stream_interval 0", {"stream_interval": 0, "max_new_tokens": 2}, "reject", False),
         ("stop ''", {"stop": "", "max_new_tokens": 2}, "either", False),
         ("stop_regex invalid", {"stop_regex": "(", "max_new_tokens": 2}, "reject", True),
@@ -221,6 +223,7 @@ def build_cases(info: dict) -> list[Case]:
     chat("top_k 2**31", "sampling", {"top_k": 2**31}, "reject", False)
     cmpl("max_tokens 10**12", "sampling", {"prompt": "hi", "max_tokens": 10**12}, "reject")
     cmpl("n 0", "sampling", {"prompt": "hi", "max_tokens": 2, "n": 0}, "reject")
+    chat("n 10**6", "sampling", {"n": 10**6}, "reject", True)
     cmpl("n 2 greedy", "sampling", {"prompt": "hi", "max_tokens": 2, "n": 2, "temperature": 0}, "either")
     cmpl("temperature -1", "sampling", {"prompt": "hi", "max_tokens": 2, "temperature": -1}, "reject")
     chat("max_tokens -1", "sampling", {"max_tokens": -1}, "reject", True)

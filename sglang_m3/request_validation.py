@@ -53,6 +53,12 @@ _OTHER_FIELDS = ("stop", "stop_regex", "stop_token_ids", "logit_bias", "custom_p
 _INT32_FIELDS = ("top_k", "min_new_tokens")
 _INT32_MAX = 2**31 - 1
 _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+# Parallel samples per request. SGLang's tokenizer manager copies a request n times (GenerateReqInput.
+# normalize_batch_and_arguments) with no bound; each copy is a request of its own. One request with n = 10**6 on the
+# tiny CPU server queued ~10**6 requests ahead of every other: the next requests timed out for minutes, and
+# n = 10**9 would have to be materialised in the tokenizer manager first. Our limit, not SGLang's or the model's:
+# large enough for best-of-n sampling, small enough that one request cannot crowd out the others.
+MAX_PARALLEL_SAMPLES = 128
 SAMPLING_FIELDS = frozenset(_INT_FIELDS + _FLOAT_FIELDS + _BOOL_FIELDS + _GRAMMAR_FIELDS + _OTHER_FIELDS)
 
 
@@ -131,8 +137,9 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
             (params.get("stop_regex") or []):
         _compile(pattern, f"sampling_params.stop_regex{where}")
     n = params.get("n")
-    if n is not None and n < 1:
-        raise M3RequestError(f"sampling_params.n{where} must be at least 1, got {n}")
+    if n is not None and not 1 <= n <= MAX_PARALLEL_SAMPLES:
+        raise M3RequestError(f"sampling_params.n{where} must be between 1 and {MAX_PARALLEL_SAMPLES} (parallel "
+                             f"samples per request on this server), got {n}")
     interval = params.get("stream_interval")
     if interval is not None and interval < 1:
         raise M3RequestError(f"sampling_params.stream_interval{where} must be at least 1, got {interval}")

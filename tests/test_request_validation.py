@@ -77,7 +77,9 @@ def test_final_token_ids_are_checked_after_tokenization():
     ({"max_new_tokens": "ten"}, ["max_new_tokens", "integer"]),
     ({"max_new_tokens": 2.5}, ["max_new_tokens", "integer"]),
     ({"n": "2"}, ["n", "integer"]),
-    ({"n": 0}, ["n", "at least 1"]),
+    ({"n": 0}, ["n", "between 1 and 128", "got 0"]),
+    ({"n": 129}, ["n", "between 1 and 128", "got 129"]),
+    ({"n": 10**9}, ["n", "between 1 and 128"]),
     ({"temperature": "hot"}, ["temperature", "number"]),
     ({"top_p": float("nan")}, ["top_p", "finite"]),
     ({"ignore_eos": "yes"}, ["ignore_eos", "true or false"]),
@@ -155,6 +157,7 @@ def test_well_formed_sampling_params_pass():
                            "logit_bias": {"5": -1.5}, "stop_token_ids": [511], "n": 2, "ignore_eos": True,
                            "sampling_seed": 3, "custom_params": {"a": 1}}, 512)
     check_sampling_params({"json_schema": '{"type": "object"}', "stop_regex": ["a+", "b"]}, 512)
+    check_sampling_params({"n": 128, "max_new_tokens": 2}, 512)  # MAX_PARALLEL_SAMPLES itself
     check_sampling_params(None, 512)
     check_sampling_params({"max_new_tokens": None, "temperature": None}, 512)  # None means "default" in SGLang
 
