@@ -335,6 +335,13 @@ def _rank_select(row, out_row, nb, need, RB: tl.constexpr, CC: tl.constexpr):
 
 
 @triton.jit
+def _rank_row(row, out_row, nb, RB: tl.constexpr, CC: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    # A whole row of nb blocks ranked (_rank_select, row tiles of RB) into out_row: the top min(nb, TOPK) ids
+    # ascending, -1 in the columns left
+    _pad_row(out_row, _rank_select(row, out_row, nb, tl.minimum(nb, TOPK), RB, CC), TOPK, K_PAD)
+
+
+@triton.jit
 def _digit_counts(sc, ok, level, p: tl.constexpr):
     # Round p of the radix search: the 16-bin histogram of the blocks' p-th 4-bit digit (MSB first; round 0 the signed
     # top nibble, shifted to 0..15 in order), counting only the blocks (ok) whose higher digits equal `level`.
@@ -384,17 +391,17 @@ def _indexer_select_kernel(
     nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
     row = score_ptr + (t * H + h).to(tl.int64) * max_blocks
     out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
-    need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
     if RANK_MAX > 0:  # (RANK_MAX == 0, select="radix": this block is not compiled at all)
         # two row tiles: rows of <= RANK_MAX / 2 blocks are not charged the compares of the larger one
         tl.static_assert(RB >= 2)
         if nb <= RANK_MAX // 2:
-            _pad_row(out_row, _rank_select(row, out_row, nb, need, RB // 2, CC), TOPK, K_PAD)
+            _rank_row(row, out_row, nb, RB // 2, CC, TOPK, K_PAD)
             return
         if nb <= RANK_MAX:
-            _pad_row(out_row, _rank_select(row, out_row, nb, need, RB, CC), TOPK, K_PAD)
+            _rank_row(row, out_row, nb, RB, CC, TOPK, K_PAD)
             return
     offs = tl.arange(0, CH)
+    need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
     level = nb * 0  # tau >> (the bits not decided yet), signed
     for p in tl.static_range(8):
         hist = tl.zeros([16], tl.int32)
@@ -455,13 +462,10 @@ def _indexer_select_split_kernel(
     row = score_ptr + th.to(tl.int64) * max_blocks
     out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
     if n_seg == 1:
-        _pad_row(out_row, _rank_select(row, out_row, nb, tl.minimum(nb, TOPK), SEGB, CC), TOPK, K_PAD)
+        _rank_row(row, out_row, nb, SEGB, CC, TOPK, K_PAD)
         return
     cand_row = cand_ptr + th.to(tl.int64) * (S * TOPK)
-    lo = s * SEGB
-    nb_s = tl.minimum(nb - lo, SEGB)
-    _pad_row(cand_row + s * TOPK, _rank_select(row + lo, cand_row + s * TOPK, nb_s, tl.minimum(nb_s, TOPK), SEGB, CC),
-             TOPK, K_PAD)
+    _rank_row(row + s * SEGB, cand_row + s * TOPK, tl.minimum(nb - s * SEGB, SEGB), SEGB, CC, TOPK, K_PAD)
     tl.debug_barrier()  # every thread's candidate stores precede the release below
     if tl.atomic_add(count_ptr + th, 1, sem="acq_rel", scope="gpu") == n_seg - 1:
         tl.atomic_xchg(count_ptr + th, 0, sem="relaxed", scope="gpu")
