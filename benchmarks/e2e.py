@@ -4,9 +4,10 @@ Model: a real-dimension truncated M3 from the tiny writer's config-only mode (la
 128 experts, the release's widths), `--load-format dummy`, bf16. The in-tree server is the same install with
 our plugin switched off (`SGLANG_PLUGINS=none`). Load: `python -m sglang.benchmark.serving` with random token
 ids of exact length (`random-ids`, `--tokenize-prompt`, range ratio 1), `ignore_eos` (its default), four
-measured waves of requests per workload after one unmeasured warm-up wave (`bench`). Start-up is timed from launch to the first answered /health_generate, and the
-decode CUDA-graph capture time is read from the server log; each server label has its own Triton cache under
---work, cold at its first start (as the capture target is stated), warm in later calls on the same host.
+measured waves of requests per workload after one unmeasured warm-up wave (`bench`). Start-up is timed from launch
+to the first answered /health_generate, and the decode CUDA-graph capture time is read from the server log; each
+server label has its own Triton cache under --work, cold at its first start (as the capture target is stated), warm
+in later calls on the same host.
 
     python benchmarks/e2e.py --out $OUT --servers ours            # one server per device call fits 10 min
     python benchmarks/e2e.py --out $OUT --servers ours --workloads 32k-c1,128k-c1   # a subset

@@ -20,6 +20,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -63,6 +64,18 @@ def _ids(ctx: int, seed: int) -> list[int]:
     return [(i * seed) % 150000 + 100 for i in range(ctx)]
 
 
+def _await_trace(trace_dir: Path, pattern: str, timeout_s: float = 60.0) -> None:
+    """Wait until the profiler has written its trace: files named like `pattern` under trace_dir whose sizes stay the
+    same for a second (the trace is exported after the profiled steps, and a half-written .gz does not read)."""
+    sizes, t_end = None, time.monotonic() + timeout_s
+    while time.monotonic() < t_end:
+        now = {p: p.stat().st_size for p in trace_dir.rglob(pattern)} if trace_dir.exists() else {}
+        if now and now == sizes:
+            return
+        sizes = now
+        time.sleep(1)
+
+
 def profile_prefill(server: Server, ctx: int, trace_dir: Path) -> dict:
     """GPU kernels of one `ctx`-token prefill (all its chunks): µs per request, by kernel. SGLang's by-stage profiler
     records the next `chunks` prefill batches (chunks = ctx / the server's chunked_prefill_size, rounded up) into a
@@ -77,10 +90,7 @@ def profile_prefill(server: Server, ctx: int, trace_dir: Path) -> dict:
     post(server.url + "/generate", {"input_ids": _ids(ctx, 6007),
                                     "sampling_params": {"max_new_tokens": chunks + 3, "ignore_eos": True}}, timeout=900)
     wall = time.perf_counter() - t0
-    for _ in range(60):  # the traces are written after the profiled steps
-        if list(trace_dir.rglob("*EXTEND.trace.json*")):
-            break
-        time.sleep(1)
+    _await_trace(trace_dir, "*EXTEND.trace.json*")
     out = kernel_table(trace_dir, 1, "*EXTEND.trace.json*")
     out.update(chunked_prefill_size=chunk, chunks=chunks, request_wall_ms=round(wall * 1e3, 1))
     return out
@@ -90,14 +100,15 @@ def profile_decode(server: Server, ctx: int, steps: int, trace_dir: Path) -> dic
     """GPU kernels of `steps` decode steps at batch 1 after a `ctx`-token prompt: µs per step, by kernel."""
     # 4000 tokens: the request must outlast PROFILE_DELAY_S plus the profiled steps (1500 at 1.7 ms per step did not,
     # once the prefill got faster: session 8, an empty decode trace)
-    body = {"input_ids": _ids(ctx, 7919), "sampling_params": {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True}}
+    body = {"input_ids": _ids(ctx, 7919),
+            "sampling_params": {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True}}
     done = {}
     t = threading.Thread(target=lambda: done.setdefault("r", post(server.url + "/generate", body, timeout=900)))
     t.start()
     time.sleep(float(os.environ.get("PROFILE_DELAY_S", "3")))  # prefill done, decode running in the graph
     post(server.url + "/start_profile", {"output_dir": str(trace_dir), "num_steps": steps, "activities": ["GPU"]})
     t.join()
-    time.sleep(5)  # the trace is written after the last profiled step
+    _await_trace(trace_dir, "*.json*")
     out = kernel_table(trace_dir, steps)
     out["completion_tokens"] = done.get("r", {}).get("meta_info", {}).get("completion_tokens")
     return out
@@ -118,6 +129,7 @@ def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: lis
                                          "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}, timeout=900)
         for phase in phases:
             trace_dir = work / f"trace_{name}_{phase}"
+            shutil.rmtree(trace_dir, ignore_errors=True)  # kernel_table sums every trace there: none from a past run
             results[phase] = (profile_prefill(server, ctx, trace_dir) if phase == "prefill"
                               else profile_decode(server, ctx, steps, trace_dir))
         return results
