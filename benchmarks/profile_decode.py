@@ -7,8 +7,9 @@ trace are summed by name and divided by the number of steps: µs per decode step
 
     python benchmarks/profile_decode.py --out $OUT --servers ours,intree --ctx 32768 [--phases prefill,decode]
 
-With --phases prefill too, the same server first profiles the prefill of one fresh --ctx-token prompt (every chunk;
-µs per request by kernel: where TTFT goes).
+With --phases prefill too, the same server first profiles the prefill of --prompts fresh --ctx-token prompts sent
+as one batch (every chunk; µs per batch by kernel: where TTFT goes). `--ctx 2048 --prompts 8` is the prefill of
+e2e.py's 2K workload (64 such prompts arrive at once, and chunked prefill packs them into batches of that size).
 
 Writes profile_decode.json (per server and phase: the kernel time table, its total, the kernel count) and
 profile_decode.md under --out; the raw traces stay under --work.
@@ -61,7 +62,7 @@ def kernel_table(trace_dir: Path, steps: int, pattern: str = "*.json*") -> dict:
 
 def _ids(ctx: int, seed: int) -> list[int]:
     # distinct id streams per seed: no radix hit between the warm-up and the profiled requests
-    return [(i * seed) % 150000 + 100 for i in range(ctx)]
+    return [((i + 1) * seed) % 150000 + 100 for i in range(ctx)]  # (i + 1): no shared first id either
 
 
 def _await_trace(trace_dir: Path, pattern: str, timeout_s: float = 60.0) -> None:
@@ -76,23 +77,25 @@ def _await_trace(trace_dir: Path, pattern: str, timeout_s: float = 60.0) -> None
         time.sleep(1)
 
 
-def profile_prefill(server: Server, ctx: int, trace_dir: Path) -> dict:
-    """GPU kernels of one `ctx`-token prefill (all its chunks): µs per request, by kernel. SGLang's by-stage profiler
-    records the next `chunks` prefill batches (chunks = ctx / the server's chunked_prefill_size, rounded up) into a
-    trace of their own (*-EXTEND.trace.json.gz), closed when the first decode batch comes; nothing else runs."""
+def profile_prefill(server: Server, ctx: int, trace_dir: Path, prompts: int = 1) -> dict:
+    """GPU kernels of the prefill of `prompts` fresh `ctx`-token prompts sent as one batched /generate (all their
+    chunks): µs per batch, by kernel. SGLang's by-stage profiler records the next `chunks` prefill batches (chunks =
+    prompts * ctx / the server's chunked_prefill_size, rounded up) into a trace of their own
+    (*-EXTEND.trace.json.gz), closed when the first decode batch comes; nothing else runs."""
     info = post(server.url + "/server_info", None)
     chunk = int(info.get("chunked_prefill_size") or 0)
-    chunks = -(-ctx // chunk) if chunk > 0 else 1
+    chunks = -(-(ctx * prompts) // chunk) if chunk > 0 else 1
     post(server.url + "/start_profile", {"output_dir": str(trace_dir), "num_steps": chunks, "activities": ["GPU"],
                                          "profile_by_stage": True})
     t0 = time.perf_counter()
     # chunks + 3 tokens: enough decode steps after the prefill for the by-stage profiler to close both its traces
-    post(server.url + "/generate", {"input_ids": _ids(ctx, 6007),
+    ids = [_ids(ctx, 6007 + 2 * i) for i in range(prompts)]
+    post(server.url + "/generate", {"input_ids": ids if prompts > 1 else ids[0],
                                     "sampling_params": {"max_new_tokens": chunks + 3, "ignore_eos": True}}, timeout=900)
     wall = time.perf_counter() - t0
     _await_trace(trace_dir, "*EXTEND.trace.json*")
     out = kernel_table(trace_dir, 1, "*EXTEND.trace.json*")
-    out.update(chunked_prefill_size=chunk, chunks=chunks, request_wall_ms=round(wall * 1e3, 1))
+    out.update(chunked_prefill_size=chunk, chunks=chunks, prompts=prompts, request_wall_ms=round(wall * 1e3, 1))
     return out
 
 
@@ -114,7 +117,7 @@ def profile_decode(server: Server, ctx: int, steps: int, trace_dir: Path) -> dic
     return out
 
 
-def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: list[str]) -> dict:
+def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: list[str], prompts: int = 1) -> dict:
     # e2e.py's per-label Triton cache when --work is e2e's: after an e2e run on the same host the start is warm.
     env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": str(triton_cache(work, name))}
     flags = list(GPU_FLAGS)  # capture bs <= 8 only: a faster start; batch 1 is what is profiled
@@ -125,12 +128,12 @@ def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: lis
         server.wait(timeout=900)
         # A warm-up request of the same length first (other ids: no radix hit), so the profiled requests' prefill
         # does not JIT-compile Triton kernels (cold cache) into the profiling window.
-        post(server.url + "/generate", {"input_ids": _ids(ctx, 104729),
+        post(server.url + "/generate", {"input_ids": [_ids(ctx, 104729 + 2 * i) for i in range(prompts)],
                                          "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}, timeout=900)
         for phase in phases:
             trace_dir = work / f"trace_{name}_{phase}"
             shutil.rmtree(trace_dir, ignore_errors=True)  # kernel_table sums every trace there: none from a past run
-            results[phase] = (profile_prefill(server, ctx, trace_dir) if phase == "prefill"
+            results[phase] = (profile_prefill(server, ctx, trace_dir, prompts) if phase == "prefill"
                               else profile_decode(server, ctx, steps, trace_dir))
         return results
     except Exception as e:  # noqa: BLE001 -- one server's failure must not hide the other's table
@@ -146,6 +149,7 @@ def main():
     ap.add_argument("--servers", default="ours,intree")
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompts", type=int, default=1, help="prefill phase: prompts of --ctx tokens in one batch")
     ap.add_argument("--phases", default="decode", help="comma list of prefill, decode (one server start for all)")
     args = ap.parse_args()
     phases = args.phases.split(",")
@@ -155,12 +159,13 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint(work, smoke=False)
-    results = {"ctx": args.ctx, "steps": args.steps, "servers": {}}
+    results = {"ctx": args.ctx, "steps": args.steps, "prompts": args.prompts, "servers": {}}
     for name in args.servers.split(","):
-        results["servers"][name] = profile(name, ckpt, args.ctx, args.steps, work, phases)
+        results["servers"][name] = profile(name, ckpt, args.ctx, args.steps, work, phases, args.prompts)
         (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
     title = {"decode": f"Decode step at batch 1, {args.ctx} context, µs per step (GPU kernels, {args.steps} steps)",
-             "prefill": f"Prefill of one {args.ctx}-token prompt, µs per request (GPU kernels, every chunk)"}
+             "prefill": f"Prefill of {args.prompts} x {args.ctx}-token prompt(s) in one batch, µs per batch (GPU "
+                        f"kernels, every chunk)"}
     lines = []
     for phase in phases:
         lines += [f"# {title[phase]}", ""]
