@@ -87,6 +87,7 @@ from kernel_intree import InTree  # noqa: E402
 from kernel_ours import OursDecode, OursPrefill, reference_msa, sglang_kv_store  # noqa: E402
 from kernel_report import markdown  # noqa: E402
 from kernel_timing import Timer, capture, copy_bandwidth, fits, max_abs, sel_mismatch  # noqa: E402
+from sglang_m3.attention.kernels import common  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # GPU benchmark
@@ -121,13 +122,21 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     del g_ours, g_meta
     # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
     # two-pass with each pass 2 ("rank", the default: all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS
-    # blocks, the radix search above; "radix": the radix search for every row; "rank_split", forced: rows cut into
-    # INDEXER_SELECT_SEGMENT_BLOCKS-block segments ranked in parallel, merged by the last program of the row).
-    for two_pass, select, name in ((True, "radix", "two_pass"), (True, "rank", "two_pass_rank"),
-                                   (True, "rank_split", "two_pass_rank_split"), (False, "radix", "split")):
-        alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
-        alt.prepare()
-        g = capture(alt.indexer)
+    # blocks, the radix search above; "radix": the radix search for every row; "rank_256": "rank" with the rank
+    # limit at half the default, captured with the constant lowered for this column only: the default's larger row
+    # tile may slow its radix search on longer rows).
+    rank_max = common.INDEXER_RANK_MAX_BLOCKS
+    for two_pass, select, name, limit in ((True, "radix", "two_pass", rank_max),
+                                          (True, "rank", "two_pass_rank", rank_max),
+                                          (True, "rank", "two_pass_rank_256", rank_max // 2),
+                                          (False, "radix", "split", rank_max)):
+        common.INDEXER_RANK_MAX_BLOCKS = limit
+        try:
+            alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
+            alt.prepare()
+            g = capture(alt.indexer)
+        finally:
+            common.INDEXER_RANK_MAX_BLOCKS = rank_max
         row[f"ours_indexer_{name}_us"] = timer.graph_us(g)
         row[f"sel_mismatch_{name}_vs_ours"] = sel_mismatch(alt.block_topk, sel_ours)
         del g, alt

@@ -52,8 +52,8 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer two-pass rank | indexer two-pass rank_split | indexer split | "
-                  "sel ≠ two-pass / rank / rank_split / split |",
+                  "indexer two-pass rank | indexer two-pass rank (limit 256) | indexer split | "
+                  "sel ≠ two-pass / rank / rank 256 / split |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
@@ -63,10 +63,10 @@ def markdown(res) -> str:
                 f"({r.get('ours_indexer_variant', '?')}) | {_f(r.get('ours_attention_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_rank_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_two_pass_rank_split_us'), '.1f')} | "
+                f"{_f(r.get('ours_indexer_two_pass_rank_256_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_split_us'), '.1f')} | {r.get('sel_mismatch_two_pass_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_two_pass_rank_split_vs_ours', '—')} / "
+                f"{r.get('sel_mismatch_two_pass_rank_256_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_split_vs_ours', '—')} |")
     if g["prefill"]:
         lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",
@@ -95,9 +95,8 @@ def markdown(res) -> str:
               "also about the fixed cost of timing any captured graph alone); store = the one-launch store_kv_index, "
               "(unfused) = the pool's K/V write + store_index_k; the variant columns force the "
               "indexer's two-pass (score, then select; two-pass: the radix search for every row; rank: its pass 2 "
-              "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, the radix search above; rank_split: "
-              "rows in INDEXER_SELECT_SEGMENT_BLOCKS-block segments ranked by programs of their own, merged by the "
-              "last one) or split (+ merge) kernel; sel ≠ counts rows "
+              "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, the radix search above; rank (limit 256): the same with "
+              "INDEXER_RANK_MAX_BLOCKS halved for that column) or split (+ merge) kernel; sel ≠ counts rows "
               "whose selection "
               "differs from the default variant's (must be 0)."]
     return "\n".join(lines) + "\n"
