@@ -289,10 +289,8 @@ SELECT_FORMS = ((0, 1, 1), (16, 4, 4), (32, 32, 8), (4, 8, 4))
 @cpu_case
 def indexer_select_exact():
     """Pass 2 alone (_indexer_select_kernel: the radix select and the all-pairs rank of select="rank", with rows
-    beyond a form's reach falling back to the radix search in the same launch, SELECT_FORMS; and
-    _indexer_select_split_kernel, select="rank_split", with segments of 4, 8 and 32 blocks) on hand-made int32
-    score-image rows
-    against a plain sort (score descending, ties to the lower id): full-range random images, images equal in their
+    beyond a form's reach falling back to the radix search in the same launch, SELECT_FORMS) on hand-made int32
+    score-image rows against a plain sort (score descending, ties to the lower id): full-range random images, images equal in their
     top 1 / 2 / 3 bytes (the later radix rounds decide), many exact ties, INT32_MIN / INT32_MAX; rows shorter and
     longer than the interpreter's chunk (8), nb below / equal / above topk, nb = RANK_MAX and RANK_MAX + 1, lengths
     clipped by max_blocks; a token owned by no request keeps its out row, and nothing is written past a row's topk
@@ -339,35 +337,18 @@ def indexer_select_exact():
                                          H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8,
                                          RANK_MAX=rank_max, RB=rb, CC=cc, num_warps=4)
         check(padded, (rank_max, rb, cc))
-    # select="rank_split": segments of 4 (rows of up to 6), 8 and 32 blocks (every row one segment), two launches
-    # each on the same count buffer, which the last program of each row must leave at zero
-    for segb in (4, 8, 32):
-        n_seg = -(-max_blocks // segb)
-        cp = max(8, 1 << (n_seg * topk - 1).bit_length())
-        count = torch.zeros(T, H, dtype=torch.int32)
-        for launch in range(2):
-            padded = torch.full((T, H, topk + 1), 77, dtype=torch.int32)
-            out = padded[..., :topk]
-            cand = torch.full((T, H, n_seg * topk), 55, dtype=torch.int32)  # stale slots from "an earlier launch"
-            I._indexer_select_split_kernel[(T, H, n_seg)](
-                rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks, cand, count,
-                H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, S=n_seg, SEGB=segb, CP=cp, CC=8, num_warps=4)
-            check(padded, ("rank_split", segb, launch))
-            assert not count.any(), ("rank_split", segb, launch, "count buffer not returned to zero")
 
 
 @cpu_case
 def indexer_select_rank_matches_radix():
-    """The whole two-pass indexer with select="rank", "radix" and "rank_split" equals the split variant exactly (same
-    block scores, same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for several
-    init/local/topk settings: with every row ranked (INDEXER_RANK_MAX_BLOCKS 256) and with rows above and below a
-    RANK_MAX of 8 in one launch (the longer ones take the radix search); rank_split with every row one segment and
-    with segments of 8 and 4 blocks (rows of 2-5 segments, merged by the last program); and the twin up to
-    near-ties. An extend-form batch
+    """The whole two-pass indexer with select="rank" and "radix" equals the split variant exactly (same block scores,
+    same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for several init/local/topk
+    settings: with every row ranked (INDEXER_RANK_MAX_BLOCKS 256) and with rows above and below a RANK_MAX of 8 in
+    one launch (the longer ones take the radix search); and the twin up to near-ties. An extend-form batch
     of one token per request keeps the out row of a token owned by no request. Any other select: ValueError."""
     from sglang_m3.attention.kernels import common
 
-    saved = common.INDEXER_RANK_MAX_BLOCKS, common.INDEXER_SELECT_SEGMENT_BLOCKS
+    saved = common.INDEXER_RANK_MAX_BLOCKS
     try:
         for coarse in (True, False):
             # nb 10, 13, 3, 2, 9, 19 at block 16
@@ -384,10 +365,6 @@ def indexer_select_rank_matches_radix():
                     for select in ("rank", "radix"):
                         got, _ = run_both_indexers(b, 16, topk, init_b, local_b, select=select, **kw)
                         assert torch.equal(got, split), (select, rank_max, coarse, init_b, local_b, topk)
-                for segb in (256, 8, 4):  # rank_split: one segment per row; rows of 9-19 blocks in 2-5 segments
-                    common.INDEXER_SELECT_SEGMENT_BLOCKS = segb
-                    got, _ = run_both_indexers(b, 16, topk, init_b, local_b, select="rank_split", **kw)
-                    assert torch.equal(got, split), ("rank_split", segb, coarse, init_b, local_b, topk)
                 assert_same_selection(got, want, b, 16, 1e-5)
         b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,
                        extra_rows=1)
@@ -396,7 +373,7 @@ def indexer_select_rank_matches_radix():
         assert (out[-1] == 77).all()
         assert_same_selection(got[:-1], want[:-1], b, 16, 1e-5)
     finally:
-        common.INDEXER_RANK_MAX_BLOCKS, common.INDEXER_SELECT_SEGMENT_BLOCKS = saved
+        common.INDEXER_RANK_MAX_BLOCKS = saved
     with pytest.raises(ValueError, match="select must be"):
         b = make_batch([40], [1], hq=2, hkv=1, d=16, di=16, dv=16, dtype=torch.float32, seed=2)
         run_both_indexers(b, 16, 3, meta_args=decode_meta(b), two_pass=True, select="rank_segments")
@@ -665,19 +642,17 @@ def check_gpu_indexer_variants(b, got):
     """A decode batch through both indexer variants (two-pass and split, forced) in the decode form: each must
     select as ``got`` (the default variant's selection, already checked against the twin), with the near-tie
     allowance: both compute each block score with the same dot, but they are separately compiled kernels. The
-    two-pass indexer with each pass 2 ("radix", "rank", "rank_split"): they select from the same pass-1 score
-    images, so exactly equal (rank: rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix
-    search; rank_split: rows of > INDEXER_SELECT_SEGMENT_BLOCKS blocks in segments, merged by the last program)."""
+    two-pass indexer with each pass 2 ("radix", "rank"): they select from the same pass-1 score images, so exactly
+    equal (rank: rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix search)."""
     from sglang_m3.attention import kernels as K
 
     sels = {}
-    for two_pass, select in ((True, "radix"), (True, "rank"), (True, "rank_split"), (False, "radix")):
+    for two_pass, select in ((True, "radix"), (True, "rank"), (False, "radix")):
         sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
                                  topk_blocks=TOPK, two_pass=two_pass, select=select)
         assert_same_selection(sel, got, b, BLOCK, 1e-4)
         sels[two_pass, select] = sel
     assert torch.equal(sels[True, "rank"], sels[True, "radix"]), "rank and radix pass 2 differ"
-    assert torch.equal(sels[True, "rank_split"], sels[True, "radix"]), "rank_split and radix pass 2 differ"
 
 
 @pytest.mark.gpu
@@ -720,15 +695,13 @@ def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-@pytest.mark.parametrize("bs,select", [(4, "radix"), (4, "rank"), (4, "rank_split"), (24, "radix")])
+@pytest.mark.parametrize("bs,select", [(4, "radix"), (4, "rank"), (24, "radix")])
 def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
     bs 4 takes the two-pass indexer (with each pass 2; "rank": the lengths below 64K are ranked, the 128K one
-    takes the radix search in the same launch; "rank_split": the rows of more than 256 blocks in segments), bs 24
-    the split one
-    (INDEXER_TWO_PASS_MAX_TILES = 8)."""
+    takes the radix search in the same launch), bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
     from sglang_m3.attention import kernels as K
     from sglang_m3.attention.kernels import common
 
@@ -773,9 +746,6 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     ws = K.MSAWorkspace("cuda")
     K.warmup(ws, batch_sizes=[1, bs], num_q_heads=hq, num_kv_heads=hkv, head_dim=HD, head_dim_v=HD,
              index_dim=HD, block_size=BLOCK, topk_blocks=TOPK, device="cuda", context_len=cap)
-    if select == "rank_split":  # warmup sizes the default pass 2's scratch; the forced form's slots and counts too
-        K.index_block_topk(iq, ik, r2t, rpi, seq, None, None, block_size=BLOCK, topk_blocks=TOPK, workspace=ws,
-                           two_pass=True, select=select)
     ws.freeze()
     # warmed bs 1 (and 4) take the two-pass indexer, bs 24 the split one
     assert 4 <= common.INDEXER_TWO_PASS_MAX_TILES < 24, "update the bs parametrisation to cover both variants"

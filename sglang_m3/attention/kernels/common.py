@@ -77,12 +77,18 @@ INDEXER_SELECT_CHUNK = 512
 # bs 1: 13.5 vs 19.7 (16K, 128 blocks), 18.5 vs 21.4 (33792, 264 blocks), 24.1 vs 24.8 (64K, 512 blocks); bs 8:
 # 23.2 vs 29.8, 38.9 vs 42.1, 61.4 vs 61.7; same selections.
 INDEXER_RANK_MAX_BLOCKS = 512
-# select="rank_split" (forced, for measurement; not measured yet): rows longer than this many blocks are cut into
-# segments of it, each ranked by its own program (grid T x H x segments), the last program of a row to finish ranks
-# the segments' picks (indexer._indexer_select_split_kernel). Aims at the radix search's ~24 us over 1024 blocks at
-# 128K (the in-tree's block top-k: 4.8 us): four 256-block ranks in parallel (~3 us each at 32K) and one rank of
-# 64 candidates.
-INDEXER_SELECT_SEGMENT_BLOCKS = 256
+# The price of the 512-row tile (session 9, benchmarks/results/2026-11-30-h200x2-s9/kernel_decode_call8.md, TP1, the
+# two-pass indexer, us, RANK_MAX 512 / 256 / radix for every row, same selections): rows past RANK_MAX, whose radix
+# search runs inside the larger kernel, got slower -- 43.9 / 39.0 / 35.8 at 128K bs 1 (1024 blocks), 113.8 / 110.0 /
+# 107.2 at bs 8 -- while 512 stays best at 64K (24.5 / 27.8 / 24.9) and level at 32K (16.9 / 16.2 / 21.6). Kept at
+# 512: up to 64K context is the commoner served length, and at 128K the radix search is far off the in-tree's top-k
+# (4.6 us) either way; what closes that gap is a faster select for long rows, not the choice of RANK_MAX.
+# Tried and removed (session 9): a forced select="rank_split" (rows cut into 256-block segments, each ranked by a
+# program of its own; the last program of a row to finish, found by an atomic count, ranked the segments' picks).
+# Same selections on the GPU, but not faster (kernel_decode.md there, two-pass indexer, us, rank_split vs the
+# default): TP1 bs 1 16.7 vs 16.7 (32K), 30.4 vs 24.4 (64K), 39.2 vs 44.2 (128K; the radix search alone 35.8); bs 8
+# 36.6 vs 36.7, 68.7 vs 61.2, 110.6 vs 114.1. As the server's select above 256 blocks it changed no e2e figure
+# beyond noise (e2e_4l_tp1_rank_split_default.md there).
 # Tried and removed (session 8): the radix search on the row held in registers (tiles of 512 and 1024 blocks: one
 # load, then per round one [tile, 16] digit compare and one reduction) instead of re-reading it in chunks of
 # INDEXER_SELECT_CHUNK each round. Same selections, but slower on one H200 (benchmarks/results/2026-11-30-h200x2-s8/
@@ -161,10 +167,7 @@ class MSAWorkspace:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-            zero: bool = False) -> Tensor:
-        """A view [shape] of buffer `name`; `zero`: a newly allocated buffer starts zeroed (for counters that the
-        kernels themselves return to zero after each use, so the buffer stays zeroed across calls)."""
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         n = 1
         for s in shape:
             n *= int(s)
@@ -175,15 +178,15 @@ class MSAWorkspace:
                 raise RuntimeError(
                     f"MSAWorkspace buffer {name!r} needs {n} x {dtype} but holds {have}; it cannot grow while "
                     "frozen or during CUDA-graph capture: call kernels.warmup(...) with the largest shapes first")
-            buf = (torch.zeros if zero else torch.empty)(max(n, 1), dtype=dtype, device=device)
+            buf = torch.empty(max(n, 1), dtype=dtype, device=device)
             self._bufs[name] = buf
         return buf[:n].view(shape)
 
 
-def scratch(workspace: MSAWorkspace | None, name: str, shape, dtype, device, zero: bool = False) -> Tensor:
+def scratch(workspace: MSAWorkspace | None, name: str, shape, dtype, device) -> Tensor:
     if workspace is None:
-        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-    return workspace.get(name, tuple(shape), dtype, device, zero=zero)
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.get(name, tuple(shape), dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------

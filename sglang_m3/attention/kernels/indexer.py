@@ -33,9 +33,7 @@ it plus the lowest-id blocks equal to it, ids written ascending through a prefix
 order -> the same selection as the split variant. ``select="rank"`` (the default) runs the same kernel with
 RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by all-pairs ranking
 (``_rank_select``: no dependent rounds; faster up to 64K context, see common.py), longer rows of the same launch
-by the radix search; ``select="radix"`` radix-searches every row; ``select="rank_split"`` (forced, not measured yet)
-cuts each row into common.INDEXER_SELECT_SEGMENT_BLOCKS-block segments ranked by programs of their own, and the
-last of a row's programs to finish ranks their picks (``_indexer_select_split_kernel``).
+by the radix search; ``select="radix"`` radix-searches every row.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
@@ -423,61 +421,6 @@ def _indexer_select_kernel(
     _pad_row(out_row, taken, TOPK, K_PAD)
 
 
-@triton.jit
-def _candidate_keys(cand_row, row, c, n_seg, SEGB: tl.constexpr, TOPK: tl.constexpr):
-    # Candidates c of a row cut into segments (select="rank_split"): slot c holds segment c // TOPK's pick number
-    # c % TOPK as a block id local to the segment, -1 for none. Returns (packed key, block id, valid) per slot; the
-    # slots run in ascending block id (segments in order, each one's picks ascending). Volatile loads: other programs
-    # of this launch wrote the slots, and L1 is not coherent across SMs.
-    s = c // TOPK
-    lid = tl.load(cand_row + c, mask=s < n_seg, other=-1, volatile=True)
-    ok = lid >= 0
-    blk = s * SEGB + lid
-    return tl.where(ok, _rank_key(tl.load(row + blk, mask=ok, other=0), blk), _MINKEY), blk, ok
-
-
-@triton.jit(do_not_specialize=["max_blocks"])
-def _indexer_select_split_kernel(
-    tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks, cand_ptr, count_ptr,
-    H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, S: tl.constexpr,
-    SEGB: tl.constexpr, CP: tl.constexpr, CC: tl.constexpr,
-):
-    # Pass 2 of the two-pass indexer, select="rank_split": program (t, h, s) ranks segment s (blocks s*SEGB ..
-    # s*SEGB + SEGB - 1 of the visible ones) all-pairs and writes its picks (rank < TOPK within the segment) to
-    # cand[t, h, s, :TOPK]. Exact: a block among the row's top TOPK is among its own segment's top TOPK. The program
-    # that finishes a row's segments last (an atomic count per (t, h), returned to 0 by that program, so the count
-    # buffer stays zeroed across launches and graph replays) ranks the row's candidates and writes the picks, ids
-    # ascending -- the order and tie rule of the other forms (keys unique: score image, then the lower id). A row of
-    # <= SEGB blocks is one segment: its program writes the out row directly.
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.program_id(2)
-    if tl.load(tok_row_ptr + t) < 0:  # token owned by no request: its out row stays untouched
-        return
-    nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
-    n_seg = (nb + SEGB - 1) // SEGB
-    if s >= n_seg:
-        return
-    th = t * H + h
-    row = score_ptr + th.to(tl.int64) * max_blocks
-    out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
-    if n_seg == 1:
-        _rank_row(row, out_row, nb, SEGB, CC, TOPK, K_PAD)
-        return
-    cand_row = cand_ptr + th.to(tl.int64) * (S * TOPK)
-    _rank_row(row + s * SEGB, cand_row + s * TOPK, tl.minimum(nb - s * SEGB, SEGB), SEGB, CC, TOPK, K_PAD)
-    tl.debug_barrier()  # every thread's candidate stores precede the release below
-    if tl.atomic_add(count_ptr + th, 1, sem="acq_rel", scope="gpu") == n_seg - 1:
-        tl.atomic_xchg(count_ptr + th, 0, sem="relaxed", scope="gpu")
-        c = tl.arange(0, CP)
-        kb, blk, ok = _candidate_keys(cand_row, row, c, n_seg, SEGB, TOPK)
-        rank = tl.zeros([CP], tl.int32)
-        for c0 in tl.static_range(0, CP, CC):
-            kc, _, _ = _candidate_keys(cand_row, row, c0 + tl.arange(0, CC), n_seg, SEGB, TOPK)
-            rank += tl.sum((kc[:, None] > kb[None, :]).to(tl.int32), axis=0)
-        _pad_row(out_row, _store_picks(out_row, ok & (rank < TOPK), blk), TOPK, K_PAD)
-
-
 def indexer_num_splits(num_tiles: int, device: torch.device) -> int:
     """Key-range splits per tile: a few programs per SM (latency hiding), capped (merge cost)."""
     target = common.INDEXER_PROGRAMS_PER_SM * common.num_sms(device)
@@ -516,10 +459,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                     ``warmup`` must have seen a req_to_token of the same width (its ``context_len``).
       select     -- pass 2 of the two-pass variant: "rank" (the default: rows of <= common.INDEXER_RANK_MAX_BLOCKS
                     visible blocks are ranked all-pairs, longer rows of the same launch take the radix search)
-                    or "radix" (8 rounds of a 4-bit radix search for every row), or "rank_split" (forced, for
-                    measurement: rows cut into common.INDEXER_SELECT_SEGMENT_BLOCKS-block segments ranked by
-                    programs of their own, the last one of a row ranking the segments' picks). Same selection in
-                    every case; ignored by the split variant. ValueError for any other value.
+                    or "radix" (8 rounds of a 4-bit radix search for every row). Same selection either way;
+                    ignored by the split variant. ValueError for any other value.
     Both variants give identical results (same block scores, same packed-key order).
     ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
     Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
@@ -566,8 +507,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     tiles = [t if t is not None else meta.tok_row for t in
              (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
     interp = common.interpret_mode()
-    if select not in ("radix", "rank", "rank_split"):
-        raise ValueError(f"select must be 'radix', 'rank' or 'rank_split', got {select!r}")
+    if select not in ("radix", "rank"):
+        raise ValueError(f"select must be 'radix' or 'rank', got {select!r}")
     if two_pass:
         max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
         n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
@@ -594,16 +535,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         DOT_F32=common.dot_in_fp32(index_k_cache.dtype),
         PREFETCH=n_tiles * n_splits <= common.INDEXER_PREFETCH_PROGRAMS_PER_SM * common.num_sms(dev),
         SCORES=two_pass, num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
-    if two_pass and select == "rank_split":
-        segb, cc = common.INDEXER_SELECT_SEGMENT_BLOCKS, 8 if interp else 32
-        n_seg = triton.cdiv(max_blocks, segb)
-        _indexer_select_split_kernel[(T, H, n_seg)](
-            meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
-            common.scratch(workspace, "indexer.candidates", (T, H, n_seg * topk_blocks), torch.int32, dev),
-            common.scratch(workspace, "indexer.select_count", (T, H), torch.int32, dev, zero=True),
-            H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad, S=n_seg, SEGB=segb,
-            CP=max(cc, common.next_pow2(n_seg * topk_blocks)), CC=cc, num_warps=4)
-    elif two_pass:
+    if two_pass:
         # (the interpreter runs the same code on chunks small enough to iterate)
         rank_max = common.INDEXER_RANK_MAX_BLOCKS if select == "rank" else 0
         _indexer_select_kernel[(T, H)](
