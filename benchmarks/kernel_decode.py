@@ -122,21 +122,24 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     del g_ours, g_meta
     # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
     # two-pass with each pass 2 ("rank", the default: all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS
-    # blocks, the radix search above; "radix": the radix search for every row; "rank_256": "rank" with the rank
-    # limit at half the default, captured with the constant lowered for this column only: the default's larger row
-    # tile may slow its radix search on longer rows).
-    rank_max = common.INDEXER_RANK_MAX_BLOCKS
-    for two_pass, select, name, limit in ((True, "radix", "two_pass", rank_max),
-                                          (True, "rank", "two_pass_rank", rank_max),
-                                          (True, "rank", "two_pass_rank_256", rank_max // 2),
-                                          (False, "radix", "split", rank_max)):
-        common.INDEXER_RANK_MAX_BLOCKS = limit
+    # blocks, the radix search above; "radix": the radix search for every row; "rank_wide", forced: the longer rows
+    # ranked by a second launch with wider tiles over more warps -- two launch shapes, the module's constants set
+    # for this column's capture only).
+    saved = {k: getattr(common, k) for k in ("INDEXER_RANK_WIDE_WARPS", "INDEXER_RANK_WIDE_COLUMNS")}
+    for two_pass, select, name, knobs in (
+            (True, "radix", "two_pass", {}), (True, "rank", "two_pass_rank", {}),
+            (True, "rank_wide", "two_pass_rank_wide", dict(INDEXER_RANK_WIDE_WARPS=16, INDEXER_RANK_WIDE_COLUMNS=16)),
+            (True, "rank_wide", "two_pass_rank_wide_32w", dict(INDEXER_RANK_WIDE_WARPS=32, INDEXER_RANK_WIDE_COLUMNS=8)),
+            (False, "radix", "split", {})):
+        for k, v in knobs.items():
+            setattr(common, k, v)
         try:
             alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
             alt.prepare()
             g = capture(alt.indexer)
         finally:
-            common.INDEXER_RANK_MAX_BLOCKS = rank_max
+            for k, v in saved.items():
+                setattr(common, k, v)
         row[f"ours_indexer_{name}_us"] = timer.graph_us(g)
         row[f"sel_mismatch_{name}_vs_ours"] = sel_mismatch(alt.block_topk, sel_ours)
         del g, alt

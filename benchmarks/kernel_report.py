@@ -52,8 +52,8 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer two-pass rank | indexer two-pass rank (limit 256) | indexer split | "
-                  "sel ≠ two-pass / rank / rank 256 / split |",
+                  "indexer two-pass rank | indexer two-pass rank_wide 16 / 32 warps | indexer split | "
+                  "sel ≠ two-pass / rank / rank_wide 16 / 32 / split |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
@@ -63,10 +63,12 @@ def markdown(res) -> str:
                 f"({r.get('ours_indexer_variant', '?')}) | {_f(r.get('ours_attention_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_rank_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_two_pass_rank_256_us'), '.1f')} | "
+                f"{_f(r.get('ours_indexer_two_pass_rank_wide_us'), '.1f')} / "
+                f"{_f(r.get('ours_indexer_two_pass_rank_wide_32w_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_split_us'), '.1f')} | {r.get('sel_mismatch_two_pass_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_two_pass_rank_256_vs_ours', '—')} / "
+                f"{r.get('sel_mismatch_two_pass_rank_wide_vs_ours', '—')} / "
+                f"{r.get('sel_mismatch_two_pass_rank_wide_32w_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_split_vs_ours', '—')} |")
     if g["prefill"]:
         lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",
@@ -95,8 +97,9 @@ def markdown(res) -> str:
               "also about the fixed cost of timing any captured graph alone); store = the one-launch store_kv_index, "
               "(unfused) = the pool's K/V write + store_index_k; the variant columns force the "
               "indexer's two-pass (score, then select; two-pass: the radix search for every row; rank: its pass 2 "
-              "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, the radix search above; rank (limit 256): the same with "
-              "INDEXER_RANK_MAX_BLOCKS halved for that column) or split (+ merge) kernel; sel ≠ counts rows "
+              "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, the radix search above; rank_wide: the longer rows "
+              "ranked by a second launch, tiles of up to INDEXER_RANK_WIDE_MAX_BLOCKS rows over 16 warps (16 columns "
+              "per step) or 32 warps (8)) or split (+ merge) kernel; sel ≠ counts rows "
               "whose selection "
               "differs from the default variant's (must be 0)."]
     return "\n".join(lines) + "\n"

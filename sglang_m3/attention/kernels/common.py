@@ -83,6 +83,17 @@ INDEXER_RANK_MAX_BLOCKS = 512
 # 107.2 at bs 8 -- while 512 stays best at 64K (24.5 / 27.8 / 24.9) and level at 32K (16.9 / 16.2 / 21.6). Kept at
 # 512: up to 64K context is the commoner served length, and at 128K the radix search is far off the in-tree's top-k
 # (4.6 us) either way; what closes that gap is a faster select for long rows, not the choice of RANK_MAX.
+# select="rank_wide" (forced, for measurement; not measured yet): rows past INDEXER_RANK_MAX_BLOCKS are ranked too, by
+# a second launch of the select kernel with row tiles of up to this many blocks (the RB // 2 and RB ladder; the radix
+# search only past it), INDEXER_RANK_WIDE_WARPS warps and INDEXER_RANK_WIDE_COLUMNS columns per step. Why it might
+# win where the radix search is slow (128K: ~34 us of select at 1024 blocks, the in-tree's top-k 4.6): the rank's
+# cost per thread is rows per thread x visible blocks, no dependent rounds; at 512 blocks, 4 rows per thread over 4
+# warps, the select took ~9 us (64K, bs 1); at 1024 blocks over 16 warps a thread ranks 2 rows of 1024 columns, the
+# same work. The extra launch costs the rows it does not serve ~1-2 us. Its kernel_decode columns try 16 warps x 16
+# columns and 32 warps x 8 (registers: a thread holds its rows' keys plus the step's columns, int64).
+INDEXER_RANK_WIDE_MAX_BLOCKS = 2048
+INDEXER_RANK_WIDE_WARPS = 16
+INDEXER_RANK_WIDE_COLUMNS = 16
 # Tried and removed (session 9): a forced select="rank_split" (rows cut into 256-block segments, each ranked by a
 # program of its own; the last program of a row to finish, found by an atomic count, ranked the segments' picks).
 # Same selections on the GPU, but not faster (kernel_decode.md there, two-pass indexer, us, rank_split vs the
