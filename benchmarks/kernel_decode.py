@@ -123,11 +123,13 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
     # two-pass with each pass 2 ("rank", the default: all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS
     # blocks, the radix search above; "radix": the radix search for every row; "rank_wide", forced: the longer rows
-    # ranked by a second launch with wider tiles over more warps -- two launch shapes, the module's constants set
-    # for this column's capture only).
-    saved = {k: getattr(common, k) for k in ("INDEXER_RANK_WIDE_WARPS", "INDEXER_RANK_WIDE_COLUMNS")}
+    # ranked by a second launch with wider tiles over more warps -- two launch shapes; "rank" at 8 warps -- the
+    # module's constants set for that column's capture only).
+    saved = {k: getattr(common, k) for k in ("INDEXER_SELECT_WARPS", "INDEXER_RANK_WIDE_WARPS",
+                                             "INDEXER_RANK_WIDE_COLUMNS")}
     for two_pass, select, name, knobs in (
             (True, "radix", "two_pass", {}), (True, "rank", "two_pass_rank", {}),
+            (True, "rank", "two_pass_rank_8w", dict(INDEXER_SELECT_WARPS=8)),
             (True, "rank_wide", "two_pass_rank_wide", dict(INDEXER_RANK_WIDE_WARPS=16, INDEXER_RANK_WIDE_COLUMNS=16)),
             (True, "rank_wide", "two_pass_rank_wide_32w", dict(INDEXER_RANK_WIDE_WARPS=32, INDEXER_RANK_WIDE_COLUMNS=8)),
             (False, "radix", "split", {})):

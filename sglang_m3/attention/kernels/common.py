@@ -83,6 +83,10 @@ INDEXER_RANK_MAX_BLOCKS = 512
 # 107.2 at bs 8 -- while 512 stays best at 64K (24.5 / 27.8 / 24.9) and level at 32K (16.9 / 16.2 / 21.6). Kept at
 # 512: up to 64K context is the commoner served length, and at 128K the radix search is far off the in-tree's top-k
 # (4.6 us) either way; what closes that gap is a faster select for long rows, not the choice of RANK_MAX.
+# Warps of the select kernel's (first) launch. 4 measured (the rank tiles' rows spread 1-4 per thread); 8 not yet
+# measured end to end (kernel_decode's "rank 8 warps" column: half the rows per thread, but the radix search's
+# reductions and the picks' prefix sum span twice the warps).
+INDEXER_SELECT_WARPS = 4
 # select="rank_wide" (forced, for measurement; not measured yet): rows past INDEXER_RANK_MAX_BLOCKS are ranked too, by
 # a second launch of the select kernel with row tiles of up to this many blocks (the RB // 2 and RB ladder; the radix
 # search only past it), INDEXER_RANK_WIDE_WARPS warps and INDEXER_RANK_WIDE_COLUMNS columns per step. Why it might

@@ -559,7 +559,7 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             # ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in the whole-step loop (16
             # columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per pair); not re-read at
             # 512. 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
-            RANK_MAX=rank_max, RB=max(2, rank_max), CC=32, RADIX=not wide, num_warps=4)
+            RANK_MAX=rank_max, RB=max(2, rank_max), CC=32, RADIX=not wide, num_warps=common.INDEXER_SELECT_WARPS)
         if wide:
             # the longer rows ranked too, by tiles of up to INDEXER_RANK_WIDE_MAX_BLOCKS rows spread over more warps
             # (a thread still holds only a few rows), fewer columns per step (registers); radix search past them
