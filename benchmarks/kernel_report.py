@@ -52,8 +52,8 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer two-pass rank (4 / 8 warps) | indexer two-pass rank_wide 16 / 32 warps | indexer split | "
-                  "sel ≠ two-pass / rank 4 / 8 / rank_wide 16 / 32 / split |",
+                  "indexer two-pass rank (4 / 8 warps) | indexer two-pass rank_wide 16 / 32 warps | indexer split (split_fit) | "
+                  "sel ≠ two-pass / rank 4 / 8 / rank_wide 16 / 32 / split / split_fit |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
@@ -66,12 +66,13 @@ def markdown(res) -> str:
                 f"{_f(r.get('ours_indexer_two_pass_rank_8w_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_rank_wide_us'), '.1f')} / "
                 f"{_f(r.get('ours_indexer_two_pass_rank_wide_32w_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_split_us'), '.1f')} | {r.get('sel_mismatch_two_pass_vs_ours', '—')} / "
+                f"{_f(r.get('ours_indexer_split_us'), '.1f')} ({_f(r.get('ours_indexer_split_fit_us'), '.1f')}) | "
+                f"{r.get('sel_mismatch_two_pass_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_8w_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_wide_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_wide_32w_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_split_vs_ours', '—')} |")
+                f"{r.get('sel_mismatch_split_vs_ours', '—')} / {r.get('sel_mismatch_split_fit_vs_ours', '—')} |")
     if g["prefill"]:
         lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",
                   "| heads | prompt | ours ms | in-tree ms | ours tok/s | in-tree tok/s | speed-up | max abs Δ | sel ≠ |",
@@ -101,7 +102,8 @@ def markdown(res) -> str:
               "indexer's two-pass (score, then select; two-pass: the radix search for every row; rank: its pass 2 "
               "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, the radix search above; rank_wide: the longer rows "
               "ranked by a second launch, tiles of up to INDEXER_RANK_WIDE_MAX_BLOCKS rows over 16 warps (16 columns "
-              "per step) or 32 warps (8)) or split (+ merge) kernel; sel ≠ counts rows "
+              "per step) or 32 warps (8)) or split (+ merge) kernel (split_fit: its split count rounded down to a power of two and "
+              "the merge's chunk of splits cut to it); sel ≠ counts rows "
               "whose selection "
               "differs from the default variant's (must be 0)."]
     return "\n".join(lines) + "\n"
