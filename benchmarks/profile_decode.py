@@ -9,7 +9,8 @@ trace are summed by name and divided by the number of steps: µs per decode step
 
 With --phases prefill too, the same server first profiles the prefill of --prompts fresh --ctx-token prompts sent
 as one batch (every chunk; µs per batch by kernel: where TTFT goes). `--ctx 2048 --prompts 8` is the prefill of
-e2e.py's 2K workload (64 such prompts arrive at once, and chunked prefill packs them into batches of that size).
+e2e.py's 2K workload (64 such prompts arrive at once; chunked prefill packs them into batches of its chunk size,
+8192 tokens on an H200 at these flags: 4 prompts, so 8 prompts are two batches).
 
 Writes profile_decode.json (per server and phase: the kernel time table, its total, the kernel count) and
 profile_decode.md under --out; the raw traces stay under --work.

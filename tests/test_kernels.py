@@ -357,6 +357,59 @@ def indexer_select_exact():
 
 
 @cpu_case
+def indexer_pass2_launches():
+    """Which pass-2 launches index_block_topk makes, with which settings. Every select gives the same selection (the
+    tests around this one), so only this shows that "rank_wide" runs its second, wider launch and that each launch
+    takes its module constants: a silent fallback to "rank" would pass every selection test. The kernels are spies
+    here (pass 1 and pass 2 record their launch instead of running)."""
+    from sglang_m3.attention.kernels import common
+    from sglang_m3.attention.kernels import indexer as I
+
+    launches = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.name, kw))
+
+    knobs = dict(INDEXER_RANK_MAX_BLOCKS=8, INDEXER_RANK_WIDE_MAX_BLOCKS=32, INDEXER_RANK_WIDE_WARPS=16,
+                 INDEXER_RANK_WIDE_COLUMNS=16, INDEXER_SELECT_WARPS=2)
+    saved = {k: getattr(common, k) for k in knobs}
+    kernels = I._indexer_kernel, I._indexer_select_kernel
+    b = make_batch([150, 300], [1, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=4)
+    assert b["meta"]["req_to_token"].shape[1] > 8 * 16, "the pool must be wider than RANK_MAX blocks"
+
+    def run(select):
+        launches.clear()
+        I.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=16, topk_blocks=3,
+                           two_pass=True, select=select)
+        assert launches[0][0] == "pass1", launches
+        return [kw for name, kw in launches[1:]]
+
+    try:
+        I._indexer_kernel, I._indexer_select_kernel = Spy("pass1"), Spy("select")
+        for k, v in knobs.items():
+            setattr(common, k, v)
+        (rank,) = run("rank")
+        assert (rank["RANK_MAX"], rank["RADIX"], rank.get("NB_LO", 0), rank["num_warps"]) == (8, True, 0, 2), rank
+        (radix,) = run("radix")
+        assert (radix["RANK_MAX"], radix["RADIX"]) == (0, True), radix
+        first, second = run("rank_wide")
+        assert (first["RANK_MAX"], first["RADIX"], first.get("NB_LO", 0), first["num_warps"]) == (8, False, 0, 2)
+        assert (second["NB_LO"], second["RANK_MAX"], second["RB"], second["CC"], second["RADIX"],
+                second["num_warps"]) == (8, 32, 32, 16, True, 16), second
+        common.INDEXER_RANK_MAX_BLOCKS = 4096  # a pool no wider than RANK_MAX blocks: rank_wide is "rank"
+        (only,) = run("rank_wide")
+        assert only["RADIX"] and only["RANK_MAX"] == 4096, only
+    finally:
+        I._indexer_kernel, I._indexer_select_kernel = kernels
+        for k, v in saved.items():
+            setattr(common, k, v)
+
+
+@cpu_case
 def indexer_select_rank_matches_radix():
     """The whole two-pass indexer with select="rank", "radix" and "rank_wide" equals the split variant exactly (same
     block scores, same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for several
@@ -384,6 +437,7 @@ def indexer_select_rank_matches_radix():
                     for select in ("rank", "radix"):
                         got, _ = run_both_indexers(b, 16, topk, init_b, local_b, select=select, **kw)
                         assert torch.equal(got, split), (select, rank_max, coarse, init_b, local_b, topk)
+                common.INDEXER_RANK_MAX_BLOCKS = 8  # rank_wide: rows of 9-19 blocks go to its second launch
                 for wide in (16, 32):
                     common.INDEXER_RANK_WIDE_MAX_BLOCKS = wide
                     got, _ = run_both_indexers(b, 16, topk, init_b, local_b, select="rank_wide", **kw)
@@ -582,7 +636,7 @@ _WORKER_SPLIT = [
     ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
      "graph_style_decode_with_frozen_workspace"],
     ["indexer_prefetch_variants", "indexer_two_pass_matches_twin", "indexer_select_ties",
-     "indexer_select_exact", "indexer_select_rank_matches_radix"],
+     "indexer_select_exact", "indexer_select_rank_matches_radix", "indexer_pass2_launches"],
 ]
 assert sorted(sum(_WORKER_SPLIT, [])) == sorted(CPU_CASES)
 

@@ -80,10 +80,11 @@ INDEXER_RANK_MAX_BLOCKS = 512
 # The price of the 512-row tile (session 9, benchmarks/results/2026-11-30-h200x2-s9/kernel_decode_call8.md, TP1, the
 # two-pass indexer, us, RANK_MAX 512 / 256 / radix for every row, same selections): rows past RANK_MAX, whose radix
 # search runs inside the larger kernel, got slower -- 43.9 / 39.0 / 35.8 at 128K bs 1 (1024 blocks), 113.8 / 110.0 /
-# 107.2 at bs 8 -- while 512 stays best at 64K (24.5 / 27.8 / 24.9) and level at 32K (16.9 / 16.2 / 21.6). Kept at
-# 512: up to 64K context is the commoner served length, and at 128K the radix search is far off the in-tree's top-k
-# (4.6 us) either way; what closes that gap is a faster select for long rows, not the choice of RANK_MAX.
-# Warps of the select kernel's (first) launch. 4 measured (the rank tiles' rows spread 1-4 per thread); 8 not yet
+# 107.2 at bs 8 -- while at 64K 512 beats 256 and is level with the radix search (24.5 / 27.8 / 24.9); at 32K both
+# limits run the same 256-row tile (16.9 / 16.2 is noise; radix 21.6). Kept at 512: up to 64K context is the commoner
+# served length, and at 128K the radix search is far off the in-tree's top-k (4.6 us) either way; what closes that
+# gap is a faster select for long rows, not the choice of RANK_MAX.
+# Warps of the select kernel's (first) launch. 4 measured (the rank tiles' rows spread 2-4 per thread); 8 not yet
 # measured end to end (kernel_decode's "rank 8 warps" column: half the rows per thread, but the radix search's
 # reductions and the picks' prefix sum span twice the warps).
 INDEXER_SELECT_WARPS = 4
@@ -100,10 +101,11 @@ INDEXER_RANK_WIDE_WARPS = 16
 INDEXER_RANK_WIDE_COLUMNS = 16
 # Tried and removed (session 9): a forced select="rank_split" (rows cut into 256-block segments, each ranked by a
 # program of its own; the last program of a row to finish, found by an atomic count, ranked the segments' picks).
-# Same selections on the GPU, but not faster (kernel_decode.md there, two-pass indexer, us, rank_split vs the
-# default): TP1 bs 1 16.7 vs 16.7 (32K), 30.4 vs 24.4 (64K), 39.2 vs 44.2 (128K; the radix search alone 35.8); bs 8
-# 36.6 vs 36.7, 68.7 vs 61.2, 110.6 vs 114.1. As the server's select above 256 blocks it changed no e2e figure
-# beyond noise (e2e_4l_tp1_rank_split_default.md there).
+# Same selections on the GPU, but never faster than the better of the default and the radix pass 2 for every row
+# (kernel_decode.md there, the two-pass indexer, us, rank_split / default / radix for every row): TP1 bs 1 16.7 /
+# 16.7 / 21.5 (32K), 30.4 / 24.4 / 24.9 (64K), 39.2 / 44.2 / 35.8 (128K); bs 8 36.6 / 36.7 / 41.7, 68.7 / 61.2 /
+# 62.4, 110.6 / 114.1 / 106.9. As the server's select above 256 blocks it changed no e2e figure beyond noise
+# (e2e_4l_tp1_rank_split_default.md there).
 # Tried and removed (session 8): the radix search on the row held in registers (tiles of 512 and 1024 blocks: one
 # load, then per round one [tile, 16] digit compare and one reduction) instead of re-reading it in chunks of
 # INDEXER_SELECT_CHUNK each round. Same selections, but slower on one H200 (benchmarks/results/2026-11-30-h200x2-s8/
