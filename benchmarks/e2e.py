@@ -4,7 +4,8 @@ Model: a real-dimension truncated M3 from the tiny writer's config-only mode (la
 128 experts, the release's widths), `--load-format dummy`, bf16. The in-tree server is the same install with
 our plugin switched off (`SGLANG_PLUGINS=none`). Load: `python -m sglang.benchmark.serving` with random token
 ids of exact length (`random-ids`, `--tokenize-prompt`, range ratio 1), `ignore_eos` (its default), four
-measured waves of requests per workload after one unmeasured warm-up wave (`bench`). Start-up is timed from launch
+measured waves of requests per workload (`--waves`; at least eight for the short, noisy 2K one: MIN_WAVES) after one
+unmeasured warm-up wave (`bench`). Start-up is timed from launch
 to the first answered /health_generate, and the decode CUDA-graph capture time is read from the server log; each
 server label has its own Triton cache under --work, cold at its first start (as the capture target is stated), warm
 in later calls on the same host.
@@ -56,6 +57,10 @@ WORKLOADS = {"2k": (2048, 256, 64), "32k": (32768, 256, 8), "128k": (131072, 256
              "32k-c1": (32768, 256, 1), "128k-c1": (131072, 256, 1)}
 SMOKE_WORKLOADS = {"smoke": (300, 8, 2)}
 WAVES = 4  # requests per workload = WAVES × concurrency
+# Fewest measured waves per workload, whatever --waves says: the 2K workload's waves are short (~3 s each on an H200)
+# and its figure noisy -- session 9, two runs of identical kernels at two waves: 5448 vs 5617 tok/s (3 %), median TTFT
+# 1528 vs 1151 ms; same-run ours / in-tree 0.96 at two waves, 1.09 at four. Eight waves cost ~25 s per server.
+MIN_WAVES = {"2k": 8}
 GPU_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--trust-remote-code", "--attention-backend", "triton",
              "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "64", "--context-length", "133120",
              "--mem-fraction-static", "0.85"]
@@ -97,7 +102,7 @@ def kv_pool_tokens(log: str) -> int | None:
 
 def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, waves: int = WAVES) -> dict:
     """One workload: an unmeasured warm-up wave (concurrency requests of the same shape), then `waves` measured
-    waves. Why the warm-up: the first batches of a new shape JIT-compile Triton kernels not in the cache (a fused-MoE
+    waves (at least MIN_WAVES[name]; the count used is in the result). Why the warm-up: the first batches of a new shape JIT-compile Triton kernels not in the cache (a fused-MoE
     config tuned since the cache was filled, a new batch size), and that compile landed inside the measured duration
     (session 8: ours' first workload after start-up ran with new MoE configs; session 7: a 128K x 2 outlier on a
     freshly started server). SGLang's bench sends one warm-up request only, of the first prompt."""
@@ -115,12 +120,13 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, wa
         return json.loads(result.read_text().strip().splitlines()[-1])
 
     run("_warmup", conc)
+    waves = max(waves, MIN_WAVES.get(name, 0))
     m = run("", waves * conc)
     # ITL and end-to-end latency too: a cross-check of the TPOT (SGLang's bench derives it per request from the
     # latency, TTFT and completion_tokens).
-    return {k: m.get(k) for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms",
-                                  "median_e2e_latency_ms", "completed", "duration", "total_input_tokens",
-                                  "total_output_tokens")}
+    return {"waves": waves, **{k: m.get(k) for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms",
+                                                     "median_itl_ms", "median_e2e_latency_ms", "completed",
+                                                     "duration", "total_input_tokens", "total_output_tokens")}}
 
 
 def capture_seconds(log: str) -> float | None:

@@ -34,8 +34,36 @@ def test_e2e_benchmark_smoke(tmp_path):
         m = ours["workloads"][name]
         n = WAVES * conc
         assert (m["completed"], m["total_input_tokens"], m["total_output_tokens"]) == (n, n * inp, n * outp), m
+        assert m["waves"] == WAVES, m
         assert m["output_throughput"] > 0 and m["median_ttft_ms"] > 0
     assert "| smoke (300/8, 2) |" in (tmp_path / "e2e.md").read_text()
+
+
+def test_bench_measures_at_least_min_waves(tmp_path, monkeypatch):
+    """The short, noisy 2K workload runs at least MIN_WAVES["2k"] measured waves whatever --waves says, the others
+    exactly --waves; each after one warm-up wave of `concurrency` requests. SGLang's serving benchmark is replaced
+    by a stand-in that records the prompt counts it was asked for."""
+    import types
+    from pathlib import Path
+
+    import e2e
+
+    asked = []
+
+    def serving_bench(cmd, **kw):
+        n = int(cmd[cmd.index("--num-prompts") + 1])
+        asked.append(n)
+        Path(cmd[cmd.index("--output-file") + 1]).write_text(json.dumps({"completed": n}) + "\n")
+
+    monkeypatch.setattr(e2e.subprocess, "run", serving_bench)
+    server = types.SimpleNamespace(name="ours", port=1)
+    m = e2e.bench(server, tmp_path, "2k", e2e.WORKLOADS["2k"], tmp_path, waves=2)
+    assert e2e.MIN_WAVES["2k"] > 2
+    assert asked == [64, e2e.MIN_WAVES["2k"] * 64] and (m["waves"], m["completed"]) == (e2e.MIN_WAVES["2k"],
+                                                                                           asked[1]), (asked, m)
+    asked.clear()
+    m = e2e.bench(server, tmp_path, "32k", e2e.WORKLOADS["32k"], tmp_path, waves=2)
+    assert asked == [8, 16] and m["waves"] == 2, (asked, m)
 
 
 def test_mxfp8_label_gets_the_mxfp8_real_dims_config_and_a_side_by_side_row(tmp_path):
