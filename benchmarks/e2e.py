@@ -5,10 +5,9 @@ Model: a real-dimension truncated M3 from the tiny writer's config-only mode (la
 our plugin switched off (`SGLANG_PLUGINS=none`). Load: `python -m sglang.benchmark.serving` with random token
 ids of exact length (`random-ids`, `--tokenize-prompt`, range ratio 1), `ignore_eos` (its default), four
 measured waves of requests per workload (`--waves`; at least eight for the short, noisy 2K one: MIN_WAVES) after one
-unmeasured warm-up wave (`bench`). Start-up is timed from launch
-to the first answered /health_generate, and the decode CUDA-graph capture time is read from the server log; each
-server label has its own Triton cache under --work, cold at its first start (as the capture target is stated), warm
-in later calls on the same host.
+unmeasured warm-up wave (`bench`). Start-up is timed from launch to the first answered /health_generate, and the
+decode CUDA-graph capture time is read from the server log; each server label has its own Triton cache under
+--work, cold at its first start (as the capture target is stated), warm in later calls on the same host.
 
     python benchmarks/e2e.py --out $OUT --servers ours            # one server per device call fits 10 min
     python benchmarks/e2e.py --out $OUT --servers ours --workloads 32k-c1,128k-c1   # a subset
@@ -102,8 +101,9 @@ def kv_pool_tokens(log: str) -> int | None:
 
 def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, waves: int = WAVES) -> dict:
     """One workload: an unmeasured warm-up wave (concurrency requests of the same shape), then `waves` measured
-    waves (at least MIN_WAVES[name]; the count used is in the result). Why the warm-up: the first batches of a new shape JIT-compile Triton kernels not in the cache (a fused-MoE
-    config tuned since the cache was filled, a new batch size), and that compile landed inside the measured duration
+    waves (at least MIN_WAVES[name]; the count used is in the result). Why the warm-up: the first batches of a new
+    shape JIT-compile Triton kernels not in the cache (a fused-MoE config tuned since the cache was filled, a new
+    batch size), and that compile landed inside the measured duration
     (session 8: ours' first workload after start-up ran with new MoE configs; session 7: a 128K x 2 outlier on a
     freshly started server). SGLang's bench sends one warm-up request only, of the first prompt."""
     inp, outp, conc = workload

@@ -131,15 +131,15 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     # 16 x topk slots per head instead of 32 x topk, 15 x topk of those empty (its merge: 20.8 us; the in-tree's
     # top-k 3.5-5).
     fit = 1 << (kernels.indexer.indexer_num_splits(b.bs, b.q.device).bit_length() - 1)
-    saved = {k: getattr(common, k) for k in ("INDEXER_SELECT_WARPS", "INDEXER_RANK_WIDE_WARPS",
-                                             "INDEXER_RANK_WIDE_COLUMNS", "INDEXER_MERGE_CHUNK")}
-    for two_pass, select, name, knobs in (
-            (True, "radix", "two_pass", {}), (True, "rank", "two_pass_rank", {}),
-            (True, "rank", "two_pass_rank_8w", dict(INDEXER_SELECT_WARPS=8)),
-            (True, "rank_wide", "two_pass_rank_wide", dict(INDEXER_RANK_WIDE_WARPS=16, INDEXER_RANK_WIDE_COLUMNS=16)),
-            (True, "rank_wide", "two_pass_rank_wide_32w", dict(INDEXER_RANK_WIDE_WARPS=32, INDEXER_RANK_WIDE_COLUMNS=8)),
-            (False, "radix", "split", {}),
-            (False, "radix", "split_fit", dict(INDEXER_MERGE_CHUNK=min(fit, common.INDEXER_MERGE_CHUNK)))):
+    columns = (
+        (True, "radix", "two_pass", {}), (True, "rank", "two_pass_rank", {}),
+        (True, "rank", "two_pass_rank_8w", dict(INDEXER_SELECT_WARPS=8)),
+        (True, "rank_wide", "two_pass_rank_wide", dict(INDEXER_RANK_WIDE_WARPS=16, INDEXER_RANK_WIDE_COLUMNS=16)),
+        (True, "rank_wide", "two_pass_rank_wide_32w", dict(INDEXER_RANK_WIDE_WARPS=32, INDEXER_RANK_WIDE_COLUMNS=8)),
+        (False, "radix", "split", {}),
+        (False, "radix", "split_fit", dict(INDEXER_MERGE_CHUNK=min(fit, common.INDEXER_MERGE_CHUNK))))
+    saved = {k: getattr(common, k) for *_, knobs in columns for k in knobs}  # every constant a column sets
+    for two_pass, select, name, knobs in columns:
         for k, v in knobs.items():
             setattr(common, k, v)
         try:

@@ -39,7 +39,10 @@ def make_case(T: int, inter: int, dtype, device="cpu", seed: int = 0) -> torch.T
 
 def within(got: torch.Tensor, want: torch.Tensor) -> bool:
     err = (got.double() - want.double()).abs()
-    bound = (2.0 ** -7 * want.double().abs() + 1e-6) if want.dtype == torch.bfloat16 else 1e-6 * (want.double().abs() + 1)
+    if want.dtype == torch.bfloat16:
+        bound = 2.0 ** -7 * want.double().abs() + 1e-6
+    else:
+        bound = 1e-6 * (want.double().abs() + 1)
     return bool((err <= bound).all())
 
 

@@ -551,9 +551,10 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         # wider than RANK_MAX blocks: a shape rule, fixed at capture)
         wide = select == "rank_wide" and max_blocks > rank_max
         select_args = (meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks)
+        select_shape = dict(H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
+                            CH=8 if interp else common.INDEXER_SELECT_CHUNK)
         _indexer_select_kernel[(T, H)](
-            *select_args, H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
-            CH=8 if interp else common.INDEXER_SELECT_CHUNK,
+            *select_args, **select_shape,
             # rank: one row tile covers a ranked row (RB = RANK_MAX rows, 4 per thread at 512 and 4 warps; the
             # RB // 2 tile for rows of <= RANK_MAX / 2), 32 columns per step. At RANK_MAX 256 (one tile), sm_90
             # ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in the whole-step loop (16
@@ -565,10 +566,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             # (a thread still holds only a few rows), fewer columns per step (registers); radix search past them
             wide_max = common.INDEXER_RANK_WIDE_MAX_BLOCKS
             _indexer_select_kernel[(T, H)](
-                *select_args, H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
-                CH=8 if interp else common.INDEXER_SELECT_CHUNK, RANK_MAX=wide_max, RB=wide_max,
-                CC=common.INDEXER_RANK_WIDE_COLUMNS, NB_LO=rank_max, RADIX=True,
-                num_warps=common.INDEXER_RANK_WIDE_WARPS)
+                *select_args, **select_shape, RANK_MAX=wide_max, RB=wide_max, CC=common.INDEXER_RANK_WIDE_COLUMNS,
+                NB_LO=rank_max, RADIX=True, num_warps=common.INDEXER_RANK_WIDE_WARPS)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
