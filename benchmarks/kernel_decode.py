@@ -87,7 +87,6 @@ from kernel_intree import InTree  # noqa: E402
 from kernel_ours import OursDecode, OursPrefill, reference_msa, sglang_kv_store  # noqa: E402
 from kernel_report import markdown  # noqa: E402
 from kernel_timing import Timer, capture, copy_bandwidth, fits, max_abs, sel_mismatch  # noqa: E402
-from sglang_m3.attention import kernels  # noqa: E402
 from sglang_m3.attention.kernels import common  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,28 +122,18 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     del g_ours, g_meta
     # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
     # two-pass with each pass 2 ("rank", the default: all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS
-    # blocks, the radix search above; "radix": the radix search for every row; "rank_wide", forced: the longer rows
-    # ranked by a second launch with wider tiles over more warps -- two launch shapes; "rank" at 8 warps -- the
-    # module's constants set for that column's capture only).
-    # "split_fit": the split kernel with its split count rounded down to a power of two and the merge's chunk of
-    # splits (INDEXER_MERGE_CHUNK, 32) cut to that count: at bs 32 (17 splits) the merge's bitonic top-k then sorts
-    # 16 x topk slots per head instead of 32 x topk, 15 x topk of those empty (its merge: 20.8 us; the in-tree's
-    # top-k 3.5-5).
-    fit = 1 << (kernels.indexer.indexer_num_splits(b.bs, b.q.device).bit_length() - 1)
+    # blocks, the radix search above; "radix": the radix search for every row; "rank" at 8 warps -- the module's
+    # constant set for that column's capture only).
     columns = (
         (True, "radix", "two_pass", {}), (True, "rank", "two_pass_rank", {}),
         (True, "rank", "two_pass_rank_8w", dict(INDEXER_SELECT_WARPS=8)),
-        (True, "rank_wide", "two_pass_rank_wide", dict(INDEXER_RANK_WIDE_WARPS=16, INDEXER_RANK_WIDE_COLUMNS=16)),
-        (True, "rank_wide", "two_pass_rank_wide_32w", dict(INDEXER_RANK_WIDE_WARPS=32, INDEXER_RANK_WIDE_COLUMNS=8)),
-        (False, "radix", "split", {}),
-        (False, "radix", "split_fit", dict(INDEXER_MERGE_CHUNK=min(fit, common.INDEXER_MERGE_CHUNK))))
+        (False, "radix", "split", {}))
     saved = {k: getattr(common, k) for *_, knobs in columns for k in knobs}  # every constant a column sets
     for two_pass, select, name, knobs in columns:
         for k, v in knobs.items():
             setattr(common, k, v)
         try:
-            alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select,
-                             num_splits=fit if name == "split_fit" else None)
+            alt = OursDecode(geo, b, sglang_kv_store(), two_pass=two_pass, select=select)
             alt.prepare()
             g = capture(alt.indexer)
         except Exception as e:  # noqa: BLE001 -- a measurement column (some never compiled on a GPU yet) must not

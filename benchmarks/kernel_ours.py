@@ -41,12 +41,10 @@ class OursDecode:
     ``two_pass`` forces the indexer variant (True: score-then-select, False: split + merge); None takes the
     kernels' shape rule, as the backend does. ``select`` picks the two-pass variant's pass 2 ("rank", the kernels'
     and the backend's default: all-pairs ranking of rows up to common.INDEXER_RANK_MAX_BLOCKS blocks; or "radix",
-    "rank_wide"). ``num_splits`` forces the key-range split count (None: the kernels' launch rule)."""
+    at 8 warps by a column that sets common.INDEXER_SELECT_WARPS)."""
 
-    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None, select: str = "rank",
-                 num_splits: int | None = None):
+    def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None, select: str = "rank"):
         self.geo, self.b, self.kv_store, self.two_pass, self.select = geo, b, kv_store, two_pass, select
-        self.num_splits = num_splits
         dev = b.q.device
         # init_cuda_graph_state: compile every variant and size the scratch before capture, then freeze.
         self.ws = kernels.MSAWorkspace(dev)
@@ -89,7 +87,7 @@ class OursDecode:
                                  None, None, block_size=geo.block, topk_blocks=geo.topk,
                                  init_blocks=geo.init_blocks, local_blocks=geo.local_blocks,
                                  out=self.block_topk, meta=self.meta, workspace=self.ws, two_pass=self.two_pass,
-                                 select=self.select, num_splits=self.num_splits)
+                                 select=self.select)
 
     def attention(self):
         geo, b = self.geo, self.b

@@ -52,9 +52,8 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer two-pass rank (4 / 8 warps) | indexer two-pass rank_wide 16 / 32 warps | "
-                  "indexer split (split_fit) | sel ≠ two-pass / rank 4 / 8 / rank_wide 16 / 32 / split / split_fit |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "indexer two-pass rank (4 / 8 warps) | indexer split | sel ≠ two-pass / rank 4 / 8 / split |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
                 f"| {r['heads']} | {r['bs']} | {r['context']} | {_f(r.get('ours_meta_us'), '.1f')} | "
@@ -64,15 +63,11 @@ def markdown(res) -> str:
                 f"{_f(r.get('ours_indexer_two_pass_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_rank_us'), '.1f')} / "
                 f"{_f(r.get('ours_indexer_two_pass_rank_8w_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_two_pass_rank_wide_us'), '.1f')} / "
-                f"{_f(r.get('ours_indexer_two_pass_rank_wide_32w_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_split_us'), '.1f')} ({_f(r.get('ours_indexer_split_fit_us'), '.1f')}) | "
+                f"{_f(r.get('ours_indexer_split_us'), '.1f')} | "
                 f"{r.get('sel_mismatch_two_pass_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_8w_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_two_pass_rank_wide_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_two_pass_rank_wide_32w_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_split_vs_ours', '—')} / {r.get('sel_mismatch_split_fit_vs_ours', '—')} |")
+                f"{r.get('sel_mismatch_split_vs_ours', '—')} |")
     if g["prefill"]:
         lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",
                   "| heads | prompt | ours ms | in-tree ms | ours tok/s | in-tree tok/s | speed-up | max abs Δ | sel ≠ |",
@@ -100,10 +95,7 @@ def markdown(res) -> str:
               "also about the fixed cost of timing any captured graph alone); store = the one-launch store_kv_index, "
               "(unfused) = the pool's K/V write + store_index_k; the variant columns force the "
               "indexer's two-pass (score, then select; two-pass: the radix search for every row; rank: its pass 2 "
-              "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, the radix search above; "
-              "rank_wide: the longer rows ranked by a second launch, tiles of up to INDEXER_RANK_WIDE_MAX_BLOCKS rows "
-              "over 16 warps (16 columns per step) or 32 warps (8)) or split (+ merge) kernel (split_fit: its split "
-              "count rounded down to a power of two and the merge's chunk of splits cut to it); sel ≠ counts rows "
-              "whose selection "
-              "differs from the default variant's (must be 0)."]
+              "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, the radix search above, at 4 or 8 "
+              "warps) or split (+ merge) kernel; sel ≠ counts rows whose selection differs from the default "
+              "variant's (must be 0)."]
     return "\n".join(lines) + "\n"

@@ -289,8 +289,7 @@ SELECT_FORMS = ((0, 1, 1), (16, 4, 4), (32, 32, 8), (4, 8, 4))
 @cpu_case
 def indexer_select_exact():
     """Pass 2 alone (_indexer_select_kernel: the radix select and the all-pairs rank of select="rank", with rows
-    beyond a form's reach falling back to the radix search in the same launch, SELECT_FORMS; and the two launches
-    of select="rank_wide") on hand-made int32 score-image rows against a plain sort (score descending, ties to the
+    beyond a form's reach falling back to the radix search in the same launch, SELECT_FORMS) on hand-made int32 score-image rows against a plain sort (score descending, ties to the
     lower id): full-range random images, images equal in their top 1 / 2 / 3 bytes (the later radix rounds decide),
     many exact ties, INT32_MIN / INT32_MAX; rows shorter and longer than the interpreter's chunk (8), nb below /
     equal / above topk, nb = RANK_MAX and RANK_MAX + 1, lengths clipped by max_blocks; a token owned by no request
@@ -337,31 +336,14 @@ def indexer_select_exact():
                                          H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8,
                                          RANK_MAX=rank_max, RB=rb, CC=cc, num_warps=4)
         check(padded, (rank_max, rb, cc))
-    # select="rank_wide": rows of <= 4 blocks ranked by a first launch that leaves the longer ones alone, rows of 5-8
-    # (the wide tile's RB // 2) and 9-16 ranked by a second launch that leaves the short ones alone, longer rows
-    # (23, clipped) on its radix search; each launch alone must write only its own rows
-    nb = torch.clamp(pos // bsz + 1, max=max_blocks)
-    for launches in ((0,), (1,), (0, 1)):
-        padded = torch.full((T, H, topk + 1), 77, dtype=torch.int32)
-        out = padded[..., :topk]
-        for w in launches:
-            form = dict(RANK_MAX=4, RB=4, CC=4, RADIX=False) if w == 0 else dict(RANK_MAX=16, RB=16, CC=4, NB_LO=4)
-            I._indexer_select_kernel[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks,
-                                             H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8, num_warps=4, **form)
-        if launches == (0, 1):
-            check(padded, ("rank_wide", launches))
-        else:
-            mine = (nb <= 4) if launches == (0,) else (nb > 4)
-            assert (out[~mine] == 77).all(), ("rank_wide", launches, "wrote another launch's rows")
-            assert (out[mine & (rows >= 0)] != 77).all(), ("rank_wide", launches, "left its own rows unwritten")
 
 
 @cpu_case
 def indexer_pass2_launches():
-    """Which pass-2 launches index_block_topk makes, with which settings. Every select gives the same selection (the
-    tests around this one), so only this shows that "rank_wide" runs its second, wider launch and that each launch
-    takes its module constants: a silent fallback to "rank" would pass every selection test. The kernels are spies
-    here (pass 1 and pass 2 record their launch instead of running)."""
+    """Which pass-2 launch index_block_topk makes, with which settings. Every select gives the same selection (the
+    tests around this one), so only this shows that each select takes its module constants (RANK_MAX, the warp
+    count): a silent fallback from "rank" to "radix" would pass every selection test. The kernels are spies here
+    (pass 1 and pass 2 record their launch instead of running)."""
     from sglang_m3.attention.kernels import common
     from sglang_m3.attention.kernels import indexer as I
 
@@ -374,12 +356,10 @@ def indexer_pass2_launches():
         def __getitem__(self, grid):
             return lambda *args, **kw: launches.append((self.name, kw))
 
-    knobs = dict(INDEXER_RANK_MAX_BLOCKS=8, INDEXER_RANK_WIDE_MAX_BLOCKS=32, INDEXER_RANK_WIDE_WARPS=16,
-                 INDEXER_RANK_WIDE_COLUMNS=16, INDEXER_SELECT_WARPS=2)
+    knobs = dict(INDEXER_RANK_MAX_BLOCKS=8, INDEXER_SELECT_WARPS=2)
     saved = {k: getattr(common, k) for k in knobs}
     kernels = I._indexer_kernel, I._indexer_select_kernel
     b = make_batch([150, 300], [1, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=4)
-    assert b["meta"]["req_to_token"].shape[1] > 8 * 16, "the pool must be wider than RANK_MAX blocks"
 
     def run(select):
         launches.clear()
@@ -393,16 +373,9 @@ def indexer_pass2_launches():
         for k, v in knobs.items():
             setattr(common, k, v)
         (rank,) = run("rank")
-        assert (rank["RANK_MAX"], rank["RADIX"], rank.get("NB_LO", 0), rank["num_warps"]) == (8, True, 0, 2), rank
+        assert (rank["RANK_MAX"], rank["RB"], rank["num_warps"]) == (8, 8, 2), rank
         (radix,) = run("radix")
-        assert (radix["RANK_MAX"], radix["RADIX"]) == (0, True), radix
-        first, second = run("rank_wide")
-        assert (first["RANK_MAX"], first["RADIX"], first.get("NB_LO", 0), first["num_warps"]) == (8, False, 0, 2)
-        assert (second["NB_LO"], second["RANK_MAX"], second["RB"], second["CC"], second["RADIX"],
-                second["num_warps"]) == (8, 32, 32, 16, True, 16), second
-        common.INDEXER_RANK_MAX_BLOCKS = 4096  # a pool no wider than RANK_MAX blocks: rank_wide is "rank"
-        (only,) = run("rank_wide")
-        assert only["RADIX"] and only["RANK_MAX"] == 4096, only
+        assert (radix["RANK_MAX"], radix["num_warps"]) == (0, 2), radix
     finally:
         I._indexer_kernel, I._indexer_select_kernel = kernels
         for k, v in saved.items():
@@ -411,16 +384,14 @@ def indexer_pass2_launches():
 
 @cpu_case
 def indexer_select_rank_matches_radix():
-    """The whole two-pass indexer with select="rank", "radix" and "rank_wide" equals the split variant exactly (same
+    """The whole two-pass indexer with select="rank" and "radix" equals the split variant exactly (same
     block scores, same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for several
     init/local/topk settings: with every row ranked (INDEXER_RANK_MAX_BLOCKS 256) and with rows above and below a
-    RANK_MAX of 8 in one launch (the longer ones take the radix search); rank_wide with RANK_MAX 8 and wide tiles
-    of 16 (rows of 9-16 blocks ranked by the second launch, 17-19 radix-searched there) and 32 (all ranked); and the
-    twin up to near-ties. An extend-form batch
+    RANK_MAX of 8 in one launch (the longer ones take the radix search); and the twin up to near-ties. An extend-form batch
     of one token per request keeps the out row of a token owned by no request. Any other select: ValueError."""
     from sglang_m3.attention.kernels import common
 
-    saved = common.INDEXER_RANK_MAX_BLOCKS, common.INDEXER_RANK_WIDE_MAX_BLOCKS
+    saved = common.INDEXER_RANK_MAX_BLOCKS
     try:
         for coarse in (True, False):
             # nb 10, 13, 3, 2, 9, 19 at block 16
@@ -437,11 +408,6 @@ def indexer_select_rank_matches_radix():
                     for select in ("rank", "radix"):
                         got, _ = run_both_indexers(b, 16, topk, init_b, local_b, select=select, **kw)
                         assert torch.equal(got, split), (select, rank_max, coarse, init_b, local_b, topk)
-                common.INDEXER_RANK_MAX_BLOCKS = 8  # rank_wide: rows of 9-19 blocks go to its second launch
-                for wide in (16, 32):
-                    common.INDEXER_RANK_WIDE_MAX_BLOCKS = wide
-                    got, _ = run_both_indexers(b, 16, topk, init_b, local_b, select="rank_wide", **kw)
-                    assert torch.equal(got, split), ("rank_wide", wide, coarse, init_b, local_b, topk)
                 assert_same_selection(got, want, b, 16, 1e-5)
         b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,
                        extra_rows=1)
@@ -450,7 +416,7 @@ def indexer_select_rank_matches_radix():
         assert (out[-1] == 77).all()
         assert_same_selection(got[:-1], want[:-1], b, 16, 1e-5)
     finally:
-        common.INDEXER_RANK_MAX_BLOCKS, common.INDEXER_RANK_WIDE_MAX_BLOCKS = saved
+        common.INDEXER_RANK_MAX_BLOCKS = saved
     with pytest.raises(ValueError, match="select must be"):
         b = make_batch([40], [1], hq=2, hkv=1, d=16, di=16, dv=16, dtype=torch.float32, seed=2)
         run_both_indexers(b, 16, 3, meta_args=decode_meta(b), two_pass=True, select="rank_segments")
@@ -719,19 +685,17 @@ def check_gpu_indexer_variants(b, got):
     """A decode batch through both indexer variants (two-pass and split, forced) in the decode form: each must
     select as ``got`` (the default variant's selection, already checked against the twin), with the near-tie
     allowance: both compute each block score with the same dot, but they are separately compiled kernels. The
-    two-pass indexer with each pass 2 ("radix", "rank", "rank_wide"): they select from the same pass-1 score images,
-    so exactly equal (rank: rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix search;
-    rank_wide: the longer ones ranked by a second launch with wider tiles over more warps)."""
+    two-pass indexer with each pass 2 ("radix", "rank"): they select from the same pass-1 score images, so exactly
+    equal (rank: rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix search)."""
     from sglang_m3.attention import kernels as K
 
     sels = {}
-    for two_pass, select in ((True, "radix"), (True, "rank"), (True, "rank_wide"), (False, "radix")):
+    for two_pass, select in ((True, "radix"), (True, "rank"), (False, "radix")):
         sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
                                  topk_blocks=TOPK, two_pass=two_pass, select=select)
         assert_same_selection(sel, got, b, BLOCK, 1e-4)
         sels[two_pass, select] = sel
     assert torch.equal(sels[True, "rank"], sels[True, "radix"]), "rank and radix pass 2 differ"
-    assert torch.equal(sels[True, "rank_wide"], sels[True, "radix"]), "rank_wide and radix pass 2 differ"
 
 
 @pytest.mark.gpu
@@ -774,14 +738,13 @@ def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-@pytest.mark.parametrize("bs,select", [(4, "radix"), (4, "rank"), (4, "rank_wide"), (24, "radix")])
+@pytest.mark.parametrize("bs,select", [(4, "radix"), (4, "rank"), (24, "radix")])
 def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
     bs 4 takes the two-pass indexer (with each pass 2; "rank": the lengths below 64K are ranked, the 128K one
-    takes the radix search in the same launch; "rank_wide": the 128K one ranked by a second launch), bs 24 the split
-    one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
+    takes the radix search in the same launch), bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
     from sglang_m3.attention import kernels as K
     from sglang_m3.attention.kernels import common
 

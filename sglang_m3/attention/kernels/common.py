@@ -34,7 +34,10 @@ INDEXER_PROGRAMS_PER_SM = 4
 INDEXER_MAX_SPLITS = 64
 # A split of the indexer scans at least this many key blocks (short contexts use fewer splits).
 INDEXER_MIN_BLOCKS_PER_SPLIT = 4
-# Splits merged per bitonic top-k pass in the indexer merge kernel (x topk candidates).
+# Splits merged per bitonic top-k pass in the indexer merge kernel (x topk candidates). Tried (session 10, benchmarks/
+# results/2026-11-30-h200x2-s10/kernel_decode.md, split indexer, us, as is / split count rounded down to a power of
+# two with this chunk cut to it): TP1 bs 32 96.3 / 92.2 (32K), 161.2 / 157.8 (64K), 290.3 / 291.1 (128K); TP8 91.6 /
+# 89.6, 156.4 / 156.4, 285.6 / 287.9 -- 2-4 us at <= 64K, none at 128K, against a merge of ~21 us (in-tree top-k 3.5-5).
 INDEXER_MERGE_CHUNK = 32
 INDEXER_NUM_STAGES = 2  # no measurable effect (1..4) on the gather-bound loop
 # The indexer loop loads the next key block ahead when its grid has at most this many programs per SM
@@ -84,21 +87,17 @@ INDEXER_RANK_MAX_BLOCKS = 512
 # limits run the same 256-row tile (16.9 / 16.2 is noise; radix 21.6). Kept at 512: up to 64K context is the commoner
 # served length, and at 128K the radix search is far off the in-tree's top-k (4.6 us) either way; what closes that
 # gap is a faster select for long rows, not the choice of RANK_MAX.
-# Warps of the select kernel's (first) launch. 4 measured (the rank tiles' rows spread 2-4 per thread); 8 not yet
-# measured end to end (kernel_decode's "rank 8 warps" column: half the rows per thread, but the radix search's
-# reductions and the picks' prefix sum span twice the warps).
+# Warps of the select kernel. 4 kept. 8 measured (session 10, benchmarks/results/2026-11-30-h200x2-s10/
+# kernel_decode.md, TP1, the two-pass indexer, us, 4 / 8 warps, same selections): bs 1 18.0 / 18.1 (32K), 24.9 / 26.5
+# (64K), 43.2 / 35.2 (128K: rows past RANK_MAX, radix-searched); bs 8 36.6 / 38.0, 61.3 / 63.8, 113.7 / 105.4. 8 warps
+# win only on rows past RANK_MAX, and one launch serves rows of every length: a per-launch rule would trade 1.5-2.5 us
+# at 64K for 8 at 128K.
 INDEXER_SELECT_WARPS = 4
-# select="rank_wide" (forced, for measurement; not measured yet): rows past INDEXER_RANK_MAX_BLOCKS are ranked too, by
-# a second launch of the select kernel with row tiles of up to this many blocks (the RB // 2 and RB ladder; the radix
-# search only past it), INDEXER_RANK_WIDE_WARPS warps and INDEXER_RANK_WIDE_COLUMNS columns per step. Why it might
-# win where the radix search is slow (128K: ~34 us of select at 1024 blocks, the in-tree's top-k 4.6): the rank's
-# cost per thread is rows per thread x visible blocks, no dependent rounds; at 512 blocks, 4 rows per thread over 4
-# warps, the select took ~9 us (64K, bs 1); at 1024 blocks over 16 warps a thread ranks 2 rows of 1024 columns, the
-# same work. The extra launch costs the rows it does not serve ~1-2 us. Its kernel_decode columns try 16 warps x 16
-# columns and 32 warps x 8 (registers: a thread holds its rows' keys plus the step's columns, int64).
-INDEXER_RANK_WIDE_MAX_BLOCKS = 2048
-INDEXER_RANK_WIDE_WARPS = 16
-INDEXER_RANK_WIDE_COLUMNS = 16
+# Tried and removed (session 10): a forced select="rank_wide" (rows past RANK_MAX ranked by a second launch of the
+# select kernel, row tiles of up to 2048 blocks over 16 warps x 16 columns or 32 warps x 8). Same selections, slower
+# wherever it differs from the default (same file, us, two-pass indexer, default / rank_wide 16 / 32 warps): TP1 bs 1
+# x 128K 43.2 / 58.2 / 62.0, bs 8 x 128K 113.7 / 128.7 / 133.7; TP8 45.6 / 57.2 / 60.5; and its extra launch cost
+# the shorter rows 0.7-1.9 us (bs 1 / 8 x 32K: 18.0 / 18.8, 36.6 / 38.5).
 # Tried and removed (session 9): a forced select="rank_split" (rows cut into 256-block segments, each ranked by a
 # program of its own; the last program of a row to finish, found by an atomic count, ranked the segments' picks).
 # Same selections on the GPU, but never faster than the better of the default and the radix pass 2 for every row

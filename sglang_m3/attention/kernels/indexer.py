@@ -33,9 +33,7 @@ it plus the lowest-id blocks equal to it, ids written ascending through a prefix
 order -> the same selection as the split variant. ``select="rank"`` (the default) runs the same kernel with
 RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by all-pairs ranking
 (``_rank_select``: no dependent rounds; faster up to 64K context, see common.py), longer rows of the same launch
-by the radix search; ``select="radix"`` radix-searches every row; ``select="rank_wide"`` (forced, not measured yet)
-leaves the rows past RANK_MAX to a second launch of the same kernel that ranks them too, with wider row tiles spread
-over more warps.
+by the radix search; ``select="radix"`` radix-searches every row.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
@@ -373,7 +371,7 @@ def _radix_step(hist, need, level, p: tl.constexpr):
 def _indexer_select_kernel(
     tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
     H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
-    RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr, NB_LO: tl.constexpr = 0, RADIX: tl.constexpr = True,
+    RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr,
 ):
     # Pass 2 of the two-pass indexer: one program per (token, index head). The selection is the top TOPK visible
     # blocks by score image (the int32 order-preserving image pass 1 stored), ties to the lower block id -- the
@@ -389,9 +387,6 @@ def _indexer_select_kernel(
     if tl.load(tok_row_ptr + t) < 0:  # token owned by no request: its out row stays untouched
         return
     nb = tl.minimum(tl.load(tok_pos_ptr + t) // BLOCK_SIZE + 1, max_blocks)
-    if NB_LO > 0:  # select="rank_wide", its second launch: rows of <= NB_LO blocks are the first launch's
-        if nb <= NB_LO:
-            return
     row = score_ptr + (t * H + h).to(tl.int64) * max_blocks
     out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh
     if RANK_MAX > 0:  # (RANK_MAX == 0, select="radix": this block is not compiled at all)
@@ -403,8 +398,6 @@ def _indexer_select_kernel(
         if nb <= RANK_MAX:
             _rank_row(row, out_row, nb, RB, CC, TOPK, K_PAD)
             return
-    if not RADIX:  # select="rank_wide", its first launch: longer rows are the second launch's
-        return
     offs = tl.arange(0, CH)
     need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
     level = nb * 0  # tau >> (the bits not decided yet), signed
@@ -466,10 +459,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                     ``warmup`` must have seen a req_to_token of the same width (its ``context_len``).
       select     -- pass 2 of the two-pass variant: "rank" (the default: rows of <= common.INDEXER_RANK_MAX_BLOCKS
                     visible blocks are ranked all-pairs, longer rows of the same launch take the radix search)
-                    or "radix" (8 rounds of a 4-bit radix search for every row), or "rank_wide" (forced, for
-                    measurement: "rank", then a second launch ranks the rows past RANK_MAX with row tiles of up to
-                    common.INDEXER_RANK_WIDE_MAX_BLOCKS over INDEXER_RANK_WIDE_WARPS warps). Same selection in every
-                    case; ignored by the split variant. ValueError for any other value.
+                    or "radix" (8 rounds of a 4-bit radix search for every row). Same selection either way;
+                    ignored by the split variant. ValueError for any other value.
     Both variants give identical results (same block scores, same packed-key order).
     ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
     Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
@@ -516,8 +507,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     tiles = [t if t is not None else meta.tok_row for t in
              (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
     interp = common.interpret_mode()
-    if select not in ("radix", "rank", "rank_wide"):
-        raise ValueError(f"select must be 'radix', 'rank' or 'rank_wide', got {select!r}")
+    if select not in ("radix", "rank"):
+        raise ValueError(f"select must be 'radix' or 'rank', got {select!r}")
     if two_pass:
         max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
         n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
@@ -547,27 +538,15 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     if two_pass:
         # (the interpreter runs the same code on chunks small enough to iterate)
         rank_max = common.INDEXER_RANK_MAX_BLOCKS if select != "radix" else 0
-        # rank_wide: rows longer than RANK_MAX are left to a second launch of the same kernel (only when the pool is
-        # wider than RANK_MAX blocks: a shape rule, fixed at capture)
-        wide = select == "rank_wide" and max_blocks > rank_max
-        select_args = (meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks)
-        select_shape = dict(H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad,
-                            CH=8 if interp else common.INDEXER_SELECT_CHUNK)
         _indexer_select_kernel[(T, H)](
-            *select_args, **select_shape,
+            meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
+            H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad, CH=8 if interp else common.INDEXER_SELECT_CHUNK,
             # rank: one row tile covers a ranked row (RB = RANK_MAX rows, 4 per thread at 512 and 4 warps; the
             # RB // 2 tile for rows of <= RANK_MAX / 2), 32 columns per step. At RANK_MAX 256 (one tile), sm_90
             # ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in the whole-step loop (16
             # columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per pair); not re-read at
             # 512. 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
-            RANK_MAX=rank_max, RB=max(2, rank_max), CC=32, RADIX=not wide, num_warps=common.INDEXER_SELECT_WARPS)
-        if wide:
-            # the longer rows ranked too, by tiles of up to INDEXER_RANK_WIDE_MAX_BLOCKS rows spread over more warps
-            # (a thread still holds only a few rows), fewer columns per step (registers); radix search past them
-            wide_max = common.INDEXER_RANK_WIDE_MAX_BLOCKS
-            _indexer_select_kernel[(T, H)](
-                *select_args, **select_shape, RANK_MAX=wide_max, RB=wide_max, CC=common.INDEXER_RANK_WIDE_COLUMNS,
-                NB_LO=rank_max, RADIX=True, num_warps=common.INDEXER_RANK_WIDE_WARPS)
+            RANK_MAX=rank_max, RB=max(2, rank_max), CC=32, num_warps=common.INDEXER_SELECT_WARPS)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
