@@ -289,11 +289,12 @@ SELECT_FORMS = ((0, 1, 1), (16, 4, 4), (32, 32, 8), (4, 8, 4))
 @cpu_case
 def indexer_select_exact():
     """Pass 2 alone (_indexer_select_kernel: the radix select and the all-pairs rank of select="rank", with rows
-    beyond a form's reach falling back to the radix search in the same launch, SELECT_FORMS) on hand-made int32 score-image rows against a plain sort (score descending, ties to the
-    lower id): full-range random images, images equal in their top 1 / 2 / 3 bytes (the later radix rounds decide),
-    many exact ties, INT32_MIN / INT32_MAX; rows shorter and longer than the interpreter's chunk (8), nb below /
-    equal / above topk, nb = RANK_MAX and RANK_MAX + 1, lengths clipped by max_blocks; a token owned by no request
-    keeps its out row, and nothing is written past a row's topk columns."""
+    beyond a form's reach falling back to the radix search in the same launch, SELECT_FORMS) on hand-made int32
+    score-image rows against a plain sort (score descending, ties to the lower id): full-range random images,
+    images equal in their top 1 / 2 / 3 bytes (the later radix rounds decide), many exact ties, INT32_MIN /
+    INT32_MAX; rows shorter and longer than the interpreter's chunk (8), nb below / equal / above topk, nb =
+    RANK_MAX and RANK_MAX + 1, lengths clipped by max_blocks; a token owned by no request keeps its out row, and
+    nothing is written past a row's topk columns."""
     from sglang_m3.attention.kernels import indexer as I
 
     g = torch.Generator().manual_seed(11)
@@ -387,8 +388,8 @@ def indexer_select_rank_matches_radix():
     """The whole two-pass indexer with select="rank" and "radix" equals the split variant exactly (same
     block scores, same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for several
     init/local/topk settings: with every row ranked (INDEXER_RANK_MAX_BLOCKS 256) and with rows above and below a
-    RANK_MAX of 8 in one launch (the longer ones take the radix search); and the twin up to near-ties. An extend-form batch
-    of one token per request keeps the out row of a token owned by no request. Any other select: ValueError."""
+    RANK_MAX of 8 in one launch (the longer ones take the radix search); and the twin up to near-ties. An
+    extend-form batch of one token per request keeps the out row of a token owned by no request. Any other select: ValueError."""
     from sglang_m3.attention.kernels import common
 
     saved = common.INDEXER_RANK_MAX_BLOCKS
