@@ -121,12 +121,39 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, wa
 
     run("_warmup", conc)
     waves = max(waves, MIN_WAVES.get(name, 0))
+    log_start = len(server.log())
     m = run("", waves * conc)
     # ITL and end-to-end latency too: a cross-check of the TPOT (SGLang's bench derives it per request from the
     # latency, TTFT and completion_tokens).
     return {"waves": waves, **{k: m.get(k) for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms",
                                                      "median_itl_ms", "median_e2e_latency_ms", "completed",
-                                                     "duration", "total_input_tokens", "total_output_tokens")}}
+                                                     "duration", "total_input_tokens", "total_output_tokens")},
+            "scheduler": scheduler_summary(server.log()[log_start:])}
+
+
+_PREFILL_LINE = re.compile(r"Prefill batch[^,]*, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+),.*?"
+                           r"#running-req: (\d+), #queue-req: (\d+),.*?input throughput \(token/s\): ([\d.]+)")
+_DECODE_LINE = re.compile(r"Decode batch[^,]*, #running-req: (\d+),.*?gen throughput \(token/s\): ([\d.]+)")
+
+
+def scheduler_summary(log: str) -> dict:
+    """What the scheduler did during a measured run, from SGLang's own log lines (a scheduler-level view of where the
+    time went, at no profiling cost). Per "Prefill batch" line: new requests and tokens, and the wall time since the
+    previous prefill line (new tokens / its "input throughput"), which inside a burst of back-to-back prefill batches
+    is one batch's wall time; per "Decode batch" line (every 40 decode steps): batch size and "gen throughput".
+    Medians, so one slow batch (a JIT compile) does not move them."""
+    import statistics
+
+    med = lambda xs: round(statistics.median(xs), 2) if xs else None  # noqa: E731
+    prefill = [tuple(float(g) for g in mt.groups()) for mt in _PREFILL_LINE.finditer(log)]
+    decode = [tuple(float(g) for g in mt.groups()) for mt in _DECODE_LINE.finditer(log)]
+    return {"prefill_batches": len(prefill), "prefill_new_tokens": int(sum(p[1] for p in prefill)),
+            "prefill_cached_tokens": int(sum(p[2] for p in prefill)),
+            "median_new_seqs": med([p[0] for p in prefill]), "median_new_tokens": med([p[1] for p in prefill]),
+            "max_queue_req": int(max((p[4] for p in prefill), default=0)),
+            "median_prefill_gap_ms": med([1e3 * p[1] / p[5] for p in prefill if p[5] > 0]),
+            "decode_lines": len(decode), "median_decode_running_req": med([d[0] for d in decode]),
+            "median_gen_throughput": med([d[1] for d in decode])}
 
 
 def capture_seconds(log: str) -> float | None:
@@ -228,6 +255,17 @@ def markdown(results: dict) -> str:
             ratio = lambda k: f"{r[k]:.2f}" if k in r else "—"  # noqa: E731
             lines.append(f"| {r['workload']} | {fmt(r['ours_mxfp8'])} | {ratio('mxfp8_throughput_ratio')} | "
                          f"{ratio('mxfp8_tpot_ratio')} |")
+    lines += ["", "Scheduler, measured waves (SGLang's log lines, `scheduler_summary`): prefill batches, median new requests /"
+              " tokens per batch, median wall time between prefill lines, largest queue, median decode batch size and"
+              " gen throughput", "", "| workload | server | prefill batches | new req / tokens | prefill gap ms | max queue "
+              "| decode bs | gen tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["compare"]:
+        for name in SERVER_ENV:
+            sch = (r.get(name) or {}).get("scheduler")
+            if sch:
+                lines.append(f"| {r['workload']} | {name} | {sch['prefill_batches']} | {sch['median_new_seqs']} / "
+                             f"{sch['median_new_tokens']} | {sch['median_prefill_gap_ms']} | {sch['max_queue_req']} | "
+                             f"{sch['median_decode_running_req']} | {sch['median_gen_throughput']} |")
     lines += ["", f"| server | Triton cache | start-up s | decode-graph capture s (target ≤ {CAPTURE_TARGET_S} cold) |",
               "|---|---|---|---|"]
     for name, info in results["servers"].items():

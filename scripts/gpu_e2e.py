@@ -3,7 +3,9 @@
 Servers (same flat bf16 checkpoint, same flags):
   ours        sglang-m3, Triton kernels, decode CUDA graphs on (the default)
   ours_eager  sglang-m3, --disable-cuda-graph
-  ours_torch  sglang-m3, SGLANG_M3_SPARSE_IMPL=torch (the torch reference on CUDA), no graphs
+  ours_torch  sglang-m3, SGLANG_M3_TORCH_TWINS=msa (the torch reference of MSA on CUDA), no graphs
+  ours_twins:<parts>  sglang-m3 with the torch twins of <parts> ('+'-joined names of sglang_m3.torch_twins.PARTS,
+              or all) on CUDA, no graphs: for locating a gap part by part (e.g. ours_twins:all, ours_twins:moe)
   intree      SGLang's own MiniMax-M3 (SGLANG_PLUGINS=none)
 Comparisons (teacher-forced, so decode positions are compared on identical tokens):
   prompt+continuation logprobs: ours vs ours_torch, ours vs ours_eager, ours vs intree;
@@ -26,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from servers import Server, flush, post  # noqa: E402
+from sglang_m3.torch_twins import torch_twins  # noqa: E402
 
 # A checkpoint whose attention has the real per-head geometry (head/index dim 128, block 128) at small width,
 # with top-4 blocks so that prompts beyond 512 tokens are sparse.
@@ -93,6 +96,9 @@ def main():
     # Servers of one comparison may run in separate device calls (each call is time-limited): their scores
     # and the shared teacher-forced tokens persist here between calls on the same host.
     ap.add_argument("--state", default="/tmp/m3_gpu_e2e_state.json")
+    ap.add_argument("--seeds", type=int, default=1, help="prompts per sparse length in the self-consistency checks "
+                    "(default 1; more make a per-server gap less noisy: one near-tie flip moves a 32-token mean "
+                    "by ~0.1)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,11 +110,21 @@ def main():
     configs = {
         "ours": ([], {}),
         "ours_eager": (["--disable-cuda-graph"], {}),
-        "ours_torch": (["--disable-cuda-graph"], {"SGLANG_M3_SPARSE_IMPL": "torch"}),
+        "ours_torch": (["--disable-cuda-graph"], {"SGLANG_M3_TORCH_TWINS": "msa"}),
         "intree": ([], {"SGLANG_PLUGINS": "none"}),
     }
     names = args.servers.split(",")
+    for name in names:
+        if name.startswith("ours_twins:"):
+            parts = name.split(":", 1)[1].replace("+", ",")
+            torch_twins(parts)  # an unknown part stops here, before any server starts
+            configs[name] = (["--disable-cuda-graph"], {"SGLANG_M3_TORCH_TWINS": parts})
+        elif name not in configs:
+            ap.error(f"unknown server {name!r}: one of {', '.join(configs)} or ours_twins:<part>[+<part>...]")
     prompts = [prompt(n, seed=i) for i, n in enumerate(PROMPT_LENS)]
+    # consistency(): the sparse prompts, and with --seeds K each sparse length again with K - 1 other seeds
+    cons_prompts = prompts[1:] + [prompt(n, seed=100 * k + i) for k in range(1, args.seeds)
+                                  for i, n in enumerate(PROMPT_LENS) if i > 0]
     results: dict = {"checkpoint": CKPT_SHAPE, "prompt_lens": PROMPT_LENS, "decode_tokens": DECODE_TOKENS,
                      "flags": COMMON_FLAGS, "servers": {}}
     state_path = Path(args.state)
@@ -131,7 +147,7 @@ def main():
             # Batched greedy decode (mixed lengths in one batch, CUDA-graph decode where enabled).
             info["batch_greedy"] = batch_greedy(server, prompts, DECODE_TOKENS)
             # Every server against itself; the in-tree server's gaps are the yardstick for ours.
-            info["consistency"] = consistency(server, prompts[1:])
+            info["consistency"] = consistency(server, cons_prompts)
             results["servers"][name] = info
         except Exception as e:  # record and go on: one broken server must not hide the others' results
             results["servers"][name] = {"error": repr(e)[:2000],

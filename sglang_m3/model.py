@@ -28,10 +28,11 @@ from sglang.srt.utils import add_prefix
 
 from sglang_m3.config import M3TextView, m3_text_view
 from sglang_m3.layers.moe import M3MoE
-from sglang_m3.layers.qk_norm_rope import qk_norm_rope_
+from sglang_m3.layers.qk_norm_rope import qk_norm_rope_, qk_norm_rope_torch
 from sglang_m3.layers.qkv_index import INDEX_PARTS, PARTS, QKV_PARTS, QKVIndexParallelLinear
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP
 from sglang_m3.quant import check_quant_config
+from sglang_m3.torch_twins import use_torch_twin
 
 
 def _qk_norm_and_rope(view: M3TextView, head_dim: int):
@@ -98,6 +99,7 @@ class M3Attention(nn.Module):
         self.o_proj = RowParallelLinear(view.num_heads * view.head_dim, view.hidden_size, bias=False,
                                         quant_config=quant_config, prefix=add_prefix("o_proj", prefix))
         self.q_norm, self.k_norm, self.rotary_emb = _qk_norm_and_rope(view, view.head_dim)
+        self._norm_rope = qk_norm_rope_torch if use_torch_twin("qk_norm_rope") else qk_norm_rope_
         self.attn = RadixAttention(self.num_heads, view.head_dim, view.head_dim ** -0.5,
                                    num_kv_heads=self.num_kv_heads, layer_id=layer_id,
                                    prefix=add_prefix("attn", prefix))
@@ -108,7 +110,7 @@ class M3Attention(nn.Module):
             y, _ = getattr(self, name)(x)
             for rope_name, groups in norm_rope:  # per-head Gemma norm, then partial NeoX RoPE (§2.4, §3.1), in place
                 rope = getattr(self, rope_name)
-                qk_norm_rope_(y, positions, rope.cos_sin_cache,
+                self._norm_rope(y, positions, rope.cos_sin_cache,
                               [(col, heads, getattr(self, norm).weight) for col, heads, norm in groups],
                               rope.rotary_dim, self.eps)
             parts += y.split(sizes, dim=-1)

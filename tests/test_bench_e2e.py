@@ -36,6 +36,11 @@ def test_e2e_benchmark_smoke(tmp_path):
         assert (m["completed"], m["total_input_tokens"], m["total_output_tokens"]) == (n, n * inp, n * outp), m
         assert m["waves"] == WAVES, m
         assert m["output_throughput"] > 0 and m["median_ttft_ms"] > 0
+        # the scheduler's log lines of the measured run: every measured prompt prefilled once (plus the serving
+        # benchmark's own warm-up request, a copy of the first prompt)
+        sched = m["scheduler"]
+        assert n * inp <= sched["prefill_new_tokens"] + sched["prefill_cached_tokens"] <= (n + 1) * inp, sched
+        assert sched["prefill_batches"] >= 1 and sched["median_prefill_gap_ms"] > 0, sched
     assert "| smoke (300/8, 2) |" in (tmp_path / "e2e.md").read_text()
 
 
@@ -56,7 +61,7 @@ def test_bench_measures_at_least_min_waves(tmp_path, monkeypatch):
         Path(cmd[cmd.index("--output-file") + 1]).write_text(json.dumps({"completed": n}) + "\n")
 
     monkeypatch.setattr(e2e.subprocess, "run", serving_bench)
-    server = types.SimpleNamespace(name="ours", port=1)
+    server = types.SimpleNamespace(name="ours", port=1, log=lambda: "")
     m = e2e.bench(server, tmp_path, "2k", e2e.WORKLOADS["2k"], tmp_path, waves=2)
     assert e2e.MIN_WAVES["2k"] > 2
     assert asked == [64, e2e.MIN_WAVES["2k"] * 64] and (m["waves"], m["completed"]) == (e2e.MIN_WAVES["2k"],

@@ -723,6 +723,41 @@ def test_m3moe_cuda_path_interpreted():
         assert r[f"rel_err_{variant}"] > 5 * FUSED_TOL, (variant, r)
 
 
+# ------------------------------------------------------------------------------------------------ torch twins
+
+def test_torch_twins_setting_is_parsed_and_refused_by_name(monkeypatch):
+    from sglang_m3.torch_twins import ENV, PARTS, torch_twins, use_torch_twin
+
+    assert torch_twins(" msa, moe ") == {"msa", "moe"}
+    assert torch_twins("all") == set(PARTS) and torch_twins("") == set()
+    with pytest.raises(ValueError, match="bogus"):
+        torch_twins("msa,bogus")
+    monkeypatch.setenv(ENV, "swiglu")
+    assert use_torch_twin("swiglu") and not use_torch_twin("msa")
+    with pytest.raises(ValueError, match="swigglu"):
+        use_torch_twin("swigglu")
+
+
+def test_layers_take_their_torch_twin_when_asked(sglang_env, monkeypatch):
+    """The switch reaches the layers it names (on CUDA these would otherwise launch the Triton kernels), and only
+    those."""
+    from sglang_m3.layers.qk_norm_rope import qk_norm_rope_, qk_norm_rope_torch
+    from sglang_m3.layers.swiglu import SwiGLUOAIMLP
+    from sglang_m3.model import M3Attention
+    from sglang_m3.torch_twins import ENV
+
+    view = m3_text_view(build_text_config(max_position_embeddings=4096))
+    built = {}
+    for setting in ("", "swiglu", "qk_norm_rope", "all"):
+        monkeypatch.setenv(ENV, setting)
+        built[setting] = (SwiGLUOAIMLP(32, 24, ALPHA, LIMIT, prefix="model.layers.0.mlp").fused,
+                          M3Attention(view, 1, prefix="model.layers.1.self_attn")._norm_rope)
+    assert built[""] == (True, qk_norm_rope_)
+    assert built["swiglu"] == (False, qk_norm_rope_)
+    assert built["qk_norm_rope"] == (True, qk_norm_rope_torch)
+    assert built["all"] == (False, qk_norm_rope_torch)
+
+
 # (config validation: tests/test_config.py)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -26,6 +25,7 @@ from sglang.srt.runtime_context import get_parallel
 
 from sglang_m3.attention import kernels, reference
 from sglang_m3.config import m3_text_view
+from sglang_m3.torch_twins import use_torch_twin
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class M3SparseAttnBackend(AttentionBackend):
         self.head_dim = self.token_to_kv_pool.head_dim
         self.num_q_heads = view.num_heads // get_parallel().tp_size
         # The Triton kernels on CUDA; the torch reference on CPU (or on CUDA when asked, as an oracle).
-        self.use_kernels = self.device.type == "cuda" and os.environ.get("SGLANG_M3_SPARSE_IMPL", "triton") != "torch"
+        self.use_kernels = self.device.type == "cuda" and not use_torch_twin("msa")
         self.impl = kernels if self.use_kernels else reference
         self._meta = None
         self._workspace = None        # None: scratch from the caching allocator (eager)

@@ -15,6 +15,7 @@ from sglang.srt.layers.moe.topk import TopK
 from sglang.srt.utils import add_prefix, is_cuda
 
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP, swigluoai
+from sglang_m3.torch_twins import use_torch_twin
 
 
 def route(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +69,8 @@ class M3MoE(nn.Module):
         self.shared_experts = SwiGLUOAIMLP(view.hidden_size, view.shared_intermediate_size, self.alpha, self.limit,
                                            prefix=add_prefix("shared_experts", prefix), reduce_results=False,
                                            quant_config=quant_config)
-        self.routed_experts = self.routed_experts_fused if is_cuda() else self.routed_experts_torch
+        fused = is_cuda() and not use_torch_twin("moe")
+        self.routed_experts = self.routed_experts_fused if fused else self.routed_experts_torch
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits, _ = self.gate(x.float())

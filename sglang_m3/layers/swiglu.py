@@ -5,6 +5,8 @@ from torch import nn
 from sglang.srt.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from sglang.srt.utils import add_prefix
 
+from sglang_m3.torch_twins import use_torch_twin
+
 
 def swigluoai(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """`[.., 2I]` laid out [gate | up] (not interleaved) → `[.., I]`.
@@ -31,10 +33,11 @@ class SwiGLUOAIMLP(nn.Module):
             intermediate_size, hidden_size, bias=False, reduce_results=reduce_results, quant_config=quant_config,
             prefix=add_prefix("down_proj", prefix))
         self.alpha, self.limit = alpha, limit
+        self.fused = not use_torch_twin("swiglu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
-        if gate_up.is_cuda:  # one fused pass (swiglu_triton); the torch form is its twin and the CPU path
+        if gate_up.is_cuda and self.fused:  # one fused pass (swiglu_triton); the torch form is its twin and the CPU path
             from sglang_m3.layers.swiglu_triton import swigluoai_triton
 
             act = swigluoai_triton(gate_up, self.alpha, self.limit)
