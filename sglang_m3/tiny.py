@@ -93,7 +93,9 @@ def write_tiny_checkpoint(out_dir, *, flat: bool = False, config_only: bool = Fa
         "bos_token_id": ids[BOS], "eos_token_id": ids[EOS],
         "do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 40,
     }, indent=2) + "\n")
-    write_tokenizer(out, model_max_length=text_cfg["max_position_embeddings"])
+    # Dummy-weight (config-only) checkpoints serve benchmarks: their tokenizer covers the model's whole vocabulary.
+    write_tokenizer(out, model_max_length=text_cfg["max_position_embeddings"],
+                    vocab_size=text_cfg["vocab_size"] if config_only else None)
 
     weights = out / "model.safetensors"
     if config_only:

@@ -61,12 +61,32 @@ def token_ids() -> dict[str, int]:
     return {content: BYTE_TOKENS + i for i, (content, _) in enumerate(SPECIAL_TOKENS)}
 
 
-def build_tokenizer():
+def filler_token(token_id: int) -> str:
+    """Text of filler id `token_id` (past the byte and special ids): a word, so that every id decodes to visible text."""
+    return f" w{token_id}"
+
+
+def build_tokenizer(vocab_size: int | None = None):
     """A ``tokenizers.Tokenizer``: id b = byte b (no merges), then the special strings in SPECIAL_TOKENS order.
-    No post-processor: BOS comes from the chat template, never added implicitly."""
+    No post-processor: BOS comes from the chat template, never added implicitly.
+
+    vocab_size: fill the vocabulary up to this many ids with filler words (`filler_token`), which text never
+    encodes to but which decode as visible text. For dummy-weight benchmark checkpoints: SGLang's serving
+    benchmark draws random-ids prompts from ``tokenizer.vocab_size`` ids (a few hundred ids make its prompts
+    periodic and mostly identical, hence radix-cache hits) and stamps TTFT at the first non-empty text (a model
+    emitting ids the tokenizer lacks shows none for many steps). Raises ValueError when smaller than the
+    byte + special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    if vocab_size is not None:
+        first = BYTE_TOKENS + len(SPECIAL_TOKENS)
+        if vocab_size < first:
+            raise ValueError(f"vocab_size {vocab_size} < the {first} byte and special tokens")
+        chars = _bytes_to_unicode()
+        # the special strings keep their ids inside the model's vocabulary (added below, they reuse these entries)
+        vocab.update({content: i for content, i in token_ids().items()})
+        vocab.update({"".join(chars[b] for b in filler_token(i).encode()): i for i in range(first, vocab_size)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     # use_regex=False: with no merges the split is irrelevant, and no space handling sneaks in.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -104,8 +124,9 @@ def tokenizer_config(chat_template: str, model_max_length: int) -> dict:
     }
 
 
-def write_tokenizer(out_dir: Path, *, model_max_length: int) -> None:
-    build_tokenizer().save(str(out_dir / "tokenizer.json"))
+def write_tokenizer(out_dir: Path, *, model_max_length: int, vocab_size: int | None = None) -> None:
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja in `out_dir` (vocab_size: build_tokenizer's)."""
+    build_tokenizer(vocab_size).save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps(tokenizer_config(CHAT_TEMPLATE, model_max_length), indent=2, ensure_ascii=False) + "\n")
     # transformers >= 4.43 also reads (and 5.x writes) the template as its own file; the two are identical.

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from sglang_m3 import tiny  # noqa: E402
+from sglang_m3 import tiny, tiny_tokenizer  # noqa: E402
 
 try:
     from tests.hf_oracle import hf_greedy, hf_is_exact_msa, hf_logits, hf_model, read_config
@@ -188,6 +188,29 @@ def test_config_only_real_dims(tmp_path):
         assert strip(tc) == strip(real_cfg["text_config"])
         assert cfg["vision_config"] == real_cfg["vision_config"]
         assert cfg["image_grid_pinpoints"] == real_cfg["image_grid_pinpoints"]
+
+    # the dummy-weight checkpoint's tokenizer covers the model's whole vocabulary (benchmarks draw prompt ids from
+    # the tokenizer's vocab_size and need every output id to render)
+    from transformers import PreTrainedTokenizerFast
+
+    ftok = PreTrainedTokenizerFast(tokenizer_file=str(flat / "tokenizer.json"))
+    assert ftok.vocab_size == fc["vocab_size"] == 200064
+    assert ftok.decode([200063, 70000]) == tiny_tokenizer.filler_token(200063) + tiny_tokenizer.filler_token(70000)
+
+
+def test_filled_tokenizer_keeps_bytes_and_specials():
+    """Filling the vocabulary adds decodable words past the specials and changes nothing else: the unfilled
+    tokenizer is the oracle for encoding, special ids and byte decoding."""
+    plain, filled = tiny_tokenizer.build_tokenizer(), tiny_tokenizer.build_tokenizer(vocab_size=1000)
+    assert (plain.get_vocab_size(with_added_tokens=False), filled.get_vocab_size(with_added_tokens=False)) == (256, 1000)
+    text = "hi ]~!b[ <mm:think>x</mm:think>\n" + tiny_tokenizer.EOS
+    assert filled.encode(text).ids == plain.encode(text).ids
+    assert [filled.token_to_id(c) for c in tiny_tokenizer.token_ids()] == list(tiny_tokenizer.token_ids().values())
+    first = tiny_tokenizer.BYTE_TOKENS + len(tiny_tokenizer.SPECIAL_TOKENS)
+    assert filled.decode(list(range(104, 106)) + [first, 999]) == "hi" + " w%d w999" % first
+    assert len({filled.decode([i]) for i in range(first, 1000)}) == 1000 - first  # every filler word distinct
+    with pytest.raises(ValueError, match="vocab_size 100"):
+        tiny_tokenizer.build_tokenizer(vocab_size=100)
 
 
 # ------------------------------------------------------------------------------------------------ tensors
