@@ -89,6 +89,11 @@ def diff(a, b, start=0, raw=False):
     return {"max": max(d), "mean": sum(d) / len(d), "n": len(d), **({"abs": d} if raw else {})}
 
 
+# Bounds on ours' self-consistency apart from its mean (session 11, nine prompts, GPU_RESULTS.md §0: mean without
+# flips ours 0.025-0.035 / in-tree 0.027-0.034, flips 1.4-2.8 % / 1.0-1.6 % of positions; a decode path that reads a
+# wrong block or a stale cache entry moves every position, not a few).
+NOISE_TOL = 0.05
+FLIP_RATE = 0.05
 # A position whose |Δ logprob| exceeds this is counted as a flip (a near-tie upstream -- a routing choice, a block
 # selection -- resolved differently by the two paths), not as rounding noise: bf16 noise on this model is ~0.01-0.05.
 FLIP = 0.5
@@ -112,9 +117,9 @@ def main():
     # Servers of one comparison may run in separate device calls (each call is time-limited): their scores
     # and the shared teacher-forced tokens persist here between calls on the same host.
     ap.add_argument("--state", default="/tmp/m3_gpu_e2e_state.json")
-    ap.add_argument("--seeds", type=int, default=1, help="prompts per sparse length in the self-consistency checks "
-                    "(default 1; more make a per-server gap less noisy: one near-tie flip moves a 32-token mean "
-                    "by ~0.1)")
+    ap.add_argument("--seeds", type=int, default=3, help="prompts per sparse length in the self-consistency checks "
+                    "(default 3: with 1, one near-tie flip moves a prompt's 32-token mean by ~0.1, and session 10's "
+                    "three prompts read 0.17 for ours against 0.04 for the in-tree on flips alone)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +205,8 @@ def main():
 
 def verdict(compare: dict, servers: dict) -> dict:
     """PASS when every mean |Δ logprob| of every comparison (prompt and decode parts) is within MEAN_TOL and
-    ours' consistency gaps (decode vs prefill, radix hit vs flushed) are within MEAN_TOL with the prefix cached."""
+    ours' consistency gaps (decode vs prefill, radix hit vs flushed) are within MEAN_TOL with the prefix cached, their
+    rounding noise (mean without flips) within NOISE_TOL and at most FLIP_RATE of their positions flips."""
     checks = {}
     for name, rows in compare.items():
         for row in rows:
@@ -212,6 +218,9 @@ def verdict(compare: dict, servers: dict) -> dict:
         checks["ours radix prefix was cached"] = all(c > 0 for c in cons["cached_tokens"])
         for k in ("decode_vs_prefill", "radix_extend", "radix_decode"):
             checks[f"ours {k}"] = cons[k]["mean"] <= MEAN_TOL
+            if "flips" in cons[k]:
+                checks[f"ours {k} noise"] = cons[k]["mean_without_flips"] <= NOISE_TOL
+                checks[f"ours {k} flips"] = cons[k]["flips"] <= FLIP_RATE * cons[k]["positions"]
     missing = [s for s in ("ours", "ours_eager", "ours_torch", "intree") if "error" in servers.get(s, {"error": 1})]
     return {"pass": bool(checks) and all(checks.values()) and not missing, "checks": checks,
             "servers_missing_or_failed": missing, "mean_tol": MEAN_TOL}

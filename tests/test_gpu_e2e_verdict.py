@@ -1,0 +1,49 @@
+"""scripts/gpu_e2e.py's judgement of a server's self-consistency (decode vs prefill, radix hit vs flushed): the mean
+|Δ logprob| alone is dominated by a few near-tie flips, so the verdict also bounds the rounding noise (mean without
+flips) and the flip rate. Synthetic per-position deltas with known noise and flips stand in for a GPU run."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import gpu_e2e  # noqa: E402
+
+
+def _deltas(n: int, noise: float, flips: int, seed: int = 0) -> list[float]:
+    rnd = random.Random(seed)
+    d = [abs(rnd.gauss(0.0, noise)) for _ in range(n - flips)] + [rnd.uniform(1.0, 5.0) for _ in range(flips)]
+    rnd.shuffle(d)
+    return d
+
+
+def _consistency(deltas: list[float]) -> dict:
+    row = {"mean": sum(deltas) / len(deltas), "max": max(deltas), **gpu_e2e.noise_and_flips(deltas)}
+    return {"decode_vs_prefill": row, "radix_extend": row, "radix_decode": row, "cached_tokens": [716]}
+
+
+def test_noise_and_flips_splits_at_flip():
+    d = _deltas(200, 0.02, 7, seed=1)
+    got = gpu_e2e.noise_and_flips(d)
+    quiet = [x for x in d if x <= gpu_e2e.FLIP]
+    assert (got["flips"], got["positions"]) == (7, 200)
+    assert abs(got["mean_without_flips"] - statistics.fmean(quiet)) < 1e-4
+    assert abs(got["median"] - statistics.median(d)) < 1e-4
+
+
+def test_verdict_passes_noise_with_few_flips_and_fails_a_systematic_shift_or_many_flips():
+    judge = lambda d: gpu_e2e.verdict({}, {"ours": {"consistency": _consistency(d)}})["checks"]  # noqa: E731
+    ok = judge(_deltas(288, 0.03, 8))  # session 11's picture: bf16 noise, 8 flips in 288 positions
+    assert all(v for k, v in ok.items()), ok
+    # every position off by ~0.08 (a decode path reading a stale or wrong entry): the mean (0.08) passes MEAN_TOL,
+    # the noise bound does not
+    shifted = judge([0.08 + x for x in _deltas(288, 0.01, 0)])
+    assert shifted["ours decode_vs_prefill"] and not shifted["ours decode_vs_prefill noise"], shifted
+    # flips at 10 % of the positions with a small mean elsewhere: the flip bound fails
+    many = judge(_deltas(288, 0.01, 29))
+    assert not many["ours decode_vs_prefill flips"], many
