@@ -122,11 +122,12 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     del g_ours, g_meta
     # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
     # two-pass with each pass 2 ("rank", the default: all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS
-    # blocks, the radix search above; "radix": the radix search for every row; "rank" at 8 warps -- the module's
-    # constant set for that column's capture only).
+    # blocks, INDEXER_LONG_ROW_SELECT above; "radix": the radix search for every row; "threshold": the group-maximum
+    # threshold for every row). A column may set module constants for its capture only (the knobs; none now: the
+    # 8-warp select column of session 10 decided its question, common.py).
     columns = (
         (True, "radix", "two_pass", {}), (True, "rank", "two_pass_rank", {}),
-        (True, "rank", "two_pass_rank_8w", dict(INDEXER_SELECT_WARPS=8)),
+        (True, "threshold", "two_pass_threshold", {}),
         (False, "radix", "split", {}))
     saved = {k: getattr(common, k) for *_, knobs in columns for k in knobs}  # every constant a column sets
     for two_pass, select, name, knobs in columns:

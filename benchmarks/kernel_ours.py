@@ -39,9 +39,9 @@ class OursDecode:
     """Our decode path as M3SparseAttnBackend runs it under a captured decode graph (see kernels/__init__.py).
 
     ``two_pass`` forces the indexer variant (True: score-then-select, False: split + merge); None takes the
-    kernels' shape rule, as the backend does. ``select`` picks the two-pass variant's pass 2 ("rank", the kernels'
-    and the backend's default: all-pairs ranking of rows up to common.INDEXER_RANK_MAX_BLOCKS blocks) or "radix";
-    its warp count is common.INDEXER_SELECT_WARPS, which one kernel_decode column sets to 8."""
+    kernels' shape rule, as the backend does. ``select`` picks the two-pass variant's pass 2 (indexer.SELECTS: "rank",
+    the kernels' and the backend's default, all-pairs ranking of rows up to common.INDEXER_RANK_MAX_BLOCKS blocks;
+    "radix"; "threshold")."""
 
     def __init__(self, geo: Geometry, b: Batch, kv_store, two_pass: bool | None = None, select: str = "rank"):
         self.geo, self.b, self.kv_store, self.two_pass, self.select = geo, b, kv_store, two_pass, select

@@ -52,7 +52,7 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer two-pass rank (4 / 8 warps) | indexer split | sel ≠ two-pass / rank 4 / 8 / split |",
+                  "indexer two-pass rank / threshold | indexer split | sel ≠ two-pass / rank / threshold / split |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
@@ -62,11 +62,11 @@ def markdown(res) -> str:
                 f"({r.get('ours_indexer_variant', '?')}) | {_f(r.get('ours_attention_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_rank_us'), '.1f')} / "
-                f"{_f(r.get('ours_indexer_two_pass_rank_8w_us'), '.1f')} | "
+                f"{_f(r.get('ours_indexer_two_pass_threshold_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_split_us'), '.1f')} | "
                 f"{r.get('sel_mismatch_two_pass_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_two_pass_rank_8w_vs_ours', '—')} / "
+                f"{r.get('sel_mismatch_two_pass_threshold_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_split_vs_ours', '—')} |")
     if g["prefill"]:
         lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",

@@ -280,10 +280,13 @@ def select_oracle(scores, nb, topk):
     return sorted(ids) + [-1] * (topk - len(ids))
 
 
-# Pass-2 forms run by indexer_select_exact: (RANK_MAX, RB, CC) -- the radix search alone; rows of <= 16 blocks
-# ranked in row tiles of 4 and column steps of 4 (several of each), longer rows of the same launch on the radix
-# search; every row ranked in one tile; rows of <= 4 blocks ranked in one tile of 8, column steps of 4.
-SELECT_FORMS = ((0, 1, 1), (16, 4, 4), (32, 32, 8), (4, 8, 4))
+# Pass-2 forms run by indexer_select_exact: (RANK_MAX, RB, CC, G, GC, RT) -- the radix search alone; rows of <= 16
+# blocks ranked in row tiles of 4 and column steps of 4 (several of each), longer rows of the same launch on the radix
+# search; every row ranked in one tile; rows of <= 4 blocks ranked in one tile of 8, column steps of 4; the threshold
+# select alone with groups of 2 (2 groups per step, ranks in 4 x 4 steps) and of 4 (4 per step, 8 x 8); rows of <= 8
+# blocks ranked, longer ones by the threshold with groups of 4 (2 per step, 4 x 4).
+SELECT_FORMS = ((0, 1, 1, 0, 1, 1), (16, 4, 4, 0, 1, 1), (32, 32, 8, 0, 1, 1), (4, 8, 4, 0, 1, 1),
+                (0, 1, 4, 2, 2, 4), (0, 1, 8, 4, 4, 8), (8, 8, 4, 4, 2, 4))
 
 
 @cpu_case
@@ -330,13 +333,16 @@ def indexer_select_exact():
                 want = select_oracle(sc[t, h].tolist(), nb, topk)
                 assert out[t, h].tolist() == want, (form, t, h, nb, out[t, h].tolist(), want)
 
-    for rank_max, rb, cc in SELECT_FORMS:
+    for form in SELECT_FORMS:
+        rank_max, rb, cc, grp, gc, rt = form
         padded = torch.full((T, H, topk + 1), 77, dtype=torch.int32)  # a guard column after each out row
         out = padded[..., :topk]
-        I._indexer_select_kernel[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks,
+        buf_w = max(-(-max_blocks // grp), topk * grp) if grp else 1  # index_block_topk's threshold scratch width
+        buf = torch.full((T, H, buf_w), 5, dtype=torch.int64)
+        I._indexer_select_kernel[(T, H)](rows, pos, out, out.stride(0), out.stride(1), sc, max_blocks, buf, buf_w,
                                          H=H, BLOCK_SIZE=bsz, TOPK=topk, K_PAD=8, CH=8,
-                                         RANK_MAX=rank_max, RB=rb, CC=cc, num_warps=4)
-        check(padded, (rank_max, rb, cc))
+                                         RANK_MAX=rank_max, RB=rb, CC=cc, G=grp, GC=gc, RT=rt, num_warps=4)
+        check(padded, form)
 
 
 @cpu_case
@@ -357,7 +363,8 @@ def indexer_pass2_launches():
         def __getitem__(self, grid):
             return lambda *args, **kw: launches.append((self.name, kw))
 
-    knobs = dict(INDEXER_RANK_MAX_BLOCKS=8, INDEXER_SELECT_WARPS=2)
+    knobs = dict(INDEXER_RANK_MAX_BLOCKS=8, INDEXER_SELECT_WARPS=2, INDEXER_THRESHOLD_GROUP=4,
+                 INDEXER_LONG_ROW_SELECT="radix")
     saved = {k: getattr(common, k) for k in knobs}
     kernels = I._indexer_kernel, I._indexer_select_kernel
     b = make_batch([150, 300], [1, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=4)
@@ -374,9 +381,14 @@ def indexer_pass2_launches():
         for k, v in knobs.items():
             setattr(common, k, v)
         (rank,) = run("rank")
-        assert (rank["RANK_MAX"], rank["RB"], rank["num_warps"]) == (8, 8, 2), rank
+        assert (rank["RANK_MAX"], rank["RB"], rank["num_warps"], rank["G"]) == (8, 8, 2, 0), rank
         (radix,) = run("radix")
-        assert (radix["RANK_MAX"], radix["num_warps"]) == (0, 2), radix
+        assert (radix["RANK_MAX"], radix["num_warps"], radix["G"]) == (0, 2, 0), radix
+        (thr,) = run("threshold")
+        assert (thr["RANK_MAX"], thr["num_warps"], thr["G"]) == (0, 2, 4), thr
+        common.INDEXER_LONG_ROW_SELECT = "threshold"  # the default's rows past RANK_MAX
+        (rank,) = run("rank")
+        assert (rank["RANK_MAX"], rank["G"]) == (8, 4), rank
     finally:
         I._indexer_kernel, I._indexer_select_kernel = kernels
         for k, v in saved.items():
@@ -392,8 +404,9 @@ def indexer_select_rank_matches_radix():
     extend-form batch of one token per request keeps the out row of a token owned by no request. Any other select: ValueError."""
     from sglang_m3.attention.kernels import common
 
-    saved = common.INDEXER_RANK_MAX_BLOCKS
+    saved = common.INDEXER_RANK_MAX_BLOCKS, common.INDEXER_LONG_ROW_SELECT, common.INDEXER_THRESHOLD_GROUP
     try:
+        common.INDEXER_THRESHOLD_GROUP = 4  # several groups per row at these lengths
         for coarse in (True, False):
             # nb 10, 13, 3, 2, 9, 19 at block 16
             b = make_batch([150, 200, 33, 17, 129, 300], [1] * 6, hq=4, hkv=2, d=16, di=16, dv=16,
@@ -404,11 +417,11 @@ def indexer_select_rank_matches_radix():
             for (init_b, local_b), topk in (((0, 1), 3), ((2, 1), 5), ((0, 0), 16)):
                 kw = dict(meta_args=decode_meta(b), two_pass=True)
                 split, want = run_both_indexers(b, 16, topk, init_b, local_b, meta_args=decode_meta(b), two_pass=False)
-                for rank_max in (256, 8):
-                    common.INDEXER_RANK_MAX_BLOCKS = rank_max
-                    for select in ("rank", "radix"):
+                for rank_max, long_rows in ((256, "radix"), (8, "radix"), (8, "threshold")):
+                    common.INDEXER_RANK_MAX_BLOCKS, common.INDEXER_LONG_ROW_SELECT = rank_max, long_rows
+                    for select in ("rank", "radix", "threshold"):
                         got, _ = run_both_indexers(b, 16, topk, init_b, local_b, select=select, **kw)
-                        assert torch.equal(got, split), (select, rank_max, coarse, init_b, local_b, topk)
+                        assert torch.equal(got, split), (select, rank_max, long_rows, coarse, init_b, local_b, topk)
                 assert_same_selection(got, want, b, 16, 1e-5)
         b = make_batch([90, 33, 40, 64], [1, 1, 0, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=5,
                        extra_rows=1)
@@ -417,7 +430,7 @@ def indexer_select_rank_matches_radix():
         assert (out[-1] == 77).all()
         assert_same_selection(got[:-1], want[:-1], b, 16, 1e-5)
     finally:
-        common.INDEXER_RANK_MAX_BLOCKS = saved
+        common.INDEXER_RANK_MAX_BLOCKS, common.INDEXER_LONG_ROW_SELECT, common.INDEXER_THRESHOLD_GROUP = saved
     with pytest.raises(ValueError, match="select must be"):
         b = make_batch([40], [1], hq=2, hkv=1, d=16, di=16, dv=16, dtype=torch.float32, seed=2)
         run_both_indexers(b, 16, 3, meta_args=decode_meta(b), two_pass=True, select="rank_segments")
@@ -686,17 +699,19 @@ def check_gpu_indexer_variants(b, got):
     """A decode batch through both indexer variants (two-pass and split, forced) in the decode form: each must
     select as ``got`` (the default variant's selection, already checked against the twin), with the near-tie
     allowance: both compute each block score with the same dot, but they are separately compiled kernels. The
-    two-pass indexer with each pass 2 ("radix", "rank"): they select from the same pass-1 score images, so exactly
-    equal (rank: rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones on the radix search)."""
+    two-pass indexer with each pass 2 ("radix", "rank", "threshold"): they select from the same pass-1 score images,
+    so exactly equal (rank: rows of <= INDEXER_RANK_MAX_BLOCKS blocks ranked, longer ones by
+    INDEXER_LONG_ROW_SELECT)."""
     from sglang_m3.attention import kernels as K
 
     sels = {}
-    for two_pass, select in ((True, "radix"), (True, "rank"), (False, "radix")):
+    for two_pass, select in ((True, "radix"), (True, "rank"), (True, "threshold"), (False, "radix")):
         sel = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
                                  topk_blocks=TOPK, two_pass=two_pass, select=select)
         assert_same_selection(sel, got, b, BLOCK, 1e-4)
         sels[two_pass, select] = sel
     assert torch.equal(sels[True, "rank"], sels[True, "radix"]), "rank and radix pass 2 differ"
+    assert torch.equal(sels[True, "threshold"], sels[True, "radix"]), "threshold and radix pass 2 differ"
 
 
 @pytest.mark.gpu
@@ -739,7 +754,7 @@ def test_gpu_extend_prefix_chunk_and_prefill(hq, hkv):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("hq,hkv", GPU_HEADS)
-@pytest.mark.parametrize("bs,select", [(4, "radix"), (4, "rank"), (24, "radix")])
+@pytest.mark.parametrize("bs,select", [(4, "radix"), (4, "rank"), (4, "threshold"), (24, "radix")])
 def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
@@ -790,7 +805,9 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     ws = K.MSAWorkspace("cuda")
     K.warmup(ws, batch_sizes=[1, bs], num_q_heads=hq, num_kv_heads=hkv, head_dim=HD, head_dim_v=HD,
              index_dim=HD, block_size=BLOCK, topk_blocks=TOPK, device="cuda", context_len=cap)
-    ws.freeze()
+    if select != "threshold":  # warmup alone must have sized every buffer these need
+        ws.freeze()
+    # (a forced select="threshold" sizes its own scratch in the eager step before the capture, then freezes)
     # warmed bs 1 (and 4) take the two-pass indexer, bs 24 the split one
     assert 4 <= common.INDEXER_TWO_PASS_MAX_TILES < 24, "update the bs parametrisation to cover both variants"
     assert "indexer.scores" in ws._bufs and ("indexer.part" in ws._bufs) == (bs > common.INDEXER_TWO_PASS_MAX_TILES)
@@ -811,6 +828,7 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     with torch.cuda.stream(s):
         step()
     torch.cuda.current_stream().wait_stream(s)
+    ws.freeze()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()

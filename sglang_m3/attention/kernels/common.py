@@ -93,6 +93,12 @@ INDEXER_RANK_MAX_BLOCKS = 512
 # win only on rows past RANK_MAX, and one launch serves rows of every length: a per-launch rule would trade 1.5-2.5 us
 # at 64K for 8 at 128K.
 INDEXER_SELECT_WARPS = 4
+# Pass 2 for rows past RANK_MAX under the default select="rank": "radix" (the 4-bit radix search, ~31 us at 1024
+# blocks on an H200, session 10) or "threshold" (session 11, not measured on a GPU yet: the need-th largest maximum
+# of the row's groups of INDEXER_THRESHOLD_GROUP blocks bounds the top-k from below, so only the blocks of `need`
+# groups -- at most need x G, ~need on random scores -- are ranked; indexer._threshold_select).
+INDEXER_LONG_ROW_SELECT = "radix"
+INDEXER_THRESHOLD_GROUP = 16
 # Tried and removed (session 10): a forced select="rank_wide" (rows past RANK_MAX ranked by a second launch of the
 # select kernel, row tiles of up to 2048 blocks over 16 warps x 16 columns or 32 warps x 8). Same selections, slower
 # wherever it differs from the default (same file, us, two-pass indexer, default / rank_wide 16 / 32 warps): TP1 bs 1

@@ -367,11 +367,81 @@ def _radix_step(hist, need, level, p: tl.constexpr):
     return need, level
 
 
-@triton.jit(do_not_specialize=["max_blocks"])
+@triton.jit
+def _kth_key(buf, n, k, RT: tl.constexpr, CC: tl.constexpr):
+    # The k-th largest of the n distinct int64 keys at buf[0:n] (all-pairs ranks, RT rows x CC columns per step);
+    # _MINKEY when n < k.
+    rows = tl.arange(0, RT)
+    cols = tl.arange(0, CC)
+    kth = tl.full([RT], _MINKEY, tl.int64)
+    for r0 in range(0, n, RT):
+        r = r0 + rows
+        kr = tl.load(buf + r, mask=r < n, other=_MINKEY)
+        rank = tl.zeros([RT], tl.int32)
+        for c0 in range(0, n, CC):
+            c = c0 + cols
+            kc = tl.load(buf + c, mask=c < n, other=_MINKEY)
+            rank += tl.sum((kc[:, None] > kr[None, :]).to(tl.int32), axis=0)
+        kth = tl.maximum(kth, tl.where((r < n) & (rank == k - 1), kr, _MINKEY))
+    return tl.max(kth, axis=0)
+
+
+@triton.jit
+def _group_keys(row, g0, nb, G: tl.constexpr, GC: tl.constexpr):
+    # The packed keys of groups g0 .. g0 + GC - 1 of G consecutive blocks ([GC, G], _MINKEY past nb) and their ids
+    b = (g0 + tl.arange(0, GC))[:, None] * G + tl.arange(0, G)[None, :]
+    ok = b < nb
+    return tl.where(ok, _rank_key(tl.load(row + b, mask=ok, other=0), b), _MINKEY), ok
+
+
+@triton.jit
+def _threshold_select(row, out_row, buf, nb, need, G: tl.constexpr, GC: tl.constexpr, RT: tl.constexpr,
+                      CC: tl.constexpr):
+    # Pass 2 by a threshold (select="threshold"): tau = the need-th largest of the maxima of the row's groups of G
+    # consecutive blocks. At least `need` blocks (those groups' maxima) have keys >= tau, so the top `need` are
+    # among them, and every such block lies in one of the `need` groups whose maximum is >= tau: at most need * G
+    # candidates (random scores: ~need). They are compacted in block order into buf (a per-row int64 scratch of
+    # max(groups, TOPK * G)), ranked all-pairs, and the picks written through a prefix sum, ids ascending -- the
+    # radix search's exact output. Work: one read of the row per pass (3), ranks over ~nb / G maxima and ~need
+    # candidates, instead of 8 dependent histogram rounds over the row.
+    ng = (nb + G - 1) // G
+    gi = tl.arange(0, GC)
+    for g0 in range(0, ng, GC):  # the group maxima into buf[0:ng]
+        keys, ok = _group_keys(row, g0, nb, G, GC)
+        tl.store(buf + g0 + gi, tl.max(keys, axis=1), mask=g0 + gi < ng)
+    tl.debug_barrier()  # (other threads' maxima are read next, and buf is overwritten after)
+    tau = _kth_key(buf, ng, need, RT, CC)
+    tl.debug_barrier()
+    n_cand = nb * 0
+    for g0 in range(0, ng, GC):  # the candidates (keys >= tau), in block order, into buf[0:n_cand]
+        keys, ok = _group_keys(row, g0, nb, G, GC)
+        pick = tl.reshape(ok & (keys >= tau), [GC * G])
+        pk = pick.to(tl.int32)
+        tl.store(buf + n_cand + tl.cumsum(pk, axis=0) - pk, tl.reshape(keys, [GC * G]), mask=pick)
+        n_cand += tl.sum(pk, axis=0)
+    tl.debug_barrier()
+    rows = tl.arange(0, RT)
+    cols = tl.arange(0, CC)
+    taken = nb * 0
+    for r0 in range(0, n_cand, RT):
+        r = r0 + rows
+        kr = tl.load(buf + r, mask=r < n_cand, other=_MINKEY)
+        rank = tl.zeros([RT], tl.int32)
+        for c0 in range(0, n_cand, CC):
+            c = c0 + cols
+            kc = tl.load(buf + c, mask=c < n_cand, other=_MINKEY)
+            rank += tl.sum((kc[:, None] > kr[None, :]).to(tl.int32), axis=0)
+        ids = (kr & 0xFFFFFFFF).to(tl.int32) ^ _BIG_ID
+        taken += _store_picks(out_row + taken, (r < n_cand) & (rank < need), ids)
+    return taken
+
+
+@triton.jit(do_not_specialize=["max_blocks", "stride_buf"])
 def _indexer_select_kernel(
-    tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks,
+    tok_row_ptr, tok_pos_ptr, out_ptr, stride_ot, stride_oh, score_ptr, max_blocks, buf_ptr, stride_buf,
     H: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
     RANK_MAX: tl.constexpr, RB: tl.constexpr, CC: tl.constexpr,
+    G: tl.constexpr = 0, GC: tl.constexpr = 1, RT: tl.constexpr = 1,
 ):
     # Pass 2 of the two-pass indexer: one program per (token, index head). The selection is the top TOPK visible
     # blocks by score image (the int32 order-preserving image pass 1 stored), ties to the lower block id -- the
@@ -398,27 +468,35 @@ def _indexer_select_kernel(
         if nb <= RANK_MAX:
             _rank_row(row, out_row, nb, RB, CC, TOPK, K_PAD)
             return
-    offs = tl.arange(0, CH)
-    need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
-    level = nb * 0  # tau >> (the bits not decided yet), signed
-    for p in tl.static_range(8):
-        hist = tl.zeros([16], tl.int32)
+    if G > 0:  # rows past RANK_MAX by the threshold select
+        buf = buf_ptr + (t * H + h).to(tl.int64) * stride_buf
+        _pad_row(out_row, _threshold_select(row, out_row, buf, nb, tl.minimum(nb, TOPK), G, GC, RT, CC), TOPK, K_PAD)
+    else:  # (G == 0: the radix search; the threshold select is not compiled)
+        offs = tl.arange(0, CH)
+        need = tl.minimum(nb, TOPK)  # picks still to make among the blocks that share tau's digits so far
+        level = nb * 0  # tau >> (the bits not decided yet), signed
+        for p in tl.static_range(8):
+            hist = tl.zeros([16], tl.int32)
+            for c0 in range(0, nb, CH):
+                b = c0 + offs
+                hist += _digit_counts(tl.load(row + b, mask=b < nb, other=0), b < nb, level, p)
+            need, level = _radix_step(hist, need, level, p)
+        # level == tau; take every block above it and the `need` lowest-id blocks equal to it, ids ascending
+        taken = nb * 0
+        eq_seen = nb * 0
         for c0 in range(0, nb, CH):
             b = c0 + offs
-            hist += _digit_counts(tl.load(row + b, mask=b < nb, other=0), b < nb, level, p)
-        need, level = _radix_step(hist, need, level, p)
-    # level == tau; take every block above it and the `need` lowest-id blocks equal to it, ids ascending
-    taken = nb * 0
-    eq_seen = nb * 0
-    for c0 in range(0, nb, CH):
-        b = c0 + offs
-        ok = b < nb
-        sc = tl.load(row + b, mask=ok, other=0)
-        eq = (ok & (sc == level)).to(tl.int32)
-        pick = (ok & (sc > level)) | ((eq_seen + tl.cumsum(eq, axis=0) - eq < need) & (eq != 0))
-        taken += _store_picks(out_row + taken, pick, b)
-        eq_seen += tl.sum(eq, axis=0)
-    _pad_row(out_row, taken, TOPK, K_PAD)
+            ok = b < nb
+            sc = tl.load(row + b, mask=ok, other=0)
+            eq = (ok & (sc == level)).to(tl.int32)
+            pick = (ok & (sc > level)) | ((eq_seen + tl.cumsum(eq, axis=0) - eq < need) & (eq != 0))
+            taken += _store_picks(out_row + taken, pick, b)
+            eq_seen += tl.sum(eq, axis=0)
+        _pad_row(out_row, taken, TOPK, K_PAD)
+
+
+# Pass-2 forms of the two-pass indexer (index_block_topk's select)
+SELECTS = ("rank", "radix", "threshold")
 
 
 def indexer_num_splits(num_tiles: int, device: torch.device) -> int:
@@ -458,9 +536,11 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
                     int32 [T, H, ceil(req_to_token.shape[1] / block_size)], so under a frozen workspace
                     ``warmup`` must have seen a req_to_token of the same width (its ``context_len``).
       select     -- pass 2 of the two-pass variant: "rank" (the default: rows of <= common.INDEXER_RANK_MAX_BLOCKS
-                    visible blocks are ranked all-pairs, longer rows of the same launch take the radix search)
-                    or "radix" (8 rounds of a 4-bit radix search for every row). Same selection either way;
-                    ignored by the split variant. ValueError for any other value.
+                    visible blocks are ranked all-pairs, longer rows of the same launch take
+                    common.INDEXER_LONG_ROW_SELECT), "radix" (8 rounds of a 4-bit radix search for every row) or
+                    "threshold" (every row through the group-maximum threshold, _threshold_select; its int64
+                    scratch [T, H, max(max_blocks / G, topk * G)] comes from ``workspace``). Same selection in
+                    every form; ignored by the split variant. ValueError for any other value.
     Both variants give identical results (same block scores, same packed-key order).
     ``extend_seq_lens``/``extend_start_loc`` may be None for a decode batch (token i <-> request i).
     Shapes are validated; per-request values (lengths, rows) are not (that would need a host sync).
@@ -507,8 +587,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     tiles = [t if t is not None else meta.tok_row for t in
              (meta.tile_tok0, meta.tile_ntok, meta.tile_row, meta.tile_pos0)]
     interp = common.interpret_mode()
-    if select not in ("radix", "rank"):
-        raise ValueError(f"select must be 'radix' or 'rank', got {select!r}")
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     if two_pass:
         max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
         n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
@@ -537,16 +617,22 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         SCORES=two_pass, num_warps=4, num_stages=common.INDEXER_NUM_STAGES)
     if two_pass:
         # (the interpreter runs the same code on chunks small enough to iterate)
-        rank_max = common.INDEXER_RANK_MAX_BLOCKS if select != "radix" else 0
+        rank_max = common.INDEXER_RANK_MAX_BLOCKS if select == "rank" else 0
+        long_rows = common.INDEXER_LONG_ROW_SELECT if select == "rank" else select
+        g = common.INDEXER_THRESHOLD_GROUP if long_rows == "threshold" else 0
+        buf_w = max(triton.cdiv(max_blocks, g), topk_blocks * g) if g else 1
+        buf = common.scratch(workspace, "indexer.select_buf", (T, H, buf_w), torch.int64, dev) if g else out
         _indexer_select_kernel[(T, H)](
-            meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks,
+            meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks, buf, buf_w,
             H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad, CH=8 if interp else common.INDEXER_SELECT_CHUNK,
             # rank: one row tile covers a ranked row (RB = RANK_MAX rows, 4 per thread at 512 and 4 warps; the
             # RB // 2 tile for rows of <= RANK_MAX / 2), 32 columns per step. At RANK_MAX 256 (one tile), sm_90
             # ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in the whole-step loop (16
             # columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per pair); not re-read at
             # 512. 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
-            RANK_MAX=rank_max, RB=max(2, rank_max), CC=32, num_warps=common.INDEXER_SELECT_WARPS)
+            RANK_MAX=rank_max, RB=max(2, rank_max), CC=32, num_warps=common.INDEXER_SELECT_WARPS,
+            # threshold: group maxima of G blocks, GC groups per step (1024 blocks), ranks in [32, 64] steps
+            G=g, GC=4 if interp else 64, RT=8 if interp else 64)
     elif n_splits > 1:
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
