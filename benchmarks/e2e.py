@@ -259,10 +259,12 @@ def markdown(results: dict) -> str:
             ratio = lambda k: f"{r[k]:.2f}" if k in r else "—"  # noqa: E731
             lines.append(f"| {r['workload']} | {fmt(r['ours_mxfp8'])} | {ratio('mxfp8_throughput_ratio')} | "
                          f"{ratio('mxfp8_tpot_ratio')} |")
-    lines += ["", "Scheduler, measured waves (SGLang's log lines, `scheduler_summary`): prefill batches, median new requests /"
-              " tokens per batch, median wall time between prefill lines, largest queue, median decode batch size and"
-              " gen throughput", "", "| workload | server | prefill batches | new req / tokens | prefill gap ms | max queue "
-              "| decode bs | gen tok/s |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Scheduler, measured waves (SGLang's log lines, `scheduler_summary`): prefill batches, median new "
+              "requests / tokens per batch, median wall time between prefill lines, largest queue, median decode "
+              "batch size and gen throughput", "",
+              "| workload | server | prefill batches | new req / tokens | prefill gap ms | max queue | decode bs "
+              "| gen tok/s |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in results["compare"]:
         for name in SERVER_ENV:
             sch = (r.get(name) or {}).get("scheduler")

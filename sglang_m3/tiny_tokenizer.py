@@ -62,7 +62,7 @@ def token_ids() -> dict[str, int]:
 
 
 def filler_token(token_id: int) -> str:
-    """Text of filler id `token_id` (past the byte and special ids): a word, so that every id decodes to visible text."""
+    """Text of filler id `token_id` (past the byte and special ids): a word, so every id decodes to visible text."""
     return f" w{token_id}"
 
 

@@ -400,7 +400,8 @@ def indexer_select_rank_matches_radix():
     """The whole two-pass indexer with select="rank" and "radix" equals the split variant exactly (same
     block scores, same key order), on tie-heavy batches (keys rounded to halves) and plain ones, for several
     init/local/topk settings: with every row ranked (INDEXER_RANK_MAX_BLOCKS 256) and with rows above and below a
-    RANK_MAX of 8 in one launch (the longer ones take the radix search); and the twin up to near-ties. An
+    RANK_MAX of 8 in one launch (the longer ones by the radix search or the threshold select, groups of 4); and the
+    twin up to near-ties. An
     extend-form batch of one token per request keeps the out row of a token owned by no request. Any other select: ValueError."""
     from sglang_m3.attention.kernels import common
 
@@ -759,8 +760,9 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
     """Capture store + indexer + attention at bs=max_bs with one set of lengths; replay with new
     lengths, slots, pool rows and values. Replays must be bit-identical to eager calls on the same
     inputs (same kernels, same grid and split counts, deterministic reductions) and match the twins.
-    bs 4 takes the two-pass indexer (with each pass 2; "rank": the lengths below 64K are ranked, the 128K one
-    takes the radix search in the same launch), bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES = 8)."""
+    bs 4 takes the two-pass indexer (with each pass 2; "rank": rows up to INDEXER_RANK_MAX_BLOCKS blocks are ranked,
+    the 128K one takes INDEXER_LONG_ROW_SELECT in the same launch), bs 24 the split one (INDEXER_TWO_PASS_MAX_TILES =
+    8)."""
     from sglang_m3.attention import kernels as K
     from sglang_m3.attention.kernels import common
 

@@ -202,7 +202,8 @@ def test_filled_tokenizer_keeps_bytes_and_specials():
     """Filling the vocabulary adds decodable words past the specials and changes nothing else: the unfilled
     tokenizer is the oracle for encoding, special ids and byte decoding."""
     plain, filled = tiny_tokenizer.build_tokenizer(), tiny_tokenizer.build_tokenizer(vocab_size=1000)
-    assert (plain.get_vocab_size(with_added_tokens=False), filled.get_vocab_size(with_added_tokens=False)) == (256, 1000)
+    sizes = plain.get_vocab_size(with_added_tokens=False), filled.get_vocab_size(with_added_tokens=False)
+    assert sizes == (256, 1000)
     text = "hi ]~!b[ <mm:think>x</mm:think>\n" + tiny_tokenizer.EOS
     assert filled.encode(text).ids == plain.encode(text).ids
     assert [filled.token_to_id(c) for c in tiny_tokenizer.token_ids()] == list(tiny_tokenizer.token_ids().values())

@@ -37,7 +37,7 @@ class SwiGLUOAIMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
-        if gate_up.is_cuda and self.fused:  # one fused pass (swiglu_triton); the torch form is its twin and the CPU path
+        if gate_up.is_cuda and self.fused:  # one fused pass (swiglu_triton); the torch form: its twin, the CPU path
             from sglang_m3.layers.swiglu_triton import swigluoai_triton
 
             act = swigluoai_triton(gate_up, self.alpha, self.limit)

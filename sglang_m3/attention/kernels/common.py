@@ -64,8 +64,9 @@ INDEXER_TWO_PASS_PROGRAMS_PER_SM = 8
 INDEXER_SELECT_CHUNK = 512
 # Pass 2 of the two-pass indexer, select="rank" (index_block_topk's default): rows of at most this many visible
 # blocks (a power of two) are selected by all-pairs ranking, no dependent rounds; longer rows of the same launch
-# take the radix search. Per row, not per launch: a launch's static max_blocks comes from the pool width (the
-# model's context; 1024 blocks in benchmarks/kernel_decode.py), so a per-launch rule would never rank. The work is
+# take INDEXER_LONG_ROW_SELECT (the radix search until session 11). Per row, not per launch: a launch's static
+# max_blocks comes from the pool width (the model's context; 1024 blocks in benchmarks/kernel_decode.py), so a
+# per-launch rule would never rank. The work is
 # nb^2 int64 compares in one program per (token, index head): at 256 blocks (32K context at block 128) 64K, about
 # the element count of the radix's 8 rounds of [512, 16] digit compares; at 512 it would be 4x that, at 1024 16x.
 # Measured on one H200 (benchmarks/results/2026-11-30-h200x2-s7/kernel_decode.md, the two-pass indexer alone,
@@ -79,25 +80,31 @@ INDEXER_SELECT_CHUNK = 512
 # profile_32k_call9.json). Measured (same place, kernel_decode_call11.md, TP1, two-pass indexer, rank vs radix, us):
 # bs 1: 13.5 vs 19.7 (16K, 128 blocks), 18.5 vs 21.4 (33792, 264 blocks), 24.1 vs 24.8 (64K, 512 blocks); bs 8:
 # 23.2 vs 29.8, 38.9 vs 42.1, 61.4 vs 61.7; same selections.
-INDEXER_RANK_MAX_BLOCKS = 512
+INDEXER_RANK_MAX_BLOCKS = 256  # 512 until session 11: see INDEXER_LONG_ROW_SELECT
 # The price of the 512-row tile (session 9, benchmarks/results/2026-11-30-h200x2-s9/kernel_decode_call8.md, TP1, the
 # two-pass indexer, us, RANK_MAX 512 / 256 / radix for every row, same selections): rows past RANK_MAX, whose radix
 # search runs inside the larger kernel, got slower -- 43.9 / 39.0 / 35.8 at 128K bs 1 (1024 blocks), 113.8 / 110.0 /
 # 107.2 at bs 8 -- while at 64K 512 beats 256 and is level with the radix search (24.5 / 27.8 / 24.9); at 32K both
-# limits run the same 256-row tile (16.9 / 16.2 is noise; radix 21.6). Kept at 512: up to 64K context is the commoner
-# served length, and at 128K the radix search is far off the in-tree's top-k (4.6 us) either way; what closes that
-# gap is a faster select for long rows, not the choice of RANK_MAX.
+# limits run the same 256-row tile (16.9 / 16.2 is noise; radix 21.6). Kept at 512 then: up to 64K context is the
+# commoner served length, and at 128K the radix search was far off the in-tree's top-k (4.6 us) either way. Lowered
+# to 256 in session 11, when the threshold select beat the 512-row rank at 64K (below).
 # Warps of the select kernel. 4 kept. 8 measured (session 10, benchmarks/results/2026-11-30-h200x2-s10/
 # kernel_decode.md, TP1, the two-pass indexer, us, 4 / 8 warps, same selections): bs 1 18.0 / 18.1 (32K), 24.9 / 26.5
 # (64K), 43.2 / 35.2 (128K: rows past RANK_MAX, radix-searched); bs 8 36.6 / 38.0, 61.3 / 63.8, 113.7 / 105.4. 8 warps
 # win only on rows past RANK_MAX, and one launch serves rows of every length: a per-launch rule would trade 1.5-2.5 us
 # at 64K for 8 at 128K.
 INDEXER_SELECT_WARPS = 4
-# Pass 2 for rows past RANK_MAX under the default select="rank": "radix" (the 4-bit radix search, ~31 us at 1024
-# blocks on an H200, session 10) or "threshold" (session 11, not measured on a GPU yet: the need-th largest maximum
-# of the row's groups of INDEXER_THRESHOLD_GROUP blocks bounds the top-k from below, so only the blocks of `need`
-# groups -- at most need x G, ~need on random scores -- are ranked; indexer._threshold_select).
-INDEXER_LONG_ROW_SELECT = "radix"
+# Pass 2 for rows past RANK_MAX under the default select="rank": "threshold" (session 11; indexer._threshold_select:
+# the need-th largest maximum of the row's groups of INDEXER_THRESHOLD_GROUP blocks bounds the top-k from below, so
+# only the blocks of `need` groups -- at most need x G, ~need on random scores -- are ranked) or "radix" (the 4-bit
+# radix search). Measured on one H200 (benchmarks/results/2026-12-01-h200-s11/kernel_decode_*.md, the two-pass
+# indexer, graph replay, us, default of then (rank <= 512 blocks, radix past) / threshold for every row, same
+# selections): TP1 bs 1 13.0 / 16.4 (16K), 15.9 / 17.2 (32K), 23.4 / 18.2 (64K), 41.3 / 23.6 (128K); bs 8 22.5 / 26.2,
+# 36.1 / 37.0, 61.1 / 56.3, 111.0 / 93.6; TP8 bs 1 12.9 / 16.3, 16.2 / 15.3. Hence rank up to 256 blocks (where it
+# wins: 32K context) and threshold past it. That combination in one kernel was compiled for sm_90a (ptxas: 89
+# registers, no spills; rank 512 + radix: 96) but not timed or run on a GPU in session 11 (device time): in session 9
+# a radix search inside the larger rank kernel ran 3-8 us slower than alone, so the threshold rows may too.
+INDEXER_LONG_ROW_SELECT = "threshold"
 INDEXER_THRESHOLD_GROUP = 16
 # Tried and removed (session 10): a forced select="rank_wide" (rows past RANK_MAX ranked by a second launch of the
 # select kernel, row tiles of up to 2048 blocks over 16 warps x 16 columns or 32 warps x 8). Same selections, slower

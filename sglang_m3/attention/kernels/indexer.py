@@ -32,8 +32,10 @@ at warmup and stays valid for every captured graph. Pass 2 (``_indexer_select_ke
 it plus the lowest-id blocks equal to it, ids written ascending through a prefix sum. Same keys, same
 order -> the same selection as the split variant. ``select="rank"`` (the default) runs the same kernel with
 RANK_MAX > 0: rows of at most common.INDEXER_RANK_MAX_BLOCKS visible blocks are selected by all-pairs ranking
-(``_rank_select``: no dependent rounds; faster up to 64K context, see common.py), longer rows of the same launch
-by the radix search; ``select="radix"`` radix-searches every row.
+(``_rank_select``: no dependent rounds; fastest up to 32K context, see common.py), longer rows of the same launch
+by common.INDEXER_LONG_ROW_SELECT: the threshold select (``_threshold_select``: the k-th largest of the rows' group
+maxima bounds the top-k from below, and only the blocks of those k groups are ranked) or the radix search;
+``select="radix"`` / ``"threshold"`` run one of those for every row.
 
 Measured on one H200 (graph replay, bf16, 4 index heads, block 128, top-16): decode bs 256 x 32K
 context 0.52 ms = 4.1 TB/s of index keys; bs 32 x 32K 96 us (2.8 TB/s); bs 1 x 128K 70 us (0.48 TB/s:
