@@ -101,9 +101,10 @@ INDEXER_SELECT_WARPS = 4
 # indexer, graph replay, us, default of then (rank <= 512 blocks, radix past) / threshold for every row, same
 # selections): TP1 bs 1 13.0 / 16.4 (16K), 15.9 / 17.2 (32K), 23.4 / 18.2 (64K), 41.3 / 23.6 (128K); bs 8 22.5 / 26.2,
 # 36.1 / 37.0, 61.1 / 56.3, 111.0 / 93.6; TP8 bs 1 12.9 / 16.3, 16.2 / 15.3. Hence rank up to 256 blocks (where it
-# wins: 32K context) and threshold past it. That combination in one kernel was compiled for sm_90a (ptxas: 89
-# registers, no spills; rank 512 + radix: 96) but not timed or run on a GPU in session 11 (device time): in session 9
-# a radix search inside the larger rank kernel ran 3-8 us slower than alone, so the threshold rows may too.
+# wins: 32K context) and threshold past it. That combination in one kernel was compiled for sm_90a (ptxas: 90
+# registers, no spills, tests/test_kernels_sm90.py; rank 512 + radix: 96) but not timed or run on a GPU in session
+# 11 (device time): in session 9 a radix search inside the larger rank kernel ran 3-8 us slower than alone, so the
+# threshold rows may too. (The threshold code was refactored after its GPU run -- _ranks_in -- same operations.)
 INDEXER_LONG_ROW_SELECT = "threshold"
 INDEXER_THRESHOLD_GROUP = 16
 # Tried and removed (session 10): a forced select="rank_wide" (rows past RANK_MAX ranked by a second launch of the

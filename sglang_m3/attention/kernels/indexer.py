@@ -370,20 +370,27 @@ def _radix_step(hist, need, level, p: tl.constexpr):
 
 
 @triton.jit
-def _kth_key(buf, n, k, RT: tl.constexpr, CC: tl.constexpr):
-    # The k-th largest of the n distinct int64 keys at buf[0:n] (all-pairs ranks, RT rows x CC columns per step);
-    # _MINKEY when n < k.
-    rows = tl.arange(0, RT)
+def _ranks_in(buf, r, n, CC: tl.constexpr):
+    # The keys buf[r] (_MINKEY where r >= n) and the rank of each among the n distinct int64 keys at buf[0:n] (how
+    # many are larger), CC columns per step; padding columns read _MINKEY, which is larger than no real key.
+    kr = tl.load(buf + r, mask=r < n, other=_MINKEY)
     cols = tl.arange(0, CC)
+    rank = r * 0
+    for c0 in range(0, n, CC):
+        c = c0 + cols
+        kc = tl.load(buf + c, mask=c < n, other=_MINKEY)
+        rank += tl.sum((kc[:, None] > kr[None, :]).to(tl.int32), axis=0)
+    return kr, rank
+
+
+@triton.jit
+def _kth_key(buf, n, k, RT: tl.constexpr, CC: tl.constexpr):
+    # The k-th largest of the n distinct int64 keys at buf[0:n] (RT rows at a time); _MINKEY when n < k.
+    rows = tl.arange(0, RT)
     kth = tl.full([RT], _MINKEY, tl.int64)
     for r0 in range(0, n, RT):
         r = r0 + rows
-        kr = tl.load(buf + r, mask=r < n, other=_MINKEY)
-        rank = tl.zeros([RT], tl.int32)
-        for c0 in range(0, n, CC):
-            c = c0 + cols
-            kc = tl.load(buf + c, mask=c < n, other=_MINKEY)
-            rank += tl.sum((kc[:, None] > kr[None, :]).to(tl.int32), axis=0)
+        kr, rank = _ranks_in(buf, r, n, CC)
         kth = tl.maximum(kth, tl.where((r < n) & (rank == k - 1), kr, _MINKEY))
     return tl.max(kth, axis=0)
 
@@ -423,16 +430,10 @@ def _threshold_select(row, out_row, buf, nb, need, G: tl.constexpr, GC: tl.const
         n_cand += tl.sum(pk, axis=0)
     tl.debug_barrier()
     rows = tl.arange(0, RT)
-    cols = tl.arange(0, CC)
     taken = nb * 0
     for r0 in range(0, n_cand, RT):
         r = r0 + rows
-        kr = tl.load(buf + r, mask=r < n_cand, other=_MINKEY)
-        rank = tl.zeros([RT], tl.int32)
-        for c0 in range(0, n_cand, CC):
-            c = c0 + cols
-            kc = tl.load(buf + c, mask=c < n_cand, other=_MINKEY)
-            rank += tl.sum((kc[:, None] > kr[None, :]).to(tl.int32), axis=0)
+        kr, rank = _ranks_in(buf, r, n_cand, CC)
         ids = (kr & 0xFFFFFFFF).to(tl.int32) ^ _BIG_ID
         taken += _store_picks(out_row + taken, (r < n_cand) & (rank < need), ids)
     return taken
