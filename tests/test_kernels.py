@@ -346,6 +346,34 @@ def indexer_select_exact():
 
 
 @cpu_case
+def indexer_merge_threshold_matches_bitonic():
+    """The split variant's merge with INDEXER_MERGE="threshold" (_merge_threshold) equals the default merge exactly
+    (the same partials, the same key order) and the twin up to near-ties: decode rows and extend tiles, more active
+    splits than topk (the threshold decides) and fewer (every key a candidate), tie-heavy keys, init/local blocks,
+    topk above a row's block count."""
+    from sglang_m3.attention.kernels import common
+
+    saved = common.INDEXER_MERGE
+    try:
+        for coarse in (True, False):
+            # 38, 13, 57, 2 blocks at block 16; the extend rows span several tiles
+            b = make_batch([600, 200, 900, 20], [1, 9, 1, 20], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32,
+                           seed=8)
+            if coarse:
+                b["index_k_cache"][:] = torch.round(b["index_k_cache"] * 2)
+                b["index_q"][:] = torch.round(b["index_q"])
+            for (init_b, local_b), topk, ns in (((0, 1), 3, 8), ((1, 1), 5, 3), ((0, 0), 16, 12), ((2, 1), 4, 2)):
+                common.INDEXER_MERGE = "bitonic"
+                default, want = run_both_indexers(b, 16, topk, init_b, local_b, num_splits=ns, two_pass=False)
+                common.INDEXER_MERGE = "threshold"
+                got, _ = run_both_indexers(b, 16, topk, init_b, local_b, num_splits=ns, two_pass=False)
+                assert torch.equal(got, default), (coarse, init_b, local_b, topk, ns, got, default)
+                assert_same_selection(got, want, b, 16, 1e-5)
+    finally:
+        common.INDEXER_MERGE = saved
+
+
+@cpu_case
 def indexer_pass2_launches():
     """Which pass-2 launch index_block_topk makes, with which settings. Every select gives the same selection (the
     tests around this one), so only this shows that each select takes its module constants (RANK_MAX, the warp
@@ -617,7 +645,8 @@ _WORKER_SPLIT = [
     ["indexer_init_local_variants", "decode_fp32_mqa_splits", "bf16_mixed",
      "graph_style_decode_with_frozen_workspace"],
     ["indexer_prefetch_variants", "indexer_two_pass_matches_twin", "indexer_select_ties",
-     "indexer_select_exact", "indexer_select_rank_matches_radix", "indexer_pass2_launches"],
+     "indexer_select_exact", "indexer_select_rank_matches_radix", "indexer_pass2_launches",
+     "indexer_merge_threshold_matches_bitonic"],
 ]
 assert sorted(sum(_WORKER_SPLIT, [])) == sorted(CPU_CASES)
 
@@ -713,6 +742,15 @@ def check_gpu_indexer_variants(b, got):
         sels[two_pass, select] = sel
     assert torch.equal(sels[True, "rank"], sels[True, "radix"]), "rank and radix pass 2 differ"
     assert torch.equal(sels[True, "threshold"], sels[True, "radix"]), "threshold and radix pass 2 differ"
+    from sglang_m3.attention.kernels import common
+
+    saved, common.INDEXER_MERGE = common.INDEXER_MERGE, "threshold" if common.INDEXER_MERGE == "bitonic" else "bitonic"
+    try:  # the split variant's other merge: the same partials, so exactly the same selection
+        other = K.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=BLOCK,
+                                   topk_blocks=TOPK, two_pass=False)
+    finally:
+        common.INDEXER_MERGE = saved
+    assert torch.equal(other, sels[False, "radix"]), "the two merges of the split variant differ"
 
 
 @pytest.mark.gpu

@@ -39,6 +39,10 @@ INDEXER_MIN_BLOCKS_PER_SPLIT = 4
 # two with this chunk cut to it): TP1 bs 32 96.3 / 92.2 (32K), 161.2 / 157.8 (64K), 290.3 / 291.1 (128K); TP8 91.6 /
 # 89.6, 156.4 / 156.4, 285.6 / 287.9 -- 2-4 us at <= 64K, none at 128K, against a merge of ~21 us (in-tree top-k 3.5-5).
 INDEXER_MERGE_CHUNK = 32
+# How the merge kernel combines the split partials: "bitonic" (tl.topk over chunks of INDEXER_MERGE_CHUNK splits, the
+# interpreter: TOPK rounds of max) or "threshold" (session 11, not measured on a GPU: the TOPK-th largest of the
+# splits' best keys bounds the top-k from below, so at most TOPK x TOPK candidates are ranked; indexer._merge_threshold).
+INDEXER_MERGE = "bitonic"
 INDEXER_NUM_STAGES = 2  # no measurable effect (1..4) on the gather-bound loop
 # The indexer loop loads the next key block ahead when its grid has at most this many programs per SM
 # (H100, graph replay, TP1 heads: bs 1 x 128K 100 -> 86 us, bs 1 x 4K 53.2 -> 51.8 us; always on, the
