@@ -52,8 +52,8 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer two-pass rank / threshold | indexer split (threshold merge) | sel ≠ two-pass / rank / threshold / split / "
-                  "split threshold |",
+                  "indexer two-pass rank / threshold | indexer split (threshold merge) | "
+                  "sel ≠ two-pass / rank / threshold / split / split threshold |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
