@@ -142,7 +142,7 @@ _DECODE_LINE = re.compile(r"Decode batch[^,]*, #running-req: (\d+),.*?gen throug
 
 def scheduler_summary(log: str) -> dict:
     """What the scheduler did during a measured run, from SGLang's own log lines (a scheduler-level view of where the
-    time went, at no profiling cost). Per "Prefill batch" line: new requests and tokens, and the wall time since the
+    time went, at no profiling cost; the serving benchmark's own one-request warm-up, sent first, is included). Per "Prefill batch" line: new requests and tokens, and the wall time since the
     previous prefill line (new tokens / its "input throughput"), which inside a burst of back-to-back prefill batches
     is one batch's wall time; per "Decode batch" line (every 40 decode steps): batch size and "gen throughput".
     Medians, so one slow batch (a JIT compile) does not move them."""
@@ -259,7 +259,8 @@ def markdown(results: dict) -> str:
             ratio = lambda k: f"{r[k]:.2f}" if k in r else "—"  # noqa: E731
             lines.append(f"| {r['workload']} | {fmt(r['ours_mxfp8'])} | {ratio('mxfp8_throughput_ratio')} | "
                          f"{ratio('mxfp8_tpot_ratio')} |")
-    lines += ["", "Scheduler, measured waves (SGLang's log lines, `scheduler_summary`): prefill batches, median new "
+    lines += ["", "Scheduler, measured run (SGLang's log lines, `scheduler_summary`; the serving benchmark's own "
+              "warm-up request included): prefill batches, median new "
               "requests / tokens per batch, median wall time between prefill lines, largest queue, median decode "
               "batch size and gen throughput", "",
               "| workload | server | prefill batches | new req / tokens | prefill gap ms | max queue | decode bs "

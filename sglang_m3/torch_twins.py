@@ -7,9 +7,11 @@ numerical difference on the GPU (scripts/gpu_e2e.py's `ours_twins:...` servers),
   qk_norm_rope  the per-head Gemma norms + partial RoPE (layers/qk_norm_rope.qk_norm_rope_torch)
   swiglu        the clamped SwiGLU of the dense MLP and the shared expert (layers/swiglu.swigluoai)
   moe           the routed experts (layers/moe.routed_experts_torch with its own routing, instead of SGLang's
-                TopK + FusedMoE); it syncs with the host, so serve it with --disable-cuda-graph
+                TopK + FusedMoE); bf16/fp32 experts without expert parallelism only
 
-Read when a layer or the attention backend is built (once per server process). On CPU the twins are the only path.
+The msa and moe twins sync with the host (.tolist()), so they need --disable-cuda-graph: the attention backend
+refuses decode-graph capture with them, naming this setting. Read when a layer or the attention backend is built
+(once per server process). On CPU the twins are the only path.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ def torch_twins(value: str | None = None) -> frozenset[str]:
     Raises ValueError naming the unknown part(s) and the valid ones."""
     raw = os.environ.get(ENV, "") if value is None else value
     names = {p.strip() for p in raw.split(",") if p.strip()}
-    if "all" in names:
-        return frozenset(PARTS)
-    unknown = sorted(names - set(PARTS))
+    unknown = sorted(names - set(PARTS) - {"all"})
     if unknown:
         raise ValueError(f"{ENV}={raw!r}: unknown part(s) {unknown}; valid: {', '.join(PARTS)} or 'all'")
-    return frozenset(names)
+    return frozenset(PARTS) if "all" in names else frozenset(names)
+
+
+# Twins that sync with the host and so cannot run inside a captured CUDA graph.
+NOT_GRAPH_SAFE = ("msa", "moe")
 
 
 def use_torch_twin(part: str) -> bool:

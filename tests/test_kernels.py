@@ -291,8 +291,9 @@ SELECT_FORMS = ((0, 1, 1, 0, 1, 1), (16, 4, 4, 0, 1, 1), (32, 32, 8, 0, 1, 1), (
 
 @cpu_case
 def indexer_select_exact():
-    """Pass 2 alone (_indexer_select_kernel: the radix select and the all-pairs rank of select="rank", with rows
-    beyond a form's reach falling back to the radix search in the same launch, SELECT_FORMS) on hand-made int32
+    """Pass 2 alone (_indexer_select_kernel: the radix select, the threshold select and the all-pairs rank of
+    select="rank", with rows beyond a form's reach taking the radix or threshold path in the same launch,
+    SELECT_FORMS) on hand-made int32
     score-image rows against a plain sort (score descending, ties to the lower id): full-range random images,
     images equal in their top 1 / 2 / 3 bytes (the later radix rounds decide), many exact ties, INT32_MIN /
     INT32_MAX; rows shorter and longer than the interpreter's chunk (8), nb below / equal / above topk, nb =

@@ -732,6 +732,8 @@ def test_torch_twins_setting_is_parsed_and_refused_by_name(monkeypatch):
     assert torch_twins("all") == set(PARTS) and torch_twins("") == set()
     with pytest.raises(ValueError, match="bogus"):
         torch_twins("msa,bogus")
+    with pytest.raises(ValueError, match="bogus"):  # "all" does not hide a typo beside it
+        torch_twins("all,bogus")
     monkeypatch.setenv(ENV, "swiglu")
     assert use_torch_twin("swiglu") and not use_torch_twin("msa")
     with pytest.raises(ValueError, match="swigglu"):
@@ -756,6 +758,26 @@ def test_layers_take_their_torch_twin_when_asked(sglang_env, monkeypatch):
     assert built["swiglu"] == (False, qk_norm_rope_)
     assert built["qk_norm_rope"] == (True, qk_norm_rope_torch)
     assert built["all"] == (False, qk_norm_rope_torch)
+
+
+def test_backend_refuses_graph_capture_with_host_syncing_twins(monkeypatch):
+    """The msa and moe twins call .tolist(): decode-graph capture with them is refused up front, naming the setting
+    (on CUDA; this CPU run gives the backend a CUDA device attribute, nothing else of it is touched)."""
+    import torch as _torch
+
+    from sglang_m3.attention.backend import M3SparseAttnBackend
+    from sglang_m3.torch_twins import ENV
+
+    backend = object.__new__(M3SparseAttnBackend)
+    backend.__dict__["device"] = _torch.device("cuda")
+    for setting, refused in (("moe", True), ("all", True), ("qk_norm_rope,swiglu", False)):
+        monkeypatch.setenv(ENV, setting)
+        if refused:
+            with pytest.raises(ValueError, match=f"{ENV}.*--disable-cuda-graph"):
+                backend.init_cuda_graph_state(4, 4)
+        else:  # graph-safe twins pass the check and reach the dense backend (absent here)
+            with pytest.raises(AttributeError, match="dense"):
+                backend.init_cuda_graph_state(4, 4)
 
 
 # (config validation: tests/test_config.py)

@@ -25,7 +25,8 @@ from sglang.srt.runtime_context import get_parallel
 
 from sglang_m3.attention import kernels, reference
 from sglang_m3.config import m3_text_view
-from sglang_m3.torch_twins import use_torch_twin
+from sglang_m3.torch_twins import ENV as TWINS_ENV
+from sglang_m3.torch_twins import NOT_GRAPH_SAFE, torch_twins, use_torch_twin
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ class M3SparseAttnBackend(AttentionBackend):
         self._meta = self._sparse_metadata(forward_batch)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        syncing = sorted(torch_twins() & set(NOT_GRAPH_SAFE)) if self.device.type == "cuda" else []
+        if syncing:
+            raise ValueError(f"{TWINS_ENV} names {syncing}, torch twins that sync with the host and cannot be "
+                             "captured in CUDA graphs: serve with --disable-cuda-graph")
         self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
         if not self.use_kernels:
             return

@@ -70,6 +70,9 @@ class M3MoE(nn.Module):
                                            prefix=add_prefix("shared_experts", prefix), reduce_results=False,
                                            quant_config=quant_config)
         fused = is_cuda() and not use_torch_twin("moe")
+        if not fused and is_cuda() and (quant_config is not None or self.experts.num_local_experts != view.num_experts):
+            raise ValueError("SGLANG_M3_TORCH_TWINS=moe: the torch experts read unquantized weights of every expert; "
+                             "this server quantizes its experts or splits them over expert-parallel ranks")
         self.routed_experts = self.routed_experts_fused if fused else self.routed_experts_torch
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:

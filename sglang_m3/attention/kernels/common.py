@@ -41,7 +41,8 @@ INDEXER_MIN_BLOCKS_PER_SPLIT = 4
 INDEXER_MERGE_CHUNK = 32
 # How the merge kernel combines the split partials: "bitonic" (tl.topk over chunks of INDEXER_MERGE_CHUNK splits, the
 # interpreter: TOPK rounds of max) or "threshold" (session 11, not measured on a GPU: the TOPK-th largest of the
-# splits' best keys bounds the top-k from below, so at most TOPK x TOPK candidates are ranked; indexer._merge_threshold).
+# splits' best keys bounds the top-k from below, so at most TOPK x TOPK candidates are ranked; indexer._merge_threshold;
+# decode-form batches only, extend batches keep the bitonic merge).
 INDEXER_MERGE = "bitonic"
 INDEXER_NUM_STAGES = 2  # no measurable effect (1..4) on the gather-bound loop
 # The indexer loop loads the next key block ahead when its grid has at most this many programs per SM
@@ -105,10 +106,11 @@ INDEXER_SELECT_WARPS = 4
 # indexer, graph replay, us, default of then (rank <= 512 blocks, radix past) / threshold for every row, same
 # selections): TP1 bs 1 13.0 / 16.4 (16K), 15.9 / 17.2 (32K), 23.4 / 18.2 (64K), 41.3 / 23.6 (128K); bs 8 22.5 / 26.2,
 # 36.1 / 37.0, 61.1 / 56.3, 111.0 / 93.6; TP8 bs 1 12.9 / 16.3, 16.2 / 15.3. Hence rank up to 256 blocks (where it
-# wins: 32K context) and threshold past it. That combination in one kernel was compiled for sm_90a (ptxas: 90
-# registers, no spills, tests/test_kernels_sm90.py; rank 512 + radix: 96) but not timed or run on a GPU in session
-# 11 (device time): in session 9 a radix search inside the larger rank kernel ran 3-8 us slower than alone, so the
-# threshold rows may too. (The threshold code was refactored after its GPU run -- _ranks_in -- same operations.)
+# wins at TP1 and 16K; 32K at TP8 bs 1 is 0.9 us the other way) and threshold past it. That combination in one
+# kernel was compiled for sm_90a (ptxas: 90 registers, no spills, tests/test_kernels_sm90.py; rank 512 + radix: 96)
+# but not timed or run on a GPU in session 11 (device time): in session 9 a radix search inside the larger rank
+# kernel ran 3-8 us slower than alone, so the threshold rows may too. (The threshold code was refactored after its
+# GPU run -- _ranks_in -- same operations.)
 INDEXER_LONG_ROW_SELECT = "threshold"
 INDEXER_THRESHOLD_GROUP = 16
 # Tried and removed (session 10): a forced select="rank_wide" (rows past RANK_MAX ranked by a second launch of the

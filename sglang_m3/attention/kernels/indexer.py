@@ -481,8 +481,8 @@ def _threshold_select(row, out_row, buf, nb, need, G: tl.constexpr, GC: tl.const
     # among them, and every such block lies in one of the `need` groups whose maximum is >= tau: at most need * G
     # candidates (random scores: ~need). They are compacted in block order into buf (a per-row int64 scratch of
     # max(groups, TOPK * G)), ranked all-pairs, and the picks written through a prefix sum, ids ascending -- the
-    # radix search's exact output. Work: one read of the row per pass (3), ranks over ~nb / G maxima and ~need
-    # candidates, instead of 8 dependent histogram rounds over the row.
+    # radix search's exact output. Work: two reads of the row (maxima, candidates), ranks over ~nb / G maxima and
+    # ~need candidates, instead of 8 dependent histogram rounds over the row.
     ng = (nb + G - 1) // G
     gi = tl.arange(0, GC)
     for g0 in range(0, ng, GC):  # the group maxima into buf[0:ng]
@@ -519,7 +519,8 @@ def _indexer_select_kernel(
     # Pass 2 of the two-pass indexer: one program per (token, index head). The selection is the top TOPK visible
     # blocks by score image (the int32 order-preserving image pass 1 stored), ties to the lower block id -- the
     # order of the packed keys everywhere else. Rows of <= RANK_MAX blocks are ranked all-pairs (_rank_select);
-    # longer ones take the radix search: instead of sorting 64-bit keys it finds the threshold tau = the k-th
+    # longer ones take the threshold select (G > 0, _threshold_select) or the radix search (G == 0), which instead
+    # of sorting 64-bit keys finds the threshold tau = the k-th
     # largest image (k = min(TOPK, visible blocks)) MSB first, 4 bits per round (8 rounds, each a 16-bin
     # histogram of the blocks whose higher digits equal tau's so far), then takes every block above tau and the
     # lowest-id blocks equal to it, writing their ids in ascending order at the running count of picks (a prefix
@@ -601,7 +602,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
 
     Extra keyword arguments (all optional):
       meta       -- ``common.prepare_meta(...)`` for this forward (built here if None);
-      workspace  -- MSAWorkspace holding the split partials / block scores (allocated per call if None);
+      workspace  -- MSAWorkspace holding the split partials / block scores and the threshold select's and threshold
+                    merge's int64 scratch ("indexer.select_buf", "indexer.merge_buf"; allocated per call if None);
       num_splits -- override the key-range split count (pass-1 programs per token in the two-pass variant;
                     tests; must be fixed under a graph);
       two_pass   -- force the two-pass (True) or split (False) variant; None: ``uses_two_pass(meta)``.
@@ -662,6 +664,10 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     interp = common.interpret_mode()
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    if common.INDEXER_LONG_ROW_SELECT not in ("radix", "threshold") or common.INDEXER_MERGE not in ("bitonic",
+                                                                                                     "threshold"):
+        raise ValueError(f"common.INDEXER_LONG_ROW_SELECT {common.INDEXER_LONG_ROW_SELECT!r} (radix|threshold) or "
+                         f"INDEXER_MERGE {common.INDEXER_MERGE!r} (bitonic|threshold) is not a known form")
     if two_pass:
         max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
         n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
@@ -698,17 +704,18 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
         _indexer_select_kernel[(T, H)](
             meta.tok_row, meta.tok_pos, out, out.stride(0), out.stride(1), scores, max_blocks, buf, buf_w,
             H=H, BLOCK_SIZE=block_size, TOPK=topk_blocks, K_PAD=k_pad, CH=8 if interp else common.INDEXER_SELECT_CHUNK,
-            # rank: one row tile covers a ranked row (RB = RANK_MAX rows, 4 per thread at 512 and 4 warps; the
-            # RB // 2 tile for rows of <= RANK_MAX / 2), 32 columns per step. At RANK_MAX 256 (one tile), sm_90
-            # ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair in the whole-step loop (16
-            # columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions per pair); not re-read at
-            # 512. 4 warps as the radix: rows past RANK_MAX run with the default's launch shape.
+            # rank: one row tile covers a ranked row (RB = RANK_MAX rows, 2 per thread at 256 and 4 warps; the
+            # RB // 2 tile for rows of <= RANK_MAX / 2), 32 columns per step. At RANK_MAX 256 with the radix search
+            # past it (session 7), sm_90 ptxas: 96 registers, no spills, ~6 SASS instructions per (row, column) pair
+            # in the whole-step loop (16 columns: a 4-byte spill; 8 warps, 1 row per thread: ~1.5x the instructions
+            # per pair); with the threshold select past it 90 (tests/test_kernels_sm90.py). 4 warps for every path.
             RANK_MAX=rank_max, RB=max(2, rank_max), CC=32, num_warps=common.INDEXER_SELECT_WARPS,
             # threshold: group maxima of G blocks, GC groups per step (1024 blocks), ranks in [32, 64] steps
             G=g, GC=4 if interp else 64, RT=8 if interp else 64)
     elif n_splits > 1:
         r = max(4, h_pad)  # R=1 hangs triton 3.6's compiler
-        thr = common.INDEXER_MERGE == "threshold"
+        # (decode-form batches only: the scratch is per token, and an extend batch can hold thousands)
+        thr = common.INDEXER_MERGE == "threshold" and bt == 1
         buf_w = max(n_splits, topk_blocks * topk_blocks) if thr else 1  # split bests, then <= TOPK^2 candidates
         buf = common.scratch(workspace, "indexer.merge_buf", (T, r, buf_w), torch.int64, dev) if thr else part
         _indexer_merge_kernel[(n_tiles, bt)](
