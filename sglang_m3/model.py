@@ -111,8 +111,8 @@ class M3Attention(nn.Module):
             for rope_name, groups in norm_rope:  # per-head Gemma norm, then partial NeoX RoPE (§2.4, §3.1), in place
                 rope = getattr(self, rope_name)
                 self._norm_rope(y, positions, rope.cos_sin_cache,
-                              [(col, heads, getattr(self, norm).weight) for col, heads, norm in groups],
-                              rope.rotary_dim, self.eps)
+                                [(col, heads, getattr(self, norm).weight) for col, heads, norm in groups],
+                                rope.rotary_dim, self.eps)
             parts += y.split(sizes, dim=-1)
         q, k, v, *index = parts
         if self.is_sparse:
