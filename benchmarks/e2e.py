@@ -142,9 +142,10 @@ _DECODE_LINE = re.compile(r"Decode batch[^,]*, #running-req: (\d+),.*?gen throug
 
 def scheduler_summary(log: str) -> dict:
     """What the scheduler did during a measured run, from SGLang's own log lines (a scheduler-level view of where the
-    time went, at no profiling cost; the serving benchmark's own one-request warm-up, sent first, is included). Per "Prefill batch" line: new requests and tokens, and the wall time since the
-    previous prefill line (new tokens / its "input throughput"), which inside a burst of back-to-back prefill batches
-    is one batch's wall time; per "Decode batch" line (every 40 decode steps): batch size and "gen throughput".
+    time went, at no profiling cost; the serving benchmark's own one-request warm-up, sent first, is included). Per
+    "Prefill batch" line: new requests and tokens, and the wall time since the previous prefill line (new tokens /
+    its "input throughput"), which inside a burst of back-to-back prefill batches is one batch's wall time; per
+    "Decode batch" line (every 40 decode steps): batch size and "gen throughput".
     Medians, so one slow batch (a JIT compile) does not move them."""
     import statistics
 

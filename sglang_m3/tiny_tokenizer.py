@@ -78,12 +78,12 @@ def build_tokenizer(vocab_size: int | None = None):
     byte + special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    chars = _bytes_to_unicode()
+    vocab = {ch: b for b, ch in chars.items()}
     if vocab_size is not None:
         first = BYTE_TOKENS + len(SPECIAL_TOKENS)
         if vocab_size < first:
             raise ValueError(f"vocab_size {vocab_size} < the {first} byte and special tokens")
-        chars = _bytes_to_unicode()
         # the special strings keep their ids inside the model's vocabulary (added below, they reuse these entries)
         vocab.update({content: i for content, i in token_ids().items()})
         vocab.update({"".join(chars[b] for b in filler_token(i).encode()): i for i in range(first, vocab_size)})

@@ -15,6 +15,7 @@ from sglang.srt.layers.moe.topk import TopK
 from sglang.srt.utils import add_prefix, is_cuda
 
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP, swigluoai
+from sglang_m3.torch_twins import ENV as TWINS_ENV
 from sglang_m3.torch_twins import use_torch_twin
 
 
@@ -71,7 +72,7 @@ class M3MoE(nn.Module):
                                            quant_config=quant_config)
         fused = is_cuda() and not use_torch_twin("moe")
         if not fused and is_cuda() and (quant_config is not None or self.experts.num_local_experts != view.num_experts):
-            raise ValueError("SGLANG_M3_TORCH_TWINS=moe: the torch experts read unquantized weights of every expert; "
+            raise ValueError(f"{TWINS_ENV} names moe: the torch experts read unquantized weights of every expert; "
                              "this server quantizes its experts or splits them over expert-parallel ranks")
         self.routed_experts = self.routed_experts_fused if fused else self.routed_experts_torch
 
