@@ -4,11 +4,15 @@
 # STEP_TIMEOUT, default 300; "NAME@SECONDS=COMMAND" sets it per step) and its log in $OUT/work/NAME/log.txt. Steps
 # run in order and a failing step does not stop the next. Steps named "gpu1:NAME" run, in their own order, on the
 # second GPU of a two-GPU host alongside the others; the round waits for them before archiving.
+# The device tool kills a call past its own limit without unwinding it, and a server (its own session) may survive
+# that on a warm host: keep the step limits' sum ~20 s under the call's limit, and every round first stops servers
+# left by an earlier call (they hold the GPU's memory and the ports of the next servers).
 #   bash scripts/gpu_round.sh "kernels@300=python3 -m pytest -m gpu tests/test_kernels.py" "gpu1:spec=bash scripts/gpu_spec.sh"
 set -uo pipefail
 root=${OUT:?set OUT}
 mkdir -p "$root/work"
 source scripts/gpu_setup.sh >"$root/work/setup.log" 2>&1
+if pkill -9 -f "^[^ ]*python[^ ]* -m sglang.launch_server" 2>/dev/null; then echo "stopped servers left by an earlier call"; sleep 5; fi
 export OUT=$root
 cat "$root/device.txt" 2>/dev/null
 

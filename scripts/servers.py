@@ -40,12 +40,27 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
+def _require_free_port(port: int, name: str) -> None:
+    """Raise RuntimeError when something already listens on 127.0.0.1:`port`. A server left running by an earlier,
+    killed call (a device call past its limit is killed without unwinding) would otherwise answer /health_generate
+    for the one being launched, whose own launch then fails on the port: session 12's first e2e run of ours measured
+    the in-tree left from the call before."""
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"{name}: port {port} already in use (a server left from an earlier run? "
+                               f"stop it first, e.g. pkill -f sglang.launch_server)")
+
+
 class Server:
     def __init__(self, name: str, model_path: Path, flags, *, log_dir: Path, port: int, env: dict | None = None):
         _interrupt_on_sigterm()
         # Parallel lanes of one host (scripts/gpu_round.sh runs one per GPU) use disjoint port ranges.
         port += 1000 * int(os.environ.get("SGLANG_M3_PORT_LANE", "0"))
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
+        _require_free_port(port, name)
         self.log_path = Path(log_dir) / f"server_{name}.log"
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--port", str(port),
                *flags]
