@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,7 +110,9 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, wa
     shape JIT-compile Triton kernels not in the cache (a fused-MoE config tuned since the cache was filled, a new
     batch size), and that compile landed inside the measured duration
     (session 8: ours' first workload after start-up ran with new MoE configs; session 7: a 128K x 2 outlier on a
-    freshly started server). SGLang's bench sends one warm-up request only, of the first prompt."""
+    freshly started server). SGLang's bench sends one warm-up request only, of the first prompt; `--flush-cache`
+    empties the radix cache after it, so no measured prompt is a cache hit (the warm-up wave's prompts, drawn with the
+    same seed, are the measured run's first ones)."""
     inp, outp, conc = workload
 
     def run(tag: str, prompts: int) -> dict:
@@ -118,7 +121,10 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, wa
         cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--port", str(server.port),
                "--model", str(ckpt), "--dataset-name", "random-ids", "--tokenize-prompt", "--random-range-ratio", "1",
                "--random-input-len", str(inp), "--random-output-len", str(outp), "--num-prompts", str(prompts),
-               "--max-concurrency", str(conc), "--disable-tqdm", "--output-file", str(result)]
+               "--max-concurrency", str(conc), "--disable-tqdm", "--output-file", str(result),
+               # an empty radix cache after the bench's own warm-up request: the warm-up wave's prompts are the first
+               # ones of the measured run (same seed), and were served from the cache until session 12
+               "--flush-cache"]
         with open(work / f"bench_{server.name}_{name}{tag}.log", "w") as f:
             subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, timeout=1800)
         return json.loads(result.read_text().strip().splitlines()[-1])
@@ -346,9 +352,15 @@ def main():
         write(out / "e2e.md", markdown(results))
         return results
 
+    def keep_log(name: str) -> None:  # the server's own log beside the results (start-up phases, JIT compiles)
+        log = work / f"server_{name}.log"
+        if log.exists():
+            shutil.copyfile(log, out / log.name)
+
     def progress(name: str, partial: dict) -> None:
         try:
             save(name, partial)
+            keep_log(name)
         except Exception as e:  # noqa: BLE001 -- a failed interim save must not end the server's run
             print(f"e2e: interim save of {name} failed: {e!r}", file=sys.stderr, flush=True)
 
@@ -358,6 +370,7 @@ def main():
         info = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp, waves=args.waves,
                           progress=lambda partial, name=name: progress(name, partial))
         results = save(name, info)
+        keep_log(name)
     print(markdown(results))
 
 

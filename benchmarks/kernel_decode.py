@@ -123,12 +123,12 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     # Both indexer variants, forced, each captured alone (where the shape rule should switch; same selection);
     # two-pass with each pass 2 ("rank", the default: all-pairs ranking of rows up to INDEXER_RANK_MAX_BLOCKS
     # blocks, INDEXER_LONG_ROW_SELECT above; "radix": the radix search for every row; "threshold": the group-maximum
-    # threshold for every row); the split variant with each merge (common.INDEXER_MERGE: a module constant that
-    # column sets for its capture only, a knob).
+    # threshold for every row). A column may set module constants for its capture only (the knobs; none now: the
+    # 8-warp select column of session 10 decided its question, common.py).
     columns = (
         (True, "radix", "two_pass", {}), (True, "rank", "two_pass_rank", {}),
         (True, "threshold", "two_pass_threshold", {}),
-        (False, "radix", "split", {}), (False, "radix", "split_merge_threshold", dict(INDEXER_MERGE="threshold")))
+        (False, "radix", "split", {}))
     saved = {k: getattr(common, k) for *_, knobs in columns for k in knobs}  # every constant a column sets
     for two_pass, select, name, knobs in columns:
         for k, v in knobs.items():

@@ -52,8 +52,7 @@ def markdown(res) -> str:
     if timed:
         lines += ["", "## Where our decode step goes (each stage captured alone, median µs), both indexer variants", "",
                   "| heads | bs | context | meta | store (unfused) | indexer (variant) | attention | indexer two-pass | "
-                  "indexer two-pass rank / threshold | indexer split (threshold merge) | "
-                  "sel ≠ two-pass / rank / threshold / split / split threshold |",
+                  "indexer two-pass rank / threshold | indexer split | sel ≠ two-pass / rank / threshold / split |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
             lines.append(
@@ -64,13 +63,11 @@ def markdown(res) -> str:
                 f"{_f(r.get('ours_indexer_two_pass_us'), '.1f')} | "
                 f"{_f(r.get('ours_indexer_two_pass_rank_us'), '.1f')} / "
                 f"{_f(r.get('ours_indexer_two_pass_threshold_us'), '.1f')} | "
-                f"{_f(r.get('ours_indexer_split_us'), '.1f')} "
-                f"({_f(r.get('ours_indexer_split_merge_threshold_us'), '.1f')}) | "
+                f"{_f(r.get('ours_indexer_split_us'), '.1f')} | "
                 f"{r.get('sel_mismatch_two_pass_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_rank_vs_ours', '—')} / "
                 f"{r.get('sel_mismatch_two_pass_threshold_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_split_vs_ours', '—')} / "
-                f"{r.get('sel_mismatch_split_merge_threshold_vs_ours', '—')} |")
+                f"{r.get('sel_mismatch_split_vs_ours', '—')} |")
     if g["prefill"]:
         lines += ["", "## Prefill (one prompt, one sparse layer, eager, median)", "",
                   "| heads | prompt | ours ms | in-tree ms | ours tok/s | in-tree tok/s | speed-up | max abs Δ | sel ≠ |",

@@ -38,12 +38,10 @@ INDEXER_MIN_BLOCKS_PER_SPLIT = 4
 # results/2026-11-30-h200x2-s10/kernel_decode.md, split indexer, us, as is / split count rounded down to a power of
 # two with this chunk cut to it): TP1 bs 32 96.3 / 92.2 (32K), 161.2 / 157.8 (64K), 290.3 / 291.1 (128K); TP8 91.6 /
 # 89.6, 156.4 / 156.4, 285.6 / 287.9 -- 2-4 us at <= 64K, none at 128K, against a merge of ~21 us (in-tree top-k 3.5-5).
+# A threshold merge (session 11: the TOPK-th largest of the splits' best keys bounds the top-k, <= TOPK^2 candidates
+# ranked) measured in session 12, TP1 bs 32, split indexer us, bitonic / threshold: 96.5 / 98.6 (32K), 161.0 / 158.5
+# (64K), 290.6 / 288.0 (128K) -- removed; bs 32 now takes the two-pass indexer, which has no merge.
 INDEXER_MERGE_CHUNK = 32
-# How the merge kernel combines the split partials: "bitonic" (tl.topk over chunks of INDEXER_MERGE_CHUNK splits, the
-# interpreter: TOPK rounds of max) or "threshold" (session 11, not measured on a GPU: the TOPK-th largest of the
-# splits' best keys bounds the top-k from below, so at most TOPK x TOPK candidates are ranked; indexer._merge_threshold;
-# decode-form batches only, extend batches keep the bitonic merge).
-INDEXER_MERGE = "bitonic"
 INDEXER_NUM_STAGES = 2  # no measurable effect (1..4) on the gather-bound loop
 # The indexer loop loads the next key block ahead when its grid has at most this many programs per SM
 # (H100, graph replay, TP1 heads: bs 1 x 128K 100 -> 86 us, bs 1 x 4K 53.2 -> 51.8 us; always on, the
@@ -61,10 +59,19 @@ INDEXER_PREFETCH_PROGRAMS_PER_SM = 1
 # With the radix pass 2 (one program per (token, index head); benchmarks/results/2026-11-30-h200x2-s5/
 # kernel_decode.md), two-pass vs split, us: bs 1: 21.4 vs 40.5 (32K), 35.4 vs 59.7 (128K); bs 8: 41.9 vs 57.0
 # (32K), 106.7 vs 108.4 (128K) -- and vs the bitonic pass 2 it replaced: 26.9, 51.1, 47.3, 126.0 us, same
-# selections. bs 2-4 and 9-16 not measured. bs 32: split (pass 1 alone is the larger part there).
-INDEXER_TWO_PASS_MAX_TILES = 8
-# Pass-1 programs aimed for per SM (a program scores >= 1 key block; programs beyond the token's blocks exit).
-INDEXER_TWO_PASS_PROGRAMS_PER_SM = 8
+# selections. bs 2-4 and 9-16 not measured. bs 32: split (pass 1 alone is the larger part there) -- until session 12:
+# with 16 pass-1 programs per SM and the rank/threshold pass 2, two-pass also wins at bs 32 (the split variant's
+# merge costs ~20 us there). H200 TP1, whole layer, us (benchmarks/results/2026-12-01-h200-s12/
+# sweep_two_pass_bs8_32.log, the split variant and the in-tree from kernel_decode.md of the same lease):
+#   bs 32: 129.9 two-pass vs 146.4 split, in-tree 140.5 (32K); 317.1 vs 340.1, in-tree 328.9 (128K).
+# bs 9-31 and bs 33+ not measured; past 32 the split kernel's programs fill the GPU as before.
+INDEXER_TWO_PASS_MAX_TILES = 32
+# Pass-1 programs aimed for per SM (a program scores >= 1 key block; programs beyond the token's blocks exit). Session
+# 12 (same files), TP1 whole layer, us, 2 / 4 / 8 / 16 per SM: bs 8 62.3 / 61.0 / 61.9 / 61.6 (32K), 130.1 / 108.4 /
+# 116.7 / 106.6 (128K); bs 32 149.3 / 131.3 / 139.0 / 129.9 (32K), 401.4 / 324.6 / 360.7 / 317.1 (128K). Not
+# monotonic (8 is worse than 4 and 16: likely a partial last wave of resident programs); bs 1 is unchanged from 8 up
+# (capped at one program per block of the row: 1040 at 133120 tokens); bs 2-7 not measured.
+INDEXER_TWO_PASS_PROGRAMS_PER_SM = 16
 # Block scores per chunk of pass 2, the radix select (power of two).
 INDEXER_SELECT_CHUNK = 512
 # Pass 2 of the two-pass indexer, select="rank" (index_block_topk's default): rows of at most this many visible

@@ -226,77 +226,13 @@ def _indexer_kernel(
                  mask=row_ok[:, None] & (kcol[None, :] < TOPK))
 
 
-@triton.jit
-def _rows_ranks(buf, roff, r, n, n_max, CC: tl.constexpr):
-    # Per row i (roff [R, 1]: its offset in buf): the keys at positions r [RT] (_MINKEY where r >= n[i], n [R, 1])
-    # and the rank of each among that row's n[i] distinct keys (how many are larger), CC columns per step.
-    kr = tl.load(buf + roff + r[None, :], mask=r[None, :] < n, other=_MINKEY)  # [R, RT]
-    cols = tl.arange(0, CC)
-    rank = (r[None, :] < n).to(tl.int32) * 0
-    for c0 in range(0, n_max, CC):
-        c = c0 + cols
-        kc = tl.load(buf + roff + c[None, :], mask=c[None, :] < n, other=_MINKEY)  # [R, CC]
-        rank += tl.sum((kc[:, :, None] > kr[:, None, :]).to(tl.int32), axis=1)
-    return kr, rank
-
-
-@triton.jit
-def _merge_threshold(part_ptr, base, row_ok, buf, roff, n_active, R: tl.constexpr, TOPK: tl.constexpr,
-                     K_PAD: tl.constexpr, CS: tl.constexpr, RT: tl.constexpr, CC: tl.constexpr):
-    # The split partials' top TOPK keys per row (index head) by a threshold (merge="threshold"), as
-    # _threshold_select does for block scores, with the splits as the groups: tau = the TOPK-th largest of the
-    # splits' best keys; every key of the top TOPK is >= tau and lies in one of the TOPK splits whose best is >= tau,
-    # so at most TOPK x TOPK candidates are compacted (per row, in buf) and ranked. Returns [R, K_PAD]: the key of
-    # rank j in column j (_MINKEY where a row has fewer than TOPK keys).
-    scol = tl.arange(0, CS)
-    kcol = tl.arange(0, K_PAD)
-    s_ok = row_ok[:, None, None] & (kcol < TOPK)[None, None, :]
-    for s0 in range(0, n_active, CS):  # each split's best key into buf[row, split]
-        sp = s0 + scol
-        keys = tl.load(part_ptr + base[:, None, None] + (sp * TOPK)[None, :, None] + kcol[None, None, :],
-                       mask=s_ok & (sp < n_active)[None, :, None], other=_MINKEY)  # [R, CS, K_PAD]
-        tl.store(buf + roff + sp[None, :], tl.max(keys, axis=2), mask=row_ok[:, None] & (sp < n_active)[None, :])
-    tl.debug_barrier()
-    rows = tl.arange(0, RT)
-    n_a = (roff * 0 + n_active)  # [R, 1]
-    kth = tl.full([R, RT], _MINKEY, tl.int64)
-    for r0 in range(0, n_active, RT):
-        r = r0 + rows
-        kr, rank = _rows_ranks(buf, roff, r, n_a, n_active, CC)
-        kth = tl.maximum(kth, tl.where((r[None, :] < n_a) & (rank == TOPK - 1), kr, _MINKEY))
-    tau = tl.max(kth, axis=1)[:, None]  # [R, 1]
-    tl.debug_barrier()
-    ccol = tl.arange(0, CS * K_PAD)
-    c_split, c_k = ccol // K_PAD, ccol % K_PAD
-    n_cand = (roff * 0).to(tl.int32)  # [R, 1]
-    for s0 in range(0, n_active, CS):  # the candidates (keys >= tau) of each row into buf[row, 0:n_cand]
-        sp = s0 + c_split
-        keys = tl.load(part_ptr + base[:, None] + (sp * TOPK + c_k)[None, :],
-                       mask=row_ok[:, None] & ((sp < n_active) & (c_k < TOPK))[None, :], other=_MINKEY)
-        pick = (keys >= tau) & (keys != _MINKEY) & row_ok[:, None]
-        pk = pick.to(tl.int32)
-        tl.store(buf + roff + n_cand + tl.cumsum(pk, axis=1) - pk, keys, mask=pick)
-        n_cand += tl.sum(pk, axis=1)[:, None]
-    tl.debug_barrier()
-    n_max = tl.max(tl.max(n_cand, axis=1), axis=0)
-    top = tl.full([R, K_PAD], _MINKEY, tl.int64)
-    for r0 in range(0, n_max, RT):  # the candidate of rank j into column j
-        r = r0 + rows
-        kr, rank = _rows_ranks(buf, roff, r, n_cand, n_max, CC)
-        hit = (r[None, :] < n_cand) & (rank < TOPK)
-        at = hit[:, :, None] & (rank[:, :, None] == kcol[None, None, :])  # [R, RT, K_PAD]
-        top = tl.maximum(top, tl.max(tl.where(at, kr[:, :, None], _MINKEY), axis=1))
-    return top
-
-
-@triton.jit(do_not_specialize=["n_splits", "min_chunk", "stride_buf", "buf_w"])
+@triton.jit(do_not_specialize=["n_splits", "min_chunk"])
 def _indexer_merge_kernel(
     tok_row_ptr, tok_pos_ptr, tile_tok0_ptr, tile_ntok_ptr, tile_row_ptr, tile_pos0_ptr,
     out_ptr, stride_ot, stride_oh, part_ptr,
-    n_splits, min_chunk, buf_ptr, stride_buf, buf_w,
+    n_splits, min_chunk,
     H: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
     R: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr, CS: tl.constexpr, BITONIC: tl.constexpr,
-    THRESHOLD: tl.constexpr = False, RT: tl.constexpr = 1, CC: tl.constexpr = 1,
 ):
     # One program per (tile, token of the tile), rows = index heads: top-k over the split partials
     # (only the splits that ran), CS splits at a time, then ascending ids. Recomputes the split
@@ -317,36 +253,30 @@ def _indexer_merge_kernel(
     base = ((tok * H + head) * n_splits).to(tl.int64) * TOPK  # [R]
 
     kcol = tl.arange(0, K_PAD)
-    if THRESHOLD:
-        roff = (head * buf_w)[:, None]
-        run = _merge_threshold(part_ptr, base, row_ok, buf_ptr + tok.to(tl.int64) * stride_buf, roff, n_active,
-                               R, TOPK, K_PAD, CS, RT, CC)
-    else:
-        ccol = tl.arange(0, CS * K_PAD)
-        c_split = ccol // K_PAD
-        c_k = ccol % K_PAD
-        run = tl.full([R, K_PAD], _MINKEY, tl.int64)  # best TOPK keys so far
-        for s0 in range(0, n_active, CS):
-            sp = s0 + c_split
-            cand = tl.load(part_ptr + base[:, None] + (sp * TOPK + c_k)[None, :],
-                           mask=row_ok[:, None] & ((sp < n_active) & (c_k < TOPK))[None, :], other=_MINKEY)
-            if BITONIC:
-                # GPU: bitonic top-K_PAD of the chunk, then of (running U chunk's best).
-                top = tl.topk(cand, K_PAD, dim=1)
-                run = tl.topk(tl.reshape(tl.join(run, top), [R, 2 * K_PAD]), K_PAD, dim=1)
-            else:
-                # Interpreter (where tl.topk costs seconds per program): TOPK rounds of "take the
-                # largest of run U cand"; keys are unique per row (distinct block ids), so removing the
-                # picked key removes exactly one entry.
-                new = tl.full([R, K_PAD], _MINKEY, tl.int64)
-                for r in tl.static_range(TOPK):
-                    best = tl.maximum(tl.max(cand, axis=1), tl.max(run, axis=1))
-                    new = tl.where(kcol[None, :] == r, best[:, None], new)
-                    cand = tl.where(cand == best[:, None], _MINKEY, cand)
-                    run = tl.where(run == best[:, None], _MINKEY, run)
-                run = new
-    # run holds the TOPK best keys: in its first TOPK columns, sorted descending (bitonic, interpreter), or by rank
-    # (threshold)
+    ccol = tl.arange(0, CS * K_PAD)
+    c_split = ccol // K_PAD
+    c_k = ccol % K_PAD
+    run = tl.full([R, K_PAD], _MINKEY, tl.int64)  # best TOPK keys so far
+    for s0 in range(0, n_active, CS):
+        sp = s0 + c_split
+        cand = tl.load(part_ptr + base[:, None] + (sp * TOPK + c_k)[None, :],
+                       mask=row_ok[:, None] & ((sp < n_active) & (c_k < TOPK))[None, :], other=_MINKEY)
+        if BITONIC:
+            # GPU: bitonic top-K_PAD of the chunk, then of (running U chunk's best).
+            top = tl.topk(cand, K_PAD, dim=1)
+            run = tl.topk(tl.reshape(tl.join(run, top), [R, 2 * K_PAD]), K_PAD, dim=1)
+        else:
+            # Interpreter (where tl.topk costs seconds per program): TOPK rounds of "take the
+            # largest of run U cand"; keys are unique per row (distinct block ids), so removing the
+            # picked key removes exactly one entry.
+            new = tl.full([R, K_PAD], _MINKEY, tl.int64)
+            for r in tl.static_range(TOPK):
+                best = tl.maximum(tl.max(cand, axis=1), tl.max(run, axis=1))
+                new = tl.where(kcol[None, :] == r, best[:, None], new)
+                cand = tl.where(cand == best[:, None], _MINKEY, cand)
+                run = tl.where(run == best[:, None], _MINKEY, run)
+            run = new
+    # run holds the TOPK best keys in its first TOPK columns (both paths sort descending)
     _store_ids(out_ptr, tok.to(tl.int64) * stride_ot + head * stride_oh, row_ok, run, kcol, TOPK)
 
 
@@ -602,8 +532,8 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
 
     Extra keyword arguments (all optional):
       meta       -- ``common.prepare_meta(...)`` for this forward (built here if None);
-      workspace  -- MSAWorkspace holding the split partials / block scores and the threshold select's and threshold
-                    merge's int64 scratch ("indexer.select_buf", "indexer.merge_buf"; allocated per call if None);
+      workspace  -- MSAWorkspace holding the split partials / block scores and the threshold select's int64
+                    scratch ("indexer.select_buf"; allocated per call if None);
       num_splits -- override the key-range split count (pass-1 programs per token in the two-pass variant;
                     tests; must be fixed under a graph);
       two_pass   -- force the two-pass (True) or split (False) variant; None: ``uses_two_pass(meta)``.
@@ -664,10 +594,9 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
     interp = common.interpret_mode()
     if select not in SELECTS:
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
-    if common.INDEXER_LONG_ROW_SELECT not in ("radix", "threshold") or common.INDEXER_MERGE not in ("bitonic",
-                                                                                                     "threshold"):
-        raise ValueError(f"common.INDEXER_LONG_ROW_SELECT {common.INDEXER_LONG_ROW_SELECT!r} (radix|threshold) or "
-                         f"INDEXER_MERGE {common.INDEXER_MERGE!r} (bitonic|threshold) is not a known form")
+    if common.INDEXER_LONG_ROW_SELECT not in ("radix", "threshold"):
+        raise ValueError(f"common.INDEXER_LONG_ROW_SELECT {common.INDEXER_LONG_ROW_SELECT!r} is not a known form "
+                         f"(radix|threshold)")
     if two_pass:
         max_blocks = triton.cdiv(req_to_token.shape[1], block_size)
         n_splits = num_splits if num_splits is not None else two_pass_num_programs(n_tiles, max_blocks, dev)
@@ -713,16 +642,11 @@ def index_block_topk(index_q: Tensor, index_k_cache: Tensor, req_to_token: Tenso
             # threshold: group maxima of G blocks, GC groups per step (1024 blocks), ranks in [32, 64] steps
             G=g, GC=4 if interp else 64, RT=8 if interp else 64)
     elif n_splits > 1:
-        r = max(4, h_pad)  # R=1 hangs triton 3.6's compiler
-        # (decode-form batches only: the scratch is per token, and an extend batch can hold thousands)
-        thr = common.INDEXER_MERGE == "threshold" and bt == 1
-        buf_w = max(n_splits, topk_blocks * topk_blocks) if thr else 1  # split bests, then <= TOPK^2 candidates
-        buf = common.scratch(workspace, "indexer.merge_buf", (T, r, buf_w), torch.int64, dev) if thr else part
         _indexer_merge_kernel[(n_tiles, bt)](
             meta.tok_row, meta.tok_pos, *tiles,
             out, out.stride(0), out.stride(1), part,
-            n_splits, min_chunk, buf, r * buf_w, buf_w,
-            H=H, BLOCK_SIZE=block_size, BLOCK_T=bt, R=r,
+            n_splits, min_chunk,
+            H=H, BLOCK_SIZE=block_size, BLOCK_T=bt, R=max(4, h_pad),  # R=1 hangs triton 3.6's compiler
             TOPK=topk_blocks, K_PAD=k_pad, CS=max(1, 64 // k_pad) if interp else common.INDEXER_MERGE_CHUNK,
-            BITONIC=not interp, THRESHOLD=thr, RT=8 if interp else 32, CC=8 if interp else 32, num_warps=4)
+            BITONIC=not interp, num_warps=4)
     return out
