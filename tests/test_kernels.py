@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 if __name__ == "__main__" and "--worker" in sys.argv:  # before anything can import triton
@@ -43,6 +44,32 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------------
 # batches: contiguous random sequences -> SGLang paged layout (random slots and pool rows)
 # ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def indexer_launches():
+    """index_block_topk's kernels record their launches instead of running while the block is active: yields a list
+    that fills with (kernel name, kernel, args, kwargs), one per launch; the kernels are restored after. (Also
+    used by tests/test_kernels_sm90.py, which compiles the recorded launches.)"""
+    from sglang_m3.attention.kernels import indexer as I
+
+    names = ("_indexer_kernel", "_indexer_select_kernel", "_indexer_merge_kernel")
+    launches, saved = [], {n: getattr(I, n) for n in names}
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.kernel.fn.__name__, self.kernel, args, kw))
+
+    try:
+        for n, kernel in saved.items():
+            setattr(I, n, Spy(kernel))
+        yield launches
+    finally:
+        for n, kernel in saved.items():
+            setattr(I, n, kernel)
 
 
 def make_batch(lens, ext, *, hq, hkv, d, di, dv, dtype, seed, device="cpu", extra_rows=0):
@@ -355,43 +382,31 @@ def indexer_pass2_launches():
     from sglang_m3.attention.kernels import common
     from sglang_m3.attention.kernels import indexer as I
 
-    launches = []
-
-    class Spy:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((self.name, kw))
-
     knobs = dict(INDEXER_RANK_MAX_BLOCKS=8, INDEXER_SELECT_WARPS=2, INDEXER_THRESHOLD_GROUP=4,
                  INDEXER_LONG_ROW_SELECT="radix")
     saved = {k: getattr(common, k) for k in knobs}
-    kernels = I._indexer_kernel, I._indexer_select_kernel
     b = make_batch([150, 300], [1, 1], hq=4, hkv=2, d=16, di=16, dv=16, dtype=torch.float32, seed=4)
 
     def run(select):
-        launches.clear()
-        I.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=16, topk_blocks=3,
-                           two_pass=True, select=select)
-        assert launches[0][0] == "pass1", launches
-        return [kw for name, kw in launches[1:]]
+        with indexer_launches() as launches:
+            I.index_block_topk(b["index_q"], b["index_k_cache"], **decode_meta(b), block_size=16, topk_blocks=3,
+                               two_pass=True, select=select)
+        assert [name for name, *_ in launches] == ["_indexer_kernel", "_indexer_select_kernel"], launches
+        return launches[1][3]
 
     try:
-        I._indexer_kernel, I._indexer_select_kernel = Spy("pass1"), Spy("select")
         for k, v in knobs.items():
             setattr(common, k, v)
-        (rank,) = run("rank")
+        rank = run("rank")
         assert (rank["RANK_MAX"], rank["RB"], rank["num_warps"], rank["G"]) == (8, 8, 2, 0), rank
-        (radix,) = run("radix")
+        radix = run("radix")
         assert (radix["RANK_MAX"], radix["num_warps"], radix["G"]) == (0, 2, 0), radix
-        (thr,) = run("threshold")
+        thr = run("threshold")
         assert (thr["RANK_MAX"], thr["num_warps"], thr["G"]) == (0, 2, 4), thr
         common.INDEXER_LONG_ROW_SELECT = "threshold"  # the default's rows past RANK_MAX
-        (rank,) = run("rank")
+        rank = run("rank")
         assert (rank["RANK_MAX"], rank["G"]) == (8, 4), rank
     finally:
-        I._indexer_kernel, I._indexer_select_kernel = kernels
         for k, v in saved.items():
             setattr(common, k, v)
 

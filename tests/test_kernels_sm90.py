@@ -29,19 +29,9 @@ def _launches(batch: int, context: int, heads: int = 4, topk: int = 16, block: i
     """{kernel name: (kernel, args, kwargs)} of one decode-shaped index_block_topk call at M3's index geometry."""
     from sglang_m3.attention.kernels import common
     from sglang_m3.attention.kernels import indexer as I
+    from tests.test_kernels import indexer_launches
 
-    got = {}
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: got.setdefault(self.kernel.fn.__name__, (self.kernel, args, kw))
-
-    kernels = I._indexer_kernel, I._indexer_select_kernel, I._indexer_merge_kernel
-    try:
-        I._indexer_kernel, I._indexer_select_kernel, I._indexer_merge_kernel = map(Spy, kernels)
+    with indexer_launches() as launches:
         r2t = torch.zeros(batch, context, dtype=torch.int32)
         rows = torch.arange(batch, dtype=torch.int64)
         seq = torch.full((batch,), context, dtype=torch.int64)
@@ -50,9 +40,7 @@ def _launches(batch: int, context: int, heads: int = 4, topk: int = 16, block: i
         iq, ik = torch.zeros(batch, heads, 128, dtype=torch.bfloat16), torch.zeros(8, 128, dtype=torch.bfloat16)
         I.index_block_topk(iq, ik, r2t, rows, seq, None, None, block_size=block, topk_blocks=topk, local_blocks=1,
                            meta=meta)
-    finally:
-        I._indexer_kernel, I._indexer_select_kernel, I._indexer_merge_kernel = kernels
-    return got
+    return {name: (kernel, args, kw) for name, kernel, args, kw in launches}
 
 
 def _ptxas_report(kernel, args, kw) -> str:
