@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from servers import Server  # noqa: E402
+from servers import Server, flush  # noqa: E402
 from gpu_memory import PeakMemory, weight_memory_gb  # noqa: E402
 from gpu_quant import ENV as QUANT_ENV  # noqa: E402  (the Triton block-FP8 GEMM; DeepGEMM's JIT is not installed)
 
@@ -110,29 +110,29 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, wa
     shape JIT-compile Triton kernels not in the cache (a fused-MoE config tuned since the cache was filled, a new
     batch size), and that compile landed inside the measured duration
     (session 8: ours' first workload after start-up ran with new MoE configs; session 7: a 128K x 2 outlier on a
-    freshly started server). SGLang's bench sends one warm-up request only, of the first prompt; `--flush-cache`
-    empties the radix cache after it, so no measured prompt is a cache hit (the warm-up wave's prompts, drawn with the
-    same seed, are the measured run's first ones)."""
+    freshly started server). SGLang's bench would send one warm-up request only, of the first prompt. The measured
+    run then starts on a flushed radix cache, so no measured prompt is a cache hit."""
     inp, outp, conc = workload
 
-    def run(tag: str, prompts: int) -> dict:
+    def run(tag: str, prompts: int, *extra: str) -> dict:
         result = work / f"bench_{server.name}_{name}{tag}.jsonl"
         result.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--port", str(server.port),
                "--model", str(ckpt), "--dataset-name", "random-ids", "--tokenize-prompt", "--random-range-ratio", "1",
                "--random-input-len", str(inp), "--random-output-len", str(outp), "--num-prompts", str(prompts),
-               "--max-concurrency", str(conc), "--disable-tqdm", "--output-file", str(result),
-               # an empty radix cache after the bench's own warm-up request: the warm-up wave's prompts are the first
-               # ones of the measured run (same seed), and were served from the cache until session 12
-               "--flush-cache"]
+               "--max-concurrency", str(conc), "--disable-tqdm", "--output-file", str(result), *extra]
         with open(work / f"bench_{server.name}_{name}{tag}.log", "w") as f:
             subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, timeout=1800)
         return json.loads(result.read_text().strip().splitlines()[-1])
 
     run("_warmup", conc)
     waves = max(waves, MIN_WAVES.get(name, 0))
+    # The measured run starts on an empty radix cache and sends no warm-up request of its own: the warm-up wave's
+    # prompts (same seed) are its first ones, and were served from the cache until session 12. (flush retries the
+    # 400 SGLang answers while a finished request is still leaving; the bench's own --flush-cache does not.)
+    flush(server)
     log_start = len(server.log())
-    m = run("", waves * conc)
+    m = run("", waves * conc, "--warmup-requests", "0")
     # ITL and end-to-end latency too: a cross-check of the TPOT (SGLang's bench derives it per request from the
     # latency, TTFT and completion_tokens).
     return {"waves": waves, **{k: m.get(k) for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms",
@@ -148,7 +148,7 @@ _DECODE_LINE = re.compile(r"Decode batch[^,]*, #running-req: (\d+),.*?gen throug
 
 def scheduler_summary(log: str) -> dict:
     """What the scheduler did during a measured run, from SGLang's own log lines (a scheduler-level view of where the
-    time went, at no profiling cost; the serving benchmark's own one-request warm-up, sent first, is included). Per
+    time went, at no profiling cost; bench() turns the serving benchmark's own warm-up request off). Per
     "Prefill batch" line: new requests and tokens, and the wall time since the previous prefill line (new tokens /
     its "input throughput"), which inside a burst of back-to-back prefill batches is one batch's wall time; per
     "Decode batch" line (every 40 decode steps): batch size and "gen throughput".
@@ -266,18 +266,21 @@ def markdown(results: dict) -> str:
             ratio = lambda k: f"{r[k]:.2f}" if k in r else "—"  # noqa: E731
             lines.append(f"| {r['workload']} | {fmt(r['ours_mxfp8'])} | {ratio('mxfp8_throughput_ratio')} | "
                          f"{ratio('mxfp8_tpot_ratio')} |")
-    lines += ["", "Scheduler, measured run (SGLang's log lines, `scheduler_summary`; the serving benchmark's own "
-              "warm-up request included): prefill batches, median new "
-              "requests / tokens per batch, median wall time between prefill lines, largest queue, median decode "
-              "batch size and gen throughput", "",
-              "| workload | server | prefill batches | new req / tokens | prefill gap ms | max queue | decode bs "
-              "| gen tok/s |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Scheduler, measured run (SGLang's log lines, `scheduler_summary`; from session 12 on a flushed radix "
+              "cache without the serving benchmark's warm-up request): prefill batches, prefill tokens served from the "
+              "radix cache (of all prefilled), median new requests / tokens per batch, median wall time between "
+              "prefill lines, largest queue, median decode batch size and gen throughput", "",
+              "| workload | server | prefill batches | cached tokens | new req / tokens | prefill gap ms | max queue "
+              "| decode bs | gen tok/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["compare"]:
         for name in SERVER_ENV:
             sch = (r.get(name) or {}).get("scheduler")
             if sch:
-                lines.append(f"| {r['workload']} | {name} | {sch['prefill_batches']} | {sch['median_new_seqs']} / "
+                cached = sch.get("prefill_cached_tokens")
+                total = (cached or 0) + (sch.get("prefill_new_tokens") or 0)
+                lines.append(f"| {r['workload']} | {name} | {sch['prefill_batches']} | {cached} of {total} | "
+                             f"{sch['median_new_seqs']} / "
                              f"{sch['median_new_tokens']} | {sch['median_prefill_gap_ms']} | {sch['max_queue_req']} | "
                              f"{sch['median_decode_running_req']} | {sch['median_gen_throughput']} |")
     lines += ["", f"| server | Triton cache | start-up s | decode-graph capture s (target ≤ {CAPTURE_TARGET_S} cold) |",

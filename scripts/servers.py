@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,8 +51,8 @@ def _require_free_port(port: int, name: str) -> None:
     with socket.socket() as s:
         s.settimeout(1)
         if s.connect_ex(("127.0.0.1", port)) == 0:
-            raise RuntimeError(f"{name}: port {port} already in use (a server left from an earlier run? "
-                               f"stop it first, e.g. pkill -f sglang.launch_server)")
+            raise RuntimeError(f"{name}: port {port} already in use (a server left from an earlier run? on a device "
+                               f"host: pkill -f '^[^ ]*python[^ ]* -m sglang.launch_server')")
 
 
 class Server:
@@ -72,12 +73,20 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def listening(self) -> bool:
+        """Whether this server's own log says it listens on its port (uvicorn's "Uvicorn running on" line, logged
+        at SGLang's default log level): until then a /health_generate answer may come from another process (a
+        leftover still starting when the port was checked)."""
+        return re.search(rf"Uvicorn running on http://\S+:{self.port}\b", self.log()) is not None
+
     def wait(self, timeout: float = 900) -> "Server":
-        """Until /health_generate answers (a real forward pass); sets `startup_s`."""
+        """Until /health_generate answers (a real forward pass) and `listening()`; sets `startup_s`."""
         while time.time() - self.t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
+                if not self.listening():
+                    raise ConnectionError("not listening yet")
                 post(self.url + "/health_generate", timeout=30)
                 self.startup_s = time.time() - self.t0
                 return self
