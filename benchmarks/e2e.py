@@ -266,8 +266,9 @@ def markdown(results: dict) -> str:
             ratio = lambda k: f"{r[k]:.2f}" if k in r else "—"  # noqa: E731
             lines.append(f"| {r['workload']} | {fmt(r['ours_mxfp8'])} | {ratio('mxfp8_throughput_ratio')} | "
                          f"{ratio('mxfp8_tpot_ratio')} |")
-    lines += ["", "Scheduler, measured run (SGLang's log lines, `scheduler_summary`; from session 12 on a flushed radix "
-              "cache without the serving benchmark's warm-up request): prefill batches, prefill tokens served from the "
+    lines += ["", "Scheduler, measured run (SGLang's log lines, `scheduler_summary`; from session 12 on a flushed "
+              "radix cache without the serving benchmark's warm-up request): prefill batches, prefill tokens served "
+              "from the "
               "radix cache (of all prefilled), median new requests / tokens per batch, median wall time between "
               "prefill lines, largest queue, median decode batch size and gen throughput", "",
               "| workload | server | prefill batches | cached tokens | new req / tokens | prefill gap ms | max queue "

@@ -27,7 +27,7 @@ INDEXER_EXTEND_ROWS = 64
 # Indexer programs aimed for per SM when a batch is small: one program's block loop is
 # latency-bound (~2.5 us per 128-key block on H200: slot load -> key gather -> dot -> top-k
 # insert), so several resident programs per SM are needed to approach HBM bandwidth
-# (bs 32 x 32K context: 1/SM 145 us, 4/SM 96 us).
+# (bs 32 x 32K context: 1/SM 145 us, 4/SM 96 us; the split kernel, which bs 32 no longer takes since session 12).
 INDEXER_PROGRAMS_PER_SM = 4
 # Upper bound on the programs one tile is split over: the merge reads splits x topk keys and its
 # cost grows with them (bs 1 x 128K: 32 splits 88 us, 64 splits 70 us, 128 splits 79 us).
@@ -64,7 +64,9 @@ INDEXER_PREFETCH_PROGRAMS_PER_SM = 1
 # merge costs ~20 us there). H200 TP1, whole layer, us (benchmarks/results/2026-12-01-h200-s12/
 # sweep_two_pass_bs8_32.log, the split variant and the in-tree from kernel_decode.md of the same lease):
 #   bs 32: 129.9 two-pass vs 146.4 split, in-tree 140.5 (32K); 317.1 vs 340.1, in-tree 328.9 (128K).
-# bs 9-31 and bs 33+ not measured; past 32 the split kernel's programs fill the GPU as before.
+# bs 9-31 and 33-127 not measured (bs 128, TP1: split 277.4 / 1003.8 vs two-pass at 8 per SM 299.1 / 1093.0 us,
+# kernel_decode_bs128.md);
+# past 32 the split kernel's programs fill the GPU as before.
 INDEXER_TWO_PASS_MAX_TILES = 32
 # Pass-1 programs aimed for per SM (a program scores >= 1 key block; programs beyond the token's blocks exit). Session
 # 12 (same files), TP1 whole layer, us, 2 / 4 / 8 / 16 per SM: bs 8 62.3 / 61.0 / 61.9 / 61.6 (32K), 130.1 / 108.4 /
