@@ -95,7 +95,7 @@ def markdown(res) -> str:
               "also about the fixed cost of timing any captured graph alone); store = the one-launch store_kv_index, "
               "(unfused) = the pool's K/V write + store_index_k; the variant columns force the "
               "indexer's two-pass (score, then select; two-pass: the radix search for every row; rank: its pass 2 "
-              "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, the radix search above, at 4 or 8 "
-              "warps) or split (+ merge) kernel; sel ≠ counts rows whose selection differs from the default "
-              "variant's (must be 0)."]
+              "by all-pairs ranking for rows of <= INDEXER_RANK_MAX_BLOCKS blocks, INDEXER_LONG_ROW_SELECT above; "
+              "threshold: the group-maximum threshold for every row) or split (+ merge) kernel; sel ≠ counts rows "
+              "whose selection differs from the default variant's (must be 0)."]
     return "\n".join(lines) + "\n"

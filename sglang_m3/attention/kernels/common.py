@@ -64,9 +64,8 @@ INDEXER_PREFETCH_PROGRAMS_PER_SM = 1
 # merge costs ~20 us there). H200 TP1, whole layer, us (benchmarks/results/2026-12-01-h200-s12/
 # sweep_two_pass_bs8_32.log, the split variant and the in-tree from kernel_decode.md of the same lease):
 #   bs 32: 129.9 two-pass vs 146.4 split, in-tree 140.5 (32K); 317.1 vs 340.1, in-tree 328.9 (128K).
-# bs 9-31 and 33-127 not measured (bs 128, TP1: split 277.4 / 1003.8 vs two-pass at 8 per SM 299.1 / 1093.0 us,
-# kernel_decode_bs128.md);
-# past 32 the split kernel's programs fill the GPU as before.
+# bs 9-31 and 33-127 not measured; past 32 the split kernel's programs fill the GPU as before (bs 128, TP1, 32K /
+# 128K: split 277.4 / 1003.8 us vs two-pass at 8 programs per SM 299.1 / 1093.0, kernel_decode_bs128.md).
 INDEXER_TWO_PASS_MAX_TILES = 32
 # Pass-1 programs aimed for per SM (a program scores >= 1 key block; programs beyond the token's blocks exit). Session
 # 12 (same files), TP1 whole layer, us, 2 / 4 / 8 / 16 per SM: bs 8 62.3 / 61.0 / 61.9 / 61.6 (32K), 130.1 / 108.4 /
