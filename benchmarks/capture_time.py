@@ -2,12 +2,14 @@
 """Where a cold decode-graph capture's time goes (issue 9 §4: ≤ 30 s cold for bs ≤ 64), for our server on the
 e2e model (benchmarks/e2e.py: 4-layer real-dimension M3, dummy weights, the e2e flags, --cuda-graph-max-bs 64).
 
-The server starts with a fresh Triton cache and benchmarks/compile_listener first on PYTHONPATH, so every Triton
-compile in its processes is logged (kernel, seconds; Triton's compilation listener). Reported: start-up and SGLang's
-"Capture ... decode ... end. elapsed=" seconds, and the compiles inside the capture window (between its begin and
-end log lines) by kernel -- ours (the MSA kernels) and SGLang's (fused MoE, dense attention, ...) -- with their
-summed compile seconds, so the capture time splits into compiling and the rest. With --warm the server is started
-again on the same Triton cache: the warm capture time is the capture without compiles.
+The server starts with fresh Triton and inductor caches (a fresh host's state whatever ran on this one before:
+SGLang's torch.compile'd helpers keep their inductor output per host) and benchmarks/compile_listener first on
+PYTHONPATH, so every Triton compile in its processes is logged (kernel, seconds; Triton's compilation listener).
+Reported: start-up and SGLang's "Capture ... decode ... end. elapsed=" seconds, and the compiles inside the capture
+window (between its begin and end log lines) by kernel -- ours (the MSA kernels) and SGLang's (fused MoE, dense
+attention, ...) -- with their summed compile seconds, so the capture time splits into compiling and the rest
+(inductor's own work, outside Triton's listener, is not in that sum). With --warm the server is started again on
+the same caches: the warm capture time is the capture without compiles.
 
     python benchmarks/capture_time.py --out $OUT [--warm]      # GPU; capture_time.json / .md, server_*.log in --out
     python benchmarks/capture_time.py --smoke --out /tmp/ct    # CPU harness check (no capture, no Triton there)
@@ -76,7 +78,8 @@ def compile_summary(lines: list[dict], window: tuple[float, float] | None) -> di
 def start(name: str, ckpt: Path, work: Path, cache: str, port: int, flags: list[str]) -> dict:
     compile_log = work / f"compiles_{name}.jsonl"
     compile_log.unlink(missing_ok=True)
-    env = {"TRITON_CACHE_DIR": cache, "M3_COMPILE_LOG": str(compile_log),
+    env = {"TRITON_CACHE_DIR": f"{cache}/triton", "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
+           "M3_COMPILE_LOG": str(compile_log),
            "PYTHONPATH": os.pathsep.join([str(LISTENER), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     server = Server(name, ckpt, flags, log_dir=work, port=port, env=env)
     try:
@@ -108,7 +111,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "./capture_out")))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "m3_capture_time")
-    ap.add_argument("--warm", action="store_true", help="start a second time on the same Triton cache")
+    ap.add_argument("--warm", action="store_true", help="start a second time on the same caches")
     ap.add_argument("--smoke", action="store_true", help="CPU harness check: the tiny model, e2e's CPU flags")
     ap.add_argument("--budget-s", type=float, default=240,
                     help="skip the warm start when the cold one's start-up would not fit in what is left")
@@ -117,7 +120,7 @@ def main(argv=None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = e2e.checkpoint(args.work, smoke=args.smoke)
     flags = e2e.SMOKE_FLAGS if args.smoke else e2e.GPU_FLAGS
-    cache = tempfile.mkdtemp(prefix="triton_capture_")
+    cache = tempfile.mkdtemp(prefix="capture_caches_")  # Triton's and inductor's: cold whatever ran on the host
     res = {"flags": flags, "checkpoint": ckpt.name, "runs": {}}
     t0 = time.time()
     for name in ("cold", "warm") if args.warm else ("cold",):

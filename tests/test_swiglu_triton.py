@@ -89,3 +89,61 @@ def test_kernel_on_gpu(inter):
 
     x = make_case(300, inter, torch.bfloat16, device="cuda", seed=inter)
     assert within(swigluoai_triton(x, ALPHA, LIMIT), swigluoai(x, ALPHA, LIMIT))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_fused_experts_with_m3_helpers_on_gpu(tokens, monkeypatch):
+    """SGLang's `fused_experts` as an M3 server runs it (plugin.py's hooks, M3 served): our activation at every token
+    count and sgl_kernel's CUDA `moe_sum_reduce` instead of the torch.compile'd reduce at <= 32 tokens (both
+    counted), against the torch experts (layers/moe.routed_experts_torch, fp32 accumulation) on the same bf16
+    weights: |got - want| <= 2e-2 * max|want| (bf16 GEMM outputs and intermediates). SGLang's own helpers (hooks
+    idle) land within the same bound, and the hooked result stays within it of theirs."""
+    import sglang_m3
+    from sglang.srt.layers.moe.moe_runner.base import MoeRunnerConfig
+    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_experts, fused_moe
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+    from sglang_m3 import plugin
+    from sglang_m3.layers import swiglu_triton
+    from sglang_m3.layers.moe import routed_experts_torch
+
+    sglang_m3.enable()
+    E, H, inter, k = 8, 512, 256, 4
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    w13 = torch.randn(E, 2 * inter, H, device="cuda", generator=g).bfloat16() * 0.05
+    w2 = torch.randn(E, H, inter, device="cuda", generator=g).bfloat16() * 0.05
+    x = torch.randn(tokens, H, device="cuda", generator=g).bfloat16()
+    logits = torch.randn(tokens, E, device="cuda", generator=g)
+    weights, ids = torch.topk(torch.sigmoid(logits), k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    rc = MoeRunnerConfig(num_experts=E, num_local_experts=E, top_k=k, activation="silu", inplace=False,
+                         gemm1_alpha=ALPHA, gemm1_clamp_limit=LIMIT, gate_up_interleaved=False)
+    want = routed_experts_torch(x, w13, w2, weights, ids, ALPHA, LIMIT).double()
+    bound = 2e-2 * want.abs().max().item()
+
+    calls = {"ours": 0, "cuda_sum": 0, "compiled_sum": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(swiglu_triton, "swigluoai_triton", counted("ours", swiglu_triton.swigluoai_triton))
+    monkeypatch.setattr(fused_moe, "moe_sum_reduce", counted("cuda_sum", fused_moe.moe_sum_reduce))
+    monkeypatch.setattr(fused_moe, "moe_sum_reduce_torch_compile",
+                        counted("compiled_sum", fused_moe.moe_sum_reduce_torch_compile))
+
+    def run() -> torch.Tensor:
+        topk = StandardTopKOutput(weights.float(), ids.to(torch.int32), logits)
+        return fused_experts(x.clone(), w13, w2, topk, rc).double()
+
+    theirs = run()
+    assert calls == {"ours": 0, "cuda_sum": int(tokens > 32), "compiled_sum": int(tokens <= 32)}, calls
+    monkeypatch.setattr(plugin, "_m3_served", True)
+    ours = run()
+    assert calls == {"ours": 1, "cuda_sum": 1 + int(tokens > 32), "compiled_sum": int(tokens <= 32)}, calls
+    for got in (theirs, ours):
+        assert (got - want).abs().max().item() <= bound
+    assert (ours - theirs).abs().max().item() <= bound
