@@ -2,14 +2,15 @@
 """Where a cold decode-graph capture's time goes (issue 9 §4: ≤ 30 s cold for bs ≤ 64), for our server on the
 e2e model (benchmarks/e2e.py: 4-layer real-dimension M3, dummy weights, the e2e flags, --cuda-graph-max-bs 64).
 
-The server starts with fresh Triton and inductor caches (a fresh host's state whatever ran on this one before:
-SGLang's torch.compile'd helpers keep their inductor output per host) and benchmarks/compile_listener first on
-PYTHONPATH, so every Triton compile in its processes is logged (kernel, seconds; Triton's compilation listener).
-Reported: start-up and SGLang's "Capture ... decode ... end. elapsed=" seconds, and the compiles inside the capture
-window (between its begin and end log lines) by kernel -- ours (the MSA kernels) and SGLang's (fused MoE, dense
-attention, ...) -- with their summed compile seconds, so the capture time splits into compiling and the rest
-(inductor's own work, outside Triton's listener, is not in that sum). With --warm the server is started again on
-the same caches: the warm capture time is the capture without compiles.
+The server starts with fresh Triton, inductor and tvm-ffi caches (a fresh host's state whatever ran on this one
+before: SGLang keeps its torch.compile'd helpers and its JIT CUDA kernels per host, benchmarks/cold_start.py) and
+benchmarks/compile_listener first on PYTHONPATH, so every Triton compile in its processes is logged (kernel,
+seconds; Triton's compilation listener). Reported: start-up and SGLang's "Capture ... decode ... end. elapsed="
+seconds, and the compiles inside the capture window (between its begin and end log lines) by kernel -- ours (the
+MSA kernels) and SGLang's (fused MoE, dense attention, ...) -- with their summed compile seconds, so the capture
+time splits into compiling and the rest (inductor's and nvcc's work, outside Triton's listener, is not in that
+sum). With --warm the server is started again on the same caches: the warm capture time is the capture without
+compiles.
 
     python benchmarks/capture_time.py --out $OUT [--warm]      # GPU; capture_time.json / .md, server_*.log in --out
     python benchmarks/capture_time.py --smoke --out /tmp/ct    # CPU harness check (no capture, no Triton there)
@@ -79,6 +80,7 @@ def start(name: str, ckpt: Path, work: Path, cache: str, port: int, flags: list[
     compile_log = work / f"compiles_{name}.jsonl"
     compile_log.unlink(missing_ok=True)
     env = {"TRITON_CACHE_DIR": f"{cache}/triton", "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
+           "TVM_FFI_CACHE_DIR": f"{cache}/tvm-ffi",
            "M3_COMPILE_LOG": str(compile_log),
            "PYTHONPATH": os.pathsep.join([str(LISTENER), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     server = Server(name, ckpt, flags, log_dir=work, port=port, env=env)
@@ -120,7 +122,7 @@ def main(argv=None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = e2e.checkpoint(args.work, smoke=args.smoke)
     flags = e2e.SMOKE_FLAGS if args.smoke else e2e.GPU_FLAGS
-    cache = tempfile.mkdtemp(prefix="capture_caches_")  # Triton's and inductor's: cold whatever ran on the host
+    cache = tempfile.mkdtemp(prefix="capture_caches_")  # Triton's, inductor's, tvm-ffi's: cold whatever ran here
     res = {"flags": flags, "checkpoint": ckpt.name, "runs": {}}
     t0 = time.time()
     for name in ("cold", "warm") if args.warm else ("cold",):

@@ -443,7 +443,7 @@ def _m3_expert_activation(original, gate_up, gemm1_alpha, gemm1_limit):
     """fused_moe's non-interleaved clamped SwiGLU (`[T, 2I]` -> `[T, I]`, the input's dtype). While M3 is served:
     `swiglu_triton.swigluoai_triton`, the same formula (M3_SPEC §2.5: gate clamped above, up clamped both ways, +1
     on up, computed in fp32) without SGLang's torch.compile step (its cold compiles timed in
-    benchmarks/moe_helpers.py). Every other call: SGLang's compiled function."""
+    benchmarks/cold_start.py). Every other call: SGLang's compiled function."""
     if _m3_served:
         from sglang_m3.layers.swiglu_triton import swigluoai_triton
 
@@ -454,5 +454,5 @@ def _m3_expert_activation(original, gate_up, gemm1_alpha, gemm1_limit):
 def _m3_compiled_sum_reduce(original, num_tokens: int) -> bool:
     """Whether fused_moe sums the experts' outputs with its torch.compile'd reduce (SGLang: at <= 32 tokens) rather
     than sgl_kernel's CUDA `moe_sum_reduce`. While M3 is served: never (no compile inside the capture; the two
-    kernels' decode-size times in benchmarks/moe_helpers.py)."""
+    kernels' decode-size times in benchmarks/cold_start.py)."""
     return False if _m3_served else original(num_tokens)

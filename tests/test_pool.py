@@ -84,3 +84,29 @@ def test_pipeline_stage_holds_only_its_sparse_layers(sglang_env):  # noqa: F811
     assert lane == index_k_bytes_per_token(SPARSE, 2, 4, 8, torch.float32) * 65
     k_bytes, v_bytes = pool.get_kv_size_bytes()
     assert k_bytes - v_bytes == lane
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_dense_layer_kv_rows_written_to_their_slots(sglang_env, dtype):  # noqa: F811
+    """set_kv_buffer on a dense layer (M3KVPool's row store instead of SGLang's JIT store_cache): each token's K/V
+    rows land in its slot, rounded to the cache dtype as SGLang rounds them (K / k_scale, then the cast), every
+    other slot and layer untouched. Oracle: the same rows written one slot at a time in float64-free torch."""
+    from types import SimpleNamespace
+
+    from sglang_m3.attention.pool import M3KVPool
+
+    pool = M3KVPool(64, 1, dtype, 2, 8, 4, "cpu", False, start_layer=0, end_layer=4, enable_alt_stream=False,
+                    enable_kv_cache_copy=True, sparse_layer_ids=SPARSE, index_dim=8, index_dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    before = [b.clone() for b in all_buffers(pool)]
+    loc = torch.tensor([9, 3, 40, 17])
+    k, v = torch.randn(4, 2, 8, generator=g) * 3, torch.randn(4, 2, 8, generator=g)
+    want_k, want_v = before[0].clone(), before[4].clone()
+    for i, slot in enumerate(loc.tolist()):
+        want_k[slot] = (k[i] / 2.0 if dtype != k.dtype else k[i]).to(dtype).view(pool.store_dtype)
+        want_v[slot] = v[i].to(dtype).view(pool.store_dtype)
+    pool.set_kv_buffer(SimpleNamespace(layer_id=0), loc, k.clone(), v.clone(), k_scale=2.0)
+    assert torch.equal(pool.k_buffer[0], want_k) and torch.equal(pool.v_buffer[0], want_v)
+    for i, (old, new) in enumerate(zip(before, all_buffers(pool))):
+        if i not in (0, 4):
+            assert torch.equal(new, old), i

@@ -108,7 +108,11 @@ def test_fused_experts_with_m3_helpers_on_gpu(tokens, monkeypatch):
     from sglang_m3.layers import swiglu_triton
     from sglang_m3.layers.moe import routed_experts_torch
 
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+
     sglang_m3.enable()
+    publish(ServerArgs(model_path="dummy", device="cuda", moe_runner_backend="triton"), role="test")  # SGLang reads it
     E, H, inter, k = 8, 512, 256, 4
     g = torch.Generator(device="cuda").manual_seed(tokens)
     w13 = torch.randn(E, 2 * inter, H, device="cuda", generator=g).bfloat16() * 0.05

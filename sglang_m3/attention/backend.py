@@ -314,12 +314,15 @@ class M3SparseAttnBackend(AttentionBackend):
 
 def _plain_kv_rows(pool) -> bool:
     """Whether ``pool.set_kv_buffer`` is a plain per-slot row write of K/V at the pool dtype (model dtype or
-    float8_e4m3fn): SGLang's NHD layout with its base ``_store_kv_layer``, not a quantized (FP4) cache."""
+    float8_e4m3fn): SGLang's NHD layout with its base ``_store_kv_layer`` or ours, not a quantized (FP4) cache."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from sglang_m3.attention.pool import M3KVPool
 
     return (getattr(pool, "kv_cache_layout", "nhd") == "nhd" and not getattr(pool, "use_hnd", False)
             and not getattr(pool, "is_quantized_kv_cache", False)
-            and getattr(type(pool), "_store_kv_layer", None) is MHATokenToKVPool._store_kv_layer
+            and getattr(type(pool), "_store_kv_layer", None) in (MHATokenToKVPool._store_kv_layer,
+                                                                 M3KVPool._store_kv_layer)
             and pool.dtype in (getattr(pool, "index_dtype", None), torch.float8_e4m3fn))
 
 

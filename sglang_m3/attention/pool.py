@@ -59,6 +59,19 @@ class M3KVPool(MHATokenToKVPool):
     def get_index_k_buffer(self, layer_id: int) -> torch.Tensor:
         return self.index_k_buffer[self._index_slot[layer_id]]
 
+    # ---- K/V rows of the dense layers ------------------------------------------------------------------
+    def _store_kv_layer(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor):
+        """K/V rows of T tokens into their slots of local layer ``layer_idx`` (``set_kv_buffer`` has already cast
+        them to the cache dtype and viewed them as the store dtype: cache_k [T, Hkv, D], cache_v [T, Hkv, Dv]).
+
+        Used by the dense layers (the sparse ones store K, V and the index key in one kernel: backend.py). Plain
+        row writes, as SGLang's own fallback: SGLang's default here is its JIT `store_cache` CUDA kernel, whose
+        first use on a host compiles it with nvcc inside the decode-graph capture (benchmarks/cold_start.py)."""
+        if self.kv_cache_layout != "nhd":
+            return super()._store_kv_layer(layer_idx, loc, cache_k, cache_v)
+        self.k_buffer[layer_idx][loc] = cache_k
+        self.v_buffer[layer_idx][loc] = cache_v
+
     # ---- lifecycle paths that must carry the lane with K/V --------------------------------------------
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         super().move_kv_cache(tgt_loc, src_loc)
