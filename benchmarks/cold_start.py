@@ -5,7 +5,7 @@
 Three of SGLang's pieces compile on their first call, i.e. inside the decode-graph capture, and keep the result in
 per-host caches (not per server: a second server on the same host starts warm):
 - the dense layers' K/V store: `MHATokenToKVPool` writes rows with its JIT `store_cache` CUDA kernel (tvm-ffi,
-  nvcc; ~/.cache/tvm-ffi). M3KVPool writes them with plain row writes instead (pool.py).
+  nvcc; ~/.cache/tvm-ffi). M3KVPool writes them with our Triton `store_kv` instead (pool.py).
 - the fused-MoE clamped SwiGLU (`swiglu_no_interleaved_with_alpha_and_limit`) and the expert sum-reduce at <= 32
   tokens (`moe_sum_reduce_torch_compile`): torch.compile, inductor (/tmp/torchinductor_<user>). While M3 is
   served, plugin.py runs our Triton `swigluoai_triton` and sgl_kernel's CUDA `moe_sum_reduce` instead.
@@ -47,11 +47,13 @@ def pieces(tp: int) -> dict:
     from sglang.kernels.ops.kvcache.kvcache import store_cache
     from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe
 
+    from sglang_m3.attention.kernels import store_kv
     from sglang_m3.layers.swiglu_triton import swigluoai_triton
 
-    inter, row = 3072 // tp, max(1, KV_HEADS // tp) * HEAD_DIM
+    inter, heads = 3072 // tp, max(1, KV_HEADS // tp)
+    row = heads * HEAD_DIM
     cuda = dict(device="cuda", dtype=torch.bfloat16)
-    k_cache, v_cache = torch.zeros(SLOTS, row, **cuda), torch.zeros(SLOTS, row, **cuda)
+    k_cache, v_cache = torch.zeros(SLOTS, heads, HEAD_DIM, **cuda), torch.zeros(SLOTS, heads, HEAD_DIM, **cuda)
 
     def gate_up(t):
         return (torch.randn(t * TOPK, 2 * inter, **cuda) * 4,)
@@ -60,15 +62,16 @@ def pieces(tp: int) -> dict:
         return torch.randn(t, TOPK, HIDDEN, **cuda), torch.empty(t, HIDDEN, **cuda)
 
     def kv_rows(t):
-        return torch.randn(t, row, **cuda), torch.randn(t, row, **cuda), torch.randperm(SLOTS - 1, device="cuda")[:t] + 1
+        return (torch.randn(t, heads, HEAD_DIM, **cuda), torch.randn(t, heads, HEAD_DIM, **cuda),
+                torch.randperm(SLOTS - 1, device="cuda")[:t] + 1)
 
-    def rows_written(k, v, loc):
-        k_cache[loc], v_cache[loc] = k, v
+    def jit_store(k, v, loc):  # as MHATokenToKVPool calls it: rows of Hkv * D
+        store_cache(k.view(-1, row), v.view(-1, row), k_cache.view(-1, row), v_cache.view(-1, row), loc)
 
     everywhere, small = (lambda t: True), (lambda t: t <= 32)
     return {
-        "sglang_kv_store_cache_jit": (lambda k, v, loc: store_cache(k, v, k_cache, v_cache, loc), kv_rows, everywhere),
-        "ours_kv_row_writes": (rows_written, kv_rows, everywhere),
+        "sglang_kv_store_cache_jit": (jit_store, kv_rows, everywhere),
+        "ours_store_kv_triton": (lambda k, v, loc: store_kv(k_cache, v_cache, loc, k, v), kv_rows, everywhere),
         "sglang_swiglu_compiled": (lambda gu: fused_moe.swiglu_no_interleaved_with_alpha_and_limit(gu, ALPHA, LIMIT),
                                    gate_up, everywhere),
         "ours_swigluoai_triton": (lambda gu: swigluoai_triton(gu, ALPHA, LIMIT), gate_up, everywhere),

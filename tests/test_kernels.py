@@ -620,10 +620,41 @@ def check_store_kv_index(device):
         K.store_kv_index(*c, loc, x, x, torch.zeros(T, DI, device=device), k_scale=0.0)
 
 
+def check_store_kv(device):
+    """store_kv (a dense layer's K/V rows, already in the cache dtype) == its twin == one row written per slot,
+    bit for bit: bf16, and fp8 bit patterns as the pool hands them over (uint8); K as a strided view; slots other
+    than loc untouched; a K of another dtype than the cache's is refused."""
+    from sglang_m3.attention import kernels as K
+    from sglang_m3.attention import reference as ref
+
+    T, H, D, DV, S = 5, 3, 24, 40, 20
+    g = torch.Generator().manual_seed(6)
+    loc = torch.tensor([3, 7, 1, 19, 0], device=device)
+    for dt in (torch.bfloat16, torch.uint8):
+        k = (torch.randn(T, 2 * H, D, generator=g) * 50).to(torch.float8_e4m3fn).view(torch.uint8) \
+            if dt == torch.uint8 else torch.randn(T, 2 * H, D, generator=g).to(dt)
+        k = k.to(device)[:, ::2]  # strided heads
+        v = (torch.randn(T, H, DV, generator=g) * 50).to(torch.float8_e4m3fn).view(torch.uint8) \
+            if dt == torch.uint8 else torch.randn(T, H, DV, generator=g).to(dt)
+        v = v.to(device)
+        caches = [torch.randint(0, 100, (S, H, D), generator=g).to(dt).to(device),
+                  torch.randint(0, 100, (S, H, DV), generator=g).to(dt).to(device)]
+        got, want, rows = ([c.clone() for c in caches] for _ in range(3))
+        K.store_kv(*got, loc, k, v)
+        ref.store_kv(*want, loc, k, v)
+        for i, slot in enumerate(loc.tolist()):
+            rows[0][slot], rows[1][slot] = k[i], v[i]
+        for a, b, c in zip(got, want, rows):
+            assert torch.equal(a, b) and torch.equal(b, c), dt
+    with pytest.raises(ValueError, match="k must be"):
+        K.store_kv(*caches, loc, k.float(), v)
+
+
 @cpu_case
 def store_index_k_matches_twin():
     check_store_index_k("cpu")
     check_store_kv_index("cpu")
+    check_store_kv("cpu")
 
 
 # Two workers, roughly balanced (interpreter seconds, unloaded 2-core machine).
@@ -878,6 +909,7 @@ def test_gpu_cuda_graph_decode_replay(hq, hkv, bs, select):
 def test_gpu_store_index_k():
     check_store_index_k("cuda")
     check_store_kv_index("cuda")
+    check_store_kv("cuda")
 
 
 def check_timed_results(b, sel, out):

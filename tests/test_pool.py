@@ -88,9 +88,11 @@ def test_pipeline_stage_holds_only_its_sparse_layers(sglang_env):  # noqa: F811
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
 def test_dense_layer_kv_rows_written_to_their_slots(sglang_env, dtype):  # noqa: F811
-    """set_kv_buffer on a dense layer (M3KVPool's row store instead of SGLang's JIT store_cache): each token's K/V
-    rows land in its slot, rounded to the cache dtype as SGLang rounds them (K / k_scale, then the cast), every
-    other slot and layer untouched. Oracle: the same rows written one slot at a time in float64-free torch."""
+    """set_kv_buffer on a dense layer (M3KVPool's row store instead of SGLang's JIT store_cache; on CPU its torch
+    twin, the Triton kernel is checked against that twin in test_kernels.py): each token's K/V rows land in its
+    slot, rounded to the cache dtype as SGLang rounds them (into fp8: K / k_scale, then the cast; at the model
+    dtype the scale is not applied), every other slot and layer untouched. Oracle: the rows written one slot at a
+    time."""
     from types import SimpleNamespace
 
     from sglang_m3.attention.pool import M3KVPool

@@ -64,13 +64,17 @@ class M3KVPool(MHATokenToKVPool):
         """K/V rows of T tokens into their slots of local layer ``layer_idx`` (``set_kv_buffer`` has already cast
         them to the cache dtype and viewed them as the store dtype: cache_k [T, Hkv, D], cache_v [T, Hkv, Dv]).
 
-        Used by the dense layers (the sparse ones store K, V and the index key in one kernel: backend.py). Plain
-        row writes, as SGLang's own fallback: SGLang's default here is its JIT `store_cache` CUDA kernel, whose
-        first use on a host compiles it with nvcc inside the decode-graph capture (benchmarks/cold_start.py)."""
+        Used by the dense layers (the sparse ones store K, V and the index key in one kernel: backend.py), with
+        our Triton row store (its torch twin on CPU or with SGLANG_M3_TORCH_TWINS=msa): SGLang's default here is
+        its JIT `store_cache` CUDA kernel, whose first use on a host compiles it with nvcc inside the decode-graph
+        capture (benchmarks/cold_start.py)."""
         if self.kv_cache_layout != "nhd":
             return super()._store_kv_layer(layer_idx, loc, cache_k, cache_v)
-        self.k_buffer[layer_idx][loc] = cache_k
-        self.v_buffer[layer_idx][loc] = cache_v
+        from sglang_m3.attention import kernels, reference
+        from sglang_m3.torch_twins import use_torch_twin
+
+        impl = kernels if kernels.use_triton(loc) and not use_torch_twin("msa") else reference
+        impl.store_kv(self.k_buffer[layer_idx], self.v_buffer[layer_idx], loc, cache_k, cache_v)
 
     # ---- lifecycle paths that must carry the lane with K/V --------------------------------------------
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):

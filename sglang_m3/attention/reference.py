@@ -123,6 +123,30 @@ def _exact_fp32(fn):
 # ----------------------------------------------------------------------------------------------
 
 
+def check_store_kv(k_cache, v_cache, loc, k, v) -> None:
+    """Shape/dtype checks of ``store_kv`` (shared with its Triton twin); ValueError naming the problem."""
+    _check(k_cache.dim() == 3 and v_cache.dim() == 3 and v_cache.shape[:2] == k_cache.shape[:2],
+           f"k_cache/v_cache must be [num_slots, Hkv, D/Dv], got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    _check(loc.dim() == 1, f"loc must be 1-D [T], got {tuple(loc.shape)}")
+    T = loc.numel()
+    for name, x, cache in (("k", k, k_cache), ("v", v, v_cache)):
+        _check(tuple(x.shape) == (T, *cache.shape[1:]) and x.dtype == cache.dtype,
+               f"{name} must be [T={T}, {', '.join(map(str, cache.shape[1:]))}] of the cache dtype {cache.dtype}, "
+               f"got {tuple(x.shape)} {x.dtype}")
+    _check(k_cache.stride(2) == 1 and v_cache.stride(2) == 1, "k_cache and v_cache need a contiguous last dimension")
+
+
+def store_kv(k_cache: Tensor, v_cache: Tensor, loc: Tensor, k: Tensor, v: Tensor) -> None:
+    """A dense layer's cache write (M3KVPool._store_kv_layer): K/V rows of T new tokens into their slots, in place.
+
+    k_cache [num_slots, Hkv, D], v_cache [num_slots, Hkv, Dv]; k [T, Hkv, D], v [T, Hkv, Dv] already in the
+    cache's dtype (SGLang's set_kv_buffer casts and scales before this step; fp8 caches arrive as their uint8
+    store view); loc [T] int slots. Raises ValueError on shapes/dtypes that do not fit."""
+    check_store_kv(k_cache, v_cache, loc, k, v)
+    k_cache[loc] = k
+    v_cache[loc] = v
+
+
 def check_store_kv_index(k_cache, v_cache, index_k_cache, loc, k, v, index_k, k_scale, v_scale) -> None:
     """Shape/dtype checks of ``store_kv_index`` (shared with its Triton twin); ValueError naming the problem."""
     _check(k_cache.dim() == 3 and v_cache.dim() == 3,

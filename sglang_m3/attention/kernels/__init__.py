@@ -3,6 +3,7 @@
 Kernels (same signatures and semantics as their twins, plus optional keyword arguments):
   store_index_k(index_k_cache, loc, index_k)
   store_kv_index(k_cache, v_cache, index_k_cache, loc, k, v, index_k, *, k_scale=1.0, v_scale=1.0)
+  store_kv(k_cache, v_cache, loc, k, v)                         (a dense layer's K/V rows, via M3KVPool)
   index_block_topk(index_q, index_k_cache, req_to_token, req_pool_indices, seq_lens,
                    extend_seq_lens, extend_start_loc, *, block_size, topk_blocks, init_blocks=0,
                    local_blocks=1, out=None, meta=None, workspace=None, num_splits=None,
@@ -46,9 +47,9 @@ from torch import Tensor
 from .common import MSAMeta, MSAWorkspace, interpret_mode, prepare_meta
 from .indexer import index_block_topk
 from .sparse_attention import sparse_attention
-from .store import store_index_k, store_kv_index
+from .store import store_index_k, store_kv, store_kv_index
 
-__all__ = ["store_index_k", "store_kv_index", "index_block_topk", "sparse_attention", "prepare_meta", "MSAMeta",
+__all__ = ["store_index_k", "store_kv", "store_kv_index", "index_block_topk", "sparse_attention", "prepare_meta", "MSAMeta",
            "MSAWorkspace", "warmup", "use_triton", "get_impl"]
 
 
@@ -104,6 +105,8 @@ def warmup(workspace: MSAWorkspace, *, batch_sizes, num_q_heads: int, num_kv_hea
         vn = torch.zeros(bs, num_kv_heads, head_dim_v, dtype=dtype, device=device)
         loc = torch.zeros(bs, dtype=torch.int64, device=device)  # (the padding slot)
         store_kv_index(k_cache, v_cache, ik_cache, loc, kn, vn, iq[:, 0])
+        if kv_dtype in (None, dtype):  # the dense layers' K/V rows (M3KVPool), same shapes
+            store_kv(k_cache, v_cache, loc, kn, vn)
         sel = index_block_topk(iq, ik_cache, r2t, rpi, seq, None, None, block_size=block_size,
                                topk_blocks=topk_blocks, init_blocks=init_blocks, local_blocks=local_blocks,
                                meta=meta, workspace=workspace)

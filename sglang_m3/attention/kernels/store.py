@@ -1,11 +1,14 @@
-"""Cache writes of the new tokens, in Triton. Twins: reference.store_index_k, reference.store_kv_index.
+"""Cache writes of the new tokens, in Triton. Twins: reference.store_index_k, reference.store_kv_index,
+reference.store_kv.
 
 store_kv_index: K, V and the index key of each new token in ONE launch (a sparse layer's store; the pool's
 set_kv_buffer and a separate index-key store were two launches, ~1-2 us each at small batch under a graph,
 where the bytes moved are trivial: T x (Hkv x (D + Dv) + Di) elements). fp8 e4m3 K/V are divided by their
 scales and rounded exactly as MHATokenToKVPool.set_kv_buffer does (torch's rounding, bit for bit).
 store_index_k: the index key alone (a row scatter that casts while storing, one launch, no temporary).
-Both are graph safe (grid = T).
+store_kv: a dense layer's K/V rows (M3KVPool._store_kv_layer; SGLang's pool would use its JIT store_cache, whose
+first use compiles with nvcc inside a cold decode-graph capture: benchmarks/cold_start.py).
+All are graph safe (grid = T).
 """
 
 from __future__ import annotations
@@ -102,9 +105,9 @@ def _store_kv_index_kernel(
     loc_ptr, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, ik_ptr, si_t, k_inv, v_inv,
     HKV: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, HAS_INDEX: tl.constexpr,
 ):
-    # One program per new token: its K and V rows (all KV heads) and its index key, one launch.
+    # One program per new token: its K and V rows (all KV heads) and its index key (sparse layers), one launch.
     t = tl.program_id(0)
     slot = tl.load(loc_ptr + t).to(tl.int64)
     t64 = t.to(tl.int64)
@@ -117,10 +120,11 @@ def _store_kv_index_kernel(
     m = (h < HKV) & (dv < DV)
     x = tl.load(v_ptr + t64 * sv_t + h * sv_h + dv, mask=m)
     tl.store(v_cache_ptr + slot * svc_s + h * svc_h + dv, _to_cache(x, v_inv, v_cache_ptr, FP8), mask=m)
-    di = tl.arange(0, DI_PAD)
-    m = di < DI
-    x = tl.load(ik_ptr + t64 * si_t + di, mask=m)
-    tl.store(ik_cache_ptr + slot * sic_s + di, x.to(ik_cache_ptr.dtype.element_ty), mask=m)
+    if HAS_INDEX:
+        di = tl.arange(0, DI_PAD)
+        m = di < DI
+        x = tl.load(ik_ptr + t64 * si_t + di, mask=m)
+        tl.store(ik_cache_ptr + slot * sic_s + di, x.to(ik_cache_ptr.dtype.element_ty), mask=m)
 
 
 def store_kv_index(k_cache: Tensor, v_cache: Tensor, index_k_cache: Tensor, loc: Tensor, k: Tensor, v: Tensor,
@@ -151,4 +155,22 @@ def store_kv_index(k_cache: Tensor, v_cache: Tensor, index_k_cache: Tensor, loc:
         loc, k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), index_k, index_k.stride(0),
         float(np.float32(1.0) / np.float32(k_scale)), float(np.float32(1.0) / np.float32(v_scale)),
         HKV=hkv, H_PAD=common.next_pow2(hkv), D=d, D_PAD=common.next_pow2(d), DV=dv, DV_PAD=common.next_pow2(dv),
-        DI=di, DI_PAD=common.next_pow2(di), FP8=fp8, num_warps=4)
+        DI=di, DI_PAD=common.next_pow2(di), FP8=fp8, HAS_INDEX=True, num_warps=4)
+
+
+def store_kv(k_cache: Tensor, v_cache: Tensor, loc: Tensor, k: Tensor, v: Tensor) -> None:
+    """Same contract as ``reference.store_kv``: a dense layer's K/V rows, already in the cache dtype, into their
+    slots; one launch (grid = T, graph safe), the sparse layers' store without the index key."""
+    reference.check_store_kv(k_cache, v_cache, loc, k, v)
+    if loc.numel() == 0:
+        return
+    if k.stride(2) != 1:
+        k = k.contiguous()
+    if v.stride(2) != 1:
+        v = v.contiguous()
+    hkv, d, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[2]
+    _store_kv_index_kernel[(loc.numel(),)](
+        k_cache, k_cache.stride(0), k_cache.stride(1), v_cache, v_cache.stride(0), v_cache.stride(1),
+        k_cache, 0, loc, k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), k, 0, 1.0, 1.0,
+        HKV=hkv, H_PAD=common.next_pow2(hkv), D=d, D_PAD=common.next_pow2(d), DV=dv, DV_PAD=common.next_pow2(dv),
+        DI=1, DI_PAD=1, FP8=False, HAS_INDEX=False, num_warps=4)
