@@ -111,8 +111,17 @@ def test_fused_experts_with_m3_helpers_on_gpu(tokens, monkeypatch):
     from sglang.srt.runtime_context import publish
     from sglang.srt.server_args import ServerArgs
 
+    import tempfile
+
+    from sglang.srt.distributed import parallel_state as ps
+
     sglang_m3.enable()
-    publish(ServerArgs(model_path="dummy", device="cuda", moe_runner_backend="triton"), role="test")  # SGLang reads it
+    # what fused_experts reads at run time: published ServerArgs and world-size-1 model-parallel groups
+    publish(ServerArgs(model_path="dummy", device="cuda", moe_runner_backend="triton"), role="test")
+    if not ps.model_parallel_is_initialized():
+        ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                        distributed_init_method=f"file://{tempfile.mkdtemp()}/init")
+        ps.initialize_model_parallel(tensor_model_parallel_size=1)
     E, H, inter, k = 8, 512, 256, 4
     g = torch.Generator(device="cuda").manual_seed(tokens)
     w13 = torch.randn(E, 2 * inter, H, device="cuda", generator=g).bfloat16() * 0.05
