@@ -9,8 +9,9 @@ seconds; Triton's compilation listener). Reported: start-up and SGLang's "Captur
 seconds, and the compiles inside the capture window (between its begin and end log lines) by kernel -- ours (the
 MSA kernels) and SGLang's (fused MoE, dense attention, ...) -- with their summed compile seconds, so the capture
 time splits into compiling and the rest (inductor's and nvcc's work, outside Triton's listener, is not in that
-sum). With --warm the server is started again on the same caches: the warm capture time is the capture without
-compiles.
+sum). What no listener sees, a sampler does: the main thread's Python stack every 0.5 s (compile_listener's
+M3_STACK_LOG), summed by innermost frame inside the capture window. With --warm the server is started again on the
+same caches: the warm capture time is the capture without compiles.
 
     python benchmarks/capture_time.py --out $OUT [--warm]      # GPU; capture_time.json / .md, server_*.log in --out
     python benchmarks/capture_time.py --smoke --out /tmp/ct    # CPU harness check (no capture, no Triton there)
@@ -76,12 +77,54 @@ def compile_summary(lines: list[dict], window: tuple[float, float] | None) -> di
     return res
 
 
+def frame_site(frame: str) -> str:
+    """"path:line function" -> "path-from-the-package function" (site-packages and line number dropped)."""
+    path, _, func = frame.partition(" ")
+    path = path.rsplit(":", 1)[0]
+    for marker in ("site-packages/", "dist-packages/", "/lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{path} {func}"
+
+
+def stack_summary(samples: list[dict], window: tuple[float, float] | None, interval: float, top: int = 15) -> dict:
+    """Main-thread stack samples inside the capture window, for the process that has the most of them (the
+    scheduler): seconds by innermost frame and by the innermost frame of this package, SGLang or torch
+    (samples x interval), the largest first."""
+    inside = [s for s in samples if window and window[0] <= s["t"] <= window[1] and s["stack"]]
+    if not inside:
+        return {"samples": 0}
+    pids = defaultdict(int)
+    for s in inside:
+        pids[s["pid"]] += 1
+    pid = max(pids, key=pids.get)
+    by_leaf, by_owner = defaultdict(int), defaultdict(int)
+    for s in inside:
+        if s["pid"] != pid:
+            continue
+        by_leaf[frame_site(s["stack"][0])] += 1
+        owner = next((f for f in map(frame_site, s["stack"]) if f.startswith(("sglang", "torch", "triton",
+                                                                             "tvm_ffi", "flashinfer"))), "other")
+        by_owner[owner] += 1
+
+    def seconds(counts):
+        return {k: round(n * interval, 1) for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]}
+
+    return {"samples": pids[pid], "pid": pid, "interval_s": interval, "by_innermost_frame_s": seconds(by_leaf),
+            "by_innermost_library_frame_s": seconds(by_owner)}
+
+
+STACK_INTERVAL = 0.5
+
+
 def start(name: str, ckpt: Path, work: Path, cache: str, port: int, flags: list[str]) -> dict:
-    compile_log = work / f"compiles_{name}.jsonl"
+    compile_log, stack_log = work / f"compiles_{name}.jsonl", work / f"stacks_{name}.jsonl"
     compile_log.unlink(missing_ok=True)
+    stack_log.unlink(missing_ok=True)
     env = {"TRITON_CACHE_DIR": f"{cache}/triton", "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
            "TVM_FFI_CACHE_DIR": f"{cache}/tvm-ffi",
-           "M3_COMPILE_LOG": str(compile_log),
+           "M3_COMPILE_LOG": str(compile_log), "M3_STACK_LOG": str(stack_log), "M3_STACK_INTERVAL": str(STACK_INTERVAL),
            "PYTHONPATH": os.pathsep.join([str(LISTENER), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     server = Server(name, ckpt, flags, log_dir=work, port=port, env=env)
     try:
@@ -90,10 +133,11 @@ def start(name: str, ckpt: Path, work: Path, cache: str, port: int, flags: list[
     finally:
         server.stop()
     lines = [json.loads(x) for x in compile_log.read_text().splitlines()] if compile_log.exists() else []
+    samples = [json.loads(x) for x in stack_log.read_text().splitlines()] if stack_log.exists() else []
     window = capture_window(log)
     return {"startup_s": round(server.startup_s, 1), "capture_s": e2e.capture_seconds(log),
             "capture_window_found": window is not None, "compile_log_lines": len(lines),
-            "compiles": compile_summary(lines, window)}
+            "compiles": compile_summary(lines, window), "stacks": stack_summary(samples, window, STACK_INTERVAL)}
 
 
 def markdown(res: dict) -> str:
@@ -106,6 +150,12 @@ def markdown(res: dict) -> str:
     cold = res["runs"]["cold"]["compiles"]["in_capture"]["by_kernel"]
     out += ["", "Cold capture, compiles by kernel:", "", "| kernel | compiles | s |", "|---|---|---|"]
     out += [f"| {k} | {v['compiles']} | {v['s']} |" for k, v in cold.items()]
+    stacks = res["runs"]["cold"].get("stacks", {})
+    for part, title in (("by_innermost_library_frame_s", "innermost SGLang / torch / Triton / tvm-ffi frame"),
+                        ("by_innermost_frame_s", "innermost frame")):
+        if stacks.get(part):
+            out += ["", f"Cold capture, main-thread stack samples (every {stacks['interval_s']} s) by {title}:", "",
+                    "| frame | s |", "|---|---|"] + [f"| {k} | {v} |" for k, v in stacks[part].items()]
     return "\n".join(out) + "\n"
 
 

@@ -10,13 +10,13 @@ import pytest
 from benchmarks import capture_variants as cv
 
 # The variants by design, for M3's per-rank shapes (bf16): the per-forward metadata kernel; the fused K/V/index-key
-# store; the indexer's split kernel + merge (batches > INDEXER_TWO_PASS_MAX_TILES) and its two-pass score kernel +
+# store and the dense layers' K/V store (its variant without the index lane); the indexer's split kernel + merge (batches > INDEXER_TWO_PASS_MAX_TILES) and its two-pass score kernel +
 # select (smaller); the attention kernel with split partials + merge, and (TP1: 4 KV heads fill the SMs from bs 33)
 # without splits, writing the output directly.
-# ("store": _store_kv_index_kernel, or _store_index_k_kernel where the pool writes K/V itself.)
-DESIGN = {"tp1": {"_meta_kernel": 1, "store": 1, "_indexer_kernel": 2, "_indexer_merge_kernel": 1,
+# ("store": _store_kv_index_kernel's two, or _store_index_k_kernel where the pool writes K/V itself.)
+DESIGN = {"tp1": {"_meta_kernel": 1, "store": 2, "_indexer_kernel": 2, "_indexer_merge_kernel": 1,
                   "_indexer_select_kernel": 1, "_sparse_attn_kernel": 2, "_sparse_attn_merge_kernel": 1},
-          "tp8": {"_meta_kernel": 1, "store": 1, "_indexer_kernel": 2, "_indexer_merge_kernel": 1,
+          "tp8": {"_meta_kernel": 1, "store": 2, "_indexer_kernel": 2, "_indexer_merge_kernel": 1,
                   "_indexer_select_kernel": 1, "_sparse_attn_kernel": 1, "_sparse_attn_merge_kernel": 1}}
 
 
@@ -96,6 +96,54 @@ def test_compile_listener_logs_each_compile(tmp_path):
     assert [(c["name"], c["cache_hit"]) for c in lines] == [("probe_kernel", False), ("probe_kernel", True),
                                                              ("probe_kernel", False)]
     assert all(c["s"] > 0 for c in lines if not c["cache_hit"])
+
+
+SAMPLER_PROBE = """
+import time
+
+def waits_in_a_named_function():
+    time.sleep(1.2)
+
+def busy_elsewhere():
+    t0 = time.time()
+    while time.time() - t0 < 0.6:
+        pass
+
+waits_in_a_named_function()
+busy_elsewhere()
+"""
+
+
+def test_stack_sampler_attributes_time_to_the_function_that_spent_it(tmp_path):
+    """The stack sampler of the capture-time server (compile_listener's M3_STACK_LOG) in a real subprocess: a
+    1.2-s sleep in one function and a 0.6-s busy loop in another come back as samples of those functions, and
+    stack_summary turns them into seconds by innermost frame (within a sample interval per function and the
+    scheduling slack of a loaded 2-core machine: 0.1-s samples, 0.3 s either way)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks import capture_time
+
+    log = tmp_path / "stacks.jsonl"
+    probe = tmp_path / "probe.py"
+    probe.write_text(SAMPLER_PROBE)
+    env = {**os.environ, "M3_STACK_LOG": str(log), "M3_STACK_INTERVAL": "0.1",
+           "PYTHONPATH": os.pathsep.join([str(capture_time.LISTENER), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    samples = [json.loads(x) for x in log.read_text().splitlines()]
+    s = capture_time.stack_summary(samples, (t0, time.time()), 0.1)
+    leaf = s["by_innermost_frame_s"]
+    assert abs(leaf[f"{probe} waits_in_a_named_function"] - 1.2) <= 0.3, leaf
+    assert abs(leaf[f"{probe} busy_elsewhere"] - 0.6) <= 0.3, leaf
+    assert s["pid"] != os.getpid() and s["samples"] == len(samples)
+    assert capture_time.stack_summary(samples, (t0 - 10, t0 - 5), 0.1) == {"samples": 0}  # outside the window
+    assert capture_time.frame_site("/x/lib/python3.12/site-packages/tvm_ffi/cpp/load.py:88 build") == \
+        "tvm_ffi/cpp/load.py build"
 
 
 def test_capture_window_and_compile_summary():
