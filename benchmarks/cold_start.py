@@ -7,8 +7,9 @@ per-host caches (not per server: a second server on the same host starts warm):
 - the dense layers' K/V store: `MHATokenToKVPool` writes rows with its JIT `store_cache` CUDA kernel (tvm-ffi,
   nvcc; ~/.cache/tvm-ffi). M3KVPool writes them with our Triton `store_kv` instead (pool.py).
 - the fused-MoE clamped SwiGLU (`swiglu_no_interleaved_with_alpha_and_limit`) and the expert sum-reduce at <= 32
-  tokens (`moe_sum_reduce_torch_compile`): torch.compile, inductor (/tmp/torchinductor_<user>). While M3 is
-  served, plugin.py runs our Triton `swigluoai_triton` and sgl_kernel's CUDA `moe_sum_reduce` instead.
+  tokens (`moe_sum_reduce_torch_compile`): torch.compile, inductor (/tmp/torchinductor_<user>). Measured against
+  our Triton `swigluoai_triton` and sgl_kernel's CUDA `moe_sum_reduce` (session 13: a few seconds of cold
+  compiles against ~0.3-0.6 us more per MoE layer and decode step for the replacements; SGLang's stay).
 
 Measured in one fresh process with fresh tvm-ffi, inductor and Triton caches (a fresh host's state):
 - first call (wall s, synchronized) of each piece and its replacement at decode token counts, largest first as

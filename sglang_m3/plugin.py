@@ -12,8 +12,6 @@ What it changes, all keyed on the two released M3 architecture names:
 - attention: backend `m3_msa` (dense layers through an SGLang backend, sparse layers through ours),
   chosen by default; any dense backend named with --attention-backend is wrapped the same way;
 - fused-MoE configs: the packaged files tuned for M3's expert shapes (moe_configs) while an M3 model is served;
-- fused-MoE helpers: M3's expert activation and small-batch sum-reduce without SGLang's torch.compile step (no
-  inductor compile inside a cold decode-graph capture), while an M3 model is served;
 - KV pool: `M3KVPool` (index-key lane, at the model dtype even with an fp8 K/V cache) with a cell size that
   counts it;
 - flags that would silently drop the index lane (HiCache) or that we do not serve are refused;
@@ -91,14 +89,6 @@ def register() -> None:
     # module global, and no module imports it by name, so patching the module attribute covers every call.
     HookRegistry.register("sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe_triton_config.get_moe_configs",
                           _packaged_moe_configs, HookType.AROUND)
-    # M3's expert activation and its small-batch sum-reduce: SGLang runs both as torch.compile'd functions, whose
-    # inductor compiles (cached per host, not per server) fall inside a cold decode-graph capture. While M3 is served
-    # they run as our Triton swigluoai and SGLang's CUDA moe_sum_reduce, which need no compile step. Both are module
-    # globals of fused_moe, looked up at each call.
-    fused_moe = "sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe."
-    HookRegistry.register(fused_moe + "swiglu_no_interleaved_with_alpha_and_limit", _m3_expert_activation,
-                          HookType.AROUND)
-    HookRegistry.register(fused_moe + "_use_moe_sum_reduce_torch_compile", _m3_compiled_sum_reduce, HookType.AROUND)
 
     # Requests are checked in the tokenizer manager (HTTP server process): the raw request before SGLang's
     # normalization indexes into it, a batch before its first item is sent, each prompt's final token ids.
@@ -437,22 +427,3 @@ def _packaged_moe_configs(original, E, N, dtype, block_n=0, block_k=0, per_chann
         if up is not None:
             return _packaged_moe_file(E, N, dtype, block_n, block_k, per_channel_quant, True) if down_moe else up
     return original(E, N, dtype, block_n, block_k, per_channel_quant=per_channel_quant, down_moe=down_moe)
-
-
-def _m3_expert_activation(original, gate_up, gemm1_alpha, gemm1_limit):
-    """fused_moe's non-interleaved clamped SwiGLU (`[T, 2I]` -> `[T, I]`, the input's dtype). While M3 is served:
-    `swiglu_triton.swigluoai_triton`, the same formula (M3_SPEC §2.5: gate clamped above, up clamped both ways, +1
-    on up, computed in fp32) without SGLang's torch.compile step (its cold compiles timed in
-    benchmarks/cold_start.py). Every other call: SGLang's compiled function."""
-    if _m3_served:
-        from sglang_m3.layers.swiglu_triton import swigluoai_triton
-
-        return swigluoai_triton(gate_up, gemm1_alpha, gemm1_limit)
-    return original(gate_up, gemm1_alpha, gemm1_limit)
-
-
-def _m3_compiled_sum_reduce(original, num_tokens: int) -> bool:
-    """Whether fused_moe sums the experts' outputs with its torch.compile'd reduce (SGLang: at <= 32 tokens) rather
-    than sgl_kernel's CUDA `moe_sum_reduce`. While M3 is served: never (no compile inside the capture; the two
-    kernels' decode-size times in benchmarks/cold_start.py)."""
-    return False if _m3_served else original(num_tokens)
