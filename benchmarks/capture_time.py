@@ -89,16 +89,18 @@ def frame_site(frame: str) -> str:
 
 
 def stack_summary(samples: list[dict], window: tuple[float, float] | None, interval: float, top: int = 15) -> dict:
-    """Main-thread stack samples inside the capture window, for the process that has the most of them (the
-    scheduler): seconds by innermost frame and by the innermost frame of this package, SGLang or torch
-    (samples x interval), the largest first."""
+    """Main-thread stack samples inside the capture window, for the process that captures (every process of the
+    server samples at the same rate: the one whose stacks pass through a function named *capture* most often, the
+    scheduler; else the one with the most samples): seconds by innermost frame and by the innermost frame of
+    SGLang, torch, Triton, tvm-ffi or flashinfer (samples x interval), the largest first."""
     inside = [s for s in samples if window and window[0] <= s["t"] <= window[1] and s["stack"]]
     if not inside:
         return {"samples": 0}
-    pids = defaultdict(int)
+    pids, capturing = defaultdict(int), defaultdict(int)
     for s in inside:
         pids[s["pid"]] += 1
-    pid = max(pids, key=pids.get)
+        capturing[s["pid"]] += any("capture" in f.rsplit(" ", 1)[-1].lower() for f in s["stack"])
+    pid = max(pids, key=lambda p: (capturing[p], pids[p]))
     by_leaf, by_owner = defaultdict(int), defaultdict(int)
     for s in inside:
         if s["pid"] != pid:

@@ -141,6 +141,10 @@ def test_stack_sampler_attributes_time_to_the_function_that_spent_it(tmp_path):
     assert abs(leaf[f"{probe} waits_in_a_named_function"] - 1.2) <= 0.3, leaf
     assert abs(leaf[f"{probe} busy_elsewhere"] - 0.6) <= 0.3, leaf
     assert s["pid"] != os.getpid() and s["samples"] == len(samples)
+    # several processes sample at the same rate: the one passing through a *capture* function is reported
+    other = [{**x, "pid": -1, "stack": ["/x/sglang/srt/model_executor/cuda_graph_runner.py:9 capture_one"]}
+             for x in samples]
+    assert capture_time.stack_summary(samples + other, (t0, time.time()), 0.1)["pid"] == -1
     assert capture_time.stack_summary(samples, (t0 - 10, t0 - 5), 0.1) == {"samples": 0}  # outside the window
     assert capture_time.frame_site("/x/lib/python3.12/site-packages/tvm_ffi/cpp/load.py:88 build") == \
         "tvm_ffi/cpp/load.py build"

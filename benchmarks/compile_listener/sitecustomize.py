@@ -5,7 +5,7 @@ this folder first on PYTHONPATH (the server and its spawned scheduler):
   Triton's compilation listener (``triton.knobs.compilation.listener``, called by ``triton.compile`` with its
   CompileTimes).
 - M3_STACK_LOG: a daemon thread samples the main thread's Python stack every M3_STACK_INTERVAL seconds (default
-  0.5) and appends {t, pid, stack: innermost 12 frames as "path:line function"}: where the time goes that no
+  0.5) and appends {t, pid, stack: innermost 40 frames as "path:line function"}: where the time goes that no
   compile listener sees (nvcc JIT builds, inductor, cuBLAS/NCCL set-up, plain Python).
 """
 
@@ -43,7 +43,7 @@ if os.environ.get("M3_STACK_LOG"):
                 if frame is None:
                     return  # the main thread ended
                 stack = []
-                while frame is not None and len(stack) < 12:
+                while frame is not None and len(stack) < 40:
                     stack.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
                     frame = frame.f_back
                 with open(path, "a") as f:
