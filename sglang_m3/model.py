@@ -14,7 +14,6 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
-from sglang.srt.layers.layernorm import GemmaRMSNorm
 from sglang.srt.layers.linear import QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.quantization.utils import is_layer_skipped
@@ -28,6 +27,7 @@ from sglang.srt.utils import add_prefix
 
 from sglang_m3.config import M3TextView, m3_text_view
 from sglang_m3.layers.moe import M3MoE
+from sglang_m3.layers.norm import PrecompiledGemmaRMSNorm
 from sglang_m3.layers.qk_norm_rope import qk_norm_rope_, qk_norm_rope_torch
 from sglang_m3.layers.qkv_index import INDEX_PARTS, PARTS, QKV_PARTS, QKVIndexParallelLinear
 from sglang_m3.layers.swiglu import SwiGLUOAIMLP
@@ -39,8 +39,8 @@ def _qk_norm_and_rope(view: M3TextView, head_dim: int):
     """Per-head Gemma norms for queries and keys (`qk_norm_type: per_head`: one [head_dim] weight shared by every
     head) and the partial NeoX RoPE applied after them (§2.4, §3.1). Only the norms' weights and the rope's cos/sin
     cache are used: layers/qk_norm_rope applies both in one launch."""
-    return (GemmaRMSNorm(head_dim, eps=view.rms_norm_eps), GemmaRMSNorm(head_dim, eps=view.rms_norm_eps),
-            get_rope_of(view, head_dim))
+    return (PrecompiledGemmaRMSNorm(head_dim, eps=view.rms_norm_eps),
+            PrecompiledGemmaRMSNorm(head_dim, eps=view.rms_norm_eps), get_rope_of(view, head_dim))
 
 
 class M3Attention(nn.Module):
@@ -172,8 +172,8 @@ class M3DecoderLayer(nn.Module):
             self.mlp = SwiGLUOAIMLP(view.hidden_size, view.dense_intermediate_size, view.swiglu_alpha,
                                     view.swiglu_limit, quant_config=quant_config, prefix=add_prefix("mlp", prefix))
         self.is_moe = view.is_moe(layer_id)
-        self.input_layernorm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
-        self.post_attention_layernorm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
+        self.input_layernorm = PrecompiledGemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
+        self.post_attention_layernorm = PrecompiledGemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
 
     def forward(self, positions, hidden_states, forward_batch, residual):
         if residual is None:
@@ -195,7 +195,7 @@ class M3Model(nn.Module):
         self.layers = nn.ModuleList(
             M3DecoderLayer(view, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix))
             for i in range(view.num_layers))
-        self.norm = GemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
+        self.norm = PrecompiledGemmaRMSNorm(view.hidden_size, eps=view.rms_norm_eps)
         self.start_layer, self.end_layer = 0, view.num_layers
         self.layers_to_capture: tuple[int, ...] = ()  # EAGLE3: residual stream entering these layers
 

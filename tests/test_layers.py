@@ -200,12 +200,17 @@ def _norm_input(T: int, D: int, seed: int) -> torch.Tensor:
     return x * scales[:, None]
 
 
-def test_gemma_rmsnorm_plain_and_fused_residual(sglang_env):
+@pytest.mark.parametrize("cls", ["sglang", "precompiled"])
+def test_gemma_rmsnorm_plain_and_fused_residual(sglang_env, cls):
+    """SGLang's GemmaRMSNorm and the model's subclass (layers/norm.py: CUDA kernels differ, this CPU path is
+    SGLang's) against the §2.2 formula."""
     from sglang.srt.layers.layernorm import GemmaRMSNorm
+
+    from sglang_m3.layers.norm import PrecompiledGemmaRMSNorm
 
     D = 64
     w = _randn(D, seed=1, scale=0.5)  # checkpoint offset form (init 0); clearly nonzero
-    norm = GemmaRMSNorm(D, eps=EPS)
+    norm = (GemmaRMSNorm if cls == "sglang" else PrecompiledGemmaRMSNorm)(D, eps=EPS)
     _load(norm.weight, w)
     x = _norm_input(7, D, seed=2)
     want = ref_gemma_rmsnorm(x, w)
@@ -222,6 +227,49 @@ def test_gemma_rmsnorm_plain_and_fused_residual(sglang_env):
     _close("GemmaRMSNorm fused: y", got_y, ref_gemma_rmsnorm(s, w), rtol=1e-5, atol=1e-6)
     assert torch.equal(got_res, x.float() + r.float()), "residual' must be x + residual (fp32 add)"
     _far("GemmaRMSNorm fused: norm of x instead of x+residual", ref_gemma_rmsnorm(x, w), ref_gemma_rmsnorm(s, w), 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="needs CUDA")
+@pytest.mark.parametrize("D", [6144, 128])
+def test_precompiled_gemma_rmsnorm_on_gpu(sglang_env, monkeypatch, D):
+    """On CUDA, bf16 at M3's hidden and head sizes: the subclass (sgl_kernel's precompiled kernels) against the §2.2
+    formula in float64 on the same bf16 data and bf16 weight, within 2^-7 · |y| + 1e-5 (one bf16 rounding of y; the
+    fused form's residual' = x + residual within one bf16 rounding, the oracle normalising that rounded sum), plain
+    and with the fused residual add, with flashinfer's norm module made to raise (the point of the subclass).
+    SGLang's GemmaRMSNorm (flashinfer's JIT kernel) lands within the same bound."""
+    import flashinfer.norm
+    from sglang.srt.layers.layernorm import GemmaRMSNorm
+
+    from sglang_m3.layers.norm import PrecompiledGemmaRMSNorm
+
+    w = _randn(D, seed=11, scale=0.5)
+    x = (_randn(300, D, seed=12) * torch.logspace(-3, 2, 300, dtype=torch.float64)[:, None]).bfloat16().cuda()
+    r = _randn(300, D, seed=13).bfloat16().cuda()
+    s = (x.double() + r.double()).bfloat16()  # the residual add, rounded to bf16 as stored
+
+    def check(norm):
+        w_bf16 = norm.weight.detach().double().cpu()  # the model-dtype weight the kernel reads
+        y = norm(x.clone())
+        want = ref_gemma_rmsnorm(x.double().cpu(), w_bf16)
+        assert bool(((y.double().cpu() - want).abs() <= 2.0 ** -7 * want.abs() + 1e-5).all())
+        y2, res = norm(x.clone(), r.clone())
+        assert bool(((res.double() - s.double()).abs() <= 2.0 ** -8 * s.double().abs()).all())
+        want2 = ref_gemma_rmsnorm(s.double().cpu(), w_bf16)
+        assert bool(((y2.double().cpu() - want2).abs() <= 2.0 ** -7 * want2.abs() + 1e-5).all())
+
+    sglang_norm = GemmaRMSNorm(D, eps=EPS).cuda().to(torch.bfloat16)  # model-dtype weights, as served
+    _load(sglang_norm.weight, w)
+    check(sglang_norm)
+    ours = PrecompiledGemmaRMSNorm(D, eps=EPS).cuda().to(torch.bfloat16)
+    _load(ours.weight, w)
+
+    def no_flashinfer(*args, **kwargs):
+        raise AssertionError("flashinfer's norm module was called")
+
+    monkeypatch.setattr(flashinfer.norm, "gemma_rmsnorm", no_flashinfer)
+    monkeypatch.setattr(flashinfer.norm, "gemma_fused_add_rmsnorm", no_flashinfer)
+    check(ours)
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
