@@ -80,11 +80,7 @@ def compile_summary(lines: list[dict], window: tuple[float, float] | None) -> di
 def frame_site(frame: str) -> str:
     """"path:line function" -> "path-from-the-package function" (site-packages and line number dropped)."""
     path, _, func = frame.partition(" ")
-    path = path.rsplit(":", 1)[0]
-    for marker in ("site-packages/", "dist-packages/", "/lib/python3"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            break
+    path = re.split(r"(?:site-packages|dist-packages|/lib/python3\.\d+)/", path.rsplit(":", 1)[0])[-1]
     return f"{path} {func}"
 
 
@@ -92,7 +88,9 @@ def stack_summary(samples: list[dict], window: tuple[float, float] | None, inter
     """Main-thread stack samples inside the capture window, for the process that captures (every process of the
     server samples at the same rate: the one whose stacks pass through a function named *capture* most often, the
     scheduler; else the one with the most samples): seconds by innermost frame and by the innermost frame of
-    SGLang, torch, Triton, tvm-ffi or flashinfer (samples x interval), the largest first."""
+    SGLang, torch, Triton, tvm-ffi or flashinfer, the largest first. Each sample is credited with the wall time since
+    that process's previous sample (at most 4 intervals): the sampler needs the GIL, so a stretch of C code holding
+    it shows up as one late sample that stood for the whole stretch."""
     inside = [s for s in samples if window and window[0] <= s["t"] <= window[1] and s["stack"]]
     if not inside:
         return {"samples": 0}
@@ -101,23 +99,35 @@ def stack_summary(samples: list[dict], window: tuple[float, float] | None, inter
         pids[s["pid"]] += 1
         capturing[s["pid"]] += any("capture" in f.rsplit(" ", 1)[-1].lower() for f in s["stack"])
     pid = max(pids, key=lambda p: (capturing[p], pids[p]))
-    by_leaf, by_owner = defaultdict(int), defaultdict(int)
-    for s in inside:
-        if s["pid"] != pid:
-            continue
-        by_leaf[frame_site(s["stack"][0])] += 1
+    by_leaf, by_owner = defaultdict(float), defaultdict(float)
+    previous = None
+    for s in sorted((s for s in inside if s["pid"] == pid), key=lambda s: s["t"]):
+        credit = interval if previous is None else min(s["t"] - previous, 4 * interval)
+        previous = s["t"]
+        by_leaf[frame_site(s["stack"][0])] += credit
         owner = next((f for f in map(frame_site, s["stack"]) if f.startswith(("sglang", "torch", "triton",
                                                                              "tvm_ffi", "flashinfer"))), "other")
-        by_owner[owner] += 1
+        by_owner[owner] += credit
 
-    def seconds(counts):
-        return {k: round(n * interval, 1) for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]}
+    def seconds(totals):
+        return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]}
 
     return {"samples": pids[pid], "pid": pid, "interval_s": interval, "by_innermost_frame_s": seconds(by_leaf),
             "by_innermost_library_frame_s": seconds(by_owner)}
 
 
 STACK_INTERVAL = 0.5
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON lines of a measurement log, skipping a torn one (a process killed mid-write)."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
 
 
 def start(name: str, ckpt: Path, work: Path, cache: str, port: int, flags: list[str]) -> dict:
@@ -134,8 +144,8 @@ def start(name: str, ckpt: Path, work: Path, cache: str, port: int, flags: list[
         log = server.log()
     finally:
         server.stop()
-    lines = [json.loads(x) for x in compile_log.read_text().splitlines()] if compile_log.exists() else []
-    samples = [json.loads(x) for x in stack_log.read_text().splitlines()] if stack_log.exists() else []
+    lines = read_jsonl(compile_log)
+    samples = read_jsonl(stack_log)
     window = capture_window(log)
     return {"startup_s": round(server.startup_s, 1), "capture_s": e2e.capture_seconds(log),
             "capture_window_found": window is not None, "compile_log_lines": len(lines),

@@ -148,6 +148,13 @@ def test_stack_sampler_attributes_time_to_the_function_that_spent_it(tmp_path):
     assert capture_time.stack_summary(samples, (t0 - 10, t0 - 5), 0.1) == {"samples": 0}  # outside the window
     assert capture_time.frame_site("/x/lib/python3.12/site-packages/tvm_ffi/cpp/load.py:88 build") == \
         "tvm_ffi/cpp/load.py build"
+    assert capture_time.frame_site("/usr/lib/python3.12/subprocess.py:1264 wait") == "subprocess.py wait"
+    # a sample that came late (the GIL held by C code) stands for the whole gap since the previous one
+    late = [{"t": 0.0, "pid": 1, "stack": ["a.py:1 f"]}, {"t": 1.0, "pid": 1, "stack": ["b.py:1 g"]}]
+    assert capture_time.stack_summary(late, (0.0, 2.0), 0.5)["by_innermost_frame_s"] == {"a.py f": 0.5, "b.py g": 1.0}
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(log.read_text() + '{"t": 1, "pid"')
+    assert capture_time.read_jsonl(torn) == samples
 
 
 def test_capture_window_and_compile_summary():

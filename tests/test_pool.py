@@ -107,8 +107,44 @@ def test_dense_layer_kv_rows_written_to_their_slots(sglang_env, dtype):  # noqa:
     for i, slot in enumerate(loc.tolist()):
         want_k[slot] = (k[i] / 2.0 if dtype != k.dtype else k[i]).to(dtype).view(pool.store_dtype)
         want_v[slot] = v[i].to(dtype).view(pool.store_dtype)
+    from sglang_m3.attention import reference
+
+    assert pool._dense_kv_store is reference.store_kv  # on CPU: the twin (the kernel: tests/test_kernels.py)
+    calls, store = [], pool._dense_kv_store
+    pool._dense_kv_store = lambda *a: calls.append(a[2]) or store(*a)
     pool.set_kv_buffer(SimpleNamespace(layer_id=0), loc, k.clone(), v.clone(), k_scale=2.0)
+    assert len(calls) == 1 and torch.equal(calls[0], loc)  # SGLang's set_kv_buffer went through our row store
     assert torch.equal(pool.k_buffer[0], want_k) and torch.equal(pool.v_buffer[0], want_v)
     for i, (old, new) in enumerate(zip(before, all_buffers(pool))):
         if i not in (0, 4):
             assert torch.equal(new, old), i
+
+
+def test_fused_sparse_store_only_for_plain_row_pools(sglang_env):  # noqa: F811
+    """The backend stores a sparse layer's K, V and index key in one launch only where the pool's own K/V write is a
+    plain row write (backend._plain_kv_rows): M3KVPool (with its dense-layer row store) at the model dtype or fp8;
+    not an HND layout, a quantized cache, or a pool whose _store_kv_layer writes some other layout."""
+    from sglang_m3.attention.backend import _plain_kv_rows
+    from sglang_m3.attention.pool import M3KVPool
+
+    def pool(dtype, **over):
+        p = M3KVPool(16, 1, dtype, 2, 8, 4, "cpu", False, start_layer=0, end_layer=4, enable_alt_stream=False,
+                     enable_kv_cache_copy=False, sparse_layer_ids=SPARSE, index_dim=8, index_dtype=torch.float32)
+        for name, value in over.items():
+            setattr(p, name, value)
+        return p
+
+    assert _plain_kv_rows(pool(torch.float32)) and _plain_kv_rows(pool(torch.float8_e4m3fn))
+    assert not _plain_kv_rows(pool(torch.float32, kv_cache_layout="hnd", use_hnd=True))
+
+    class Quantized(M3KVPool):
+        is_quantized_kv_cache = True
+
+    class OtherLayout(M3KVPool):
+        def _store_kv_layer(self, *args):
+            raise NotImplementedError
+
+    for cls in (Quantized, OtherLayout):
+        p = pool(torch.float32)
+        p.__class__ = cls  # (built as a plain pool: the point is what the backend sees)
+        assert not _plain_kv_rows(p), cls.__name__

@@ -47,6 +47,14 @@ class M3KVPool(MHATokenToKVPool):
                 raise ValueError(f"M3KVPool: K/V dtype {self.dtype} needs an explicit index_dtype (the model dtype) "
                                  "for the index-key lane")
             self.index_dtype = self.dtype
+        from sglang_m3.attention import kernels, reference
+        from sglang_m3.torch_twins import use_torch_twin
+
+        # The dense layers' K/V row store (_store_kv_layer): the Triton kernel on CUDA (and under Triton's
+        # interpreter), its torch twin on CPU or when SGLANG_M3_TORCH_TWINS names msa; chosen once per pool.
+        on_triton = torch.device(self.device).type == "cuda" or kernels.interpret_mode()
+        use_kernel = on_triton and not use_torch_twin("msa")
+        self._dense_kv_store = kernels.store_kv if use_kernel else reference.store_kv
         self.sparse_layer_ids = tuple(l for l in self._all_sparse_layer_ids if self.start_layer <= l < self.end_layer)
         self._index_slot = {layer_id: i for i, layer_id in enumerate(self.sparse_layer_ids)}
         # Same row count as K/V (slot 0 included, which padded tokens write into).
@@ -70,11 +78,7 @@ class M3KVPool(MHATokenToKVPool):
         capture (benchmarks/cold_start.py)."""
         if self.kv_cache_layout != "nhd":
             return super()._store_kv_layer(layer_idx, loc, cache_k, cache_v)
-        from sglang_m3.attention import kernels, reference
-        from sglang_m3.torch_twins import use_torch_twin
-
-        impl = kernels if kernels.use_triton(loc) and not use_torch_twin("msa") else reference
-        impl.store_kv(self.k_buffer[layer_idx], self.v_buffer[layer_idx], loc, cache_k, cache_v)
+        self._dense_kv_store(self.k_buffer[layer_idx], self.v_buffer[layer_idx], loc, cache_k, cache_v)
 
     # ---- lifecycle paths that must carry the lane with K/V --------------------------------------------
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):

@@ -105,7 +105,11 @@ def warmup(workspace: MSAWorkspace, *, batch_sizes, num_q_heads: int, num_kv_hea
         vn = torch.zeros(bs, num_kv_heads, head_dim_v, dtype=dtype, device=device)
         loc = torch.zeros(bs, dtype=torch.int64, device=device)  # (the padding slot)
         store_kv_index(k_cache, v_cache, ik_cache, loc, kn, vn, iq[:, 0])
-        if kv_dtype in (None, dtype):  # the dense layers' K/V rows (M3KVPool), same shapes
+        # the dense layers' K/V rows (M3KVPool), same shapes; an fp8 pool hands them over as uint8 bit patterns
+        if k_cache.element_size() == 1:
+            as_bits = [t.view(torch.uint8) for t in (k_cache, v_cache)]
+            store_kv(*as_bits, loc, kn.to(k_cache.dtype).view(torch.uint8), vn.to(v_cache.dtype).view(torch.uint8))
+        else:
             store_kv(k_cache, v_cache, loc, kn, vn)
         sel = index_block_topk(iq, ik_cache, r2t, rpi, seq, None, None, block_size=block_size,
                                topk_blocks=topk_blocks, init_blocks=init_blocks, local_blocks=local_blocks,

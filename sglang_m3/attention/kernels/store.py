@@ -164,6 +164,8 @@ def store_kv(k_cache: Tensor, v_cache: Tensor, loc: Tensor, k: Tensor, v: Tensor
     reference.check_store_kv(k_cache, v_cache, loc, k, v)
     if loc.numel() == 0:
         return
+    if loc.stride(0) != 1:  # the kernel reads slot t at loc_ptr + t
+        loc = loc.contiguous()
     if k.stride(2) != 1:
         k = k.contiguous()
     if v.stride(2) != 1:
