@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -110,28 +109,15 @@ def first_calls(call, inputs, used) -> dict:
 
 
 def steady_us(call, inputs, used) -> dict:
-    import torch
+    from kernel_timing import graph_replay_us
 
     out = {}
     for t in TIMED_TOKENS:
-        if not used(t):
-            continue
-        args = inputs(t)
-        for _ in range(3):
-            call(*args)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
+        if used(t):
+            args = inputs(t)
+            for _ in range(3):
                 call(*args)
-        times = []
-        for _ in range(REPLAYS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1000 / GRAPH_CALLS)
-        out[t] = round(statistics.median(times), 2)
+            out[t] = round(graph_replay_us(lambda: call(*args), GRAPH_CALLS, REPLAYS), 2)
     return out
 
 

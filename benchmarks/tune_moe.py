@@ -66,7 +66,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -209,26 +208,11 @@ class Case:
             with override_config(config):
                 return fused_experts(x, self.w1, self.w2, topk, rc, **quant)
 
+        from kernel_timing import graph_replay_us
+
         for _ in range(warmup):  # compiles this config outside the graph
             call()
-        torch.cuda.synchronize()
-        # Timed as CUDA-graph replays of GRAPH_CALLS calls, as the server's decode graph runs them: timing eager
-        # calls at small M measures Python launch overhead (~0.6 ms per call seen on an H200), not the kernels.
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
-                call()
-        graph.replay()
-        times = []
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            graph.replay()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) * 1e3 / GRAPH_CALLS)
-        del graph
-        return statistics.median(times)
+        return graph_replay_us(call, GRAPH_CALLS, iters)  # as the server's decode graph runs it
 
 
 def plan(tps: list[int], dtypes: list[str], ms: list[int]):
