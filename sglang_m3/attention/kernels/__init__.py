@@ -49,8 +49,8 @@ from .indexer import index_block_topk
 from .sparse_attention import sparse_attention
 from .store import store_index_k, store_kv, store_kv_index
 
-__all__ = ["store_index_k", "store_kv", "store_kv_index", "index_block_topk", "sparse_attention", "prepare_meta", "MSAMeta",
-           "MSAWorkspace", "warmup", "use_triton", "get_impl"]
+__all__ = ["store_index_k", "store_kv", "store_kv_index", "index_block_topk", "sparse_attention", "prepare_meta",
+           "MSAMeta", "MSAWorkspace", "warmup", "use_triton", "get_impl"]
 
 
 def use_triton(t: Tensor) -> bool:

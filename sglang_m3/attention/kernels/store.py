@@ -142,20 +142,8 @@ def store_kv_index(k_cache: Tensor, v_cache: Tensor, index_k_cache: Tensor, loc:
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if fp8:  # written as the pool stores them: uint8 bit patterns
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-    if k.stride(2) != 1:
-        k = k.contiguous()
-    if v.stride(2) != 1:
-        v = v.contiguous()
-    if index_k.stride(1) != 1:
-        index_k = index_k.contiguous()
-    hkv, d, dv, di = k_cache.shape[1], k_cache.shape[2], v_cache.shape[2], index_k_cache.shape[1]
-    _store_kv_index_kernel[(loc.numel(),)](
-        k_cache, k_cache.stride(0), k_cache.stride(1), v_cache, v_cache.stride(0), v_cache.stride(1),
-        index_k_cache, index_k_cache.stride(0),
-        loc, k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), index_k, index_k.stride(0),
-        float(np.float32(1.0) / np.float32(k_scale)), float(np.float32(1.0) / np.float32(v_scale)),
-        HKV=hkv, H_PAD=common.next_pow2(hkv), D=d, D_PAD=common.next_pow2(d), DV=dv, DV_PAD=common.next_pow2(dv),
-        DI=di, DI_PAD=common.next_pow2(di), FP8=fp8, HAS_INDEX=True, num_warps=4)
+    _launch(k_cache, v_cache, loc, k, v, (index_k_cache, index_k),
+            float(np.float32(1.0) / np.float32(k_scale)), float(np.float32(1.0) / np.float32(v_scale)), fp8)
 
 
 def store_kv(k_cache: Tensor, v_cache: Tensor, loc: Tensor, k: Tensor, v: Tensor) -> None:
@@ -164,15 +152,27 @@ def store_kv(k_cache: Tensor, v_cache: Tensor, loc: Tensor, k: Tensor, v: Tensor
     reference.check_store_kv(k_cache, v_cache, loc, k, v)
     if loc.numel() == 0:
         return
+    _launch(k_cache, v_cache, loc, k, v)
+
+
+def _launch(k_cache: Tensor, v_cache: Tensor, loc: Tensor, k: Tensor, v: Tensor,
+            index: tuple[Tensor, Tensor] | None = None, k_inv: float = 1.0, v_inv: float = 1.0, fp8: bool = False):
+    """One _store_kv_index_kernel launch over T = loc.numel() > 0 tokens; ``index`` = (index_k_cache, index_k [T,
+    Di]) for a sparse layer, None for a dense one. Makes the inner dimensions the kernel walks contiguous."""
     if loc.stride(0) != 1:  # the kernel reads slot t at loc_ptr + t
         loc = loc.contiguous()
     if k.stride(2) != 1:
         k = k.contiguous()
     if v.stride(2) != 1:
         v = v.contiguous()
+    ik_cache, ik = index if index is not None else (k_cache, k)  # (dead arguments without the index lane)
+    if index is not None and ik.stride(1) != 1:
+        ik = ik.contiguous()
+    di = ik_cache.shape[1] if index is not None else 1
     hkv, d, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[2]
     _store_kv_index_kernel[(loc.numel(),)](
         k_cache, k_cache.stride(0), k_cache.stride(1), v_cache, v_cache.stride(0), v_cache.stride(1),
-        k_cache, 0, loc, k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), k, 0, 1.0, 1.0,
-        HKV=hkv, H_PAD=common.next_pow2(hkv), D=d, D_PAD=common.next_pow2(d), DV=dv, DV_PAD=common.next_pow2(dv),
-        DI=1, DI_PAD=1, FP8=False, HAS_INDEX=False, num_warps=4)
+        ik_cache, ik_cache.stride(0), loc, k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), ik, ik.stride(0),
+        k_inv, v_inv, HKV=hkv, H_PAD=common.next_pow2(hkv), D=d, D_PAD=common.next_pow2(d), DV=dv,
+        DV_PAD=common.next_pow2(dv), DI=di, DI_PAD=common.next_pow2(di), FP8=fp8, HAS_INDEX=index is not None,
+        num_warps=4)
