@@ -144,6 +144,13 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
         raise ValueError(f"sglang-m3: --kv-cache-dtype {kv_dtype} is not supported for MiniMax-M3 (supported: "
                          f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}; fp8_e4m3 stores K/V in fp8 with per-tensor "
                          "scales, the sparse kernels widen it on load).")
+    model_dtype = getattr(server_args, "dtype", "auto")
+    if kv_dtype in ("bfloat16", "bf16") and model_dtype not in ("auto", "bfloat16", "bf16"):
+        # the index-key lane and the kernels' q side run at the model dtype; a bf16 cache under another one is a
+        # mixed-dtype path the sparse kernels do not have ("auto" resolves to the checkpoint's bf16 for M3)
+        raise ValueError(f"sglang-m3: --kv-cache-dtype {kv_dtype} with --dtype {model_dtype} is not supported for "
+                         "MiniMax-M3: the K/V cache must be in the model dtype or fp8_e4m3 (use --kv-cache-dtype "
+                         "auto).")
     declared: dict = dict(spec_declared)
     if server_args.is_attention_backend_not_set():
         declared["attention_backend"] = BACKEND_NAME

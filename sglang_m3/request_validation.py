@@ -116,10 +116,14 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
     for name in _INT_FIELDS:
         v = params.get(name)
         if v is not None and not _is_int(v):
-            raise M3RequestError(f"sampling_params.{name}{where} must be an integer, got {v!r}")
+            # (JSON integers beyond 64 bits reach us as floats: say so rather than "not an integer")
+            big = isinstance(v, float) and v.is_integer() and abs(v) >= 2 ** 63
+            raise M3RequestError(f"sampling_params.{name}{where} must be an integer"
+                                 + (" within the 64-bit range" if big else "") + f", got {v!r}")
         if v is not None and name in _INT32_FIELDS and not -_INT32_MAX - 1 <= v <= _INT32_MAX:
+            hint = "; a top_k at or above the vocabulary size means all of it" if name == "top_k" else ""
             raise M3RequestError(f"sampling_params.{name}{where} = {v} does not fit the int32 the sampler uses "
-                                 f"(at most {_INT32_MAX}; a top_k at or above the vocabulary size means all of it)")
+                                 f"(at most {_INT32_MAX}{hint})")
     for name in _FLOAT_FIELDS:
         v = params.get(name)
         if v is not None and not _is_float32(v):

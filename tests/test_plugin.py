@@ -80,6 +80,9 @@ REFUSED = {
     "pd_disaggregation_decode": (dict(disaggregation_mode="decode"), "PD disaggregation"),
     "kv_cache_dtype_fp8_e5m2": (dict(kv_cache_dtype="fp8_e5m2"), "--kv-cache-dtype fp8_e5m2"),
     "kv_cache_dtype_fp4": (dict(kv_cache_dtype="fp4_e2m1"), "--kv-cache-dtype fp4_e2m1"),
+    "kv_cache_bf16_under_fp32": (dict(kv_cache_dtype="bf16", dtype="float32"), "--kv-cache-dtype bf16 with --dtype float32"),
+    "kv_cache_bf16_under_fp16": (dict(kv_cache_dtype="bfloat16", dtype="float16"),
+                                 "--kv-cache-dtype bfloat16 with --dtype float16"),
     "moe_runner_backend": (dict(moe_runner_backend="flashinfer_cutlass"), "--moe-runner-backend flashinfer_cutlass"),
 }
 
@@ -94,6 +97,7 @@ def test_server_overrides_defaults():
     declared = plugin._m3_server_overrides(_server_args(attention_backend="triton", moe_runner_backend="triton"),
                                            _hf_config())
     assert "attention_backend" not in declared and "moe_runner_backend" not in declared
+    plugin._m3_server_overrides(_server_args(kv_cache_dtype="bf16", dtype="bfloat16"), _hf_config())  # model dtype
 
 
 @pytest.mark.parametrize("case", list(REFUSED))

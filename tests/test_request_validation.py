@@ -139,6 +139,19 @@ def test_sampler_tensor_bounds_are_the_tensors_own():
                 assert field in msg and "float32" in msg, msg
 
 
+def test_integer_messages_fit_the_field():
+    """The top_k hint appears for top_k only; an integer literal beyond 64 bits, which SGLang's JSON parsing hands
+    over as a float (seen on a served request: sampling_seed 2**70 arrived as 1.1805916207174113e+21), is called out
+    of range, not "not an integer"; a real fraction is still "must be an integer"."""
+    msg = refused(check_sampling_params, {"min_new_tokens": 10**12}, 512)
+    assert "min_new_tokens" in msg and "int32" in msg and "top_k" not in msg, msg
+    assert "top_k at or above" in refused(check_sampling_params, {"top_k": 10**12}, 512)
+    msg = refused(check_sampling_params, {"sampling_seed": float(2**70)}, 512)
+    assert "sampling_seed" in msg and "64-bit range" in msg, msg
+    msg = refused(check_sampling_params, {"sampling_seed": 1.5}, 512)
+    assert "must be an integer, got 1.5" in msg, msg
+
+
 def test_grammar_refusal_applies_to_grammar_requests_only():
     """A server that cannot constrain decoding (Limits.grammar_refusal) refuses every grammar field with that message,
     and serves the rest; a server that can does not."""
