@@ -254,7 +254,11 @@ class MiniMaxM3SparseForCausalLM(nn.Module):
         n = self.view.num_layers
         capture = [2, n // 2, n - 3] if layer_ids is None else [i + 1 for i in layer_ids]
         if not all(0 <= i <= n for i in capture) or len(set(capture)) != len(capture):
-            raise ValueError(f"EAGLE3 aux hidden-state layers {layer_ids} must be distinct and within {n} layers")
+            given = (f"eagle_aux_hidden_state_layer_ids {layer_ids}" if layer_ids is not None else
+                     f"the default (streams entering layers 2, L/2, L-3 = {capture}: set "
+                     "eagle_aux_hidden_state_layer_ids in the draft config)")
+            raise ValueError(f"EAGLE3 aux hidden states of a {n}-layer model must be distinct and within its layers; "
+                             f"got {given}")
         self.model.layers_to_capture = tuple(capture)
 
     @property

@@ -406,6 +406,8 @@ def test_eagle3_captures_the_residual_stream_entering_the_layers():
         top.set_eagle3_layers_to_capture([1, 1, 2])
     with pytest.raises(ValueError, match="distinct"):
         top.set_eagle3_layers_to_capture([6])
+    with pytest.raises(ValueError, match=r"default .*\[2, 2, 1\].*eagle_aux_hidden_state_layer_ids"):
+        _model(4).set_eagle3_layers_to_capture(None)  # 4 layers: 2, 4 // 2, 4 - 3 collide; the message says so
 
 
 def test_plugin_speculative_flags():
