@@ -33,7 +33,7 @@ def pool(sglang_env):  # noqa: F811
 def test_one_index_row_per_slot_for_each_sparse_layer(pool):
     assert [b.shape for b in pool.index_k_buffer] == [torch.Size([65, 8])] * len(SPARSE)
     assert pool.get_index_k_buffer(2) is pool.index_k_buffer[1]
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="layer 0 has no index-key lane"):
         pool.get_index_k_buffer(0)  # dense layer: no lane
 
 

@@ -65,7 +65,14 @@ class M3KVPool(MHATokenToKVPool):
 
     # ---- the index lane -------------------------------------------------------------------------------
     def get_index_k_buffer(self, layer_id: int) -> torch.Tensor:
-        return self.index_k_buffer[self._index_slot[layer_id]]
+        """The index-key lane of sparse layer ``layer_id`` (global id): [slots, index_dim] in ``index_dtype``.
+
+        Raises KeyError naming the layer when it is dense or belongs to another pipeline stage (no lane)."""
+        try:
+            return self.index_k_buffer[self._index_slot[layer_id]]
+        except KeyError:
+            raise KeyError(f"layer {layer_id} has no index-key lane in this pool: its sparse layers are "
+                           f"{list(self.sparse_layer_ids)}") from None
 
     # ---- K/V rows of the dense layers ------------------------------------------------------------------
     def _store_kv_layer(self, layer_idx: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor):
