@@ -12,6 +12,9 @@ if [ "$SGLANG_M3_DEVICE" = cpu ]; then
   # --sleep-on-idle: an idle CPU scheduler would otherwise busy-poll a whole core.
   flags+=(--device cpu --dtype float32 --max-total-tokens 8192 --grammar-backend llguidance --sleep-on-idle)
 fi
+if curl -s -o /dev/null "http://127.0.0.1:$PORT/health" 2>/dev/null; then
+  echo "[sglang-m3] something already answers on port $PORT: stop it or pick another port (PORT=30001 $0)"; exit 1
+fi
 LOG=/tmp/sglang-m3-serve-$(id -un)-$PORT.log
 python -m sglang.launch_server "${flags[@]}" > "$LOG" 2>&1 &
 server=$!
@@ -29,4 +32,4 @@ curl -s "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: applicati
 grep -m1 "sglang-m3 MSA backend" "$LOG" >/dev/null \
   || { echo "[sglang-m3] the server did not log the sglang-m3 MSA backend: plugin not loaded? see $LOG"; exit 1; }
 echo "[sglang-m3] served by the sglang-m3 plugin; the server stops now. To keep one up (stop it with Ctrl-C):"
-echo "  source scripts/env.sh && python -m sglang.launch_server ${flags[*]}"
+echo "  source $PWD/scripts/env.sh && python -m sglang.launch_server ${flags[*]}"
