@@ -63,7 +63,9 @@ def register() -> None:
     HookRegistry.register("sglang.srt.utils.hf_transformers.config.get_config", _typed_sub_configs,
                           HookType.AROUND)
 
-    # In-tree M3 logic keys on the architecture name; with our classes behind those names it must not fire.
+    # In-tree M3 logic keys on the architecture name; with our classes behind those names it must not fire (its
+    # pools, backend choice, scheduler defaults). One of its uses is an M3 exclusion in ServerArgs' post-capture KV
+    # sizing; that function returns earlier whenever prefill graphs are off, and ours always are (_eager_prefill).
     HookRegistry.register("sglang.srt.configs.model_config.is_minimax_sparse", _never, HookType.REPLACE)
     for arch in M3_ARCHS:
         overrides._MODEL_OVERRIDE_FNS[arch] = [_m3_server_overrides]

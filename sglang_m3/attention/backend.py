@@ -271,11 +271,16 @@ class M3SparseAttnBackend(AttentionBackend):
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, index_q=None, index_k=None, **kw):
+        """Attention of T new tokens, model dtype: q [T, Hq·D], k [T, Hkv·D], v [T, Hkv·Dv] (flat or per head), and
+        for sparse layers index_q [T, Hkv, index_dim], index_k [T, index_dim]; returns [T, Hq·Dv]. Dense layers go
+        to the dense delegate unchanged. Sparse layers always store K/V with the index key (save_kv_cache is
+        ignored there: a later token or a radix-cache hit reads both); ValueError without index_q/index_k."""
         if layer.layer_id not in self.sparse_layer_ids:
             return self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kw)
         return self._forward_sparse(q, k, v, layer, forward_batch, index_q, index_k)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, index_q=None, index_k=None, **kw):
+        """One token per request (T = batch size); shapes and storing as forward_extend."""
         if layer.layer_id not in self.sparse_layer_ids:
             return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kw)
         return self._forward_sparse(q, k, v, layer, forward_batch, index_q, index_k)
