@@ -12,7 +12,7 @@ if [ "$SGLANG_M3_DEVICE" = cpu ]; then
   # --sleep-on-idle: an idle CPU scheduler would otherwise busy-poll a whole core.
   flags+=(--device cpu --dtype float32 --max-total-tokens 8192 --grammar-backend llguidance --sleep-on-idle)
 fi
-if curl -s -o /dev/null "http://127.0.0.1:$PORT/health" 2>/dev/null; then
+if curl -s --max-time 2 -o /dev/null "http://127.0.0.1:$PORT/health" 2>/dev/null; then
   echo "[sglang-m3] something already answers on port $PORT: stop it or pick another port (PORT=30001 $0)"; exit 1
 fi
 LOG=/tmp/sglang-m3-serve-$(id -un)-$PORT.log

@@ -146,7 +146,7 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
         raise ValueError(f"sglang-m3: --kv-cache-dtype {kv_dtype} is not supported for MiniMax-M3 (supported: "
                          f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}; fp8_e4m3 stores K/V in fp8 with per-tensor "
                          "scales, the sparse kernels widen it on load).")
-    model_dtype = getattr(server_args, "dtype", "auto")
+    model_dtype = str(getattr(server_args, "dtype", "auto")).lower().removeprefix("torch.")  # Engine: torch dtypes too
     if kv_dtype in ("bfloat16", "bf16") and model_dtype not in ("auto", "bfloat16", "bf16"):
         # the index-key lane and the kernels' q side run at the model dtype; a bf16 cache under another one is a
         # mixed-dtype path the sparse kernels do not have ("auto" resolves to the checkpoint's bf16 for M3)

@@ -124,6 +124,8 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
             hint = "; a top_k at or above the vocabulary size means all of it" if name == "top_k" else ""
             raise M3RequestError(f"sampling_params.{name}{where} = {v} does not fit the int32 the sampler uses "
                                  f"(at most {_INT32_MAX}{hint})")
+        if v is not None and not -2 ** 63 <= v < 2 ** 63:  # (an int literal up to 2**64 - 1 parses as an int)
+            raise M3RequestError(f"sampling_params.{name}{where} = {v} is outside the 64-bit integer range")
     for name in _FLOAT_FIELDS:
         v = params.get(name)
         if v is not None and not _is_float32(v):

@@ -98,6 +98,8 @@ def test_server_overrides_defaults():
                                            _hf_config())
     assert "attention_backend" not in declared and "moe_runner_backend" not in declared
     plugin._m3_server_overrides(_server_args(kv_cache_dtype="bf16", dtype="bfloat16"), _hf_config())  # model dtype
+    import torch
+    plugin._m3_server_overrides(_server_args(kv_cache_dtype="bf16", dtype=torch.bfloat16), _hf_config())  # (Engine)
 
 
 @pytest.mark.parametrize("case", list(REFUSED))

@@ -148,6 +148,9 @@ def test_integer_messages_fit_the_field():
     assert "top_k at or above" in refused(check_sampling_params, {"top_k": 10**12}, 512)
     msg = refused(check_sampling_params, {"sampling_seed": float(2**70)}, 512)
     assert "sampling_seed" in msg and "64-bit range" in msg, msg
+    msg = refused(check_sampling_params, {"sampling_seed": 2**63}, 512)  # an int that int64 cannot hold
+    assert "sampling_seed" in msg and "64-bit" in msg, msg
+    check_sampling_params({"sampling_seed": 2**63 - 1}, 512)
     msg = refused(check_sampling_params, {"sampling_seed": 1.5}, 512)
     assert "must be an integer, got 1.5" in msg, msg
 
