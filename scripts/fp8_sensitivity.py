@@ -8,7 +8,9 @@ cast to bf16 (router fp32, as served). Every nn.Linear and the routed experts' t
 (optionally fp8-quantized input) @ weight in fp32, output rounded to bf16 (what the GPU kernels do). Conditions:
   bf16    bf16 weights;
   fp8w    weights of the quantized linears rounded to fp8 e4m3 with 128x128 block scales (amax/448) and dequantized
-          to bf16 ("fp8-valued weights"), unquantized activations;
+          to bf16 ("fp8-valued weights"), unquantized activations. amax/448 is the DeepSeek-style block scale; the
+          served MXFP8 conversion (sglang_m3.mxfp8.block_fp8_quantize) uses power-of-two tile scales instead, and
+          the MXFP8 twin's weights had 1x32 scales first, so this condition approximates either server's weights;
   fp8wa   fp8w + dynamic activation quantization of each quantized linear's input to e4m3 with per-token 1x128-group
           scales max(amax, 1e-10)/448 (SGLang 0.5.17 per_token_group_quant_fp8, the w8a8 block-FP8 path of
           Fp8LinearMethod / Fp8MoEMethod with weight_block_size [128, 128]).
