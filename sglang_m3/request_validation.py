@@ -52,6 +52,7 @@ _OTHER_FIELDS = ("stop", "stop_regex", "stop_token_ids", "logit_bias", "custom_p
 # here. Floats above the float32 range would become inf (temperature) or raise (logit_bias): one bound for all.
 _INT32_FIELDS = ("top_k", "min_new_tokens")
 _INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
 _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 # Parallel samples per request. SGLang's tokenizer manager copies a request n times (GenerateReqInput.
 # normalize_batch_and_arguments) with no bound; each copy is a request of its own. One request with n = 10**6 on the
@@ -117,14 +118,14 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
         v = params.get(name)
         if v is not None and not _is_int(v):
             # (JSON integers beyond 64 bits reach us as floats: say so rather than "not an integer")
-            big = isinstance(v, float) and v.is_integer() and abs(v) >= 2 ** 63
+            big = isinstance(v, float) and v.is_integer() and abs(v) > _INT64_MAX
             raise M3RequestError(f"sampling_params.{name}{where} must be an integer"
                                  + (" within the 64-bit range" if big else "") + f", got {v!r}")
         if v is not None and name in _INT32_FIELDS and not -_INT32_MAX - 1 <= v <= _INT32_MAX:
             hint = "; a top_k at or above the vocabulary size means all of it" if name == "top_k" else ""
             raise M3RequestError(f"sampling_params.{name}{where} = {v} does not fit the int32 the sampler uses "
                                  f"(at most {_INT32_MAX}{hint})")
-        if v is not None and not -2 ** 63 <= v < 2 ** 63:  # (an int literal up to 2**64 - 1 parses as an int)
+        if v is not None and not -_INT64_MAX - 1 <= v <= _INT64_MAX:  # (an int literal up to 2**64 - 1 parses as an int)
             raise M3RequestError(f"sampling_params.{name}{where} = {v} is outside the 64-bit integer range")
     for name in _FLOAT_FIELDS:
         v = params.get(name)
