@@ -84,6 +84,9 @@ REFUSED = {
     "kv_cache_bf16_under_fp16": (dict(kv_cache_dtype="bfloat16", dtype="float16"),
                                  "--kv-cache-dtype bfloat16 with --dtype float16"),
     "moe_runner_backend": (dict(moe_runner_backend="flashinfer_cutlass"), "--moe-runner-backend flashinfer_cutlass"),
+    # _hf_config() names no dtype, which SGLang reads as float32 and, under "auto", serves as float16
+    "kv_cache_bf16_under_auto_fp32_ckpt": (dict(kv_cache_dtype="bf16", dtype="auto"),
+                                           "--kv-cache-dtype bf16 with --dtype auto (= float16 for this checkpoint)"),
 }
 
 
@@ -100,6 +103,9 @@ def test_server_overrides_defaults():
     plugin._m3_server_overrides(_server_args(kv_cache_dtype="bf16", dtype="bfloat16"), _hf_config())  # model dtype
     import torch
     plugin._m3_server_overrides(_server_args(kv_cache_dtype="bf16", dtype=torch.bfloat16), _hf_config())  # (Engine)
+    bf16_ckpt = _hf_config()
+    bf16_ckpt.dtype = torch.bfloat16  # as M3's release: "auto" resolves to bf16, so a bf16 cache is the model dtype
+    plugin._m3_server_overrides(_server_args(kv_cache_dtype="bf16", dtype="auto"), bf16_ckpt)
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
