@@ -19,6 +19,13 @@ decode CUDA-graph capture time is read from the server log; each server label ha
                                                                   # the most layers 2 x H200 hold (full_size.py)
     python benchmarks/e2e.py --out $OUT --servers ours,ours_mxfp8 --workloads 2k,32k --waves 2
                                                                   # bf16 vs MXFP8 (issue 10), side by side
+    python benchmarks/e2e.py --out $OUT --servers intree --attention-backend server-default --state /tmp/e2e/def.json
+                                                                  # each server's own backend choice (the in-tree:
+                                                                  # fa3, page size 128 on Hopper); --extra-flags adds more
+
+Both servers get the same flags (GPU_FLAGS, `--attention-backend`, `--extra-flags`); a --state joining calls of
+different flags gives no ours ÷ in-tree ratio. Each server's resolved attention backend and page size (its log's
+ServerArgs line) is in the start-up table.
 
 Server labels: `ours` and `intree` serve the bf16 config; `ours_mxfp8` is ours serving the same config with the
 MXFP8 release's quantization_config (`sglang_m3.tiny --config-only --real-dims --quant mxfp8`; dummy fp8 weights
@@ -37,6 +44,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -61,9 +69,14 @@ WAVES = 4  # requests per workload = WAVES × concurrency
 # and its figure noisy -- session 9, two runs of identical kernels at two waves: 5448 vs 5617 tok/s (3 %), median TTFT
 # 1528 vs 1151 ms; same-run ours / in-tree 0.96 at two waves, 1.09 at four. Eight waves cost ~25 s per server.
 MIN_WAVES = {"2k": 8}
-GPU_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--trust-remote-code", "--attention-backend", "triton",
+GPU_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--trust-remote-code",
              "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "64", "--context-length", "133120",
              "--mem-fraction-static", "0.85"]
+# --attention-backend for both servers. "triton" is the protocol of sessions 4-15 (the dense layers of both on SGLang's
+# Triton backend, page size 1). SERVER_DEFAULT leaves the choice to each server, as a user who names no backend gets
+# it: on Hopper the in-tree then picks fa3 with page size 128 (sglang/srt/arg_groups/overrides.py, MiniMax-M3), ours
+# m3_msa over Triton at page size 1; the start-up table says what each server resolved.
+SERVER_DEFAULT = "server-default"
 SMOKE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--sleep-on-idle"]
 SERVER_ENV = {"ours": {}, "intree": {"SGLANG_PLUGINS": "none"}, "ours_mxfp8": QUANT_ENV}
 SERVER_QUANT = {"ours_mxfp8": "mxfp8"}  # label -> the checkpoint's quantization (the others: bf16)
@@ -167,6 +180,17 @@ def scheduler_summary(log: str) -> dict:
             "median_gen_throughput": med([d[1] for d in decode])}
 
 
+def served_attention(log: str) -> str | None:
+    """"<attention backend>, page <n>" from the last ServerArgs line of a server log (what the server resolved after
+    the per-model overrides), plus the dense delegate ours logs ("... dense layers via TritonAttnBackend")."""
+    args = re.findall(r"ServerArgs\([^\n]*?attention_backend='([^']*)'[^\n]*", log)
+    pages = re.findall(r"ServerArgs\([^\n]*?\bpage_size=(\w+)", log)
+    dense = re.findall(r"dense layers via (\w+)", log)
+    if not args:
+        return None
+    return f"{args[-1]}{' over ' + dense[-1] if dense else ''}, page {pages[-1] if pages else '?'}"
+
+
 def capture_seconds(log: str) -> float | None:
     """Decode CUDA-graph capture time as SGLang logs it ("Capture ... end. elapsed=12.34 s")."""
     found = re.findall(r"Capture [^\n]*?decode[^\n]*? end\. elapsed=([\d.]+) s", log)
@@ -195,7 +219,8 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
             info = {"triton_cache": "cold" if cold else "warm", "startup_s": round(server.startup_s, 1),
                     "capture_s": capture_seconds(server.log()),
                     "weights_gb_per_rank": weight_memory_gb(server.log()),
-                    "kv_pool_tokens": kv_pool_tokens(server.log()), "checkpoint": ckpt.name, "workloads": {}}
+                    "kv_pool_tokens": kv_pool_tokens(server.log()), "checkpoint": ckpt.name,
+                    "attention": served_attention(server.log()), "flags": flags, "workloads": {}}
             progress(info)
             for wname, workload in workloads.items():
                 try:
@@ -229,7 +254,10 @@ def compare(servers: dict, workloads: dict) -> list[dict]:
             row["mxfp8_throughput_ratio"] = mx["output_throughput"] / bf["output_throughput"]
             row["mxfp8_tpot_ratio"] = mx["median_tpot_ms"] / bf["median_tpot_ms"]
         ours, intree = row["ours"], row["intree"]
-        if ours and intree and "error" not in ours and "error" not in intree:
+        same_flags = servers.get("ours", {}).get("flags") == servers.get("intree", {}).get("flags")
+        if not same_flags:  # (a --state that joins runs of different flags: no ratio, the table says why)
+            row["flags_differ"] = True
+        if ours and intree and "error" not in ours and "error" not in intree and same_flags:
             row["throughput_ratio"] = ours["output_throughput"] / intree["output_throughput"]
             row["ttft_ratio"] = ours["median_ttft_ms"] / intree["median_ttft_ms"]
             row["tpot_ratio"] = ours["median_tpot_ms"] / intree["median_tpot_ms"]
@@ -284,11 +312,14 @@ def markdown(results: dict) -> str:
                              f"{sch['median_new_seqs']} / "
                              f"{sch['median_new_tokens']} | {sch['median_prefill_gap_ms']} | {sch['max_queue_req']} | "
                              f"{sch['median_decode_running_req']} | {sch['median_gen_throughput']} |")
-    lines += ["", f"| server | Triton cache | start-up s | decode-graph capture s (target ≤ {CAPTURE_TARGET_S} cold) |",
-              "|---|---|---|---|"]
+    if any(r.get("flags_differ") for r in results["compare"]):
+        lines += ["", "No ours ÷ in-tree ratios: the two servers in this state ran with different flags "
+                  "(`flags` per server in e2e.json)."]
+    lines += ["", f"| server | Triton cache | start-up s | decode-graph capture s (target ≤ {CAPTURE_TARGET_S} cold) "
+              "| attention backend, page size (as resolved) |", "|---|---|---|---|---|"]
     for name, info in results["servers"].items():
         lines.append(f"| {name} | {info.get('triton_cache')} | {info.get('startup_s', info.get('error', '')[:80])} | "
-                     f"{info.get('capture_s')} |")
+                     f"{info.get('capture_s')} | {info.get('attention')} |")
     gpus = results.get("tp", 1)
     lines += ["", f"Per GPU ({gpus} GPU{'s' if gpus > 1 else ''}): output tok/s per GPU by workload; weights per rank "
               "(SGLang's log); peak memory.used per GPU (nvidia-smi, launch to stop)", "",
@@ -319,6 +350,9 @@ def main():
     ap.add_argument("--dense-layers", type=int, default=1, help="leading dense layers (default 1; the model has 3)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size, the same for both servers")
     ap.add_argument("--waves", type=int, default=WAVES, help=f"requests per workload / concurrency (default {WAVES})")
+    ap.add_argument("--attention-backend", default="triton",
+                    help=f"passed to both servers (default triton, sessions 4-15); {SERVER_DEFAULT}: each server's own")
+    ap.add_argument("--extra-flags", default="", help="more server flags for both servers, one shell-quoted string")
     args = ap.parse_args()
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -327,6 +361,9 @@ def main():
     if args.workloads:
         workloads = {k: workloads[k] for k in args.workloads.split(",")}
     flags = SMOKE_FLAGS if args.smoke else [*GPU_FLAGS, "--tp", str(args.tp)]
+    if not args.smoke and args.attention_backend != SERVER_DEFAULT:
+        flags += ["--attention-backend", args.attention_backend]
+    flags += shlex.split(args.extra_flags)
     state_path = Path(args.state) if args.state else work / f"e2e_state_{args.layers}l_tp{args.tp}.json"
 
     names = args.servers.split(",")

@@ -73,6 +73,7 @@ class Batch:
     seq_lens_list: list
     ext_lens_list: list
     context_len: int  # req_to_token width (the server's --context-length)
+    page_size: int  # the pool's page size (the server's --page-size); slots come in pages of it
     req_to_token: torch.Tensor  # int32 [rows, context_len]
     req_pool_indices: torch.Tensor  # int64 [bs]
     seq_lens: torch.Tensor  # int64 [bs]
@@ -97,34 +98,48 @@ class Batch:
         return self.q.shape[0]
 
 
-def cache_bytes(geo: Geometry, total_tokens: int) -> int:
+def pool_slots(seq_lens, page_size: int = 1) -> int:
+    """KV-pool rows ``make_batch`` allocates: each request's pages plus the padding page 0."""
+    return (sum(-(-n // page_size) for n in seq_lens) + 1) * page_size
+
+
+def cache_bytes(geo: Geometry, seq_lens, page_size: int = 1) -> int:
     elt = torch.finfo(geo.dtype).bits // 8
-    return (total_tokens + 1) * (2 * geo.hkv * geo.d + geo.di) * elt
+    return pool_slots(seq_lens, page_size) * (2 * geo.hkv * geo.d + geo.di) * elt
 
 
-def make_batch(geo: Geometry, seq_lens, ext_lens, *, context_len: int, device, seed: int) -> Batch:
-    """Random caches (every slot filled), slots a random permutation of 1..N (slot 0 is SGLang's padding slot),
-    pool rows a random permutation. The new tokens' slots hold stale values until the step writes them."""
+def make_batch(geo: Geometry, seq_lens, ext_lens, *, context_len: int, device, seed: int,
+               page_size: int = 1) -> Batch:
+    """Random caches (every slot filled), pool rows a random permutation. Slots come as SGLang's paged allocator
+    hands them out (PagedTokenToKVPoolAllocator: pages of ``page_size`` contiguous slots, page 0 -- slot 0 at page
+    size 1 -- reserved for padding): request i owns ceil(seq_lens[i] / page_size) pages, the batch's pages are a
+    random permutation of 1..P, and the request's token j sits in slot page[j // page_size] * page_size +
+    j % page_size (slots past its last token in its last page stay unused). Page size 1 gives the same tensors as
+    the token-slot layout did: slots a random permutation of 1..N. The new tokens' slots hold stale values until
+    the step writes them."""
     assert max(seq_lens) <= context_len
     g = torch.Generator(device=device).manual_seed(seed)
-    bs, n_tok, T = len(seq_lens), sum(seq_lens), sum(ext_lens)
+    bs, T = len(seq_lens), sum(ext_lens)
 
     def randn(*shape):
         return torch.empty(shape, dtype=geo.dtype, device=device).normal_(generator=g)
 
-    slots = torch.randperm(n_tok, generator=g, device=device).add_(1).to(torch.int32)
+    n_pages = [-(-n // page_size) for n in seq_lens]
+    pages = torch.randperm(sum(n_pages), generator=g, device=device).add_(1)
+    slots = (pages[:, None] * page_size + torch.arange(page_size, device=device)).flatten().to(torch.int32)
     rows = torch.randperm(bs + 2, generator=g, device=device)[:bs]
     r2t = torch.zeros(bs + 2, context_len, dtype=torch.int32, device=device)
     new_locs, off = [], 0
-    for row, n, e in zip(rows.tolist(), seq_lens, ext_lens):
+    for row, n, e, p in zip(rows.tolist(), seq_lens, ext_lens, n_pages):
         r2t[row, :n] = slots[off: off + n]
         new_locs.append(slots[off + n - e: off + n])
-        off += n
+        off += p * page_size
     ext = torch.tensor(ext_lens, dtype=torch.int32, device=device)
+    n_slots = pool_slots(seq_lens, page_size)
     return Batch(
-        list(seq_lens), list(ext_lens), context_len, r2t, rows.to(torch.int64),
+        list(seq_lens), list(ext_lens), context_len, page_size, r2t, rows.to(torch.int64),
         torch.tensor(seq_lens, dtype=torch.int64, device=device), ext, torch.cumsum(ext, 0, dtype=torch.int32) - ext,
         torch.cat(new_locs).to(torch.int64),
-        randn(n_tok + 1, geo.hkv, geo.d), randn(n_tok + 1, geo.hkv, geo.d), randn(n_tok + 1, geo.di),
+        randn(n_slots, geo.hkv, geo.d), randn(n_slots, geo.hkv, geo.d), randn(n_slots, geo.di),
         randn(T, geo.hq, geo.d), randn(T, geo.hkv, geo.d), randn(T, geo.hkv, geo.d),
         randn(T, geo.hkv, geo.di), randn(T, geo.di))

@@ -117,3 +117,29 @@ def test_unknown_or_cpu_quantized_labels_are_refused(tmp_path):
                                "--out", str(tmp_path), "--work", str(tmp_path / "work")],
                               env=cpu_env(), cwd=REPO, text=True, timeout=300, capture_output=True)
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
+
+
+def test_ratios_only_between_servers_of_the_same_flags_and_the_resolved_backend_is_read():
+    """A --state may join calls of different flags (e.g. --attention-backend triton and server-default): ours ÷
+    in-tree is then not a comparison, so no ratio is given and the table says why. What each server resolved (its
+    ServerArgs line after the per-model overrides, and ours' dense delegate) is read from its log."""
+    import e2e
+
+    m = {"output_throughput": 100.0, "median_ttft_ms": 10.0, "median_tpot_ms": 2.0, "median_itl_ms": 2.0,
+         "median_e2e_latency_ms": 50.0}
+    pinned, default = ["--attention-backend", "triton"], []
+    servers = {"ours": {"flags": pinned, "workloads": {"2k": m}}, "intree": {"flags": pinned, "workloads": {"2k": m}}}
+    assert e2e.compare(servers, {"2k": e2e.WORKLOADS["2k"]})[0]["throughput_ratio"] == pytest.approx(1.0)
+    servers["intree"]["flags"] = default
+    row = e2e.compare(servers, {"2k": e2e.WORKLOADS["2k"]})[0]
+    assert "throughput_ratio" not in row and row["flags_differ"]
+    assert "different flags" in e2e.markdown({"servers": servers, "compare": [row], "tp": 1})
+
+    log = ("[x] MiniMax-M3 on Hopper: attention_backend=fa3, page_size=128 (...)\n"
+           "[x] server_args=ServerArgs(model_path='m', page_size=128, attention_backend='fa3', sampling_backend='x')\n")
+    assert e2e.served_attention(log) == "fa3, page 128"
+    log = ("[x] server_args=ServerArgs(model_path='m', page_size=1, attention_backend='m3_msa')\n"
+           "[x] sglang-m3 MSA backend: 3 sparse layers (block 128, top-16) via Triton kernels, dense layers via "
+           "TritonAttnBackend\n")
+    assert e2e.served_attention(log) == "m3_msa over TritonAttnBackend, page 1"
+    assert e2e.served_attention("no server args") is None
