@@ -5,7 +5,10 @@ Decode: one sparse layer's attention work for one decode step of ``bs`` requests
 new token included) -- store of the new token's K, V and index key, indexer top-k, block-sparse attention -- at
 real per-rank shapes (TP1: 64 q / 4 KV / 4 index heads; a TP8 rank: 8 / 1 / 1), head dim = index dim = 128,
 block 128, top-16, bf16. Both sides read the *same* tensors: one paged K/V cache, one index-key cache, one
-req_to_token table, slots and pool rows randomly permuted.
+req_to_token table, slots and pool rows randomly permuted. ``--page-size N`` allocates the slots in pages of N
+contiguous slots, pages in random order (``kernel_inputs.make_batch``), as a server with ``--page-size N`` does:
+SGLang's in-tree M3 on Hopper defaults to fa3 at page size 128 (arg_groups/overrides.py, _minimax_m3_overrides),
+where a key block of 128 tokens is one page of contiguous slots. Default 1: the token-slot pool.
 
   ours     ``sglang_m3.attention.kernels`` as ``M3SparseAttnBackend`` drives them under decode CUDA graphs:
            MSAWorkspace + warmup(...) + freeze(), fixed-address top-k/output buffers, prepare_meta(...) once per
@@ -17,7 +20,8 @@ req_to_token table, slots and pool rows randomly permuted.
            on Hopper under decode graphs: the fused K/V/index-key store (``store_kv_index`` JIT, the path
            ``MiniMaxSparseKVPool.set_fused_kv_index_buffer`` takes for bf16; its separate stores if the JIT
            cannot be built), then ``minimax_sparse_decode`` with the backend's arguments (score "max",
-           disable_index_value, no sink, page_size 1, use_msa False: fmha_sm100 is SM100-only and the backend
+           disable_index_value, no sink, the pool's page_size (``--page-size``; on Hopper it selects no other kernel,
+           see ``InTree.decode_layer``), use_msa False: fmha_sm100 is SM100-only and the backend
            keeps it off under decode graphs anyway, minimax_sparse_backend.py:157-159). Inside: score kernel,
            block top-k (radix-select JIT by default; the Triton two-stage top-k if the JIT cannot be built or
            with ``--intree-topk triton``), GQA-shared sparse decode + merge.
@@ -56,6 +60,7 @@ Usage:
   python benchmarks/kernel_decode.py                               # full matrix on one GPU -> $OUT or ./bench_out
   python benchmarks/kernel_decode.py --heads tp8 --bs 1,32 --ctx 32768 --prefill ''
   python benchmarks/kernel_decode.py --smoke --out /tmp/smoke      # CPU cross-check, ~2.5 min on one core
+  python benchmarks/kernel_decode.py --heads tp1,tp8 --bs 1,8,32 --ctx 32768 --prefill '' --page-size 128
 The largest case (TP1, bs 128 x 128K) holds 36 GiB of caches; cases that do not fit are skipped with the reason.
 """
 
@@ -98,11 +103,12 @@ def bench_decode(geo, bs, ctx, args, timer, intree, bandwidth, device):
     row = dict(heads=geo.name, hq=geo.hq, hkv=geo.hkv, bs=bs, context=ctx)
     nbytes = decode_bytes_needed(bs, ctx, geo)
     row.update(bytes_needed=nbytes, floor_us=nbytes / bandwidth * 1e6)
-    ok, why = fits(cache_bytes(geo, bs * ctx), device)
+    ok, why = fits(cache_bytes(geo, [ctx] * bs, args.page_size), device)
     if not ok:
         row["skipped"] = why
         return row
-    b = make_batch(geo, [ctx] * bs, [1] * bs, context_len=args.context_len, device=device, seed=args.seed)
+    b = make_batch(geo, [ctx] * bs, [1] * bs, context_len=args.context_len, device=device, seed=args.seed,
+                   page_size=args.page_size)
 
     ours = OursDecode(geo, b, sglang_kv_store())
     ours.prepare()
@@ -174,11 +180,13 @@ def _rates(row, nbytes):
 
 def bench_prefill(geo, L, args, timer, intree, device):
     row = dict(heads=geo.name, hq=geo.hq, hkv=geo.hkv, prompt=L)
-    ok, why = fits(cache_bytes(geo, L) + 4 * geo.hkv * L * (L // geo.block + 1), device)  # + in-tree score buffer
+    scores = 4 * geo.hkv * L * (L // geo.block + 1)  # the in-tree indexer's fp32 score buffer
+    ok, why = fits(cache_bytes(geo, [L], args.page_size) + scores, device)
     if not ok:
         row["skipped"] = why
         return row
-    b = make_batch(geo, [L], [L], context_len=max(args.context_len, L), device=device, seed=args.seed)
+    b = make_batch(geo, [L], [L], context_len=max(args.context_len, L), device=device, seed=args.seed,
+                   page_size=args.page_size)
     ours = OursPrefill(geo, b)
     out_ours = ours.layer()
     sel_ours = ours.block_topk
@@ -259,7 +267,8 @@ def run_smoke(args, geos):
         for bs in SMOKE_BS:
             for ctx in SMOKE_CTX:
                 lens = list(SMOKE_DECODE_LENS[ctx][:bs])
-                b = make_batch(geo, lens, [1] * bs, context_len=args.context_len, device=device, seed=args.seed + bs)
+                b = make_batch(geo, lens, [1] * bs, context_len=args.context_len, device=device, seed=args.seed + bs,
+                               page_size=args.page_size)
                 ours = OursDecode(geo, b, sglang_kv_store())
                 ours.prepare()
                 out_ours = ours.layer().clone()
@@ -277,7 +286,8 @@ def run_smoke(args, geos):
                                    sel_mismatch_other_indexer_variant=sel_mismatch(alt.block_topk, ours.block_topk),
                                    sel_mismatch_two_pass_radix=sel_mismatch(radix.block_topk, ours.block_topk)))
         lens, ext = zip(*SMOKE_PREFILL)
-        b = make_batch(geo, lens, ext, context_len=args.context_len, device=device, seed=args.seed)
+        b = make_batch(geo, lens, ext, context_len=args.context_len, device=device, seed=args.seed,
+                       page_size=args.page_size)
         ours = OursPrefill(geo, b)
         out_ours = ours.layer()
         out_in, sel_in = intree.with_selection(lambda: intree.prefill_layer(geo, b))
@@ -302,6 +312,9 @@ def main(argv=None):
     p.add_argument("--context-len", type=int, default=None,
                    help="server --context-length: req_to_token width and the in-tree's captured max_seqlen "
                         "(default: the largest --ctx)")
+    p.add_argument("--page-size", type=int, default=1,
+                   help="server --page-size: slots come in pages of this many contiguous slots (in-tree M3 on "
+                        "Hopper defaults to 128; --smoke: 16 is a page per key block)")
     p.add_argument("--intree-topk", choices=("auto", "radix", "triton"), default="auto")
     p.add_argument("--copy-gib", type=float, default=4.0)
     p.add_argument("--no-l2-flush", action="store_true")
@@ -313,6 +326,8 @@ def main(argv=None):
     geos = [(SMOKE_HEADS if args.smoke else HEADS)[h] for h in names]
     if args.context_len is None:
         args.context_len = max(SMOKE_CTX) if args.smoke else max(args.ctx)
+    if args.page_size < 1:
+        p.error("--page-size must be >= 1")
     if not args.smoke and not torch.cuda.is_available():
         p.error("no CUDA device: run with --smoke for the CPU cross-check")
 

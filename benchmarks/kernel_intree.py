@@ -107,13 +107,19 @@ class InTree:
             b.index_k_cache[b.out_cache_loc] = b.index_k
 
     def decode_layer(self, geo: Geometry, b: Batch, max_seqlen: int) -> torch.Tensor:
-        """MiniMaxSparseAttnBackend.forward_decode of one sparse layer."""
+        """MiniMaxSparseAttnBackend.forward_decode of one sparse layer. ``page_size`` is the pool's
+        (minimax_sparse_backend.py:139,540); the op reads it only for the dense-main-attention decode
+        (flash_with_topk_idx.py:974-984), which is off here as on a Hopper server: its gate
+        SGLANG_OPT_USE_MINIMAX_DENSE_SPARSE_DECODE defaults to off (environ.py:1228) and the path serves trtllm_mha
+        only (fa3, Hopper's M3 default: NotImplementedError, minimax_sparse_backend.py:448). So a larger page runs
+        the same kernels on the paged slot layout of ``make_batch``; use_msa stays off (fmha_sm100 is SM100-only,
+        msa.py:78)."""
         self.store(b)
         _, out = self.ops.minimax_sparse_decode(
             b.q, None, b.k_cache, b.v_cache, b.index_q, None, _as_index_heads(b.index_k_cache), None,
             b.req_to_token, b.req_pool_indices, b.seq_lens, max_seqlen, 1, geo.block, geo.topk, geo.init_blocks,
-            geo.local_blocks, score_type="max", disable_index_value=True, dense_main_attn_fn=None, page_size=1,
-            use_msa=False, msa_kv_indices=None, msa_plan=None)
+            geo.local_blocks, score_type="max", disable_index_value=True, dense_main_attn_fn=None,
+            page_size=b.page_size, use_msa=False, msa_kv_indices=None, msa_plan=None)
         return out
 
     def prefill_layer(self, geo: Geometry, b: Batch) -> torch.Tensor:

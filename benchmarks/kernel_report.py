@@ -13,7 +13,8 @@ def _f(v, fmt):
 
 def markdown(res) -> str:
     env = res["env"]
-    lines = [f"# MSA sparse-layer kernel benchmark ({'smoke' if res['smoke'] else 'GPU'})", "",
+    page_size = res["args"].get("page_size", 1)  # runs before --page-size existed used the token-slot pool
+    lines = [f"# MSA sparse-layer kernel benchmark ({'smoke' if res['smoke'] else 'GPU'}, page size {page_size})", "",
              f"device: {env['device']} · torch {env['torch']} · triton {env['triton']} · sglang {env['sglang']}", ""]
     if res["smoke"]:
         s = res["smoke_result"]

@@ -36,8 +36,14 @@ a prefill and a decode step of the same token see different activation scales; w
 (non-sparse) layers attend to the chunk's own tokens in bf16 during a prefill but read every token from the fp8
 cache during decode (our sparse layers read the cache in both).
 
+Ours' serving variants (`ours_fa3`: SGLang's fa3 for the dense layers; `ours_page128`: page size 128), measured on
+ours' forced tokens like the quantized servers (ours first): the same bf16 model, so their prefill must agree with
+ours' within gpu_e2e's bf16 bound (MEAN_TOL) and each gap may exceed ours' by MARGIN at most. `intree_fa3` is the
+in-tree at its own Hopper default (fa3, page size 128), reported beside them.
+
     python scripts/gpu_consistency.py --out $OUT [--servers ours,intree]
     python scripts/gpu_consistency.py --out $OUT --servers ours,ours_mxfp8,ours_fp8,ours_fp8kv --checks decode,radix
+    python scripts/gpu_consistency.py --out $OUT --servers ours,ours_fa3,ours_page128,intree_fa3 --checks decode,radix
     python scripts/gpu_consistency.py --cpu --out DIR --servers ours,ours_fp8kv --checks decode,radix   # CPU smoke
 """
 
@@ -75,8 +81,17 @@ SERVERS = {"ours": ("bf16", [], {}), "intree": ("bf16", [], {"SGLANG_PLUGINS": "
            # SGLang's default on sm90 once sgl-deep-gemm imports (a standard install): DeepGEMM's JIT block-FP8 GEMM.
            # Its start-up precompile (every M up to the token budget) is switched off: kernels compile on first use
            # instead, which changes start-up time, not the numbers.
-           "ours_mxfp8_deepgemm": ("mxfp8", [], {"SGLANG_JIT_DEEPGEMM_PRECOMPILE": "0"})}
+           "ours_mxfp8_deepgemm": ("mxfp8", [], {"SGLANG_JIT_DEEPGEMM_PRECOMPILE": "0"}),
+           # Serving configurations other than the pinned Triton dense backend at page size 1 (the flags after FLAGS
+           # win): ours over SGLang's fa3 for the dense layers, ours at page size 128, and the in-tree at its own
+           # Hopper default (named fa3, it sets page size 128: sglang/srt/arg_groups/overrides.py, its M3 entry).
+           "ours_fa3": ("bf16", ["--attention-backend", "fa3"], {}),
+           "ours_page128": ("bf16", ["--page-size", "128"], {}),
+           "intree_fa3": ("bf16", ["--attention-backend", "fa3"], {"SGLANG_PLUGINS": "none"})}
 QUANTIZED = ("ours_mxfp8", "ours_fp8", "ours_fp8kv", "ours_mxfp8_deepgemm")
+# Ours in another unquantized configuration: the same model in bf16, so its prefill must agree with ours' within the
+# bf16 bound (MEAN_TOL) and each gap may exceed ours' by at most MARGIN (the bar ours has against the in-tree).
+VARIANTS = ("ours_fa3", "ours_page128")
 CPU_SERVERS = ("ours", "ours_fp8kv")  # SGLang's CPU engine serves neither fp8 GEMMs nor the in-tree M3's kernels
 CHECKS = ("decode", "radix", "batch", "oov")
 QUANT_BAR_FRACTION = 0.5  # of Δq, added to ours' gap (see the module docstring)
@@ -229,9 +244,9 @@ def main():
     names, which = args.servers.split(","), tuple(args.checks.split(","))
     problems = [f"unknown server {n!r}" for n in names if n not in SERVERS]
     problems += [f"unknown check {c!r}" for c in which if c not in CHECKS]
-    if any(n in QUANTIZED for n in names):
+    if any(n in QUANTIZED + VARIANTS for n in names):
         if names[0] != "ours":
-            problems.append("quantized servers are measured against ours: name ours first")
+            problems.append("quantized servers and ours' variants are measured against ours: name ours first")
         if "decode" not in which:
             problems.append("quantized servers need the decode check (it measures Δq)")
     if args.cpu:
@@ -301,7 +316,8 @@ GAPS = ("decode_vs_prefill", "radix_decode", "batch_b3", "batch_b5")
 def verdict(servers: dict, requested=None) -> dict:
     """PASS when every requested server served and every check that the servers run allow holds: ours vs the
     in-tree (issue 8 bars), ours' radix prefix cached and OOV refusal, each quantized server's gaps within
-    ours' + Δq/2 (adds `quant_effect` and `quant_bar` to that server's entry)."""
+    ours' + Δq/2 (adds `quant_effect` and `quant_bar` to that server's entry), each of ours' variants within the
+    bf16 bound of ours' prefill and MARGIN of ours' gaps (adds `prefill_vs_ours`)."""
     ok = lambda name: name in servers and "error" not in servers[name]  # noqa: E731
     ours, intree = servers.get("ours", {}), servers.get("intree", {})
     c: dict = {}
@@ -333,6 +349,20 @@ def verdict(servers: dict, requested=None) -> dict:
                 q["quant_bar"][k] = round(bar, 4)
                 c[f"{name} {k} {q[k]['mean']:.4f} <= ours {ours[k]['mean']:.4f} + {QUANT_BAR_FRACTION} x Δq "
                   f"{dq:.4f} = {bar:.4f}"] = q[k]["mean"] <= bar
+    for name in VARIANTS:
+        if name not in servers:
+            continue
+        v = servers[name]
+        if not (ok(name) and ok("ours") and "prefill_lp" in v and "prefill_lp" in ours):
+            c[f"{name} served and measured against ours"] = False
+            continue
+        v["prefill_vs_ours"] = quant_effect(v, ours)  # (the same measure as Δq: prefill vs ours' prefill)
+        c[f"{name} prefill vs ours' {v['prefill_vs_ours']['mean']:.4f} <= {MEAN_TOL}"] = (
+            v["prefill_vs_ours"]["mean"] <= MEAN_TOL)
+        for k in GAPS:
+            if k in v and k in ours:
+                c[f"{name} {k} {v[k]['mean']:.4f} <= ours {ours[k]['mean']:.4f} + {MARGIN}"] = (
+                    v[k]["mean"] <= ours[k]["mean"] + MARGIN)
     failed = [n for n in (requested or servers) if not ok(n)]
     return {"pass": bool(c) and all(c.values()) and not failed, "checks": c, "servers_failed": failed}
 
