@@ -1,7 +1,7 @@
-"""scripts/gpu_consistency.py's verdict on ours' serving variants (fa3 dense layers, page size 128), from made-up
-measurements: a variant passes when its prefill agrees with ours' within the bf16 bound and its gaps stay within
-MARGIN of ours'; a variant that reads the wrong pages (prefill off) or decodes worse (a gap beyond the margin), or
-that did not serve, fails the run."""
+"""scripts/gpu_consistency.py's verdict, on made-up measurements. Ours' serving variants (fa3 dense layers, page size
+128) pass when their prefill agrees with ours' within the bf16 bound and their gaps stay within MARGIN of ours'; a
+variant that reads the wrong pages (prefill off), decodes worse (a gap beyond the margin) or did not serve fails the
+run. A quantized server's bar is ours' gap plus half its measured quantization effect."""
 
 from __future__ import annotations
 
@@ -34,3 +34,16 @@ def test_variant_bars(variant):
     assert not worse_decode["pass"]
     crashed = gc.verdict({"ours": _server(0.0, 0.03), variant: {"error": "boom"}}, ["ours", variant])
     assert not crashed["pass"] and variant in crashed["servers_failed"]
+
+
+def test_quantized_bar_is_ours_gap_plus_half_the_quantization_effect():
+    import gpu_consistency as gc
+
+    ours, shift = _server(0.0, 0.03), 0.4  # Δq = 0.4 (prefill vs ours' prefill at every position)
+    fp8 = _server(shift, 0.03 + 0.9 * gc.QUANT_BAR_FRACTION * shift)
+    inside = gc.verdict({"ours": ours, "ours_fp8": fp8})
+    assert inside["pass"], inside
+    assert fp8["quant_effect"]["mean"] == pytest.approx(shift)
+    assert fp8["quant_bar"]["decode_vs_prefill"] == pytest.approx(0.03 + gc.QUANT_BAR_FRACTION * shift, abs=1e-4)
+    outside = gc.verdict({"ours": ours, "ours_fp8": _server(shift, 0.03 + 1.1 * gc.QUANT_BAR_FRACTION * shift)})
+    assert not outside["pass"]
