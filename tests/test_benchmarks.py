@@ -14,15 +14,23 @@ Outputs of two sides are compared directly only where both selected the same blo
 benchmark's docstring); the observed differences are one fp16 ulp (<= 1e-3: outputs of magnitude <~ 2, and the
 in-tree rounds its split-K partials to fp16 before merging them). Runs in a subprocess because TRITON_INTERPRET
 must be set before triton is imported (~2.5 min on one core).
+
+``--page-size`` (slots in pages of contiguous slots, as a server at that page size allocates them; the in-tree M3's
+Hopper default is 128) is checked cheaply: the layout of ``make_batch`` in process, and one mixed-length decode batch
+at page size 16 (one page per smoke key block) through our kernels and the in-tree adapter against the torch
+reference in an interpreter subprocess (~20 s). ``--smoke --page-size 16`` runs the whole cross-check at that page.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 5e-3
@@ -121,3 +129,66 @@ def test_kernel_decode_smoke_matches_intree_kernels(tmp_path):
     # the check had something to compare: sparse selections (some row selects fewer blocks than are visible)
     assert any(max(c["seq_lens"]) > 32 for c in cases)
     assert smoke["ok"], log
+
+
+PAGED_DRIVER = r"""
+import json, sys
+bench_dir, page = sys.argv[1], int(sys.argv[2])
+sys.argv = ["kernel_decode.py", "--smoke"]
+sys.path.insert(0, bench_dir)
+import kernel_decode as kd  # sets TRITON_INTERPRET before triton is imported
+import torch
+
+geo, ctx = kd.SMOKE_HEADS["tp8"], max(kd.SMOKE_CTX)
+b = kd.make_batch(geo, list(kd.SMOKE_DECODE_LENS[ctx]), [1, 1, 1], context_len=ctx, device="cpu", seed=0,
+                  page_size=page)
+ours = kd.OursDecode(geo, b, kd.sglang_kv_store())
+ours.prepare()
+out = ours.layer().clone()
+intree = kd.InTree(torch.device("cpu"))
+intree.pin_autotune_for_interpreter()
+out_in, sel_in = intree.with_selection(lambda: intree.decode_layer(geo, b, ctx))
+out_ref, sel_ref = kd.reference_msa(geo, b)
+print("@@RESULT@@" + json.dumps(dict(
+    sel_ours_vs_ref=kd.sel_mismatch(ours.block_topk, sel_ref), sel_intree_vs_ref=kd.sel_mismatch(sel_in, sel_ref),
+    max_abs_ours_vs_ref=kd.max_abs(out, out_ref), max_abs_intree_vs_ref=kd.max_abs(out_in, out_ref),
+    seq_lens=b.seq_lens_list, dense_max=geo.topk * geo.block)))
+"""
+
+
+def test_make_batch_paged_layout(monkeypatch):
+    """Each request's token j sits at offset j % P of its (j // P)-th page; pages are whole, distinct across the
+    batch, never page 0 (SGLang's padding page), inside the pool, and in no fixed order; the new tokens' slots are
+    the requests' last positions."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    ki = importlib.import_module("kernel_inputs")
+    geo, P, lens, ext = ki.SMOKE_HEADS["tp1"], 16, [100, 33, 17, 32, 1], [1, 3, 17, 1, 1]
+    b = ki.make_batch(geo, lens, ext, context_len=128, device="cpu", seed=0, page_size=P)
+    assert b.page_size == P and b.k_cache.shape[0] == b.index_k_cache.shape[0] == ki.pool_slots(lens, P)
+    pages, new_locs = [], []
+    for i, (n, e) in enumerate(zip(lens, ext)):
+        slots = b.req_to_token[b.req_pool_indices[i], :n].long()
+        pos = torch.arange(n)
+        req_pages = slots[::P] // P
+        assert torch.equal(slots, req_pages.repeat_interleave(P)[:n] * P + pos % P), (i, slots)
+        pages.append(req_pages)
+        new_locs.append(slots[n - e:])
+    pages = torch.cat(pages)
+    assert pages.unique().numel() == pages.numel() == sum(-(-n // P) for n in lens)
+    assert pages.min() >= 1 and (pages.max() + 1) * P <= b.k_cache.shape[0]
+    assert not torch.equal(pages, pages.sort().values)  # random order, as a churned pool hands them out
+    assert torch.equal(b.out_cache_loc, torch.cat(new_locs))
+
+
+def test_kernel_decode_paged_matches_reference():
+    """One mixed-length decode batch (sparse, dense-boundary and short requests) at page size 16: our kernels and
+    the in-tree adapter (page_size passed through) select the reference's blocks and match its output."""
+    cmd = [sys.executable, "-c", PAGED_DRIVER, str(REPO / "benchmarks"), "16"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+                          text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+    assert proc.returncode == 0 and line, (proc.stdout + proc.stderr)[-6000:]
+    r = json.loads(line[-1][len("@@RESULT@@"):])
+    assert max(r["seq_lens"]) > r["dense_max"], r  # some request selects fewer blocks than it can see
+    assert r["sel_ours_vs_ref"] == 0 and r["sel_intree_vs_ref"] == 0, r
+    assert r["max_abs_ours_vs_ref"] <= ATOL and r["max_abs_intree_vs_ref"] <= ATOL, r
