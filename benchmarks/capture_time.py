@@ -177,13 +177,15 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "m3_capture_time")
     ap.add_argument("--warm", action="store_true", help="start a second time on the same caches")
     ap.add_argument("--smoke", action="store_true", help="CPU harness check: the tiny model, e2e's CPU flags")
+    ap.add_argument("--attention-backend", default="triton",
+                    help=f"as e2e.py's ({e2e.SERVER_DEFAULT}: the server's own)")
     ap.add_argument("--budget-s", type=float, default=240,
                     help="skip the warm start when the cold one's start-up would not fit in what is left")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = e2e.checkpoint(args.work, smoke=args.smoke)
-    flags = e2e.SMOKE_FLAGS if args.smoke else e2e.GPU_FLAGS
+    flags = e2e.SMOKE_FLAGS if args.smoke else e2e.gpu_flags(args.attention_backend)
     cache = tempfile.mkdtemp(prefix="capture_caches_")  # Triton's, inductor's, tvm-ffi's: cold whatever ran here
     res = {"flags": flags, "checkpoint": ckpt.name, "runs": {}}
     t0 = time.time()

@@ -77,6 +77,12 @@ GPU_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--trust-remote-co
 # it: on Hopper the in-tree then picks fa3 with page size 128 (sglang/srt/arg_groups/overrides.py, MiniMax-M3), ours
 # m3_msa over Triton at page size 1; the start-up table says what each server resolved.
 SERVER_DEFAULT = "server-default"
+
+
+def gpu_flags(attention_backend: str = "triton") -> list[str]:
+    """GPU_FLAGS with `--attention-backend attention_backend` (none for SERVER_DEFAULT): what every GPU script of this
+    folder launches both servers with."""
+    return [*GPU_FLAGS, *([] if attention_backend == SERVER_DEFAULT else ["--attention-backend", attention_backend])]
 SMOKE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--sleep-on-idle"]
 SERVER_ENV = {"ours": {}, "intree": {"SGLANG_PLUGINS": "none"}, "ours_mxfp8": QUANT_ENV}
 SERVER_QUANT = {"ours_mxfp8": "mxfp8"}  # label -> the checkpoint's quantization (the others: bf16)
@@ -360,10 +366,8 @@ def main():
     workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
     if args.workloads:
         workloads = {k: workloads[k] for k in args.workloads.split(",")}
-    flags = SMOKE_FLAGS if args.smoke else [*GPU_FLAGS, "--tp", str(args.tp)]
-    if not args.smoke and args.attention_backend != SERVER_DEFAULT:
-        flags += ["--attention-backend", args.attention_backend]
-    flags += shlex.split(args.extra_flags)
+    flags = [*(SMOKE_FLAGS if args.smoke else [*gpu_flags(args.attention_backend), "--tp", str(args.tp)]),
+             *shlex.split(args.extra_flags)]
     state_path = Path(args.state) if args.state else work / f"e2e_state_{args.layers}l_tp{args.tp}.json"
 
     names = args.servers.split(",")

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from e2e import GPU_FLAGS, SERVER_ENV, checkpoint, triton_cache  # noqa: E402
+from e2e import SERVER_DEFAULT, SERVER_ENV, checkpoint, gpu_flags, triton_cache  # noqa: E402
 from servers import Server, post  # noqa: E402
 
 
@@ -118,10 +118,11 @@ def profile_decode(server: Server, ctx: int, steps: int, trace_dir: Path) -> dic
     return out
 
 
-def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: list[str], prompts: int = 1) -> dict:
+def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: list[str], prompts: int = 1,
+            attention_backend: str = "triton") -> dict:
     # e2e.py's per-label Triton cache when --work is e2e's: after an e2e run on the same host the start is warm.
     env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": str(triton_cache(work, name))}
-    flags = list(GPU_FLAGS)  # capture bs <= 8 only: a faster start; batch 1 is what is profiled
+    flags = gpu_flags(attention_backend)  # capture bs <= 8 only: a faster start; batch 1 is what is profiled
     flags[flags.index("--cuda-graph-max-bs") + 1] = "8"
     server = Server(name, ckpt, flags, log_dir=work, port=31500, env=env)
     results = {}
@@ -152,6 +153,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=1, help="prefill phase: prompts of --ctx tokens in one batch")
     ap.add_argument("--phases", default="decode", help="comma list of prefill, decode (one server start for all)")
+    ap.add_argument("--attention-backend", default="triton", help=f"as e2e.py's ({SERVER_DEFAULT}: each server's own)")
     args = ap.parse_args()
     phases = args.phases.split(",")
     if not set(phases) <= {"prefill", "decode"}:
@@ -160,9 +162,11 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint(work, smoke=False)
-    results = {"ctx": args.ctx, "steps": args.steps, "prompts": args.prompts, "servers": {}}
+    results = {"ctx": args.ctx, "steps": args.steps, "prompts": args.prompts,
+               "attention_backend": args.attention_backend, "servers": {}}
     for name in args.servers.split(","):
-        results["servers"][name] = profile(name, ckpt, args.ctx, args.steps, work, phases, args.prompts)
+        results["servers"][name] = profile(name, ckpt, args.ctx, args.steps, work, phases, args.prompts,
+                                           args.attention_backend)
         (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
     title = {"decode": f"Decode step at batch 1, {args.ctx} context, µs per step (GPU kernels, {args.steps} steps)",
              "prefill": f"Prefill of {args.prompts} x {args.ctx}-token prompt(s) in one batch, µs per batch (GPU "
