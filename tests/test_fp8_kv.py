@@ -266,6 +266,7 @@ def test_plugin_serves_fp8_e4m3_and_refuses_other_quantized_kv_dtypes():
     from sglang_m3.tiny import build_text_config
 
     hf = MiniMaxM3Config(**{**build_text_config(), "architectures": ["MiniMaxM3SparseForCausalLM"]})
+    hf.dtype = torch.bfloat16  # as the release: --dtype auto resolves to bf16, so a bf16 cache is the model dtype
 
     def args(kv):
         from sglang.srt.server_args import ServerArgs
