@@ -151,9 +151,9 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
     if kv_dtype in ("bfloat16", "bf16") and model_dtype == "auto":
         # "auto" is the checkpoint's dtype as SGLang resolves it (its own rule: a float32 checkpoint serves as
         # float16), so M3's bf16 release passes and a float32 one (the tiny checkpoints) does not
-        from sglang.srt.configs.model_config import _get_and_verify_dtype
+        from sglang.srt.configs.model_config import _get_and_verify_dtype, get_hf_text_config
 
-        model_dtype = str(_get_and_verify_dtype(hf_config, "auto")).removeprefix("torch.")
+        model_dtype = str(_get_and_verify_dtype(get_hf_text_config(hf_config), "auto")).removeprefix("torch.")
         shown = f"auto (= {model_dtype} for this checkpoint)"
     if kv_dtype in ("bfloat16", "bf16") and model_dtype not in ("bfloat16", "bf16"):
         # the index-key lane and the kernels' q side run at the model dtype; a bf16 cache under another one is a
