@@ -237,7 +237,7 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
                     info["workloads"][wname] = {"error": repr(e)[:500]}
                 progress(info)
         except Exception as e:  # noqa: BLE001
-            info = {"error": repr(e)[:2000], "log_tail": server.log()[-3000:]}
+            info = {"error": repr(e)[:2000], "log_tail": server.log()[-3000:], "flags": flags}
         finally:
             server.stop()
     # nvidia-smi lists every GPU of the host; keep this server's (another lane may be using the others)
@@ -260,10 +260,10 @@ def compare(servers: dict, workloads: dict) -> list[dict]:
             row["mxfp8_throughput_ratio"] = mx["output_throughput"] / bf["output_throughput"]
             row["mxfp8_tpot_ratio"] = mx["median_tpot_ms"] / bf["median_tpot_ms"]
         ours, intree = row["ours"], row["intree"]
-        same_flags = servers.get("ours", {}).get("flags") == servers.get("intree", {}).get("flags")
-        if not same_flags:  # (a --state that joins runs of different flags: no ratio, the table says why)
+        flags = [servers.get(n, {}).get("flags") for n in ("ours", "intree")]
+        if None not in flags and flags[0] != flags[1]:  # (a --state joining runs of different flags: the table says why)
             row["flags_differ"] = True
-        if ours and intree and "error" not in ours and "error" not in intree and same_flags:
+        if ours and intree and "error" not in ours and "error" not in intree and not row.get("flags_differ"):
             row["throughput_ratio"] = ours["output_throughput"] / intree["output_throughput"]
             row["ttft_ratio"] = ours["median_ttft_ms"] / intree["median_ttft_ms"]
             row["tpot_ratio"] = ours["median_tpot_ms"] / intree["median_tpot_ms"]
@@ -371,6 +371,10 @@ def main():
     state_path = Path(args.state) if args.state else work / f"e2e_state_{args.layers}l_tp{args.tp}.json"
 
     names = args.servers.split(",")
+    earlier = json.loads(state_path.read_text())["servers"] if state_path.exists() else {}
+    mixed = [n for n in names if earlier.get(n, {}).get("flags") not in (None, flags)]
+    if mixed:  # one label's workloads are merged across calls: they must share their flags
+        ap.error(f"{state_path} holds {mixed} run with other flags ({earlier[mixed[0]]['flags']}); use another --state")
     unknown = [n for n in names if n not in SERVER_ENV]
     if unknown:
         ap.error(f"unknown server label(s) {unknown}; known: {', '.join(SERVER_ENV)}")

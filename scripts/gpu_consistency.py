@@ -248,7 +248,8 @@ def main():
         if names[0] != "ours":
             problems.append("quantized servers and ours' variants are measured against ours: name ours first")
         if "decode" not in which:
-            problems.append("quantized servers need the decode check (it measures Δq)")
+            problems.append("quantized servers and ours' variants need the decode check (it measures their prefill "
+                            "against ours')")
     if args.cpu:
         problems += [f"{n} is not served on CPU" for n in names if n not in CPU_SERVERS]
     if problems:

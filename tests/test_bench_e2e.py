@@ -134,6 +134,9 @@ def test_ratios_only_between_servers_of_the_same_flags_and_the_resolved_backend_
     row = e2e.compare(servers, {"2k": e2e.WORKLOADS["2k"]})[0]
     assert "throughput_ratio" not in row and row["flags_differ"]
     assert "different flags" in e2e.markdown({"servers": servers, "compare": [row], "tp": 1})
+    alone = e2e.compare({"ours": servers["ours"]}, {"2k": e2e.WORKLOADS["2k"]})[0]  # the in-tree not run yet
+    assert "flags_differ" not in alone and "different flags" not in e2e.markdown(
+        {"servers": {"ours": servers["ours"]}, "compare": [alone], "tp": 1})
 
     log = ("[x] MiniMax-M3 on Hopper: attention_backend=fa3, page_size=128 (...)\n"
            "[x] server_args=ServerArgs(model_path='m', page_size=128, attention_backend='fa3', sampling_backend='x')\n")
@@ -143,3 +146,17 @@ def test_ratios_only_between_servers_of_the_same_flags_and_the_resolved_backend_
            "TritonAttnBackend\n")
     assert e2e.served_attention(log) == "m3_msa over TritonAttnBackend, page 1"
     assert e2e.served_attention("no server args") is None
+
+
+def test_a_state_does_not_merge_one_label_across_flags(tmp_path):
+    """A label's workloads accumulate across calls in --state, so a call with other flags is refused before any
+    server starts (it would otherwise file its workloads beside the earlier ones under the same label)."""
+    state = tmp_path / "s.json"
+    import e2e
+
+    state.write_text(json.dumps({"servers": {"ours": {"flags": e2e.gpu_flags("triton") + ["--tp", "1"],
+                                                      "workloads": {}}}}))
+    cmd = [sys.executable, str(REPO / "benchmarks" / "e2e.py"), "--servers", "ours", "--attention-backend", "fa3",
+           "--state", str(state), "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]
+    proc = subprocess.run(cmd, env=cpu_env(), cwd=REPO, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 2 and "run with other flags" in proc.stderr and "another --state" in proc.stderr, proc
