@@ -72,6 +72,9 @@ MIN_WAVES = {"2k": 8}
 GPU_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--trust-remote-code",
              "--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "64", "--context-length", "133120",
              "--mem-fraction-static", "0.85"]
+SMOKE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--sleep-on-idle"]
+SERVER_ENV = {"ours": {}, "intree": {"SGLANG_PLUGINS": "none"}, "ours_mxfp8": QUANT_ENV}
+SERVER_QUANT = {"ours_mxfp8": "mxfp8"}  # label -> the checkpoint's quantization (the others: bf16)
 # --attention-backend for both servers. "triton" is the protocol of sessions 4-15 (the dense layers of both on SGLang's
 # Triton backend, page size 1). SERVER_DEFAULT leaves the choice to each server, as a user who names no backend gets
 # it: on Hopper the in-tree then picks fa3 with page size 128 (sglang/srt/arg_groups/overrides.py, MiniMax-M3), ours
@@ -83,9 +86,8 @@ def gpu_flags(attention_backend: str = "triton") -> list[str]:
     """GPU_FLAGS with `--attention-backend attention_backend` (none for SERVER_DEFAULT): what every GPU script of this
     folder launches both servers with."""
     return [*GPU_FLAGS, *([] if attention_backend == SERVER_DEFAULT else ["--attention-backend", attention_backend])]
-SMOKE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--sleep-on-idle"]
-SERVER_ENV = {"ours": {}, "intree": {"SGLANG_PLUGINS": "none"}, "ours_mxfp8": QUANT_ENV}
-SERVER_QUANT = {"ours_mxfp8": "mxfp8"}  # label -> the checkpoint's quantization (the others: bf16)
+
+
 # Targets of issue 9 (H200, same run): ours / in-tree output throughput, ours / in-tree decode time per token at
 # concurrency 1, and the cold decode-graph capture time. The decode time per token is judged on the median ITL (each
 # chunk's gap divided by its new tokens), which is what the target means. Until session 11 the checkpoint shipped
