@@ -343,19 +343,17 @@ def verdict(servers: dict, requested=None) -> dict:
             continue
         effect = quant_effect(s, ours)  # prefill vs ours' prefill: Δq for a quantized server
         if name in QUANTIZED:
-            s["quant_effect"], s["quant_bar"] = effect, {}
             margin, why = QUANT_BAR_FRACTION * effect["mean"], f"{QUANT_BAR_FRACTION} x Δq {effect['mean']:.4f}"
         else:  # the same bf16 model served another way: its prefill is ours' up to bf16 rounding
-            s["prefill_vs_ours"] = effect
             c[f"{name} prefill vs ours' {effect['mean']:.4f} <= {MEAN_TOL}"] = effect["mean"] <= MEAN_TOL
             margin, why = MARGIN, f"{MARGIN}"
-        for k in GAPS:
-            if k in s and k in ours:
-                bar = ours[k]["mean"] + margin
-                if name in QUANTIZED:
-                    s["quant_bar"][k] = round(bar, 4)
-                c[f"{name} {k} {s[k]['mean']:.4f} <= ours {ours[k]['mean']:.4f} + {why} = {bar:.4f}"] = \
-                    s[k]["mean"] <= bar
+        bars = {k: ours[k]["mean"] + margin for k in GAPS if k in s and k in ours}
+        for k, bar in bars.items():
+            c[f"{name} {k} {s[k]['mean']:.4f} <= ours {ours[k]['mean']:.4f} + {why} = {bar:.4f}"] = s[k]["mean"] <= bar
+        if name in QUANTIZED:
+            s["quant_effect"], s["quant_bar"] = effect, {k: round(b, 4) for k, b in bars.items()}
+        else:
+            s["prefill_vs_ours"] = effect
     failed = [n for n in (requested or servers) if not ok(n)]
     return {"pass": bool(c) and all(c.values()) and not failed, "checks": c, "servers_failed": failed}
 

@@ -147,20 +147,21 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
                          f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}; fp8_e4m3 stores K/V in fp8 with per-tensor "
                          "scales, the sparse kernels widen it on load).")
     model_dtype = str(getattr(server_args, "dtype", "auto")).lower().removeprefix("torch.")  # Engine: torch dtypes too
-    shown = model_dtype
-    if kv_dtype in ("bfloat16", "bf16") and model_dtype == "auto":
-        # "auto" is the checkpoint's dtype as SGLang resolves it (its own rule: a float32 checkpoint serves as
-        # float16), so M3's bf16 release passes and a float32 one (the tiny checkpoints) does not
-        from sglang.srt.configs.model_config import _get_and_verify_dtype, get_hf_text_config
-
-        model_dtype = str(_get_and_verify_dtype(get_hf_text_config(hf_config), "auto")).removeprefix("torch.")
-        shown = f"auto (= {model_dtype} for this checkpoint)"
-    if kv_dtype in ("bfloat16", "bf16") and model_dtype not in ("bfloat16", "bf16"):
+    if kv_dtype in ("bfloat16", "bf16"):
         # the index-key lane and the kernels' q side run at the model dtype; a bf16 cache under another one is a
         # mixed-dtype path the sparse kernels do not have
-        raise ValueError(f"sglang-m3: --kv-cache-dtype {kv_dtype} with --dtype {shown} is not supported for "
-                         "MiniMax-M3: the K/V cache must be in the model dtype or fp8_e4m3 (use --kv-cache-dtype "
-                         "auto).")
+        shown = model_dtype
+        if model_dtype == "auto":
+            # the checkpoint's dtype as SGLang resolves it (its own rule: a float32 checkpoint serves as float16),
+            # so M3's bf16 release passes and a float32 one (the tiny checkpoints) does not
+            from sglang.srt.configs.model_config import _get_and_verify_dtype, get_hf_text_config
+
+            model_dtype = str(_get_and_verify_dtype(get_hf_text_config(hf_config), "auto")).removeprefix("torch.")
+            shown = f"auto (= {model_dtype} for this checkpoint)"
+        if model_dtype not in ("bfloat16", "bf16"):
+            raise ValueError(f"sglang-m3: --kv-cache-dtype {kv_dtype} with --dtype {shown} is not supported for "
+                             "MiniMax-M3: the K/V cache must be in the model dtype or fp8_e4m3 (use --kv-cache-dtype "
+                             "auto).")
     declared: dict = dict(spec_declared)
     if server_args.is_attention_backend_not_set():
         declared["attention_backend"] = BACKEND_NAME
