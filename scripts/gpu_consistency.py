@@ -363,20 +363,21 @@ def markdown(results: dict) -> str:
     lines = [f"Forced-continuation consistency ({results.get('mode', 'gpu bf16')}, flags {' '.join(results['flags'])}); "
              f"verdict: {'PASS' if v['pass'] else 'FAIL'}", "",
              "| server | start s | decode vs prefill | radix-hit decode | batch 3 vs alone | batch 5 vs alone | "
-             "cached | OOV | Δq vs ours (prefill) | bar (ours + Δq/2) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "cached | OOV | prefill vs ours' (Δq) | bar (ours + Δq/2) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results["servers"].items():
         if "error" in s:
             lines.append(f"| {name} | error: {s['error'][:200]} |")
             continue
         cell = lambda k: f"{s[k]['mean']:.4f} / {s[k]['max']:.2f} {s[k]['per_prompt_mean']}" if k in s else "—"  # noqa: E731
         oov = f"{s['oov']['status']} / next ok: {s['oov']['next_request_tokens'] == 4}" if "oov" in s else "—"
-        dq = s.get("quant_effect")
+        dq = s.get("quant_effect") or s.get("prefill_vs_ours")  # (ours' variants: the same measure, no Δq bar)
         dq_cell = f"{dq['mean']:.4f} / {dq['max']:.2f} {dq['per_prompt_mean']}" if dq else "—"
         lines.append(f"| {name} | {s['startup_s']} | {cell('decode_vs_prefill')} | {cell('radix_decode')} | "
                      f"{cell('batch_b3')} | {cell('batch_b5')} | {s.get('cached', '—')} | {oov} | {dq_cell} | "
                      f"{s.get('quant_bar', '—')} |")
     lines += ["", "mean / max |Δ logprob| over decode steps 1..31 (step 0 is the prompt's prefill), per-prompt means "
-              "in brackets; Δq: the quantized server's prefill vs ours' on the same tokens and positions", "",
+              "in brackets; prefill vs ours': a server's prefill vs ours' on the same tokens and positions (Δq for a "
+              "quantized server; for ours' variants bf16 rounding, bound MEAN_TOL)", "",
               "checks: " + json.dumps(v["checks"], indent=1), f"servers failed: {v['servers_failed'] or 'none'}"]
     return "\n".join(lines) + "\n"
 
