@@ -736,7 +736,7 @@ def _fused_moe_worker() -> None:
 
     def shared_after_routed(x_in):  # the order that reads the overwritten input
         routed = moe.routed_experts(x_in, moe.router_logits(x_in))
-        return routed * moe.routed_scaling_factor + moe.shared_experts(x_in)
+        return routed + moe.shared_experts(x_in)  # (routed_experts applies routed_scaling_factor)
 
     def interleaved(x_in):  # GPT-OSS's [g0, u0, g1, u1, ...] layout instead of M3's [gate | up]
         runner_config.gate_up_interleaved = True

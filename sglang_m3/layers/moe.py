@@ -65,7 +65,9 @@ class M3MoE(nn.Module):
             num_experts=view.num_experts, hidden_size=view.hidden_size,
             intermediate_size=view.moe_intermediate_size, layer_id=layer_id, top_k=view.top_k,
             reduce_results=False, quant_config=quant_config, prefix=add_prefix("experts", prefix), activation="silu",
-            gemm1_alpha=view.swiglu_alpha, gemm1_clamp_limit=view.swiglu_limit, gate_up_interleaved=False)
+            gemm1_alpha=view.swiglu_alpha, gemm1_clamp_limit=view.swiglu_limit, gate_up_interleaved=False,
+            # applied where the Triton runner sums the top-k experts' outputs (moe_sum_reduce): no extra pass
+            routed_scaling_factor=view.routed_scaling_factor)
         # Shared expert and routed experts are summed before one all-reduce.
         self.shared_experts = SwiGLUOAIMLP(view.hidden_size, view.shared_intermediate_size, self.alpha, self.limit,
                                            prefix=add_prefix("shared_experts", prefix), reduce_results=False,
@@ -83,11 +85,11 @@ class M3MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Shared expert first: the fused MoE kernel writes its result into `x`'s buffer (inplace).
         shared = self.shared_experts(x)
-        routed = self.routed_experts(x, self.router_logits(x))
-        return _all_reduce(routed * self.routed_scaling_factor + shared)
+        routed = self.routed_experts(x, self.router_logits(x))  # already scaled by routed_scaling_factor
+        return _all_reduce(routed + shared)
 
     def routed_experts_fused(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """SGLang's biased grouped top-k + Triton fused experts; overwrites `x`."""
+        """SGLang's biased grouped top-k + Triton fused experts, times routed_scaling_factor; overwrites `x`."""
         return self.experts(x, self.topk(x, logits))
 
     def routed_experts_torch(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,7 @@ class M3MoE(nn.Module):
                                "(scripts/env.sh does), not the CPU build of sgl_kernel")
         weights, ids = route(logits, self.e_score_correction_bias, self.top_k)
         return routed_experts_torch(x, self.experts.w13_weight, self.experts.w2_weight, weights, ids,
-                                    self.alpha, self.limit)
+                                    self.alpha, self.limit) * self.routed_scaling_factor
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
