@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__" and "--fused-moe-worker" in sys.argv:  # before anything can import triton
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["TRITON_INTERPRET"] = "1"  # (--fused-moe-worker-cuda: the same check on a GPU, compiled)
 
 import pytest
 
@@ -672,8 +672,11 @@ def test_m3moe_cpu_path_refuses_amx_packed_experts(sglang_env):
 # ------------------------------------------------------------------------------------------------ the CUDA MoE path
 
 # SGLang's Triton MoE kernels compute in fp16 when handed fp32 activations (`compute_type`), so this check
-# works at fp16 resolution: |Δ| ≤ 1e-2·max|want|. Each wrong variant below is off by far more.
+# works at fp16 resolution: |Δ| ≤ 1e-2·max|want|. Each wrong variant below is off by far more (0.5-1.2 on CPU).
 FUSED_TOL = 1e-2
+# On a GPU the served dtype, bf16 (8 mantissa bits, 3 fewer than fp16): the input, weights and each kernel's output
+# are rounded to it, so the bound is 3× looser; the wrong variants stay > 5× beyond it.
+FUSED_TOL_BF16 = 3e-2
 
 
 def _align_block_size_torch(topk_ids, block_size, num_experts, ignore_invalid_expert=False):
@@ -690,49 +693,69 @@ def _align_block_size_torch(topk_ids, block_size, num_experts, ignore_invalid_ex
     return as_i32(ids), as_i32(blocks), as_i32([len(ids)])
 
 
-def _fused_moe_worker() -> None:
+def _fused_moe_worker(device: str = "cpu") -> None:
     """M3MoE's CUDA composition — SGLang's TopK (biased grouped, one group) and FusedMoE's CUDA method with
-    the Triton runner, in place on its input — run on CPU under Triton's interpreter, against `ref_moe`."""
+    the Triton runner, in place on its input — against `ref_moe`: on CPU under Triton's interpreter (fp32 in,
+    11 tokens), or on a GPU in bf16 at 11 and 40 tokens (SGLang sums the top-k outputs and applies
+    routed_scaling_factor by a compiled torch op up to 32 tokens, by sgl_kernel's moe_sum_reduce above)."""
     import tempfile
 
     from sglang.srt.utils import common
 
-    # SGLang registers its fused-experts ops for the CUDA dispatch key only; register them for CPU as well
-    # (before the MoE module is imported, which registers them).
-    cuda_only = common.direct_register_custom_op
+    if device == "cpu":
+        # SGLang registers its fused-experts ops for the CUDA dispatch key only; register them for CPU as well
+        # (before the MoE module is imported, which registers them).
+        cuda_only = common.direct_register_custom_op
 
-    def also_on_cpu(op_name, op_func, mutates_args=None, fake_impl=None, target_lib=None):
-        cuda_only(op_name, op_func, mutates_args, fake_impl, target_lib)
-        (target_lib or common.sglang_lib).impl(op_name, op_func, "CPU")
+        def also_on_cpu(op_name, op_func, mutates_args=None, fake_impl=None, target_lib=None):
+            cuda_only(op_name, op_func, mutates_args, fake_impl, target_lib)
+            (target_lib or common.sglang_lib).impl(op_name, op_func, "CPU")
 
-    common.direct_register_custom_op = also_on_cpu
+        common.direct_register_custom_op = also_on_cpu
     from sglang.srt.distributed import parallel_state as ps
     from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe, override_config
     from sglang.srt.runtime_context import publish
     from sglang.srt.server_args import ServerArgs
 
-    publish(ServerArgs(model_path="dummy", device="cpu", moe_runner_backend="triton"), role="test")
+    publish(ServerArgs(model_path="dummy", device=device, moe_runner_backend="triton"), role="test")
     ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                     distributed_init_method=f"file://{tempfile.mkdtemp()}/init")
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
-    fused_moe.moe_align_block_size = _align_block_size_torch
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # the activations' and experts' dtype
+    if device == "cpu":
+        fused_moe.moe_align_block_size = _align_block_size_torch
 
     view = m3_text_view(build_text_config(**MOE_DIMS))
     wts = _moe_weights(view, seed=60)
-    x = _randn(11, view.hidden_size, seed=61, scale=1.5)
-    want = _ref(view, wts, x)
-    moe = _build_moe(view, wts)
+    torch.set_default_dtype(dtype)  # as SGLang's model loader does: experts and shared expert in the model dtype
+    with torch.device(device):
+        moe = _build_moe(view, wts)
+    torch.set_default_dtype(torch.float32)
     moe.routed_experts = moe.routed_experts_fused
     moe.topk._forward_method = moe.topk.forward_cuda
     moe.experts.quant_method._forward_method = moe.experts.quant_method.forward_cuda
     runner_config = moe.experts.quant_method.runner.config
-    # A fixed tile config: SGLang looks its tuned ones up by GPU name.
-    tiles = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1}
+    # A fixed tile config under the interpreter (SGLang looks its tuned ones up by GPU name); its own on a GPU.
+    tiles = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1} if device == "cpu" else None
+    result = {}
+    for n in (11,) if device == "cpu" else (11, 40):
+        # the reference reads the activations as the module does: rounded to `dtype`
+        x = _randn(n, view.hidden_size, seed=61, scale=1.5).to(dtype).double()
+        want = _ref(view, wts, x)
+        suffix = "" if n == 11 else f"_{n}"
+        result.update({k + suffix: v for k, v in _fused_moe_errors(moe, runner_config, x, want, tiles, device,
+                                                                   dtype, override_config).items()})
+    print("@@RESULT@@" + json.dumps(result), flush=True)
+
+
+def _fused_moe_errors(moe, runner_config, x, want, tiles, device, dtype, override_config) -> dict:
+    """Max |Δ| / max|want| of the module and of three wrong variants of it, each on a fresh copy of `x`."""
+    import contextlib
 
     def rel_err(forward) -> float:
-        with torch.no_grad(), override_config(tiles):
-            got = forward(x.float().contiguous())
-        return (got.double() - want).abs().max().item() / want.abs().max().item()
+        with torch.no_grad(), (override_config(tiles) if tiles else contextlib.nullcontext()):
+            got = forward(x.to(device=device, dtype=dtype).contiguous())
+        return (got.double().cpu() - want).abs().max().item() / want.abs().max().item()
 
     def shared_after_routed(x_in):  # the order that reads the overwritten input
         routed = moe.routed_experts(x_in, moe.router_logits(x_in))
@@ -753,10 +776,9 @@ def _fused_moe_worker() -> None:
         finally:
             moe.e_score_correction_bias.data.copy_(bias)
 
-    result = {"rel_err": rel_err(moe), "rel_err_shared_after_routed": rel_err(shared_after_routed),
-              "rel_err_interleaved": rel_err(interleaved), "rel_err_unbiased_selection": rel_err(unbiased_selection),
-              "rel_err_again": rel_err(moe)}
-    print("@@RESULT@@" + json.dumps(result), flush=True)
+    return {"rel_err": rel_err(moe), "rel_err_shared_after_routed": rel_err(shared_after_routed),
+            "rel_err_interleaved": rel_err(interleaved), "rel_err_unbiased_selection": rel_err(unbiased_selection),
+            "rel_err_again": rel_err(moe)}
 
 
 def test_m3moe_cuda_path_interpreted():
@@ -769,6 +791,25 @@ def test_m3moe_cuda_path_interpreted():
     # gate/up layout, routing that drops the selection bias.
     for variant in ("shared_after_routed", "interleaved", "unbiased_selection"):
         assert r[f"rel_err_{variant}"] > 5 * FUSED_TOL, (variant, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="needs CUDA")
+def test_m3moe_cuda_path_on_gpu():
+    """The same check compiled on a GPU in bf16, at 11 and 40 tokens (SGLang's two top-k sum paths, each applying
+    routed_scaling_factor), in a process of its own (SGLang's distributed state)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, "--fused-moe-worker-cuda"], cwd=REPO, text=True, timeout=900,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+    assert line, f"worker died (rc={proc.returncode}):\n{proc.stdout[-6000:]}"
+    r = json.loads(line[-1][len("@@RESULT@@"):])
+    print(r)
+    for n in ("", "_40"):
+        assert r[f"rel_err{n}"] < FUSED_TOL_BF16 and r[f"rel_err_again{n}"] < FUSED_TOL_BF16, r
+        for variant in ("shared_after_routed", "interleaved", "unbiased_selection"):
+            assert r[f"rel_err_{variant}{n}"] > 5 * FUSED_TOL_BF16, (variant, n, r)
 
 
 # ------------------------------------------------------------------------------------------------ torch twins
@@ -833,3 +874,5 @@ def test_backend_refuses_graph_capture_with_host_syncing_twins(monkeypatch):
 
 if __name__ == "__main__" and "--fused-moe-worker" in sys.argv:
     _fused_moe_worker()
+if __name__ == "__main__" and "--fused-moe-worker-cuda" in sys.argv:
+    _fused_moe_worker("cuda")
