@@ -10,8 +10,10 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 acc=/tmp/fa3.zst
 case "${1:-}" in
-  pack)
-    so=$(python3 -c "import sgl_kernel, os; print(os.path.join(os.path.dirname(sgl_kernel.__file__), 'flash_ops.abi3.so'))")
+  pack)  # from the venv's files (importing sgl_kernel here finds cpu_shim's stand-in, or fails without libcuda)
+    venv=${SGLANG_M3_VENV:-$HOME/.cache/sglang-m3/venv}
+    so=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/sgl_kernel/flash_ops.abi3.so
+    [ -f "$so" ] || { echo "no $so (the venv of scripts/env.sh, sglang-kernel installed)"; exit 1; }
     rm -rf .gpu/fa3 && mkdir -p .gpu/fa3
     zstd -q --ultra -19 --long=27 -T0 -c "$so" | split -b 55M - .gpu/fa3/part.
     (cd .gpu/fa3 && cat part.* | sha256sum | cut -d' ' -f1 > SHA256 && ls -la)
@@ -27,15 +29,17 @@ case "${1:-}" in
     done
     echo "$(stat -c %s $acc) bytes so far"
     ;;
-  install)
-    [ ! -f /tmp/fa3.sha256 ] || [ "$(sha256sum $acc | cut -d' ' -f1)" = "$(cat /tmp/fa3.sha256)" ] \
+  install)  # a truncated zstd stream decompresses without an error: the SHA-256 is the only completeness check
+    [ -f /tmp/fa3.sha256 ] || { echo "no SHA-256 on this host: carry .gpu/fa3/SHA256 with part.aa"; exit 1; }
+    [ "$(sha256sum $acc | cut -d' ' -f1)" = "$(cat /tmp/fa3.sha256)" ] \
       || { echo "$acc does not match .gpu/fa3/SHA256: a part is missing or repeated"; exit 1; }
     dst=/tmp/site/sgl_kernel/flash_ops.abi3.so
     PYTHONPATH=/tmp/site python3 -c "
-import sys, zstandard
-with open('$acc', 'rb') as fi, open('$dst', 'wb') as fo:
+import zstandard
+with open('$acc', 'rb') as fi, open('$dst.tmp', 'wb') as fo:
     zstandard.ZstdDecompressor(max_window_size=2**31).copy_stream(fi, fo)
 "
+    mv "$dst.tmp" "$dst" && rm -f $acc /tmp/fa3.next  # a later transfer starts again at part.aa
     PYTHONPATH=/tmp/site python3 -c "import sgl_kernel.flash_attn as f; print('FA3 importable:', f.is_fa3_supported())"
     ;;
   *) echo "usage: $0 pack|add|install"; exit 2 ;;
