@@ -30,7 +30,12 @@ def interpreted_worker(script, flag: str, timeout: float) -> dict:
     """Run `python script flag` under the Triton interpreter (TRITON_INTERPRET=1, CPU) from the repo root and
     return the JSON the worker printed after `@@RESULT@@`; fails the test with the worker's output tail when it
     printed none (crash, timeout of the kernel interpreter)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    return script_worker(script, flag, timeout, TRITON_INTERPRET="1")
+
+
+def script_worker(script, flag: str, timeout: float, **env_overrides: str) -> dict:
+    """`interpreted_worker` with this process's environment plus `env_overrides` (compiled Triton by default)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_overrides)
     proc = subprocess.run([sys.executable, str(script), flag], cwd=Path(__file__).resolve().parents[1], env=env,
                           text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]

@@ -798,13 +798,9 @@ def test_m3moe_cuda_path_interpreted():
 def test_m3moe_cuda_path_on_gpu():
     """The same check compiled on a GPU in bf16, at 11 and 40 tokens (SGLang's two top-k sum paths, each applying
     routed_scaling_factor), in a process of its own (SGLang's distributed state)."""
-    import subprocess
+    from tests.conftest import script_worker  # not at module level: the worker runs this file as a script
 
-    proc = subprocess.run([sys.executable, __file__, "--fused-moe-worker-cuda"], cwd=REPO, text=True, timeout=900,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
-    assert line, f"worker died (rc={proc.returncode}):\n{proc.stdout[-6000:]}"
-    r = json.loads(line[-1][len("@@RESULT@@"):])
+    r = script_worker(__file__, "--fused-moe-worker-cuda", timeout=900)
     print(r)
     for n in ("", "_40"):
         assert r[f"rel_err{n}"] < FUSED_TOL_BF16 and r[f"rel_err_again{n}"] < FUSED_TOL_BF16, r
