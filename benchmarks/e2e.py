@@ -78,7 +78,8 @@ SERVER_QUANT = {"ours_mxfp8": "mxfp8"}  # label -> the checkpoint's quantization
 # --attention-backend for both servers. "triton" is the protocol of sessions 4-15 (the dense layers of both on SGLang's
 # Triton backend, page size 1). SERVER_DEFAULT leaves the choice to each server, as a user who names no backend gets
 # it: on Hopper the in-tree then picks fa3 with page size 128 (sglang/srt/arg_groups/overrides.py, MiniMax-M3), ours
-# m3_msa over Triton at page size 1; the start-up table says what each server resolved.
+# m3_msa at page size 1 over fa3 on Hopper where sgl_kernel's FA3 module imports, else over Triton (session 17 on:
+# plugin._dense_backend_name); the start-up table says what each server resolved.
 SERVER_DEFAULT = "server-default"
 
 

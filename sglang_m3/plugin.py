@@ -343,7 +343,35 @@ def _text_only_model_config(original, model_config, *args, **kwargs):
 
 
 def _dense_backend_name(runner) -> str:
-    return "triton" if str(runner.device).startswith("cuda") else "torch_native"
+    """The SGLang backend that serves M3's dense layers under `m3_msa` (no --attention-backend named).
+
+    FA3 on Hopper, as SGLang itself picks for MHA models there (0.5.17 server_args.py, the `is_hopper_with_cuda_12_3`
+    branch of its default backend): on an H200 the 4-layer real-dimension model served 32768/256 at concurrency 1 at
+    348 tok/s over FA3 and 293 over Triton (ITL 1.66 vs 1.87 ms, TTFT 305 vs 396 ms), and ours over FA3 passed the
+    forced-token consistency check against ours over Triton (GPU_RESULTS.md §0). Only where that was checked: a
+    bf16 K/V cache (runner.kv_cache_dtype, resolved before the backends are built) and no speculative decoding (the
+    verify and draft paths were verified over Triton).
+    Triton elsewhere on CUDA, and where sgl_kernel's FA3 module does not import (a wheel set without it): SGLang's
+    own default dies at start-up there, ours logs why and serves. `torch_native` off CUDA."""
+    if not str(runner.device).startswith("cuda"):
+        return "torch_native"
+    import torch
+
+    if (torch.cuda.get_device_capability(runner.device)[0] == 9 and runner.kv_cache_dtype == torch.bfloat16
+            and not runner.server_args.speculative_algorithm and _fa3_importable()):
+        return "fa3"
+    return "triton"
+
+
+@functools.cache
+def _fa3_importable() -> bool:
+    try:
+        import sgl_kernel.flash_attn  # noqa: F401  (imports the compiled flash_ops; ImportError when it is absent)
+    except ImportError as exc:
+        logger.warning("sglang-m3: sgl_kernel's FA3 module does not import (%s); M3's dense layers run over Triton",
+                       exc)
+        return False
+    return True
 
 
 def _create_m3_backend(runner):

@@ -270,3 +270,47 @@ def test_dense_delegate_kv_split_cap(flag_splits, deterministic, tile, expect):
     assert dense.max_kv_splits == expect
     other = NS(max_kv_splits=8)  # not a Triton backend: untouched
     assert _widen_dense_kv_splits(other, runner).max_kv_splits == 8
+
+
+@pytest.mark.parametrize("device, major, kv, spec, fa3, expect", [
+    ("cuda", 9, "bfloat16", None, True, "fa3"),      # Hopper, bf16 cache: SGLang's own Hopper pick
+    ("cuda", 9, "bfloat16", None, False, "triton"),  # ... unless sgl_kernel's FA3 module is missing
+    ("cuda", 9, "float8_e4m3fn", None, True, "triton"),  # an fp8 K/V cache: the checked path is Triton's
+    ("cuda", 9, "bfloat16", "EAGLE", True, "triton"),    # speculative verify/draft: checked over Triton
+    ("cuda", 8, "bfloat16", None, True, "triton"),   # not Hopper
+    ("cuda", 10, "bfloat16", None, True, "triton"),
+    ("cpu", 0, "bfloat16", None, True, "torch_native"),
+])
+def test_dense_delegate_choice(monkeypatch, device, major, kv, spec, fa3, expect):
+    """What m3_msa builds for M3's dense layers when no backend is named, from the device, the resolved K/V dtype,
+    speculative decoding and whether sgl_kernel.flash_attn imports."""
+    from types import SimpleNamespace as NS
+
+    import torch
+    from sglang_m3 import plugin
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or (major, 0))
+    monkeypatch.setattr(plugin, "_fa3_importable", lambda: fa3)
+    runner = NS(device=device, kv_cache_dtype=getattr(torch, kv), server_args=NS(speculative_algorithm=spec))
+    assert plugin._dense_backend_name(runner) == expect
+    assert asked == ([] if device == "cpu" else ["cuda"])
+
+
+def test_fa3_import_failure_falls_back_with_a_warning(monkeypatch, caplog):
+    """Without sgl_kernel's compiled FA3 module (SGLang's own Hopper default then dies at start-up), the check says
+    False and logs the import error once."""
+    import sys
+
+    from sglang_m3 import plugin
+
+    plugin._fa3_importable.cache_clear()
+    monkeypatch.setitem(sys.modules, "sgl_kernel.flash_attn", None)  # makes `import sgl_kernel.flash_attn` raise
+    try:
+        with caplog.at_level("WARNING", logger="sglang_m3.plugin"):
+            assert plugin._fa3_importable() is False
+            assert plugin._fa3_importable() is False
+    finally:
+        plugin._fa3_importable.cache_clear()
+    warnings = [r for r in caplog.records if "FA3 module does not import" in r.getMessage()]
+    assert len(warnings) == 1 and "sgl_kernel.flash_attn" in warnings[0].getMessage()
