@@ -345,20 +345,23 @@ def _text_only_model_config(original, model_config, *args, **kwargs):
 def _dense_backend_name(runner) -> str:
     """The SGLang backend that serves M3's dense layers under `m3_msa` (no --attention-backend named).
 
-    FA3 on Hopper, as SGLang itself picks for MHA models there (0.5.17 server_args.py, the `is_hopper_with_cuda_12_3`
-    branch of its default backend): on an H200 the 4-layer real-dimension model served 32768/256 at concurrency 1 at
-    348 tok/s over FA3 and 293 over Triton (ITL 1.66 vs 1.87 ms, TTFT 305 vs 396 ms), and ours over FA3 passed the
-    forced-token consistency check against ours over Triton (GPU_RESULTS.md §0). Only where that was checked: a
-    bf16 K/V cache (runner.kv_cache_dtype, resolved before the backends are built) and no speculative decoding (the
-    verify and draft paths were verified over Triton).
-    Triton elsewhere on CUDA, and where sgl_kernel's FA3 module does not import (a wheel set without it): SGLang's
-    own default dies at start-up there, ours logs why and serves. `torch_native` off CUDA."""
+    FA3 on Hopper with CUDA >= 12.3, as SGLang itself picks for MHA models there (0.5.17 server_args.py, its
+    `is_hopper_with_cuda_12_3` branch): in session 17 on an H200 (GPU_RESULTS.md, "Session 17"), with the backend
+    named, the 4-layer real-dimension model served 32768/256 at concurrency 1 at 348 tok/s over FA3 and 293 over
+    Triton (ITL 1.66 vs 1.87 ms, TTFT 305 vs 396 ms; one run each), and ours over FA3 passed the forced-token
+    consistency check against ours over Triton (decode and radix-hit decode, tiny checkpoint, prompts up to 3K).
+    Only where that was checked: page size 1, a bf16 K/V cache (runner.kv_cache_dtype, resolved before the backends
+    are built) and no speculative decoding (the verify path and the EAGLE draft, whose runner carries the same flag,
+    were verified over Triton). Triton elsewhere on CUDA, and where sgl_kernel's FA3 module does not import (a wheel
+    set without it: SGLang's own default dies at start-up there; ours logs why and serves). `torch_native` off
+    CUDA."""
+    import torch
+    from sglang.srt.utils import common
+
     if not str(runner.device).startswith("cuda"):
         return "torch_native"
-    import torch
-
-    if (torch.cuda.get_device_capability(runner.device)[0] == 9 and runner.kv_cache_dtype == torch.bfloat16
-            and not runner.server_args.speculative_algorithm and _fa3_importable()):
+    if (not runner.server_args.speculative_algorithm and runner.page_size == 1
+            and runner.kv_cache_dtype == torch.bfloat16 and common.is_hopper_with_cuda_12_3() and _fa3_importable()):
         return "fa3"
     return "triton"
 

@@ -272,29 +272,30 @@ def test_dense_delegate_kv_split_cap(flag_splits, deterministic, tile, expect):
     assert _widen_dense_kv_splits(other, runner).max_kv_splits == 8
 
 
-@pytest.mark.parametrize("device, major, kv, spec, fa3, expect", [
-    ("cuda", 9, "bfloat16", None, True, "fa3"),      # Hopper, bf16 cache: SGLang's own Hopper pick
-    ("cuda", 9, "bfloat16", None, False, "triton"),  # ... unless sgl_kernel's FA3 module is missing
-    ("cuda", 9, "float8_e4m3fn", None, True, "triton"),  # an fp8 K/V cache: the checked path is Triton's
-    ("cuda", 9, "bfloat16", "EAGLE", True, "triton"),    # speculative verify/draft: checked over Triton
-    ("cuda", 8, "bfloat16", None, True, "triton"),   # not Hopper
-    ("cuda", 10, "bfloat16", None, True, "triton"),
-    ("cpu", 0, "bfloat16", None, True, "torch_native"),
+@pytest.mark.parametrize("device, hopper, page, kv, spec, fa3, expect", [
+    ("cuda", True, 1, "bfloat16", None, True, "fa3"),      # Hopper, CUDA >= 12.3, bf16 cache: SGLang's own pick
+    ("cuda", True, 1, "bfloat16", None, False, "triton"),  # ... unless sgl_kernel's FA3 module is missing
+    ("cuda", True, 1, "float8_e4m3fn", None, True, "triton"),  # an fp8 K/V cache: the checked path is Triton's
+    ("cuda", True, 1, "float16", None, True, "triton"),    # an fp16 model: checked in bf16 only
+    ("cuda", True, 128, "bfloat16", None, True, "triton"),  # page size > 1: checked at 1 only
+    ("cuda", True, 1, "bfloat16", "EAGLE", True, "triton"),  # speculative verify/draft: checked over Triton
+    ("cuda", False, 1, "bfloat16", None, True, "triton"),  # not Hopper (or CUDA < 12.3)
+    ("cpu", False, 1, "bfloat16", None, True, "torch_native"),
 ])
-def test_dense_delegate_choice(monkeypatch, device, major, kv, spec, fa3, expect):
-    """What m3_msa builds for M3's dense layers when no backend is named, from the device, the resolved K/V dtype,
-    speculative decoding and whether sgl_kernel.flash_attn imports."""
+def test_dense_delegate_choice(monkeypatch, device, hopper, page, kv, spec, fa3, expect):
+    """What m3_msa builds for M3's dense layers when no backend is named, from the device, page size, resolved K/V
+    dtype, speculative decoding and whether sgl_kernel.flash_attn imports."""
     from types import SimpleNamespace as NS
 
     import torch
+    from sglang.srt.utils import common
     from sglang_m3 import plugin
 
-    asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or (major, 0))
+    monkeypatch.setattr(common, "is_hopper_with_cuda_12_3", lambda: hopper)
     monkeypatch.setattr(plugin, "_fa3_importable", lambda: fa3)
-    runner = NS(device=device, kv_cache_dtype=getattr(torch, kv), server_args=NS(speculative_algorithm=spec))
+    runner = NS(device=device, page_size=page, kv_cache_dtype=getattr(torch, kv),
+                server_args=NS(speculative_algorithm=spec))
     assert plugin._dense_backend_name(runner) == expect
-    assert asked == ([] if device == "cpu" else ["cuda"])
 
 
 def test_fa3_import_failure_falls_back_with_a_warning(monkeypatch, caplog):

@@ -561,11 +561,14 @@ from sglang.srt.speculative.draft_utils import DraftBackendFactory
 def server_args(arch, **kw):
     cfg = types.SimpleNamespace(hf_config=types.SimpleNamespace(architectures=[arch]))
     sa = dict(speculative_draft_attention_backend=None, decode_attention_backend=None,
-              prefill_attention_backend=None, attention_backend="m3_msa", get_model_config=lambda: cfg)
+              prefill_attention_backend=None, attention_backend="m3_msa", get_model_config=lambda: cfg,
+              speculative_algorithm="EAGLE")
     sa.update(kw)
     return types.SimpleNamespace(**sa)
 def pick(arch="MiniMaxM3SparseForCausalLM", **kw):
-    return DraftBackendFactory(server_args(arch, **kw), types.SimpleNamespace(device="cuda"), 1, 3).draft_attn_backend
+    sa = server_args(arch, **kw)  # the draft's runner carries the server's flags, EAGLE's included
+    runner = types.SimpleNamespace(device="cuda", server_args=sa)
+    return DraftBackendFactory(sa, runner, 1, 3).draft_attn_backend
 picks = [pick(), pick(attention_backend="flashinfer"), pick(speculative_draft_attention_backend="fa3"),
          pick(attention_backend="triton", decode_attention_backend="m3_msa")]
 print(json.dumps({"picks": picks}))
