@@ -36,14 +36,15 @@ a prefill and a decode step of the same token see different activation scales; w
 (non-sparse) layers attend to the chunk's own tokens in bf16 during a prefill but read every token from the fp8
 cache during decode (our sparse layers read the cache in both).
 
-Ours' serving variants (`ours_fa3`: SGLang's fa3 for the dense layers; `ours_page128`: page size 128), measured on
-ours' forced tokens like the quantized servers (ours first): the same bf16 model, so their prefill must agree with
-ours' within gpu_e2e's bf16 bound (MEAN_TOL) and each gap may exceed ours' by MARGIN at most. `intree_fa3` is the
+Ours' serving variants (`ours_fa3`: SGLang's fa3 for the dense layers; `ours_page128`: page size 128;
+`ours_fa3_page128`: both, the in-tree's Hopper layout), measured on ours' forced tokens like the quantized servers
+(ours first): the same bf16 model, so their prefill must agree with ours' within gpu_e2e's bf16 bound (MEAN_TOL)
+and each gap may exceed ours' by MARGIN at most. `intree_fa3` is the
 in-tree at its own Hopper default (fa3, page size 128), reported beside them.
 
     python scripts/gpu_consistency.py --out $OUT [--servers ours,intree]
     python scripts/gpu_consistency.py --out $OUT --servers ours,ours_mxfp8,ours_fp8,ours_fp8kv --checks decode,radix
-    python scripts/gpu_consistency.py --out $OUT --servers ours,ours_fa3,ours_page128,intree_fa3 --checks decode,radix
+    python scripts/gpu_consistency.py --out $OUT --servers ours,ours_fa3,ours_fa3_page128,intree_fa3 --checks decode,radix
     python scripts/gpu_consistency.py --cpu --out DIR --servers ours,ours_fp8kv --checks decode,radix   # CPU smoke
 """
 
@@ -87,11 +88,12 @@ SERVERS = {"ours": ("bf16", [], {}), "intree": ("bf16", [], {"SGLANG_PLUGINS": "
            # Hopper default (named fa3, it sets page size 128: sglang/srt/arg_groups/overrides.py, its M3 entry).
            "ours_fa3": ("bf16", ["--attention-backend", "fa3"], {}),
            "ours_page128": ("bf16", ["--page-size", "128"], {}),
+           "ours_fa3_page128": ("bf16", ["--attention-backend", "fa3", "--page-size", "128"], {}),
            "intree_fa3": ("bf16", ["--attention-backend", "fa3"], {"SGLANG_PLUGINS": "none"})}
 QUANTIZED = ("ours_mxfp8", "ours_fp8", "ours_fp8kv", "ours_mxfp8_deepgemm")
 # Ours in another unquantized configuration: the same model in bf16, so its prefill must agree with ours' within the
 # bf16 bound (MEAN_TOL) and each gap may exceed ours' by at most MARGIN (the bar ours has against the in-tree).
-VARIANTS = ("ours_fa3", "ours_page128")
+VARIANTS = ("ours_fa3", "ours_page128", "ours_fa3_page128")
 CPU_SERVERS = ("ours", "ours_fp8kv")  # SGLang's CPU engine serves neither fp8 GEMMs nor the in-tree M3's kernels
 CHECKS = ("decode", "radix", "batch", "oov")
 QUANT_BAR_FRACTION = 0.5  # of Δq, added to ours' gap (see the module docstring)

@@ -19,7 +19,7 @@ def _server(prefill_shift: float, gap: float) -> dict:
     return {"prefill_lp": prefill, "decode_vs_prefill": {"mean": gap, "max": 2 * gap}}
 
 
-@pytest.mark.parametrize("variant", ["ours_fa3", "ours_page128"])
+@pytest.mark.parametrize("variant", ["ours_fa3", "ours_page128", "ours_fa3_page128"])
 def test_variant_bars(variant):
     import gpu_consistency as gc
 
