@@ -214,6 +214,10 @@ def build_cases(info: dict) -> list[Case]:
         ("stream_interval 0", {"stream_interval": 0, "max_new_tokens": 2}, "reject", False),
         ("stop ''", {"stop": "", "max_new_tokens": 2}, "either", False),
         ("stop_regex invalid", {"stop_regex": "(", "max_new_tokens": 2}, "reject", True),
+        # the scheduler re-searches the output with it after every token: exponential backtracking froze it
+        ("stop_regex (a|a)*c", {"stop_regex": "(a|a)*c", "max_new_tokens": 2}, "reject", True),
+        ("stop_regex a+ (unbounded tail)", {"stop_regex": "a+", "max_new_tokens": 2}, "reject", False),
+        ("stop_regex a{2**32}", {"stop_regex": "a{4294967296}", "max_new_tokens": 2}, "reject", False),
         ("sampling_seed negative", {"sampling_seed": -1, "max_new_tokens": 2, "temperature": 1.0}, "either", False),
         ("all defaults", {}, "accept", False),
     ):
@@ -223,6 +227,9 @@ def build_cases(info: dict) -> list[Case]:
     chat("top_k 2**31", "sampling", {"top_k": 2**31}, "reject", False)
     cmpl("max_tokens 10**12", "sampling", {"prompt": "hi", "max_tokens": 10**12}, "reject")
     cmpl("n 0", "sampling", {"prompt": "hi", "max_tokens": 2, "n": 0}, "reject")
+    # a batch of prompts is copied n times too: 100 × 100 sequences held the next chat for 95 s
+    cmpl("100 prompts × n 100", "sampling", {"prompt": ["hi"] * 100, "max_tokens": 1, "n": 100,
+                                              "temperature": 1.0}, "reject", True)
     chat("n 10**6", "sampling", {"n": 10**6}, "reject", True)
     cmpl("n 2 greedy", "sampling", {"prompt": "hi", "max_tokens": 2, "n": 2, "temperature": 0}, "either")
     cmpl("temperature -1", "sampling", {"prompt": "hi", "max_tokens": 2, "temperature": -1}, "reject")

@@ -22,8 +22,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
+
+with warnings.catch_warnings():  # (the module SGLang sizes stop regexes with; `re._parser` since Python 3.11)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import sre_parse
 
 
 class M3RequestError(ValueError):
@@ -58,8 +63,23 @@ _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 # normalize_batch_and_arguments) with no bound; each copy is a request of its own. One request with n = 10**6 on the
 # tiny CPU server queued ~10**6 requests ahead of every other: the next requests timed out for minutes, and
 # n = 10**9 would have to be materialised in the tokenizer manager first. Our limit, not SGLang's or the model's:
-# large enough for best-of-n sampling, small enough that one request cannot crowd out the others.
+# large enough for best-of-n sampling, small enough that one request cannot crowd out the others. It bounds a
+# batch's prompts × n too (check_shape).
 MAX_PARALLEL_SAMPLES = 128
+# Stop regexes. SGLang's scheduler runs `re.search(stop_regex, tail)` after every decoded token of the request, in
+# its own thread (sglang/srt/managers/schedule_batch.py, `Req.check_finished`), where `tail` is the decoded text
+# of the last (longest possible match + 1) tokens, the longest match as sized by
+# `sglang.srt.sampling.sampling_params.get_max_seq_length`; a pattern it cannot size (`*`, `+`, `{m,}`, a
+# lookaround, a negated single character) makes the tail the whole output. Python's `re` backtracks, so a
+# repetition over an alternation or over another repetition takes exponential time: "(a|a)*c" on 34 generated
+# "a"s froze the tiny CPU server's scheduler for over ten minutes (health checks failed, every request stalled),
+# and adjacent repetitions multiply (a{0,100}a{0,100}a{0,100}c: ~10**6 paths per start position). So a stop regex
+# must have a bounded longest match, no nested repetition or alternation under a repetition, and at most
+# STOP_REGEX_MAX_PATHS combinations of repetition counts. Our limits, not SGLang's.
+STOP_REGEX_MAX_WIDTH = 256  # characters, as get_max_seq_length counts them
+STOP_REGEX_MAX_PATHS = 4096
+_REPEATS = frozenset({sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT} | (
+    {sre_parse.POSSESSIVE_REPEAT} if hasattr(sre_parse, "POSSESSIVE_REPEAT") else set()))
 SAMPLING_FIELDS = frozenset(_INT_FIELDS + _FLOAT_FIELDS + _BOOL_FIELDS + _GRAMMAR_FIELDS + _OTHER_FIELDS)
 
 
@@ -142,7 +162,7 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
             raise M3RequestError(f"sampling_params.{name}{where} must be a string or a list of strings, got {v!r}")
     for pattern in [params.get("stop_regex")] if isinstance(params.get("stop_regex"), str) else \
             (params.get("stop_regex") or []):
-        _compile(pattern, f"sampling_params.stop_regex{where}")
+        check_stop_regex(pattern, f"sampling_params.stop_regex{where}")
     n = params.get("n")
     if n is not None and not 1 <= n <= MAX_PARALLEL_SAMPLES:
         raise M3RequestError(f"sampling_params.n{where} must be between 1 and {MAX_PARALLEL_SAMPLES} (parallel "
@@ -192,11 +212,90 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
 
 def _compile(pattern: str, field: str) -> None:
     # Python's `re` is stricter than no grammar backend on what a regex is: unbalanced groups, bad escapes and
-    # dangling quantifiers fail in every backend too.
+    # dangling quantifiers fail in every backend too. A repeat count past 2**32 raises OverflowError and a few
+    # hundred nested groups RecursionError, not re.error.
     try:
         re.compile(pattern)
-    except re.error as e:
-        raise M3RequestError(f"{field} {pattern!r} is not a valid regular expression: {e}") from None
+    except (re.error, OverflowError, RecursionError) as e:
+        raise M3RequestError(f"{field} {_short(pattern)} is not a valid regular expression: "
+                             f"{type(e).__name__}: {_short(str(e))}") from None
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """repr(text), cut to `limit` characters with the full length named (a message must not echo 100 KB)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"
+
+
+def _children(op, av):
+    """The sub-patterns of one parsed regex node (sre_parse's (op, av) pairs)."""
+    if op == sre_parse.SUBPATTERN:
+        yield av[3]
+    elif op == sre_parse.BRANCH:
+        yield from av[1]
+    elif op in _REPEATS:
+        yield av[2]
+    elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+        yield av[1]
+    elif op == getattr(sre_parse, "ATOMIC_GROUP", None):
+        yield av
+    elif op == sre_parse.GROUPREF_EXISTS:
+        yield from (p for p in av[1:] if p is not None)
+
+
+def _nests(pattern) -> bool:
+    """Whether a repetition or an alternation occurs anywhere in `pattern` (a parsed SubPattern)."""
+    return any(op in _REPEATS or op == sre_parse.BRANCH or any(_nests(c) for c in _children(op, av))
+               for op, av in pattern)
+
+
+def _paths(pattern) -> int:
+    """Product over the repetitions in `pattern` of their count choices (max - min + 1)."""
+    total = 1
+    for op, av in pattern:
+        if op in _REPEATS:
+            total *= av[1] - av[0] + 1
+        for child in _children(op, av):
+            total *= _paths(child)
+    return total
+
+
+def check_stop_regex(pattern: str, field: str = "stop_regex") -> None:
+    """Refuse a stop regex that would stall SGLang's scheduler (see STOP_REGEX_MAX_WIDTH): invalid, an unbounded
+    or > STOP_REGEX_MAX_WIDTH-character longest match (SGLang's own sizing), a repetition over an alternation or
+    another repetition, more than STOP_REGEX_MAX_PATHS repetition-count combinations. Raises M3RequestError."""
+    from sglang.srt.sampling.sampling_params import MAX_LEN, get_max_seq_length
+
+    _compile(pattern, field)
+    try:
+        tree = sre_parse.parse(pattern)
+        width = get_max_seq_length(pattern)
+        nested = any(op in _REPEATS and _nests(av[2]) for op, av in _walk(tree))
+        paths = _paths(tree)
+    except RecursionError:
+        raise M3RequestError(f"{field} {_short(pattern)} nests groups too deeply") from None
+    if width > STOP_REGEX_MAX_WIDTH:
+        size = "no bound" if width >= MAX_LEN else f"up to {width} characters"
+        raise M3RequestError(
+            f"{field} {_short(pattern)}: SGLang sizes its longest match as {size} and re-searches that much of the "
+            f"output after every token; give it a longest match of at most {STOP_REGEX_MAX_WIDTH} characters "
+            "(bounded repetitions {m,n} in place of *, + or {m,}; no lookarounds, backreferences or a negated "
+            "single character [^x], which SGLang cannot size)")
+    if nested:
+        raise M3RequestError(f"{field} {_short(pattern)} repeats an alternation or another repetition, which a "
+                             "backtracking regex engine can take exponential time over; repeat a single "
+                             "character class or a fixed string instead")
+    if paths > STOP_REGEX_MAX_PATHS:
+        raise M3RequestError(f"{field} {_short(pattern)} has {paths} combinations of repetition counts (at most "
+                             f"{STOP_REGEX_MAX_PATHS}): every one may be tried at each position after every token")
+
+
+def _walk(pattern):
+    """Every (op, av) node of a parsed regex, depth first."""
+    for op, av in pattern:
+        yield op, av
+        for child in _children(op, av):
+            yield from _walk(child)
 
 
 def check_logprob_params(req, prompt_len: Optional[int], vocab_size: int, item: Optional[int] = None) -> None:
@@ -302,6 +401,14 @@ def check_shape(obj, limits: Limits) -> None:
     for i, p in enumerate(params if isinstance(params, list) else [params]):
         # here too, as SGLang's normalization reads `n` (a string there is a TypeError)
         check_sampling_params(p, limits.vocab_size, i if isinstance(params, list) else None)
+    # MAX_PARALLEL_SAMPLES bounds the sequences of the whole request: a batch of prompts is copied n times as well
+    # (100 prompts × n = 100 on the tiny CPU server: 10,000 sequences, 102 s during which the next chat waited 95 s)
+    ns = [(p or {}).get("n") or 1 for p in (params if isinstance(params, list) else [params])]
+    sequences = sum(ns) if isinstance(params, list) else (batch or 1) * ns[0]
+    if sequences > MAX_PARALLEL_SAMPLES:
+        raise M3RequestError(f"the request asks for {sequences} sequences ({batch} prompts, n = "
+                             f"{ns[0] if len(set(ns)) == 1 else ns}): at most {MAX_PARALLEL_SAMPLES} per request on "
+                             "this server (prompts × n); send the prompts as separate requests")
     for name in _PER_ITEM_FIELDS:
         value = getattr(obj, name)
         if isinstance(value, list) and (batch is None or len(value) != batch):

@@ -172,7 +172,7 @@ def test_well_formed_sampling_params_pass():
     check_sampling_params({"max_new_tokens": 0, "temperature": 0, "top_k": -1, "stop": ["\n"], "regex": "[ab]{3}",
                            "logit_bias": {"5": -1.5}, "stop_token_ids": [511], "n": 2, "ignore_eos": True,
                            "sampling_seed": 3, "custom_params": {"a": 1}}, 512)
-    check_sampling_params({"json_schema": '{"type": "object"}', "stop_regex": ["a+", "b"]}, 512)
+    check_sampling_params({"json_schema": '{"type": "object"}', "stop_regex": ["a{1,8}", "b"]}, 512)
     check_sampling_params({"n": 128, "max_new_tokens": 2}, 512)  # MAX_PARALLEL_SAMPLES itself
     check_sampling_params(None, 512)
     check_sampling_params({"max_new_tokens": None, "temperature": None}, 512)  # None means "default" in SGLang
@@ -220,3 +220,43 @@ def test_json_kind(body, kind):
     from sglang_m3.request_validation import json_kind
 
     assert json_kind(body) == kind
+
+
+@pytest.mark.parametrize("pattern,words", [
+    ("(a|a)*c", ["no bound", "at most 256"]),                 # froze the scheduler (exponential backtracking)
+    ("a+", ["no bound"]),                                      # SGLang then re-searches the whole output per token
+    ("x(?=y)", ["no bound", "lookaround"]),                   # a construct SGLang's sizing does not bound
+    ("a{0,257}", ["up to 257 characters"]),
+    ("(a|a){0,30}c", ["repeats an alternation"]),             # bounded, still 2**30 paths
+    ("(?:a{0,5}){0,5}", ["repeats an alternation or another repetition"]),
+    ("a{0,20}a{0,20}a{0,20}", ["9261 combinations", "at most 4096"]),
+    ("a{4294967296}", ["not a valid regular expression", "OverflowError"]),
+    ("(" * 500 + "a" + ")" * 500, ["not a valid regular expression", "RecursionError", "1001 characters"]),
+])
+def test_stop_regex_that_would_stall_the_scheduler_is_refused(pattern, words):
+    msg = refused(check_sampling_params, {"stop_regex": ["\\n", pattern]}, 512)
+    assert "sampling_params.stop_regex" in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_stop_regex_limits_follow_sglangs_own_sizing():
+    # The width bound is SGLang's get_max_seq_length, the tail length its scheduler re-searches (the oracle here).
+    from sglang.srt.sampling.sampling_params import get_max_seq_length
+
+    from sglang_m3.request_validation import STOP_REGEX_MAX_WIDTH, check_stop_regex
+
+    for pattern in ("\\n\\n", "```", "\\s{0,8}END\\s{0,8}$", "(ab){1,4}", "(?i)the end", "\\d{1,200}",
+                    "[^ab]x", "(a|b){1,5}", "(foo|bar)", "a{0,256}"):
+        assert get_max_seq_length(pattern) <= STOP_REGEX_MAX_WIDTH
+        check_stop_regex(pattern)
+    assert get_max_seq_length("a{0,257}") == STOP_REGEX_MAX_WIDTH + 1
+
+
+def test_sequences_per_request_bound_a_batch_of_prompts_times_n():
+    check_shape(req(text=["hi"] * 64, sampling_params={"n": 2}), LIMITS)  # 128: MAX_PARALLEL_SAMPLES itself
+    assert "200 sequences (100 prompts, n = 2)" in refused(check_shape, req(text=["hi"] * 100,
+                                                                             sampling_params={"n": 2}), LIMITS)
+    assert "129 sequences" in refused(check_shape, req(input_ids=[[5], [6]], sampling_params=[{"n": 100},
+                                                                                             {"n": 29}]), LIMITS)
+    assert "129 sequences" in refused(check_shape, req(text=["hi"] * 129), LIMITS)
