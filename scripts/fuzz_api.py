@@ -217,6 +217,7 @@ def build_cases(info: dict) -> list[Case]:
         # the scheduler re-searches the output with it after every token: exponential backtracking froze it
         ("stop_regex (a|a)*c", {"stop_regex": "(a|a)*c", "max_new_tokens": 2}, "reject", True),
         ("stop_regex a+ (unbounded tail)", {"stop_regex": "a+", "max_new_tokens": 2}, "reject", False),
+        ("stop_regex (?:.|.) x 30", {"stop_regex": "(?:.|.)" * 30 + "c", "max_new_tokens": 2}, "reject", False),
         ("stop_regex a{2**32}", {"stop_regex": "a{4294967296}", "max_new_tokens": 2}, "reject", False),
         ("sampling_seed negative", {"sampling_seed": -1, "max_new_tokens": 2, "temperature": 1.0}, "either", False),
         ("all defaults", {}, "accept", False),

@@ -63,23 +63,30 @@ _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 # normalize_batch_and_arguments) with no bound; each copy is a request of its own. One request with n = 10**6 on the
 # tiny CPU server queued ~10**6 requests ahead of every other: the next requests timed out for minutes, and
 # n = 10**9 would have to be materialised in the tokenizer manager first. Our limit, not SGLang's or the model's:
-# large enough for best-of-n sampling, small enough that one request cannot crowd out the others. It bounds a
-# batch's prompts × n too (check_shape).
+# large enough for best-of-n sampling, small enough that one request cannot crowd out the others. With n > 1 it
+# bounds a batch's prompts × n too (check_shape).
 MAX_PARALLEL_SAMPLES = 128
-# Stop regexes. SGLang's scheduler runs `re.search(stop_regex, tail)` after every decoded token of the request, in
-# its own thread (sglang/srt/managers/schedule_batch.py, `Req.check_finished`), where `tail` is the decoded text
-# of the last (longest possible match + 1) tokens, the longest match as sized by
-# `sglang.srt.sampling.sampling_params.get_max_seq_length`; a pattern it cannot size (`*`, `+`, `{m,}`, a
-# lookaround, a negated single character) makes the tail the whole output. Python's `re` backtracks, so a
-# repetition over an alternation or over another repetition takes exponential time: "(a|a)*c" on 34 generated
-# "a"s froze the tiny CPU server's scheduler for over ten minutes (health checks failed, every request stalled),
-# and adjacent repetitions multiply (a{0,100}a{0,100}a{0,100}c: ~10**6 paths per start position). So a stop regex
-# must have a bounded longest match, no nested repetition or alternation under a repetition, and at most
-# STOP_REGEX_MAX_PATHS combinations of repetition counts. Our limits, not SGLang's.
-STOP_REGEX_MAX_WIDTH = 256  # characters, as get_max_seq_length counts them
-STOP_REGEX_MAX_PATHS = 4096
-_REPEATS = frozenset({sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT} | (
-    {sre_parse.POSSESSIVE_REPEAT} if hasattr(sre_parse, "POSSESSIVE_REPEAT") else set()))
+# Stop strings and regexes. SGLang's scheduler checks them after every decoded token of the request, in its own
+# thread (sglang/srt/managers/schedule_batch.py, `Req.check_finished`), over `tail`: the decoded text of the last
+# (longest stop string in tokens, or longest regex match as sized by
+# `sglang.srt.sampling.sampling_params.get_max_seq_length`) + 1 tokens; a regex it cannot size (`*`, `+`, `{m,}`,
+# a lookaround) makes the tail the whole output. Python's `re` backtracks: a search may try every way the pattern
+# can match at every position of the tail. "(a|a)*c" on 34 generated "a"s froze the tiny CPU server's scheduler for
+# over ten minutes (health checks failed, every request stalled; session 18's newcomer probe), "(?:.|.)" written
+# out 30 times needs 2**30 tries per position. So a stop regex must be short, have a longest match SGLang can size
+# and that is at most STOP_REGEX_MAX_WIDTH characters, and its ways to match × (longest match + 1) -- an upper
+# bound on a backtracking search's steps per tail position for the constructs left (no lookarounds or
+# backreferences) -- must stay within STOP_REGEX_MAX_WORK, and within STOP_MAX_REQUEST_WORK over all of a
+# request's patterns and its n copies. Our limits, not SGLang's.
+STOP_MAX_STRINGS = 64            # stop strings, and stop regexes, per request
+STOP_MAX_CHARS = 256             # characters of one stop string or one regex's source
+STOP_REGEX_MAX_WIDTH = 256       # characters of the longest match, as get_max_seq_length counts them
+STOP_REGEX_MAX_WORK = 4096       # ways to match × (longest match + 1), per pattern
+STOP_MAX_REQUEST_WORK = 16384    # n × the sum over a request's patterns
+_REPEATS = frozenset({sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT})
+# The node types get_max_seq_length sizes (any other it sizes as unbounded, logging a warning each time).
+_SIZED = frozenset({sre_parse.LITERAL, sre_parse.IN, sre_parse.ANY, sre_parse.SUBPATTERN, sre_parse.BRANCH,
+                    sre_parse.AT}) | _REPEATS
 SAMPLING_FIELDS = frozenset(_INT_FIELDS + _FLOAT_FIELDS + _BOOL_FIELDS + _GRAMMAR_FIELDS + _OTHER_FIELDS)
 
 
@@ -156,17 +163,31 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
         v = params.get(name)
         if v is not None and not isinstance(v, bool):
             raise M3RequestError(f"sampling_params.{name}{where} must be true or false, got {v!r}")
+    stops = {}
     for name in ("stop", "stop_regex"):
         v = params.get(name)
         if v is not None and not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
             raise M3RequestError(f"sampling_params.{name}{where} must be a string or a list of strings, got {v!r}")
-    for pattern in [params.get("stop_regex")] if isinstance(params.get("stop_regex"), str) else \
-            (params.get("stop_regex") or []):
-        check_stop_regex(pattern, f"sampling_params.stop_regex{where}")
+        stops[name] = [v] if isinstance(v, str) else (v or [])
+        if len(stops[name]) > STOP_MAX_STRINGS:
+            raise M3RequestError(f"sampling_params.{name}{where} has {len(stops[name])} entries (at most "
+                                 f"{STOP_MAX_STRINGS})")
+    for s in stops["stop"]:
+        if len(s) > STOP_MAX_CHARS:
+            raise M3RequestError(f"sampling_params.stop{where} {_short(s)} is longer than {STOP_MAX_CHARS} characters "
+                                 "(SGLang decodes that many tokens of the output again after every token)")
     n = params.get("n")
+    if "n" in params and n is None:  # (SGLang's parallel sampling compares it with 1: a TypeError, HTTP 500)
+        raise M3RequestError(f"sampling_params.n{where} must be an integer between 1 and {MAX_PARALLEL_SAMPLES}, "
+                             "got null (leave it out for 1)")
     if n is not None and not 1 <= n <= MAX_PARALLEL_SAMPLES:
         raise M3RequestError(f"sampling_params.n{where} must be between 1 and {MAX_PARALLEL_SAMPLES} (parallel "
                              f"samples per request on this server), got {n}")
+    work = sum(stop_regex_work(p, f"sampling_params.stop_regex{where}") for p in stops["stop_regex"]) * (n or 1)
+    if work > STOP_MAX_REQUEST_WORK:
+        raise M3RequestError(f"sampling_params.stop_regex{where}: {len(stops['stop_regex'])} pattern(s) × n = "
+                             f"{n or 1} add up to {work} search steps per output position after every token (at "
+                             f"most {STOP_MAX_REQUEST_WORK}); use fewer or simpler patterns, or a smaller n")
     interval = params.get("stream_interval")
     if interval is not None and interval < 1:
         raise M3RequestError(f"sampling_params.stream_interval{where} must be at least 1, got {interval}")
@@ -227,75 +248,79 @@ def _short(text: str, limit: int = 80) -> str:
     return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"
 
 
-def _children(op, av):
-    """The sub-patterns of one parsed regex node (sre_parse's (op, av) pairs)."""
-    if op == sre_parse.SUBPATTERN:
-        yield av[3]
-    elif op == sre_parse.BRANCH:
-        yield from av[1]
-    elif op in _REPEATS:
-        yield av[2]
-    elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
-        yield av[1]
-    elif op == getattr(sre_parse, "ATOMIC_GROUP", None):
-        yield av
-    elif op == sre_parse.GROUPREF_EXISTS:
-        yield from (p for p in av[1:] if p is not None)
+def _nodes(pattern):
+    """Every (op, av) node of a parsed regex (sre_parse), depth first, through the node types in _SIZED."""
+    for op, av in pattern:
+        yield op, av
+        if op == sre_parse.SUBPATTERN:
+            yield from _nodes(av[3])
+        elif op == sre_parse.BRANCH:
+            for alternative in av[1]:
+                yield from _nodes(alternative)
+        elif op in _REPEATS:
+            yield from _nodes(av[2])
 
 
-def _nests(pattern) -> bool:
-    """Whether a repetition or an alternation occurs anywhere in `pattern` (a parsed SubPattern)."""
-    return any(op in _REPEATS or op == sre_parse.BRANCH or any(_nests(c) for c in _children(op, av))
-               for op, av in pattern)
-
-
-def _paths(pattern) -> int:
-    """Product over the repetitions in `pattern` of their count choices (max - min + 1)."""
+def _ways(pattern, cap: int) -> int:
+    """How many ways `pattern` (parsed, node types in _SIZED only) can match, counted up to `cap`: a sequence
+    multiplies its parts' counts, an alternation adds its alternatives', {m,n} over X sums count(X)**k for k = m..n
+    (choices of repetition count and, per repetition, of the way X matches)."""
     total = 1
     for op, av in pattern:
-        if op in _REPEATS:
-            total *= av[1] - av[0] + 1
-        for child in _children(op, av):
-            total *= _paths(child)
+        if op == sre_parse.SUBPATTERN:
+            ways = _ways(av[3], cap)
+        elif op == sre_parse.BRANCH:
+            ways = min(cap, sum(_ways(alternative, cap) for alternative in av[1]))
+        elif op in _REPEATS:
+            lo, hi, body = av
+            inner = _ways(body, cap)
+            if inner == 1:  # only the repetition count is chosen
+                ways = min(cap, hi - lo + 1)
+            else:  # (stops within log2(cap) + lo rounds: the sum reaches cap or k passes hi)
+                ways, power = 0, 1
+                for k in range(hi + 1):
+                    if k >= lo:
+                        ways = min(cap, ways + power)
+                    if ways >= cap:
+                        break
+                    power = min(cap, power * inner)
+        else:
+            ways = 1
+        total = min(cap, total * ways)
     return total
 
 
-def check_stop_regex(pattern: str, field: str = "stop_regex") -> None:
-    """Refuse a stop regex that would stall SGLang's scheduler (see STOP_REGEX_MAX_WIDTH): invalid, an unbounded
-    or > STOP_REGEX_MAX_WIDTH-character longest match (SGLang's own sizing), a repetition over an alternation or
-    another repetition, more than STOP_REGEX_MAX_PATHS repetition-count combinations. Raises M3RequestError."""
+def stop_regex_work(pattern: str, field: str = "stop_regex") -> int:
+    """Check one stop regex and return its work (ways to match × (longest match + 1), see STOP_REGEX_MAX_WORK).
+    Raises M3RequestError for a source over STOP_MAX_CHARS, an invalid regex, a construct SGLang cannot size, a
+    longest match over STOP_REGEX_MAX_WIDTH characters, work over STOP_REGEX_MAX_WORK."""
     from sglang.srt.sampling.sampling_params import MAX_LEN, get_max_seq_length
 
+    if len(pattern) > STOP_MAX_CHARS:
+        raise M3RequestError(f"{field} {_short(pattern)} is longer than {STOP_MAX_CHARS} characters")
     _compile(pattern, field)
     try:
         tree = sre_parse.parse(pattern)
-        width = get_max_seq_length(pattern)
-        nested = any(op in _REPEATS and _nests(av[2]) for op, av in _walk(tree))
-        paths = _paths(tree)
+        unsized = sorted({str(op) for op, _ in _nodes(tree) if op not in _SIZED})
+        width = 0 if unsized else get_max_seq_length(pattern)
     except RecursionError:
         raise M3RequestError(f"{field} {_short(pattern)} nests groups too deeply") from None
-    if width > STOP_REGEX_MAX_WIDTH:
-        size = "no bound" if width >= MAX_LEN else f"up to {width} characters"
+    if unsized or width > STOP_REGEX_MAX_WIDTH:
+        size = (f"cannot size its longest match ({', '.join(unsized)})" if unsized
+                else "sizes its longest match as unbounded" if width >= MAX_LEN
+                else f"sizes its longest match as {width} characters")
         raise M3RequestError(
-            f"{field} {_short(pattern)}: SGLang sizes its longest match as {size} and re-searches that much of the "
-            f"output after every token; give it a longest match of at most {STOP_REGEX_MAX_WIDTH} characters "
-            "(bounded repetitions {m,n} in place of *, + or {m,}; no lookarounds, backreferences or a negated "
+            f"{field} {_short(pattern)}: SGLang {size} and re-searches that much of the output after every token; "
+            f"give it a longest match of at most {STOP_REGEX_MAX_WIDTH} characters (bounded repetitions {{m,n}} "
+            "in place of *, + or {m,}; no lookarounds or backreferences; [^\\n\\r] or . in place of a negated "
             "single character [^x], which SGLang cannot size)")
-    if nested:
-        raise M3RequestError(f"{field} {_short(pattern)} repeats an alternation or another repetition, which a "
-                             "backtracking regex engine can take exponential time over; repeat a single "
-                             "character class or a fixed string instead")
-    if paths > STOP_REGEX_MAX_PATHS:
-        raise M3RequestError(f"{field} {_short(pattern)} has {paths} combinations of repetition counts (at most "
-                             f"{STOP_REGEX_MAX_PATHS}): every one may be tried at each position after every token")
-
-
-def _walk(pattern):
-    """Every (op, av) node of a parsed regex, depth first."""
-    for op, av in pattern:
-        yield op, av
-        for child in _children(op, av):
-            yield from _walk(child)
+    work = _ways(tree, STOP_REGEX_MAX_WORK + 1) * (width + 1)
+    if work > STOP_REGEX_MAX_WORK:
+        raise M3RequestError(
+            f"{field} {_short(pattern)} can match in too many ways for its length (ways × (longest match {width} + "
+            f"1) > {STOP_REGEX_MAX_WORK}): SGLang's backtracking search may try each way at every position of the "
+            "output after every token; use fewer optional parts, alternatives or repetition counts")
+    return work
 
 
 def check_logprob_params(req, prompt_len: Optional[int], vocab_size: int, item: Optional[int] = None) -> None:
@@ -401,11 +426,13 @@ def check_shape(obj, limits: Limits) -> None:
     for i, p in enumerate(params if isinstance(params, list) else [params]):
         # here too, as SGLang's normalization reads `n` (a string there is a TypeError)
         check_sampling_params(p, limits.vocab_size, i if isinstance(params, list) else None)
-    # MAX_PARALLEL_SAMPLES bounds the sequences of the whole request: a batch of prompts is copied n times as well
-    # (100 prompts × n = 100 on the tiny CPU server: 10,000 sequences, 102 s during which the next chat waited 95 s)
+    # With n > 1, MAX_PARALLEL_SAMPLES bounds the sequences of the whole request: a batch of prompts is copied n times
+    # as well (100 prompts × n = 100 on the tiny CPU server: 10,000 sequences, 102 s during which the next chat
+    # waited 95 s; session 18's newcomer probe). A batch with n = 1 is the client's own list of requests (offline
+    # Engine.generate batches), no more than sending them one by one.
     ns = [(p or {}).get("n") or 1 for p in (params if isinstance(params, list) else [params])]
     sequences = sum(ns) if isinstance(params, list) else (batch or 1) * ns[0]
-    if sequences > MAX_PARALLEL_SAMPLES:
+    if max(ns) > 1 and sequences > MAX_PARALLEL_SAMPLES:
         raise M3RequestError(f"the request asks for {sequences} sequences ({batch} prompts, n = "
                              f"{ns[0] if len(set(ns)) == 1 else ns}): at most {MAX_PARALLEL_SAMPLES} per request on "
                              "this server (prompts × n); send the prompts as separate requests")

@@ -93,6 +93,7 @@ def test_final_token_ids_are_checked_after_tokenization():
     ({"logit_bias": [1]}, ["logit_bias", "object"]),
     ({"tempreature": 0}, ["unknown", "tempreature"]),
     ({"regex": "(ab"}, ["regex", "regular expression"]),
+    ({"regex": "(" * 500 + "a" + ")" * 500}, ["regex", "RecursionError", "1001 characters"]),
     ({"regex": 5}, ["regex", "string"]),
     ({"json_schema": "{not json"}, ["json_schema", "JSON"]),
     ({"regex": "a", "json_schema": "{}"}, ["at most one"]),
@@ -223,15 +224,17 @@ def test_json_kind(body, kind):
 
 
 @pytest.mark.parametrize("pattern,words", [
-    ("(a|a)*c", ["no bound", "at most 256"]),                 # froze the scheduler (exponential backtracking)
-    ("a+", ["no bound"]),                                      # SGLang then re-searches the whole output per token
-    ("x(?=y)", ["no bound", "lookaround"]),                   # a construct SGLang's sizing does not bound
-    ("a{0,257}", ["up to 257 characters"]),
-    ("(a|a){0,30}c", ["repeats an alternation"]),             # bounded, still 2**30 paths
-    ("(?:a{0,5}){0,5}", ["repeats an alternation or another repetition"]),
-    ("a{0,20}a{0,20}a{0,20}", ["9261 combinations", "at most 4096"]),
+    ("(a|a)*c", ["unbounded", "at most 256"]),                # froze the scheduler (exponential backtracking)
+    ("a+", ["unbounded"]),                                     # SGLang then re-searches the whole output per token
+    ("x(?=y)", ["cannot size", "ASSERT", "lookarounds"]),     # a construct SGLang's sizing does not bound
+    ("a{0,257}", ["sizes its longest match as 257 characters"]),
+    ("(a|a){0,30}c", ["too many ways"]),                      # bounded, still 2**30 ways
+    ("(?:a{0,5}){0,5}", ["too many ways"]),
+    ("(?:.|.)" * 30 + "\\x00", ["too many ways"]),           # no repetition at all: 2**30 ways written out
+    (".?" * 12 + "[\\x00\\x01]" + ".{240}", ["too many ways"]),
+    ("a{0,20}a{0,20}a{0,20}", ["too many ways"]),
+    ("a" * 257, ["longer than 256 characters"]),
     ("a{4294967296}", ["not a valid regular expression", "OverflowError"]),
-    ("(" * 500 + "a" + ")" * 500, ["not a valid regular expression", "RecursionError", "1001 characters"]),
 ])
 def test_stop_regex_that_would_stall_the_scheduler_is_refused(pattern, words):
     msg = refused(check_sampling_params, {"stop_regex": ["\\n", pattern]}, 512)
@@ -240,17 +243,57 @@ def test_stop_regex_that_would_stall_the_scheduler_is_refused(pattern, words):
         assert w in msg, (w, msg)
 
 
+def test_stop_regex_ways_count_against_brute_force():
+    # The oracle: every way a pattern can match, enumerated by expanding it (alternatives and repetition counts)
+    # with itertools, for small patterns; _ways must equal it.
+    import itertools
+
+    from sglang_m3.request_validation import _ways, sre_parse
+
+    def count(slots):  # slots: per position of the pattern, its alternatives -> number of distinct sequences
+        return len(list(itertools.product(*slots)))
+
+    cases = {
+        "x": 1,
+        "(?:ab|cd|ef)": count([["ab", "cd", "ef"]]),
+        "(?:ab|cd|ef)?": 1 + count([["ab", "cd", "ef"]]),                  # 0 or 1 time
+        "(?:ab|cd){2}": count([["ab", "cd"]] * 2),
+        "(?:ab|cd){1,3}": sum(count([["ab", "cd"]] * k) for k in (1, 2, 3)),
+        "\\s{0,8}END\\s{0,8}": count([range(9), ["END"], range(9)]),    # the two repetition counts
+        "(?:foo\\s{0,16}|bar\\s{0,16}|baz)": count([range(17)]) * 2 + 1,
+        "(?:.|.)(?:.|.)(?:.|.)": count([["left", "right"]] * 3),
+        "(?:x|(?:ab|cd){0,2})": 1 + sum(count([["ab", "cd"]] * k) for k in (0, 1, 2)),
+    }
+    for pattern, expected in cases.items():
+        assert _ways(sre_parse.parse(pattern), 10**9) == expected, pattern
+    assert _ways(sre_parse.parse("(?:.|.)" * 40), 4097) == 4097  # counted only up to the cap
+
+
 def test_stop_regex_limits_follow_sglangs_own_sizing():
     # The width bound is SGLang's get_max_seq_length, the tail length its scheduler re-searches (the oracle here).
     from sglang.srt.sampling.sampling_params import get_max_seq_length
 
-    from sglang_m3.request_validation import STOP_REGEX_MAX_WIDTH, check_stop_regex
+    from sglang_m3.request_validation import STOP_REGEX_MAX_WIDTH, stop_regex_work
 
-    for pattern in ("\\n\\n", "```", "\\s{0,8}END\\s{0,8}$", "(ab){1,4}", "(?i)the end", "\\d{1,200}",
-                    "[^ab]x", "(a|b){1,5}", "(foo|bar)", "a{0,256}"):
+    for pattern in ("\\n\\n", "```", "\\s{0,8}END\\s{0,8}$", "(ab){1,4}", "(?i)the end", "\\n{2,32}",
+                    "[^ab]x", "(a|b){1,5}", "(foo|bar)", "(?:Final Answer|Answer)?:", "(\\r?\\n){2}",
+                    "(?:foo\\s{0,16}|bar\\s{0,16}|baz\\s{0,16})", "a{256}"):
         assert get_max_seq_length(pattern) <= STOP_REGEX_MAX_WIDTH
-        check_stop_regex(pattern)
+        stop_regex_work(pattern)
     assert get_max_seq_length("a{0,257}") == STOP_REGEX_MAX_WIDTH + 1
+
+
+def test_stop_lists_and_the_request_budget():
+    assert "65 entries" in refused(check_sampling_params, {"stop": ["x"] * 65}, 512)
+    assert "65 entries" in refused(check_sampling_params, {"stop_regex": ["x"] * 65}, 512)
+    assert "longer than 256" in refused(check_sampling_params, {"stop": ["x" * 257]}, 512)
+    check_sampling_params({"stop": ["x" * 256] * 64, "stop_regex": ["\\n\\n"] * 64}, 512)
+    # one pattern of work 81 ways * (19 + 1) = 1620: ten of them, or n = 10 copies of one, pass 16384; 11 do not
+    pattern = "\\s{0,8}END\\s{0,8}$"
+    check_sampling_params({"stop_regex": [pattern] * 10, "n": 1}, 512)
+    assert "add up to" in refused(check_sampling_params, {"stop_regex": [pattern] * 11, "n": 1}, 512)
+    assert "add up to" in refused(check_sampling_params, {"stop_regex": pattern, "n": 11}, 512)
+    assert "got null" in refused(check_sampling_params, {"n": None}, 512)
 
 
 def test_sequences_per_request_bound_a_batch_of_prompts_times_n():
@@ -259,4 +302,4 @@ def test_sequences_per_request_bound_a_batch_of_prompts_times_n():
                                                                              sampling_params={"n": 2}), LIMITS)
     assert "129 sequences" in refused(check_shape, req(input_ids=[[5], [6]], sampling_params=[{"n": 100},
                                                                                              {"n": 29}]), LIMITS)
-    assert "129 sequences" in refused(check_shape, req(text=["hi"] * 129), LIMITS)
+    check_shape(req(text=["hi"] * 1000), LIMITS)  # n = 1: a batch is the client's own list of requests
