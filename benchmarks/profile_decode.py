@@ -61,6 +61,9 @@ def kernel_table(trace_dir: Path, steps: int, pattern: str = "*.json*") -> dict:
             "launches_of_largest": {k: calls[k] for k in top}}
 
 
+DECODE_TOKENS = 4000  # the profiled decode request's output length (see profile_decode)
+
+
 def _ids(ctx: int, seed: int) -> list[int]:
     # distinct id streams per seed: no radix hit between the warm-up and the profiled requests
     return [((i + 1) * seed) % 150000 + 100 for i in range(ctx)]  # (i + 1): no shared first id either
@@ -102,10 +105,10 @@ def profile_prefill(server: Server, ctx: int, trace_dir: Path, prompts: int = 1)
 
 def profile_decode(server: Server, ctx: int, steps: int, trace_dir: Path) -> dict:
     """GPU kernels of `steps` decode steps at batch 1 after a `ctx`-token prompt: µs per step, by kernel."""
-    # 4000 tokens: the request must outlast PROFILE_DELAY_S plus the profiled steps (1500 at 1.7 ms per step did not,
+    # DECODE_TOKENS: the request must outlast PROFILE_DELAY_S plus the profiled steps (1500 at 1.7 ms per step did not,
     # once the prefill got faster: session 8, an empty decode trace)
     body = {"input_ids": _ids(ctx, 7919),
-            "sampling_params": {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True}}
+            "sampling_params": {"max_new_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True}}
     done = {}
     t = threading.Thread(target=lambda: done.setdefault("r", post(server.url + "/generate", body, timeout=900)))
     t.start()
@@ -124,6 +127,9 @@ def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: lis
     env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": str(triton_cache(work, name))}
     flags = gpu_flags(attention_backend)  # capture bs <= 8 only: a faster start; batch 1 is what is profiled
     flags[flags.index("--cuda-graph-max-bs") + 1] = "8"
+    # the decode request is ctx + DECODE_TOKENS long: at ctx 131072 e2e's 133120 refused it (session 19, a 400)
+    at = flags.index("--context-length") + 1
+    flags[at] = str(max(int(flags[at]), ctx + DECODE_TOKENS + 8))
     server = Server(name, ckpt, flags, log_dir=work, port=31500, env=env)
     results = {}
     try:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -20,8 +21,12 @@ def post(url: str, body: dict | None = None, timeout: float = 600):
     """POST `body` as JSON (GET when None); the reply parsed as JSON when it is JSON."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as exc:  # the server's reason, not just "400: Bad Request" (session 19 lost a profile)
+        exc.msg = f"{exc.msg}: {exc.read()[:2000].decode(errors='replace')}"
+        raise
     return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
 
 
