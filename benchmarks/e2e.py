@@ -22,6 +22,8 @@ decode CUDA-graph capture time is read from the server log; each server label ha
     python benchmarks/e2e.py --out $OUT --servers intree --attention-backend server-default --state /tmp/e2e/def.json
                                                                   # each server's own backend choice (the in-tree:
                                                                   # fa3, page size 128 on Hopper); --extra-flags adds more
+    python benchmarks/e2e.py --out $OUT --servers ours --workloads 128k-c1 --runs 3   # three fresh server starts:
+                                                                  # medians compared, each run's ITL in the table
 
 Both servers get the same flags (GPU_FLAGS, `--attention-backend`, `--extra-flags`); a --state joining calls of
 different flags gives no ours ÷ in-tree ratio. Each server's resolved attention backend and page size (its log's
@@ -46,9 +48,11 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,13 +158,21 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, wa
     # 400 SGLang answers while a finished request is still leaving; the bench's own --flush-cache does not.)
     flush(server)
     log_start = len(server.log())
-    m = run("", waves * conc, "--warmup-requests", "0")
+    with PeakMemory(interval=0.5) as gpu:  # the GPUs' clocks, power and temperature while it is measured
+        m = run("", waves * conc, "--warmup-requests", "0")
     # ITL and end-to-end latency too: a cross-check of the TPOT (SGLang's bench derives it per request from the
     # latency, TTFT and completion_tokens).
     return {"waves": waves, **{k: m.get(k) for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms",
                                                      "median_itl_ms", "median_e2e_latency_ms", "completed",
                                                      "duration", "total_input_tokens", "total_output_tokens")},
-            "scheduler": scheduler_summary(server.log()[log_start:])}
+            "scheduler": scheduler_summary(server.log()[log_start:]), "gpu": gpu.summary(visible_gpus())}
+
+
+def visible_gpus() -> set[int] | None:
+    """This process's GPUs by nvidia-smi index (CUDA_VISIBLE_DEVICES), None for all: nvidia-smi lists every GPU of
+    the host, and another lane of gpu_round.sh may be using the others."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {int(i) for i in visible.split(",") if i.strip().isdigit()} if visible else None
 
 
 _PREFILL_LINE = re.compile(r"Prefill batch[^,]*, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+),.*?"
@@ -243,11 +255,37 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
             info = {"error": repr(e)[:2000], "log_tail": server.log()[-3000:], "flags": flags}
         finally:
             server.stop()
-    # nvidia-smi lists every GPU of the host; keep this server's (another lane may be using the others)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    info["peak_mem_mib_per_gpu"] = {i: mib for i, mib in peak.peak_mib.items()
-                                    if not visible or str(i) in visible.split(",")}
+    gpus = visible_gpus()
+    info["peak_mem_mib_per_gpu"] = {i: mib for i, mib in peak.peak_mib.items() if gpus is None or i in gpus}
     return info
+
+
+RUN_METRICS = ("output_throughput", "output_throughput_per_gpu", "median_ttft_ms", "median_tpot_ms", "median_itl_ms",
+               "median_e2e_latency_ms")
+
+
+def merge_run(earlier: dict, info: dict, run_id: str) -> dict:
+    """A label's entry in --state after its run `run_id` reported `info` (partial while it runs: the same run_id
+    replaces its own earlier report). Every run's workloads are kept under "runs"; "workloads" holds, per workload,
+    the one run that measured it or, over several runs (fresh servers: `--runs`, or later calls), the median of
+    each of RUN_METRICS with the per-run ITL / TPOT beside it -- one server start per side did not settle the 128K
+    batch-1 target (session 19: the same command's ITL 1.81 and 2.14 ms in two leases). A run's failed workload
+    counts only where no run measured it. A state written before runs were kept counts as one run."""
+    runs = list(earlier.get("runs") or ([{"run_id": "earlier", "workloads": earlier["workloads"]}]
+                                        if earlier.get("workloads") else []))
+    runs = [r for r in runs if r["run_id"] != run_id]
+    runs.append({"run_id": run_id, **{k: info.get(k) for k in ("triton_cache", "startup_s", "capture_s")},
+                 "workloads": info.get("workloads", {})})
+    workloads = {}
+    for w in dict.fromkeys(w for r in runs for w in r["workloads"]):
+        done = [r["workloads"][w] for r in runs if "error" not in r["workloads"].get(w, {"error": None})]
+        if len(done) > 1:
+            med = {k: statistics.median(m[k] for m in done) for k in RUN_METRICS if all(m.get(k) for m in done)}
+            workloads[w] = {**done[-1], **med, "runs": len(done), "itl_ms_runs": [m.get("median_itl_ms") for m in done],
+                            "tpot_ms_runs": [m.get("median_tpot_ms") for m in done]}
+        else:
+            workloads[w] = done[0] if done else [r["workloads"][w] for r in runs if w in r["workloads"]][-1]
+    return {**info, "runs": runs, "workloads": workloads}
 
 
 def compare(servers: dict, workloads: dict) -> list[dict]:
@@ -321,6 +359,21 @@ def markdown(results: dict) -> str:
                              f"{sch['median_new_seqs']} / "
                              f"{sch['median_new_tokens']} | {sch['median_prefill_gap_ms']} | {sch['max_queue_req']} | "
                              f"{sch['median_decode_running_req']} | {sch['median_gen_throughput']} |")
+    runs = [(r["workload"], name, r[name]) for r in results["compare"] for name in SERVER_ENV
+            if (r.get(name) or {}).get("runs")]
+    if runs:
+        lines += ["", "Several runs (fresh server starts): the table above gives each metric's median over them", "",
+                  "| workload | server | runs | ITL ms per run | TPOT ms per run |", "|---|---|---|---|---|"]
+        lines += [f"| {w} | {name} | {m['runs']} | {' / '.join(f'{x:.2f}' for x in m['itl_ms_runs'] if x)} | "
+                  f"{' / '.join(f'{x:.2f}' for x in m['tpot_ms_runs'] if x)} |" for w, name, m in runs]
+    clocks = [(r["workload"], name, gpu, g) for r in results["compare"] for name in SERVER_ENV
+              for gpu, g in ((r.get(name) or {}).get("gpu") or {}).items() if g.get("samples")]
+    if clocks:
+        lines += ["", "GPU during the measured run (nvidia-smi every 0.5 s; the last run where there were several)",
+                  "", "| workload | server | GPU | SM MHz median / min | power W median | temperature °C max |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {w} | {name} | {gpu} | {g['sm_mhz_median']} / {g['sm_mhz_min']} | {g['power_w_median']} | "
+                  f"{g['temp_c_max']} |" for w, name, gpu, g in clocks]
     if any(r.get("flags_differ") for r in results["compare"]):
         lines += ["", "No ours ÷ in-tree ratios: the two servers in this state ran with different flags "
                   "(`flags` per server in e2e.json)."]
@@ -361,6 +414,9 @@ def main():
     ap.add_argument("--waves", type=int, default=WAVES, help=f"requests per workload / concurrency (default {WAVES})")
     ap.add_argument("--attention-backend", default="triton",
                     help=f"passed to both servers (default triton, sessions 4-15); {SERVER_DEFAULT}: each server's own")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="fresh server starts per label (default 1); the table shows each workload's median over "
+                         "all runs in --state, and each run's ITL")
     ap.add_argument("--extra-flags", default="", help="more server flags for both servers, one shell-quoted string")
     args = ap.parse_args()
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
@@ -388,15 +444,16 @@ def main():
         tmp.write_text(text)
         os.replace(tmp, path)
 
-    def save(name: str, info: dict) -> dict:
+    def save(name: str, info: dict, run_id: str) -> dict:
         # Re-read the state just before writing it: another lane of the same host (gpu_round.sh, same --state)
         # may have added its server meanwhile (e.g. ours and the in-tree on the two GPUs at once).
         state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}}
-        earlier = state["servers"].get(name, {})  # a previous call's workloads stay, and so does a cold start-up
+        earlier = state["servers"].get(name, {})  # a previous call's runs stay, and so does a cold start-up
+        merged = merge_run(earlier, info, run_id)
         if earlier.get("triton_cache") == "cold" and info.get("triton_cache") == "warm":
-            info = {**info, **{k: earlier[k] for k in ("triton_cache", "startup_s", "capture_s") if k in earlier},
-                    "warm_startup_s": info.get("startup_s")}
-        state["servers"][name] = {**info, "workloads": {**earlier.get("workloads", {}), **info.get("workloads", {})}}
+            merged.update({k: earlier[k] for k in ("triton_cache", "startup_s", "capture_s") if k in earlier},
+                          warm_startup_s=info.get("startup_s"))
+        state["servers"][name] = merged
         write(state_path, json.dumps(state, indent=1))
         results = {"flags": flags, "waves": args.waves, "layers": args.layers, "dense_layers": args.dense_layers,
                    "tp": args.tp, "servers": state["servers"], "compare": compare(state["servers"], workloads)}
@@ -409,9 +466,9 @@ def main():
         if log.exists():
             shutil.copyfile(log, out / log.name)
 
-    def progress(name: str, partial: dict) -> None:
+    def progress(name: str, partial: dict, run_id: str) -> None:
         try:
-            save(name, partial)
+            save(name, partial, run_id)
             keep_log(name)
         except Exception as e:  # noqa: BLE001 -- a failed interim save must not end the server's run
             print(f"e2e: interim save of {name} failed: {e!r}", file=sys.stderr, flush=True)
@@ -419,10 +476,12 @@ def main():
     results = None
     for i, name in enumerate(names):
         ckpt = checkpoint(work, args.smoke, args.layers, args.dense_layers, SERVER_QUANT.get(name))
-        info = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp, waves=args.waves,
-                          progress=lambda partial, name=name: progress(name, partial))
-        results = save(name, info)
-        keep_log(name)
+        for r in range(args.runs):  # each run a freshly started server
+            run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{name}-{r}"
+            info = run_server(name, ckpt, flags, workloads, work, port=30200 + i, gpus=args.tp, waves=args.waves,
+                              progress=lambda partial, name=name, run_id=run_id: progress(name, partial, run_id))
+            results = save(name, info, run_id)
+            keep_log(name)
     print(markdown(results))
 
 
