@@ -171,6 +171,11 @@ def build_cases(info: dict) -> list[Case]:
     gen("body not JSON", "types", b"{\"input_ids\": [1, 2", "reject", True)
     for raw, kind in (([1, 2, 3], "array"), ("hello", "string"), (None, "null")):  # SGLang's chat validators: 500
         cases.append(Case(f"chat body a JSON {kind}", "types", "/v1/chat/completions", raw, "reject", kind == "null"))
+    # nested 100,000 deep: json.loads' RecursionError in the plugin's body check was a 500 (session 19)
+    cases.append(Case("chat body an array nested 100000 deep", "types", "/v1/chat/completions",
+                      b"[" * 100_000 + b"]" * 100_000, "reject", True))
+    gen("rid a list for a single prompt", "types", {"input_ids": p, "rid": ["a", "b"], "sampling_params": short},
+        "reject", True)
     cmpl("max_tokens a string", "types", {"prompt": "hi", "max_tokens": "four"}, "reject", True)
     cmpl("prompt a dict", "types", {"prompt": {"text": "hi"}, "max_tokens": 4}, "reject")
     cmpl("temperature a string", "types", {"prompt": "hi", "max_tokens": 4, "temperature": "x"}, "reject")

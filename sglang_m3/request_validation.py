@@ -323,6 +323,10 @@ def stop_regex_work(pattern: str, field: str = "stop_regex") -> int:
     return work
 
 
+# what the OpenAI routes call the field they map to top_logprobs_num (the message names both)
+_TOP_LOGPROBS_NAMES = "OpenAI chat: top_logprobs; completions: logprobs"
+
+
 def check_logprob_params(req, prompt_len: Optional[int], vocab_size: int, item: Optional[int] = None) -> None:
     """`req` is one (already split) GenerateReqInput. logprob_start_len in {-1} ∪ [0, prompt_len];
     top_logprobs_num in [0, vocab_size]. `prompt_len` None: not known yet (text before tokenization)."""
@@ -341,9 +345,10 @@ def check_logprob_params(req, prompt_len: Optional[int], vocab_size: int, item: 
     top = req.top_logprobs_num
     if top is not None:
         if not _is_int(top):
-            raise M3RequestError(f"top_logprobs_num{where} must be an integer, got {top!r}")
+            raise M3RequestError(f"top_logprobs_num{where} ({_TOP_LOGPROBS_NAMES}) must be an integer, got {top!r}")
         if not 0 <= top <= vocab_size:
-            raise M3RequestError(f"top_logprobs_num{where} = {top} is outside [0, {vocab_size}] (the vocabulary)")
+            raise M3RequestError(f"top_logprobs_num{where} ({_TOP_LOGPROBS_NAMES}) = {top} is outside "
+                                 f"[0, {vocab_size}] (the model's vocabulary)")
 
 
 def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None, item: Optional[int] = None,
@@ -436,6 +441,12 @@ def check_shape(obj, limits: Limits) -> None:
         raise M3RequestError(f"the request asks for {sequences} sequences ({batch} prompts, n = "
                              f"{ns[0] if len(set(ns)) == 1 else ns}): at most {MAX_PARALLEL_SAMPLES} per request on "
                              "this server (prompts × n); send the prompts as separate requests")
+    # rid: a single prompt's list of rids reached SGLang's request table as a dict key (TypeError: HTTP 500)
+    rid = obj.rid
+    if rid is not None and not isinstance(rid, str) and not (
+            batch is not None and isinstance(rid, list) and len(rid) == batch and all(isinstance(r, str) for r in rid)):
+        form = f"a string or a list of one string per prompt ({batch})" if batch else "a string for a single prompt"
+        raise M3RequestError(f"rid must be {form}, got {_short(json.dumps(rid, default=str))}")
     for name in _PER_ITEM_FIELDS:
         value = getattr(obj, name)
         if isinstance(value, list) and (batch is None or len(value) != batch):
@@ -446,25 +457,28 @@ def check_shape(obj, limits: Limits) -> None:
 JSON_OBJECT_ROUTES = ("/v1/chat/completions",)
 
 
+_JSON_OPENERS = {ord("{"): "object", ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
+                 ord("n"): "null", ord("-"): "number", **{ord(d): "number" for d in "0123456789"}}
+
+
 def json_kind(body: bytes) -> Optional[str]:
-    """The JSON type of an HTTP body ("object", "array", "string", "number", "boolean", "null"), or None when it
-    is not JSON (SGLang answers that itself, with 400)."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
-    for kind, types in (("object", dict), ("array", list), ("string", str), ("boolean", bool), ("null", type(None))):
-        if isinstance(value, types):
-            return kind
-    return "number"
+    """The JSON type an HTTP body opens as ("object", "array", "string", "number", "boolean", "null"), read from its
+    first non-whitespace byte, or None when that byte opens no JSON value (SGLang answers such a body itself, 400).
+    Not parsed: whether the rest is valid JSON is SGLang's parse to answer. Parsing here cost a 500 for an array
+    nested 100,000 deep (json.loads' RecursionError) and ~3 s of the event loop for a 40 MB array (session 19's
+    newcomer probe)."""
+    body = body.lstrip()
+    if body.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, which json.loads skips too
+        body = body[3:].lstrip()
+    return _JSON_OPENERS.get(next(iter(body), -1))
 
 
 class JsonObjectBody:
     """ASGI middleware: a POST to a route of JSON_OBJECT_ROUTES whose body is JSON but not an object gets HTTP 400
     naming what it got. Why: SGLang 0.5.17's ChatCompletionRequest "before" validators call ``values.get`` on the
     raw body, so `[1,2]`, `"x"` or `null` raised AttributeError inside pydantic and came back as HTTP 500. The body is
-    read once and handed on unchanged (parsed here only when it does not open with "{"); responses (streams
-    included) pass through untouched."""
+    read once and handed on unchanged (never parsed here: its first non-whitespace byte tells, see json_kind);
+    responses (streams included) pass through untouched."""
 
     def __init__(self, app):
         self.app = app
@@ -479,11 +493,12 @@ class JsonObjectBody:
                 return
             chunks.append(message.get("body", b""))
         body = b"".join(chunks)
-        # A body opening with "{" is an object or not JSON: SGLang's own parse answers it, the hot path parses once.
-        kind = None if body.lstrip()[:1] == b"{" else json_kind(body)
+        kind = json_kind(body)
         if kind not in (None, "object"):
+            opener = {"array": "[", "string": '"', "null": "n", "boolean": "t or f", "number": "a digit or -"}[kind]
             payload = json.dumps({"object": "error", "type": "BadRequestError", "param": None, "code": 400,
-                                  "message": f"The request body must be a JSON object; got a JSON {kind}."}).encode()
+                                  "message": f"The request body must be a JSON object; it opens with {opener} "
+                                             f"(a JSON {kind})."}).encode()
             await send({"type": "http.response.start", "status": 400,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(payload)).encode())]})

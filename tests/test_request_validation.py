@@ -4,6 +4,8 @@ and the fuzz campaign (test_fuzz.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sglang_m3.request_validation import (Limits, M3RequestError, check_batch, check_request, check_sampling_params,
@@ -190,8 +192,8 @@ def test_logprob_fields():
     assert "past the prompt (10 tokens)" in refused(check_request, one(return_logprob=True, logprob_start_len=11),
                                                     LIMITS)
     assert "logprob_start_len = -5" in refused(check_request, one(return_logprob=True, logprob_start_len=-5), LIMITS)
-    assert "top_logprobs_num = 513" in refused(check_request, one(return_logprob=True, top_logprobs_num=513), LIMITS)
-    assert "top_logprobs_num = -1" in refused(check_request, one(return_logprob=True, top_logprobs_num=-1), LIMITS)
+    assert ") = 513 is outside" in refused(check_request, one(return_logprob=True, top_logprobs_num=513), LIMITS)
+    assert "logprobs) = -1 is outside" in refused(check_request, one(return_logprob=True, top_logprobs_num=-1), LIMITS)
 
 
 def test_input_embeds_are_refused():
@@ -215,12 +217,37 @@ def test_shape_before_normalization():
 
 
 @pytest.mark.parametrize("body, kind", [(b'{"a": 1}', "object"), (b"[1, 2]", "array"), (b'"x"', "string"),
-                                        (b"null", "null"), (b"4.5", "number"), (b"false", "boolean"),
-                                        (b"{not json", None), (b"", None)])
+                                        (b"null", "null"), (b"4.5", "number"), (b"-1", "number"),
+                                        (b"false", "boolean"), (b" \n\t true", "boolean"), (b"", None),
+                                        (b"\xef\xbb\xbf [2]", "array"), (b"<xml/>", None),
+                                        # read from the opening byte, not parsed (SGLang's parse judges the rest):
+                                        (b"{not json", "object"), (b"[1,", "array"),
+                                        (b"[" * 100_000 + b"]" * 100_000, "array")])  # json.loads: RecursionError
 def test_json_kind(body, kind):
+    """Oracle: json.loads where it can parse the body (the kind of the value it returns) and the JSON grammar's
+    value openers (RFC 8259 §3) where it cannot."""
     from sglang_m3.request_validation import json_kind
 
     assert json_kind(body) == kind
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return
+    assert kind == {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+                    int: "number", float: "number"}[type(value)]
+
+
+def test_rid_must_be_a_string_or_one_per_prompt():
+    """SGLang keys its request table by rid: a single prompt's list reached it unhashable (TypeError, HTTP 500)."""
+    from sglang_m3.request_validation import check_shape
+
+    assert "a string for a single prompt" in refused(check_shape, req(text="hi", rid=["a", "b"]), LIMITS)
+    assert "one string per prompt (2)" in refused(check_shape, req(text=["a", "b"], rid=["x"]), LIMITS)
+    assert "one string per prompt (2)" in refused(check_shape, req(text=["a", "b"], rid=["x", {"y": 1}]), LIMITS)
+    assert "rid must be" in refused(check_shape, req(input_ids=[5], rid=7), LIMITS)
+    for ok in (req(text="hi", rid="a"), req(text=["a", "b"], rid=["x", "y"]), req(text=["a", "b"], rid="x"),
+               req(input_ids=[5])):
+        check_shape(ok, LIMITS)
 
 
 @pytest.mark.parametrize("pattern,words", [

@@ -305,7 +305,10 @@ def test_frontend_language_program(one_kv_server):
     # grammars (ReasonerGrammarBackend calls GuidanceBackend.allocate_vocab_mask, which does not exist).
     import sglang as sgl
 
+    import sglang_m3.frontend  # noqa: F401  (M3's roles for sgl.system / user / assistant: test_frontend_template.py)
+
     backend = sgl.RuntimeEndpoint(one_kv_server.url)
+    assert backend.chat_template.name.startswith("minimax-m3:")  # the served checkpoint's template, found by path
     choices = ["red", "green", "blue"]
 
     @sgl.function

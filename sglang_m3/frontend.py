@@ -1,0 +1,94 @@
+"""M3's chat markup for SGLang's frontend language (`sgl.system` / `sgl.user` / `sgl.assistant`).
+
+The frontend renders roles on the client, from a `sglang.lang.chat_template.ChatTemplate` it picks by the
+server's model path; SGLang 0.5.17 has none for MiniMax-M3, so programs got its "default" template (`USER:` /
+`ASSISTANT:` text) without a warning (session 19's newcomer probe). Importing this module registers a matching
+function: `sgl.RuntimeEndpoint(url)` then uses the served checkpoint's own chat template whenever its model path is
+a local M3 checkpoint directory (config.json names MiniMax-M3; the client reads the directory, as it does for the
+tokenizer). Elsewhere, pass the template yourself:
+``backend.chat_template = sglang_m3.frontend.chat_template(<a local copy of the checkpoint>)``.
+
+How: the checkpoint's template (rendered by transformers, the oracle the tests compare with) is rendered once with
+a marker in place of each role's content, and cut at M3's role markers (M3_SPEC.md §5: a message is
+``]~b]{role}\\n{content}[e~[\\n``; the first system block opens with ``]~!b[``): each role's prefix is what precedes
+its marker, its suffix what follows up to the end-of-message newline. Thinking mode "disabled" (the frontend has no
+reasoning parser: a program's `sgl.gen` inside `sgl.assistant` reads the answer itself), so a generated turn opens
+with the bare ``</mm:think>`` closer, as the chat API renders it with `thinking_mode: "disabled"`. A program
+without `sgl.system` gets M3's default developer prompt, as the chat API does.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+END = "[e~[\n"  # end of message (M3_SPEC.md §5)
+_MARK = "\x00{}\x00"  # a role's content while rendering (never in a real template's own text)
+_ROLES = ("system", "user", "assistant")
+
+
+def is_m3_checkpoint(path: str | Path) -> bool:
+    """True when `path` is a local directory whose config.json names a MiniMax-M3 architecture."""
+    from sglang_m3.config import M3_ARCHS
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("architectures") or [None])[0] in M3_ARCHS
+
+
+@functools.cache
+def chat_template(checkpoint: str, name: str = "minimax-m3"):
+    """The frontend ChatTemplate of the checkpoint directory `checkpoint` (its tokenizer's chat template).
+
+    Returns a `sglang.lang.chat_template.ChatTemplate`. Raises ValueError when the rendered template does not have
+    M3's layout (a role's content not followed by END)."""
+    from sglang.lang.chat_template import ChatTemplate
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    messages = [{"role": r, "content": _MARK.format(r)} for r in _ROLES]
+    text = tok.apply_chat_template(messages, tokenize=False, thinking_mode="disabled")
+    default_system = tok.apply_chat_template([{"role": "user", "content": _MARK.format("user")}], tokenize=False,
+                                             thinking_mode="disabled")
+    parts, start = {}, 0
+    for role in _ROLES:
+        at = text.find(_MARK.format(role), start)
+        end = text.find(END, at)
+        if at < 0 or end < 0:
+            raise ValueError(f"{checkpoint}: its chat template does not render a {role} message as M3 does "
+                             f"(content followed by {END!r})")
+        parts[role] = (text[start:at], text[at + len(_MARK.format(role)):end + len(END)])
+        start = end + len(END)
+    # the developer prompt the template gives a conversation without a system message: what the system prefix
+    # and suffix enclose in that rendering
+    prefix, suffix = parts["system"]
+    if not (default_system.startswith(prefix) and suffix in default_system[len(prefix):]):
+        raise ValueError(f"{checkpoint}: its chat template's default system block is not where M3 puts it")
+    default = default_system[len(prefix):default_system.index(suffix, len(prefix))]
+    return ChatTemplate(name=name, default_system_prompt=default, role_prefix_and_suffix=parts)
+
+
+def _match(model_path: str):
+    """sglang.lang's matching-function protocol: a registered template's name, or None."""
+    from sglang.lang.chat_template import chat_template_registry, register_chat_template
+
+    if not is_m3_checkpoint(model_path):
+        return None
+    name = f"minimax-m3:{Path(model_path).resolve()}"
+    if name not in chat_template_registry:
+        register_chat_template(chat_template(str(model_path), name))
+    return name
+
+
+def register() -> None:
+    """Add `_match` to sglang.lang's matching functions (once)."""
+    from sglang.lang.chat_template import matching_function_registry, register_chat_template_matching_function
+
+    if _match not in matching_function_registry:
+        register_chat_template_matching_function(_match)
+
+
+register()
