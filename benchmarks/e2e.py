@@ -267,12 +267,16 @@ RUN_METRICS = ("output_throughput", "output_throughput_per_gpu", "median_ttft_ms
 def merge_run(earlier: dict, info: dict, run_id: str) -> dict:
     """A label's entry in --state after its run `run_id` reported `info` (partial while it runs: the same run_id
     replaces its own earlier report). Every run's workloads are kept under "runs"; "workloads" holds, per workload,
-    the one run that measured it or, over several runs (fresh servers: `--runs`, or later calls), the median of
-    each of RUN_METRICS with the per-run ITL / TPOT beside it -- one server start per side did not settle the 128K
-    batch-1 target (session 19: the same command's ITL 1.81 and 2.14 ms in two leases). A run's failed workload
-    counts only where no run measured it. A state written before runs were kept counts as one run."""
-    runs = list(earlier.get("runs") or ([{"run_id": "earlier", "workloads": earlier["workloads"]}]
-                                        if earlier.get("workloads") else []))
+    the one run that measured it or, over several runs (fresh servers: `--runs`, or later calls on the same state),
+    each of RUN_METRICS' median over the runs that report it, with the per-run ITL / TPOT beside it (the other
+    fields, e.g. scheduler and gpu, are the last run's) -- one server start per side did not settle the 128K
+    batch-1 target (sessions 18 and 19: ITL 2.14 and 1.81 ms). A run's failed workload counts only where no run
+    measured it. Start-up figures: the first cold run's (a failed start, which has none, does not erase them), the
+    last warm run's start-up beside them. A state written before runs were kept counts as one run. Every run in a
+    state is pooled: start a new --state after a code change."""
+    runs = list(earlier.get("runs") or ([{"run_id": "earlier", "workloads": earlier["workloads"],
+                                           **{k: earlier.get(k) for k in ("triton_cache", "startup_s", "capture_s")}}]
+                                         if earlier.get("workloads") else []))
     runs = [r for r in runs if r["run_id"] != run_id]
     runs.append({"run_id": run_id, **{k: info.get(k) for k in ("triton_cache", "startup_s", "capture_s")},
                  "workloads": info.get("workloads", {})})
@@ -280,12 +284,21 @@ def merge_run(earlier: dict, info: dict, run_id: str) -> dict:
     for w in dict.fromkeys(w for r in runs for w in r["workloads"]):
         done = [r["workloads"][w] for r in runs if "error" not in r["workloads"].get(w, {"error": None})]
         if len(done) > 1:
-            med = {k: statistics.median(m[k] for m in done) for k in RUN_METRICS if all(m.get(k) for m in done)}
+            med = {k: statistics.median(vals) for k in RUN_METRICS
+                   if (vals := [m[k] for m in done if m.get(k) is not None])}
             workloads[w] = {**done[-1], **med, "runs": len(done), "itl_ms_runs": [m.get("median_itl_ms") for m in done],
                             "tpot_ms_runs": [m.get("median_tpot_ms") for m in done]}
         else:
             workloads[w] = done[0] if done else [r["workloads"][w] for r in runs if w in r["workloads"]][-1]
-    return {**info, "runs": runs, "workloads": workloads}
+    merged = {**info, "runs": runs, "workloads": workloads}
+    started = [r for r in runs if r.get("startup_s") is not None]
+    first = next((r for r in started if r.get("triton_cache") == "cold"), started[0] if started else None)
+    if first:
+        merged.update({k: first[k] for k in ("triton_cache", "startup_s", "capture_s")})
+        warm = [r for r in started if r is not first]
+        if warm:
+            merged["warm_startup_s"] = warm[-1]["startup_s"]
+    return merged
 
 
 def compare(servers: dict, workloads: dict) -> list[dict]:
@@ -369,7 +382,7 @@ def markdown(results: dict) -> str:
     clocks = [(r["workload"], name, gpu, g) for r in results["compare"] for name in SERVER_ENV
               for gpu, g in ((r.get(name) or {}).get("gpu") or {}).items() if g.get("samples")]
     if clocks:
-        lines += ["", "GPU during the measured run (nvidia-smi every 0.5 s; the last run where there were several)",
+        lines += ["", "GPU during the measured run (nvidia-smi every 0.5 s, samples with the GPU busy; the last run where there were several)",
                   "", "| workload | server | GPU | SM MHz median / min | power W median | temperature °C max |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {w} | {name} | {gpu} | {g['sm_mhz_median']} / {g['sm_mhz_min']} | {g['power_w_median']} | "
@@ -448,12 +461,8 @@ def main():
         # Re-read the state just before writing it: another lane of the same host (gpu_round.sh, same --state)
         # may have added its server meanwhile (e.g. ours and the in-tree on the two GPUs at once).
         state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}}
-        earlier = state["servers"].get(name, {})  # a previous call's runs stay, and so does a cold start-up
-        merged = merge_run(earlier, info, run_id)
-        if earlier.get("triton_cache") == "cold" and info.get("triton_cache") == "warm":
-            merged.update({k: earlier[k] for k in ("triton_cache", "startup_s", "capture_s") if k in earlier},
-                          warm_startup_s=info.get("startup_s"))
-        state["servers"][name] = merged
+        # a previous call's runs stay, and so does a cold start-up (merge_run)
+        state["servers"][name] = merge_run(state["servers"].get(name, {}), info, run_id)
         write(state_path, json.dumps(state, indent=1))
         results = {"flags": flags, "waves": args.waves, "layers": args.layers, "dense_layers": args.dense_layers,
                    "tp": args.tp, "servers": state["servers"], "compare": compare(state["servers"], workloads)}

@@ -16,16 +16,15 @@ import threading
 
 
 class PeakMemory:
-    """Context manager: `peak_mib` maps GPU index -> largest memory.used (MiB) seen; `sm_mhz`, `power_w` and
-    `temp_c` map it to every sample of clocks.sm (MHz), power.draw (W) and temperature.gpu (°C) -- so a slow run
-    can be told from a throttled GPU (session 19: the same command's batch-1 ITL moved 18 % between two leases).
-    All empty without nvidia-smi; a field nvidia-smi reports as "[N/A]" is left out."""
+    """Context manager: `peak_mib` maps GPU index -> largest memory.used (MiB) seen; `samples` maps it to every
+    (utilization.gpu %, clocks.sm MHz, power.draw W, temperature.gpu °C) read, so a slow run can be told from a
+    throttled GPU (sessions 18 and 19: the same workload's batch-1 ITL 2.14 and 1.81 ms). Empty without
+    nvidia-smi; a field it reports as "[N/A]" is None."""
 
-    QUERY = "index,memory.used,clocks.sm,power.draw,temperature.gpu"
+    QUERY = "index,memory.used,utilization.gpu,clocks.sm,power.draw,temperature.gpu"
 
     def __init__(self, interval: float = 1.0):
-        self.interval, self.peak_mib = interval, {}
-        self.sm_mhz, self.power_w, self.temp_c = {}, {}, {}
+        self.interval, self.peak_mib, self.samples = interval, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -40,20 +39,30 @@ class PeakMemory:
         idx, used, *rest = (x.strip() for x in line.split(","))
         idx = int(idx)
         self.peak_mib[idx] = max(int(used), self.peak_mib.get(idx, 0))
-        for store, value in zip((self.sm_mhz, self.power_w, self.temp_c), rest):
+
+        def number(x):
             try:
-                store.setdefault(idx, []).append(float(value))
+                return float(x)
             except ValueError:
-                pass  # "[N/A]" (e.g. power on some boards)
+                return None  # "[N/A]" (e.g. power on some boards)
+
+        self.samples.setdefault(idx, []).append(tuple(number(x) for x in rest))
 
     def summary(self, gpus=None) -> dict:
-        """Per GPU (all, or the indices in `gpus`): median and lowest SM clock, median power, highest temperature."""
-        def med(xs):
-            return statistics.median(xs) if xs else None
-        return {i: {"sm_mhz_median": med(self.sm_mhz.get(i)), "sm_mhz_min": min(self.sm_mhz.get(i) or [None]),
-                    "power_w_median": med(self.power_w.get(i)), "temp_c_max": max(self.temp_c.get(i) or [None]),
-                    "samples": len(self.sm_mhz.get(i, []))}
-                for i in sorted(self.peak_mib) if gpus is None or i in gpus}
+        """Per GPU (all, or the indices in `gpus`), over the samples with the GPU busy (utilization > 0: the
+        benchmark client's own start-up and prompt generation leave it idle): median and lowest SM clock, median
+        power, highest temperature, and how many samples were busy of all."""
+        out = {}
+        for i in sorted(self.samples):
+            if gpus is not None and i not in gpus:
+                continue
+            busy = [s for s in self.samples[i] if s[0]]
+            cols = [[s[j] for s in busy if s[j] is not None] for j in (1, 2, 3)]
+            out[i] = {"sm_mhz_median": statistics.median(cols[0]) if cols[0] else None,
+                      "sm_mhz_min": min(cols[0], default=None),
+                      "power_w_median": statistics.median(cols[1]) if cols[1] else None,
+                      "temp_c_max": max(cols[2], default=None), "samples": len(busy), "all_samples": len(self.samples[i])}
+        return out
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

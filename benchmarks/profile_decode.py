@@ -110,11 +110,20 @@ def profile_decode(server: Server, ctx: int, steps: int, trace_dir: Path) -> dic
     body = {"input_ids": _ids(ctx, 7919),
             "sampling_params": {"max_new_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True}}
     done = {}
-    t = threading.Thread(target=lambda: done.setdefault("r", post(server.url + "/generate", body, timeout=900)))
+
+    def request():
+        try:
+            done["r"] = post(server.url + "/generate", body, timeout=900)
+        except Exception as e:  # noqa: BLE001 -- re-raised below: a failed request is no profile (session 19's
+            done["error"] = e   # 400 came back as a table of 0 kernels)
+
+    t = threading.Thread(target=request)
     t.start()
     time.sleep(float(os.environ.get("PROFILE_DELAY_S", "3")))  # prefill done, decode running in the graph
     post(server.url + "/start_profile", {"output_dir": str(trace_dir), "num_steps": steps, "activities": ["GPU"]})
     t.join()
+    if "error" in done:
+        raise RuntimeError(f"the profiled decode request failed: {done['error']}") from done["error"]
     _await_trace(trace_dir, "*.json*")
     out = kernel_table(trace_dir, steps)
     out["completion_tokens"] = done.get("r", {}).get("meta_info", {}).get("completion_tokens")

@@ -221,7 +221,7 @@ def oov_check(server: Server) -> dict:
         post(server.url + "/generate", {"input_ids": [5, 999999], "sampling_params": {"max_new_tokens": 2}})
         rec["status"] = 200
     except urllib.error.HTTPError as e:
-        rec["status"], rec["message"] = e.code, e.read().decode()[:300]
+        rec["status"], rec["message"] = e.code, getattr(e, "body", b"").decode()[:300]  # servers.post read it
     except Exception as e:  # the server went away
         rec["status"], rec["message"] = None, repr(e)[:300]
     try:

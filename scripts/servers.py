@@ -25,7 +25,8 @@ def post(url: str, body: dict | None = None, timeout: float = 600):
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
     except urllib.error.HTTPError as exc:  # the server's reason, not just "400: Bad Request" (session 19 lost a profile)
-        exc.msg = f"{exc.msg}: {exc.read()[:2000].decode(errors='replace')}"
+        exc.body = exc.read()  # kept: the response can be read only once (callers read the body from here)
+        exc.msg = f"{exc.msg}: {exc.body[:2000].decode(errors='replace')}"
         raise
     return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
 

@@ -37,6 +37,11 @@ class M3ConfigError(ValueError):
     """A config value this implementation does not support (the message names the field)."""
 
 
+def is_m3_architecture(architectures) -> bool:
+    """True when a config's `architectures` list (or None) names a MiniMax-M3 class first (M3_ARCHS)."""
+    return bool(architectures) and architectures[0] in M3_ARCHS
+
+
 def text_config_of(hf_config) -> PretrainedConfig:
     """The text backbone's config: `text_config` of the VL packaging, else the config itself."""
     return getattr(hf_config, "text_config", None) or hf_config

@@ -30,31 +30,46 @@ _ROLES = ("system", "user", "assistant")
 
 def is_m3_checkpoint(path: str | Path) -> bool:
     """True when `path` is a local directory whose config.json names a MiniMax-M3 architecture."""
-    from sglang_m3.config import M3_ARCHS
+    from sglang_m3.config import is_m3_architecture
 
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and (config.get("architectures") or [None])[0] in M3_ARCHS
+    return isinstance(config, dict) and is_m3_architecture(config.get("architectures"))
 
 
 @functools.cache
 def chat_template(checkpoint: str, name: str = "minimax-m3"):
     """The frontend ChatTemplate of the checkpoint directory `checkpoint` (its tokenizer's chat template).
 
-    Returns a `sglang.lang.chat_template.ChatTemplate`. Raises ValueError when the rendered template does not have
-    M3's layout (a role's content not followed by END)."""
-    from sglang.lang.chat_template import ChatTemplate
+    Returns a `sglang.lang.chat_template.ChatTemplate` (M3ChatTemplate). Raises ValueError when the rendered
+    template does not have M3's layout (a role's content not followed by END)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
-    messages = [{"role": r, "content": _MARK.format(r)} for r in _ROLES]
-    text = tok.apply_chat_template(messages, tokenize=False, thinking_mode="disabled")
-    default_system = tok.apply_chat_template([{"role": "user", "content": _MARK.format("user")}], tokenize=False,
-                                             thinking_mode="disabled")
+
+    def render(roles):
+        return tok.apply_chat_template([{"role": r, "content": _MARK.format(r)} for r in roles], tokenize=False,
+                                       thinking_mode="disabled")
+
+    parts = _cut(render(_ROLES), _ROLES, checkpoint)
+    # a system message after the first turn is a developer block (M3_SPEC.md §5), without the conversation header
+    developer = _cut(render(["user", "system"]), ["user", "system"], checkpoint)["system"]
+    # the developer prompt the template gives a conversation without a system message: what the system prefix and
+    # suffix enclose in that rendering
+    default_system, (prefix, suffix) = render(["user"]), parts["system"]
+    if not (default_system.startswith(prefix) and suffix in default_system[len(prefix):]):
+        raise ValueError(f"{checkpoint}: its chat template's default system block is not where M3 puts it")
+    default = default_system[len(prefix):default_system.index(suffix, len(prefix))]
+    return _template_class()(name=name, default_system_prompt=default, role_prefix_and_suffix=parts,
+                             later_system=developer)
+
+
+def _cut(text: str, roles, checkpoint) -> dict:
+    """Each role's (prefix, suffix) in `text`, rendered from one message per role in that order with _MARK contents."""
     parts, start = {}, 0
-    for role in _ROLES:
+    for role in roles:
         at = text.find(_MARK.format(role), start)
         end = text.find(END, at)
         if at < 0 or end < 0:
@@ -62,13 +77,27 @@ def chat_template(checkpoint: str, name: str = "minimax-m3"):
                              f"(content followed by {END!r})")
         parts[role] = (text[start:at], text[at + len(_MARK.format(role)):end + len(END)])
         start = end + len(END)
-    # the developer prompt the template gives a conversation without a system message: what the system prefix
-    # and suffix enclose in that rendering
-    prefix, suffix = parts["system"]
-    if not (default_system.startswith(prefix) and suffix in default_system[len(prefix):]):
-        raise ValueError(f"{checkpoint}: its chat template's default system block is not where M3 puts it")
-    default = default_system[len(prefix):default_system.index(suffix, len(prefix))]
-    return ChatTemplate(name=name, default_system_prompt=default, role_prefix_and_suffix=parts)
+    return parts
+
+
+@functools.cache
+def _template_class():
+    """ChatTemplate with M3's two system forms: the first message's (conversation header + developer block) and a
+    later one's (a developer block alone). Built on first use: sglang.lang is imported only then."""
+    from dataclasses import dataclass
+
+    from sglang.lang.chat_template import ChatTemplate
+
+    @dataclass
+    class M3ChatTemplate(ChatTemplate):
+        later_system: tuple = ("", "")
+
+        def get_prefix_and_suffix(self, role, hist_messages):
+            if role == "system" and hist_messages:
+                return self.later_system
+            return super().get_prefix_and_suffix(role, hist_messages)
+
+    return M3ChatTemplate
 
 
 def _match(model_path: str):
@@ -89,6 +118,8 @@ def register() -> None:
 
     if _match not in matching_function_registry:
         register_chat_template_matching_function(_match)
+        # first: SGLang's own matchers go by name fragments (e.g. "chat"), which an M3 directory's path may contain
+        matching_function_registry.insert(0, matching_function_registry.pop())
 
 
 register()

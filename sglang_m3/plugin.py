@@ -116,9 +116,9 @@ def _never(*_args, **_kwargs) -> bool:
 
 
 def _is_m3(hf_config) -> bool:
-    from sglang_m3.config import M3_ARCHS
+    from sglang_m3.config import is_m3_architecture
 
-    return (getattr(hf_config, "architectures", None) or [None])[0] in M3_ARCHS
+    return is_m3_architecture(getattr(hf_config, "architectures", None))
 
 
 def _m3_server_overrides(server_args, hf_config) -> dict:

@@ -442,10 +442,11 @@ def check_shape(obj, limits: Limits) -> None:
                              f"{ns[0] if len(set(ns)) == 1 else ns}): at most {MAX_PARALLEL_SAMPLES} per request on "
                              "this server (prompts × n); send the prompts as separate requests")
     # rid: a single prompt's list of rids reached SGLang's request table as a dict key (TypeError: HTTP 500)
-    rid = obj.rid
+    # (a single prompt with n > 1 is a batch of one to SGLang: a list of one rid is accepted there)
+    rid, prompts = obj.rid, batch if batch is not None else (1 if max(ns) > 1 else None)
     if rid is not None and not isinstance(rid, str) and not (
-            batch is not None and isinstance(rid, list) and len(rid) == batch and all(isinstance(r, str) for r in rid)):
-        form = f"a string or a list of one string per prompt ({batch})" if batch else "a string for a single prompt"
+            prompts and isinstance(rid, list) and len(rid) == prompts and all(isinstance(r, str) for r in rid)):
+        form = f"a string or a list of one string per prompt ({prompts})" if prompts else "a string for a single prompt"
         raise M3RequestError(f"rid must be {form}, got {_short(json.dumps(rid, default=str))}")
     for name in _PER_ITEM_FIELDS:
         value = getattr(obj, name)
@@ -457,27 +458,39 @@ def check_shape(obj, limits: Limits) -> None:
 JSON_OBJECT_ROUTES = ("/v1/chat/completions",)
 
 
-_JSON_OPENERS = {ord("{"): "object", ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
-                 ord("n"): "null", ord("-"): "number", **{ord(d): "number" for d in "0123456789"}}
+_JSON_OPENERS = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null",
+                 "-": "number", **{d: "number" for d in "0123456789"}}
+SCALAR_PARSE_LIMIT = 1 << 20  # bytes: a body opening as a string, number, true/false/null is parsed up to this size
 
 
 def json_kind(body: bytes) -> Optional[str]:
-    """The JSON type an HTTP body opens as ("object", "array", "string", "number", "boolean", "null"), read from its
-    first non-whitespace byte, or None when that byte opens no JSON value (SGLang answers such a body itself, 400).
-    Not parsed: whether the rest is valid JSON is SGLang's parse to answer. Parsing here cost a 500 for an array
-    nested 100,000 deep (json.loads' RecursionError) and ~3 s of the event loop for a 40 MB array (session 19's
-    newcomer probe)."""
-    body = body.lstrip()
-    if body.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, which json.loads skips too
-        body = body[3:].lstrip()
-    return _JSON_OPENERS.get(next(iter(body), -1))
+    """The JSON type an HTTP body holds ("object", "array", "string", "number", "boolean", "null"), or None when it
+    is not JSON (SGLang answers such a body itself, with its own 400).
+
+    The encoding is detected as json.loads detects it (UTF-8/16/32, a byte-order mark) and the kind read from the
+    first non-whitespace character: an object or an array is not parsed (an array nested 100,000 deep made
+    json.loads raise RecursionError, a 500, and a 40 MB array held the event loop ~3 s: session 19's newcomer
+    probe); so a body that opens an array but is not valid JSON counts as an array. A scalar is parsed (up to
+    SCALAR_PARSE_LIMIT bytes), so that text such as `nope` is left to SGLang's parse error."""
+    try:
+        head = body[:64].decode(json.detect_encoding(body[:4]), errors="ignore")
+    except LookupError:
+        return None
+    kind = _JSON_OPENERS.get(head.lstrip(" \t\r\n\ufeff")[:1])
+    if kind in (None, "object", "array") or len(body) > SCALAR_PARSE_LIMIT:
+        return kind
+    try:
+        json.loads(body)
+    except ValueError:
+        return None
+    return kind
 
 
 class JsonObjectBody:
     """ASGI middleware: a POST to a route of JSON_OBJECT_ROUTES whose body is JSON but not an object gets HTTP 400
     naming what it got. Why: SGLang 0.5.17's ChatCompletionRequest "before" validators call ``values.get`` on the
     raw body, so `[1,2]`, `"x"` or `null` raised AttributeError inside pydantic and came back as HTTP 500. The body is
-    read once and handed on unchanged (never parsed here: its first non-whitespace byte tells, see json_kind);
+    read once and handed on unchanged (an object or array body is never parsed here, see json_kind);
     responses (streams included) pass through untouched."""
 
     def __init__(self, app):
@@ -495,10 +508,8 @@ class JsonObjectBody:
         body = b"".join(chunks)
         kind = json_kind(body)
         if kind not in (None, "object"):
-            opener = {"array": "[", "string": '"', "null": "n", "boolean": "t or f", "number": "a digit or -"}[kind]
             payload = json.dumps({"object": "error", "type": "BadRequestError", "param": None, "code": 400,
-                                  "message": f"The request body must be a JSON object; it opens with {opener} "
-                                             f"(a JSON {kind})."}).encode()
+                                  "message": f"The request body must be a JSON object; got a JSON {kind}."}).encode()
             await send({"type": "http.response.start", "status": 400,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(payload)).encode())]})

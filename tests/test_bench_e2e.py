@@ -164,44 +164,57 @@ def test_a_state_does_not_merge_one_label_across_flags(tmp_path):
 
 def test_runs_of_one_label_are_kept_and_their_median_is_compared():
     """--runs (or a later call on the same --state) starts the label's server afresh: every run's workloads are
-    kept, and the ratios use each metric's median over the runs that measured the workload (one start per side did
-    not settle the 128K batch-1 target). A partial report of a run replaces that run's earlier report; a failed
-    workload counts only where no run measured it; a state written before runs were kept counts as one run."""
+    kept, and the ratios use each metric's median over the runs that report it (one start per side did not settle
+    the 128K batch-1 target). A partial report of a run replaces that run's earlier report; a failed workload counts
+    only where no run measured it; a state written before runs were kept counts as one run; the first cold start-up
+    stays, whatever later runs (a failed start included) report."""
     import e2e
 
     def m(itl, tput=100.0):
         return {"output_throughput": tput, "output_throughput_per_gpu": tput, "median_ttft_ms": 10.0,
                 "median_tpot_ms": itl, "median_itl_ms": itl, "median_e2e_latency_ms": 50.0}
 
-    old_state = {"flags": [], "workloads": {"128k-c1": m(2.14, 114.0)}}  # as session 18's state
-    entry = e2e.merge_run(old_state, {"startup_s": 90.0, "workloads": {}}, "r1")  # r1 started, nothing measured
+    old_state = {"flags": [], "triton_cache": "cold", "startup_s": 437.0, "capture_s": 297.0,
+                 "workloads": {"128k-c1": m(2.14, 114.0)}}  # as session 18's state
+    entry = e2e.merge_run(old_state, {"triton_cache": "warm", "startup_s": 90.0, "workloads": {}}, "r1")
     assert [r["run_id"] for r in entry["runs"]] == ["earlier", "r1"] and entry["workloads"]["128k-c1"] == m(2.14, 114.0)
-    entry = e2e.merge_run(entry, {"workloads": {"128k-c1": m(1.81, 120.0), "32k-c1": {"error": "cut"}}}, "r1")
-    entry = e2e.merge_run(entry, {"workloads": {"128k-c1": m(2.00, 117.0), "32k-c1": m(1.66)}}, "r2")
-    assert [r["run_id"] for r in entry["runs"]] == ["earlier", "r1", "r2"]  # r1's partial report replaced
+    assert (entry["startup_s"], entry["warm_startup_s"]) == (437.0, 90.0)
+    entry = e2e.merge_run(entry, {"triton_cache": "warm", "startup_s": 90.0,
+                                  "workloads": {"128k-c1": m(1.81, 120.0), "32k-c1": {"error": "cut"}}}, "r1")
+    entry = e2e.merge_run(entry, {"error": "server exited"}, "r-failed")  # a failed start: no start-up figures
+    assert (entry["triton_cache"], entry["startup_s"], entry["capture_s"]) == ("cold", 437.0, 297.0)
+    r2 = m(2.50, 130.0)
+    r2["median_itl_ms"] = None  # a metric one run lacks: the median of the others
+    entry = e2e.merge_run(entry, {"triton_cache": "warm", "startup_s": 95.0,
+                                  "workloads": {"128k-c1": r2, "32k-c1": m(1.66)}}, "r2")
+    assert [r["run_id"] for r in entry["runs"]] == ["earlier", "r1", "r-failed", "r2"]  # r1's partial report replaced
     w = entry["workloads"]["128k-c1"]
-    assert (w["median_itl_ms"], w["output_throughput"], w["runs"]) == (2.00, 117.0, 3)
-    assert w["itl_ms_runs"] == [2.14, 1.81, 2.00]
+    # medians of (114, 120, 130) tok/s, (2.14, 1.81, 2.50) ms TPOT, (2.14, 1.81) ms ITL -- not the last run's values
+    assert (w["output_throughput"], w["median_tpot_ms"], w["runs"]) == (120.0, 2.14, 3)
+    assert w["median_itl_ms"] == pytest.approx((2.14 + 1.81) / 2) and w["tpot_ms_runs"] == [2.14, 1.81, 2.50]
     assert entry["workloads"]["32k-c1"] == m(1.66)  # r1's failure does not hide r2's measurement
+    assert (entry["startup_s"], entry["warm_startup_s"]) == (437.0, 95.0)
     only_failed = e2e.merge_run({}, {"workloads": {"2k": {"error": "boom"}}}, "x")
     assert only_failed["workloads"]["2k"] == {"error": "boom"}
 
     servers = {"ours": entry, "intree": {"workloads": {"128k-c1": m(2.5)}}}
     row = e2e.compare(servers, {"128k-c1": e2e.WORKLOADS["128k-c1"]})[0]
-    assert row["itl_ratio"] == pytest.approx(2.00 / 2.5)
+    assert row["tpot_ratio"] == pytest.approx(2.14 / 2.5) and row["throughput_ratio"] == pytest.approx(1.2)
     md = e2e.markdown({"servers": servers, "compare": [row], "tp": 1})
-    assert "| 128k-c1 | ours | 3 | 2.14 / 1.81 / 2.00 | 2.14 / 1.81 / 2.00 |" in md
+    assert "| 128k-c1 | ours | 3 | 2.14 / 1.81 | 2.14 / 1.81 / 2.50 |" in md
 
 
 def test_gpu_samples_are_summarised_per_gpu():
-    """nvidia-smi's csv lines (memory.used, clocks.sm, power.draw, temperature.gpu) become a peak, medians and
-    extremes per GPU; "[N/A]" fields are skipped, other GPUs can be left out."""
+    """nvidia-smi's csv lines (memory.used, utilization.gpu, clocks.sm, power.draw, temperature.gpu) become a peak
+    and, over the busy samples only, medians and extremes per GPU; "[N/A]" fields are skipped, other GPUs can be
+    left out."""
     from gpu_memory import PeakMemory
 
     p = PeakMemory()
-    for line in ("0, 1000, 1980, 650.5, 61", "0, 1200, 1755, [N/A], 63", "0, 900, 1800, 600.5, 62",
-                 "1, 5, 345, 70, 30"):
+    for line in ("0, 1000, 100, 1980, 650.5, 61", "0, 1200, 97, 1755, [N/A], 63", "0, 900, 100, 1800, 600.5, 62",
+                 "0, 950, 0, 345, 90.0, 70", "1, 5, 0, 345, 70, 30"):
         p.add(line)
     assert p.peak_mib == {0: 1200, 1: 5}
     assert p.summary({0}) == {0: {"sm_mhz_median": 1800.0, "sm_mhz_min": 1755.0, "power_w_median": 625.5,
-                                  "temp_c_max": 63.0, "samples": 3}}
+                                  "temp_c_max": 63.0, "samples": 3, "all_samples": 4}}
+    assert p.summary()[1]["samples"] == 0 and p.summary()[1]["sm_mhz_median"] is None

@@ -32,8 +32,11 @@ def _recording_backend(template):
     return Recorder()
 
 
-@pytest.mark.parametrize("system", [None, "Be brief."])
-def test_frontend_prompts_equal_the_checkpoints_chat_template(ckpt, system):
+@pytest.mark.parametrize("system, later_system", [(None, None), ("Be brief.", None), (None, "Now in French."),
+                                                  ("Be brief.", "Now in French.")])
+def test_frontend_prompts_equal_the_checkpoints_chat_template(ckpt, system, later_system):
+    """With and without a first system message, and with a system message between turns (M3: a developer block
+    then, without the conversation header)."""
     import sglang as sgl
     from transformers import AutoTokenizer
 
@@ -45,6 +48,8 @@ def test_frontend_prompts_equal_the_checkpoints_chat_template(ckpt, system):
             s += sgl.system(system)
         s += sgl.user("Hi there")
         s += sgl.assistant(sgl.gen("a1", max_tokens=4))
+        if later_system:
+            s += sgl.system(later_system)
         s += sgl.user("And then?")
         s += sgl.assistant(sgl.gen("a2", max_tokens=4))
 
@@ -58,7 +63,8 @@ def test_frontend_prompts_equal_the_checkpoints_chat_template(ckpt, system):
 
     head = [{"role": "system", "content": system}] if system else []
     turn1 = [*head, {"role": "user", "content": "Hi there"}]
-    turn2 = [*turn1, {"role": "assistant", "content": "answer 1"}, {"role": "user", "content": "And then?"}]
+    later = [{"role": "system", "content": later_system}] if later_system else []
+    turn2 = [*turn1, {"role": "assistant", "content": "answer 1"}, *later, {"role": "user", "content": "And then?"}]
     assert backend.prompts == [render(turn1, True), render(turn2, True)]
     assert state.text() == render([*turn2, {"role": "assistant", "content": "answer 2"}], False)
     assert (state["a1"], state["a2"]) == ("answer 1", "answer 2")
@@ -75,6 +81,10 @@ def test_an_m3_checkpoint_path_selects_the_template_and_others_do_not(ckpt, tmp_
     assert picked.name.startswith("minimax-m3:") and picked.role_prefix_and_suffix["user"] == ("]~b]user\n",
                                                                                                 "[e~[\n")
     assert get_chat_template_by_model_path(str(tmp_path)).name == "default"  # no config.json
+    import shutil  # before SGLang's name-fragment matchers: an M3 directory whose name says "llama-2 ... chat"
+
+    named = shutil.copytree(ckpt, tmp_path / "llama-2-chat-m3")
+    assert get_chat_template_by_model_path(str(named)).name.startswith("minimax-m3:")
     assert get_chat_template_by_model_path("meta-llama/Llama-2-7b-chat-hf").name == "llama-2-chat"
 
 

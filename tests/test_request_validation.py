@@ -219,8 +219,11 @@ def test_shape_before_normalization():
 @pytest.mark.parametrize("body, kind", [(b'{"a": 1}', "object"), (b"[1, 2]", "array"), (b'"x"', "string"),
                                         (b"null", "null"), (b"4.5", "number"), (b"-1", "number"),
                                         (b"false", "boolean"), (b" \n\t true", "boolean"), (b"", None),
-                                        (b"\xef\xbb\xbf [2]", "array"), (b"<xml/>", None),
-                                        # read from the opening byte, not parsed (SGLang's parse judges the rest):
+                                        (b"\xef\xbb\xbf [2]", "array"), (b"<xml/>", None), (b"nope", None),
+                                        (b"12ab", None), ('[1, 2]'.encode("utf-16"), "array"),
+                                        ('[1, 2]'.encode("utf-16-be"), "array"), ('"x"'.encode("utf-32"), "string"),
+                                        ('{"a": 1}'.encode("utf-16-le"), "object"),
+                                        # an object or array is not parsed (SGLang's parse judges the rest):
                                         (b"{not json", "object"), (b"[1,", "array"),
                                         (b"[" * 100_000 + b"]" * 100_000, "array")])  # json.loads: RecursionError
 def test_json_kind(body, kind):
@@ -238,16 +241,20 @@ def test_json_kind(body, kind):
 
 
 def test_rid_must_be_a_string_or_one_per_prompt():
-    """SGLang keys its request table by rid: a single prompt's list reached it unhashable (TypeError, HTTP 500)."""
+    """SGLang keys its request table by rid: a single prompt's list reached it unhashable (TypeError, HTTP 500).
+    Every shape accepted here is one SGLang's own normalization takes (checked: normalize_batch_and_arguments)."""
     from sglang_m3.request_validation import check_shape
 
     assert "a string for a single prompt" in refused(check_shape, req(text="hi", rid=["a", "b"]), LIMITS)
     assert "one string per prompt (2)" in refused(check_shape, req(text=["a", "b"], rid=["x"]), LIMITS)
     assert "one string per prompt (2)" in refused(check_shape, req(text=["a", "b"], rid=["x", {"y": 1}]), LIMITS)
     assert "rid must be" in refused(check_shape, req(input_ids=[5], rid=7), LIMITS)
+    assert "one string per prompt (1)" in refused(check_shape, req(text="hi", rid=["a", "b"],
+                                                                   sampling_params={"n": 2}), LIMITS)
     for ok in (req(text="hi", rid="a"), req(text=["a", "b"], rid=["x", "y"]), req(text=["a", "b"], rid="x"),
-               req(input_ids=[5])):
+               req(input_ids=[5]), req(text="hi", rid=["a"], sampling_params={"n": 2})):  # SGLang: a batch of one
         check_shape(ok, LIMITS)
+        ok.normalize_batch_and_arguments()
 
 
 @pytest.mark.parametrize("pattern,words", [
