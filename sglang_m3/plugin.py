@@ -274,10 +274,10 @@ def _check_one_request(tokenizer_manager, obj, input_ids, *args, **kwargs):
 
 def _json_object_bodies(server_args, *args, **kwargs):
     """Before the HTTP server starts (its app takes no middleware later): for an M3 server, put
-    request_validation.JsonObjectBody in front of SGLang's routes."""
+    json_body.JsonObjectBody in front of SGLang's routes."""
     from sglang.srt.entrypoints.http_server import app
 
-    from sglang_m3.request_validation import JsonObjectBody
+    from sglang_m3.json_body import JsonObjectBody
 
     if _is_m3(server_args.get_model_config().hf_config) and not any(
             m.cls is JsonObjectBody for m in app.user_middleware):

@@ -229,7 +229,7 @@ def test_shape_before_normalization():
 def test_json_kind(body, kind):
     """Oracle: json.loads where it can parse the body (the kind of the value it returns) and the JSON grammar's
     value openers (RFC 8259 §3) where it cannot."""
-    from sglang_m3.request_validation import json_kind
+    from sglang_m3.json_body import json_kind
 
     assert json_kind(body) == kind
     try:
