@@ -3,9 +3,9 @@
 The frontend renders roles on the client, from a `sglang.lang.chat_template.ChatTemplate` it picks by the
 server's model path; SGLang 0.5.17 has none for MiniMax-M3, so programs got its "default" template (`USER:` /
 `ASSISTANT:` text) without a warning (session 19's newcomer probe). Importing this module registers a matching
-function: `sgl.RuntimeEndpoint(url)` then uses the served checkpoint's own chat template whenever its model path is
-a local M3 checkpoint directory (config.json names MiniMax-M3; the client reads the directory, as it does for the
-tokenizer). Elsewhere, pass the template yourself:
+function (plugin.register_frontend_chat_template): `sgl.RuntimeEndpoint(url)` then uses the served checkpoint's
+own chat template whenever its model path is a local M3 checkpoint directory (config.json names MiniMax-M3; the
+client reads the directory, as it does for the tokenizer). Elsewhere, pass the template yourself:
 ``backend.chat_template = sglang_m3.frontend.chat_template(<a local copy of the checkpoint>)``.
 
 How: the checkpoint's template (rendered by transformers, the oracle the tests compare with) is rendered once with
@@ -100,8 +100,9 @@ def _template_class():
     return M3ChatTemplate
 
 
-def _match(model_path: str):
-    """sglang.lang's matching-function protocol: a registered template's name, or None."""
+def match(model_path: str):
+    """sglang.lang's matching-function protocol: the name of a registered template, or None. Registered by
+    plugin.register_frontend_chat_template."""
     from sglang.lang.chat_template import chat_template_registry, register_chat_template
 
     if not is_m3_checkpoint(model_path):
@@ -112,14 +113,10 @@ def _match(model_path: str):
     return name
 
 
-def register() -> None:
-    """Add `_match` to sglang.lang's matching functions (once)."""
-    from sglang.lang.chat_template import matching_function_registry, register_chat_template_matching_function
+def _register() -> None:
+    from sglang_m3.plugin import register_frontend_chat_template
 
-    if _match not in matching_function_registry:
-        register_chat_template_matching_function(_match)
-        # first: SGLang's own matchers go by name fragments (e.g. "chat"), which an M3 directory's path may contain
-        matching_function_registry.insert(0, matching_function_registry.pop())
+    register_frontend_chat_template()
 
 
-register()
+_register()

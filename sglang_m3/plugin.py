@@ -17,6 +17,8 @@ What it changes, all keyed on the two released M3 architecture names:
 - flags that would silently drop the index lane (HiCache) or that we do not serve are refused;
 - requests: a generate request the model or the scheduler cannot serve (id outside the vocabulary, empty prompt
   in a batch, mistyped sampling field, ...) is refused with HTTP 400 before it is sent (request_validation.py).
+Client side (the frontend language's process, which loads no plugins): `register_frontend_chat_template()`, called
+by `import sglang_m3.frontend`, adds M3's role markup to sglang.lang's chat-template matching.
 """
 
 from __future__ import annotations
@@ -108,6 +110,18 @@ def enable() -> None:
     from sglang.srt.plugins import load_plugins
 
     load_plugins()
+
+
+def register_frontend_chat_template() -> None:
+    """sglang.lang (the frontend language) picks a client-side ChatTemplate by the server's model path through its
+    matching functions; ours answers for a local M3 checkpoint directory (frontend.match) and goes first, since
+    SGLang's own match name fragments (e.g. "chat") an M3 directory's path may contain. Idempotent."""
+    from sglang.lang.chat_template import matching_function_registry
+
+    from sglang_m3.frontend import match
+
+    if match not in matching_function_registry:
+        matching_function_registry.insert(0, match)
 
 
 # ---- helpers the hooks use ------------------------------------------------------------------------------
