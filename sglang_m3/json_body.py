@@ -8,10 +8,13 @@ installed by plugin.py in front of SGLang's routes.
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional
 
 
-JSON_OBJECT_ROUTES = ("/v1/chat/completions",)
+# the routes whose handlers read a ChatCompletionRequest (SageMaker's /invocations too)
+JSON_OBJECT_ROUTES = ("/v1/chat/completions", "/invocations")
+_LEADING_WS = re.compile(rb"[ \t\r\n]*")
 
 
 _JSON_OPENERS = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null",
@@ -29,10 +32,17 @@ def json_kind(body: bytes) -> Optional[str]:
     probe); so a body that opens an array but is not valid JSON counts as an array. A scalar is parsed (up to
     SCALAR_PARSE_LIMIT bytes), so that text such as `nope` is left to SGLang's parse error."""
     try:
-        head = body[:64].decode(json.detect_encoding(body[:4]), errors="ignore")
+        encoding = json.detect_encoding(body[:4])
     except LookupError:
         return None
-    kind = _JSON_OPENERS.get(head.lstrip(" \t\r\n\ufeff")[:1])
+    if encoding.startswith("utf-8"):  # (the usual case: no copy of the body; any amount of leading whitespace)
+        at = _LEADING_WS.match(body).end()
+        if body.startswith(b"\xef\xbb\xbf", at):
+            at = _LEADING_WS.match(body, at + 3).end()
+        first = body[at:at + 1].decode("latin-1")
+    else:
+        first = body.decode(encoding, errors="ignore").lstrip(" \t\r\n\ufeff")[:1]
+    kind = _JSON_OPENERS.get(first)
     if kind in (None, "object", "array") or len(body) > SCALAR_PARSE_LIMIT:
         return kind
     try:

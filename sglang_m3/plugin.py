@@ -100,6 +100,7 @@ def register() -> None:
     HookRegistry.register(tokenizer_manager + "generate_request", _check_request_shape, HookType.AROUND)
     HookRegistry.register(tokenizer_manager + "_handle_batch_request", _check_batch_request, HookType.AROUND)
     HookRegistry.register(tokenizer_manager + "_validate_one_request", _check_one_request, HookType.BEFORE)
+    HookRegistry.register(tokenizer_manager + "create_abort_task", _no_abort_for_refused, HookType.AROUND)
     # A chat body that is JSON but not an object fails inside SGLang's own request model (HTTP 500): answer 400 first.
     HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _json_object_bodies, HookType.BEFORE)
 
@@ -264,6 +265,18 @@ def _check_request_shape(original, tokenizer_manager, obj, *args, **kwargs):
     limits = _request_limits(tokenizer_manager, obj)
     if limits:
         check_shape(obj, limits)
+    return original(tokenizer_manager, obj, *args, **kwargs)
+
+
+def _no_abort_for_refused(original, tokenizer_manager, obj, *args, **kwargs):
+    """A streamed request refused by _check_request_shape never reached SGLang's normalization (no `is_single`)
+    nor the scheduler: nothing to abort. SGLang's abort task, which the streaming routes schedule 2 s after the
+    stream ends, read `obj.is_single` and logged "Exception in ASGI application" with a traceback for every refused
+    stream (session 19's newcomer probe)."""
+    if not hasattr(obj, "is_single"):
+        from fastapi import BackgroundTasks
+
+        return BackgroundTasks()
     return original(tokenizer_manager, obj, *args, **kwargs)
 
 

@@ -165,6 +165,20 @@ def test_chat_body_that_is_not_a_json_object_is_refused_naming_its_type(start_se
     for body, kind in (([1, 2, 3], "array"), ("hello", "string"), (None, "null"), (42, "number"), (True, "boolean")):
         status, out = _post(server, "/v1/chat/completions", body)
         assert status == 400 and f"got a JSON {kind}" in out["message"], (body, status, out)
+    for path, raw in (("/v1/chat/completions", b" " * 100 + b"[1, 2]"), ("/invocations", b"[1]")):
+        req = urllib.request.Request(server.url + path, data=raw, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 400 and b"got a JSON array" in err.value.read(), (path, raw[:20])
+    # a refused streamed /generate: the error inside the stream, and no traceback from SGLang's abort task 2 s later
+    req = urllib.request.Request(server.url + "/generate", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"text": "hi", "rid": ["a", "b"], "stream": True,
+                                                  "sampling_params": {"max_new_tokens": 2}}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        streamed = r.read().decode()
+    assert "rid must be a string" in streamed and "[DONE]" in streamed, streamed
+    time.sleep(3)
+    assert "Exception in ASGI application" not in server.log(), server.log()[-3000:]
     status, out = _post(server, "/v1/chat/completions", {"model": "x", "max_tokens": 3,
                                                          "messages": [{"role": "user", "content": "hi"}]})
     assert status == 200 and out["usage"]["completion_tokens"] == 3, out

@@ -225,6 +225,8 @@ def test_shape_before_normalization():
                                         ('{"a": 1}'.encode("utf-16-le"), "object"),
                                         # an object or array is not parsed (SGLang's parse judges the rest):
                                         (b"{not json", "object"), (b"[1,", "array"),
+                                        (b" " * 64 + b"[1, 2]", "array"), (b"\n" * 100 + b"null", "null"),
+                                        (("\n" * 100 + "[1]").encode("utf-16"), "array"),
                                         (b"[" * 100_000 + b"]" * 100_000, "array")])  # json.loads: RecursionError
 def test_json_kind(body, kind):
     """Oracle: json.loads where it can parse the body (the kind of the value it returns) and the JSON grammar's
