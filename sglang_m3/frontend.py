@@ -5,8 +5,10 @@ server's model path; SGLang 0.5.17 has none for MiniMax-M3, so programs got its 
 `ASSISTANT:` text) without a warning (session 19's newcomer probe). Importing this module registers a matching
 function (plugin.register_frontend_chat_template): `sgl.RuntimeEndpoint(url)` then uses the served checkpoint's
 own chat template whenever its model path is a local M3 checkpoint directory (config.json names MiniMax-M3; the
-client reads the directory, as it does for the tokenizer). Elsewhere, pass the template yourself:
-``backend.chat_template = sglang_m3.frontend.chat_template(<a local copy of the checkpoint>)``.
+client reads the directory, as it does for the tokenizer). Elsewhere (an HF id, a path only the server sees), pass
+the template yourself: ``backend.chat_template = sglang_m3.frontend.chat_template(<a local copy of the
+checkpoint>)``; a `RuntimeEndpoint` whose server reports an M3 architecture logs a warning saying so
+(warn_unless_m3_template).
 
 How: the checkpoint's template (rendered by transformers, the oracle the tests compare with) is rendered once with
 a marker in place of each role's content, and cut at M3's role markers (M3_SPEC.md §5: a message is
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 END = "[e~[\n"  # end of message (M3_SPEC.md §5)
 _MARK = "\x00{}\x00"  # a role's content while rendering (never in a real template's own text)
@@ -111,6 +116,23 @@ def match(model_path: str):
     if name not in chat_template_registry:
         register_chat_template(chat_template(str(model_path), name))
     return name
+
+
+def warn_unless_m3_template(model_info: dict, template) -> None:
+    """Log a warning when the server serves MiniMax-M3 but the frontend did not get M3's template.
+
+    `model_info`: the server's /get_model_info answer (`architectures` names the served model, `model_path` the
+    path the frontend matched); `template`: the ChatTemplate the frontend picked by that path. Called by the
+    RuntimeEndpoint hook (plugin.register_frontend_chat_template) unless the program named a template itself."""
+    from sglang_m3.config import is_m3_architecture
+
+    if not is_m3_architecture(model_info.get("architectures")) or isinstance(template, _template_class()):
+        return
+    logger.warning(
+        "The server serves MiniMax-M3 from model path %r, which is not a MiniMax-M3 checkpoint directory this client "
+        "can read, so sgl.system / sgl.user / sgl.assistant are rendered with SGLang's %r chat template, not M3's. "
+        "Set backend.chat_template = sglang_m3.frontend.chat_template(<local checkpoint copy>) before running "
+        "programs.", model_info.get("model_path"), getattr(template, "name", template))
 
 
 def _register() -> None:

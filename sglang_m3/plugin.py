@@ -116,13 +116,39 @@ def enable() -> None:
 def register_frontend_chat_template() -> None:
     """sglang.lang (the frontend language) picks a client-side ChatTemplate by the server's model path through its
     matching functions; ours answers for a local M3 checkpoint directory (frontend.match) and goes first, since
-    SGLang's own match name fragments (e.g. "chat") an M3 directory's path may contain. Idempotent."""
+    SGLang's own match name fragments (e.g. "chat") an M3 directory's path may contain; RuntimeEndpoint warns when
+    its server serves M3 and the template it picked is not ours. Idempotent."""
+    from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
     from sglang.lang.chat_template import matching_function_registry
 
     from sglang_m3.frontend import match
 
     if match not in matching_function_registry:
         matching_function_registry.insert(0, match)
+    # The matching functions see the model path alone; an M3 server whose path this client cannot read (an HF id, a
+    # path on the server's machine) would silently get SGLang's "default" template. /get_model_info also names the
+    # architecture, so the endpoint warns then. (Patched directly: this process loads no plugins, so HookRegistry
+    # hooks are never applied in it.)
+    if not getattr(RuntimeEndpoint.__init__, "_m3_template_check", False):
+        RuntimeEndpoint.__init__ = _warn_unless_m3_template(RuntimeEndpoint.__init__)
+
+
+def _warn_unless_m3_template(init):
+    """RuntimeEndpoint.__init__, then frontend.warn_unless_m3_template unless the caller named a template."""
+    import inspect
+
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if signature.bind(self, *args, **kwargs).arguments.get("chat_template_name") is None:
+            from sglang_m3.frontend import warn_unless_m3_template
+
+            warn_unless_m3_template(self.model_info, self.chat_template)
+
+    wrapper._m3_template_check = True
+    return wrapper
 
 
 # ---- helpers the hooks use ------------------------------------------------------------------------------

@@ -420,12 +420,19 @@ def check_shape(obj, limits: Limits) -> None:
         raise M3RequestError("input_embeds is not supported for MiniMax-M3 (SGLang 0.5.17 cannot batch it with "
                              "token-id requests); send input_ids or text")
     params = obj.sampling_params
-    if batch is None and params is not None and not isinstance(params, dict):
-        raise M3RequestError(f"sampling_params of a single prompt must be a JSON object, got {type(params).__name__}")
-    if batch is not None and isinstance(params, list):
-        if len(params) != batch or not all(isinstance(p, dict) for p in params):
+    # SGLang reads n from a list's first object, and a single prompt with n > 1 becomes a batch of one
+    # (_handle_parallel_sampling): a list of one object is then its per-prompt list. With n = 1 the list stays a
+    # single prompt's sampling_params and reaches SamplingParams(**list) (TypeError, HTTP 500).
+    first_n = params[0].get("n") if isinstance(params, list) and params and isinstance(params[0], dict) else None
+    prompts = batch if batch is not None else (1 if isinstance(params, list) and _is_int(first_n) and first_n > 1
+                                               else None)
+    if prompts is None and params is not None and not isinstance(params, dict):
+        raise M3RequestError(f"sampling_params of a single prompt must be a JSON object (or, with n > 1, a list of "
+                             f"one), got {type(params).__name__}")
+    if prompts is not None and isinstance(params, list):
+        if len(params) != prompts or not all(isinstance(p, dict) for p in params):
             raise M3RequestError(f"sampling_params is a list of {len(params)}: give one object per prompt "
-                                 f"({batch}) or a single object for all")
+                                 f"({prompts}) or a single object for all")
     elif params is not None and not isinstance(params, dict):
         raise M3RequestError(f"sampling_params must be a JSON object, got {type(params).__name__}")
     for i, p in enumerate(params if isinstance(params, list) else [params]):

@@ -158,6 +158,22 @@ def test_empty_prompt_anywhere_in_a_batch_is_refused(start_server, flat):
     assert status == 200 and [o["meta_info"]["completion_tokens"] for o in out] == [3, 3]
 
 
+def test_single_prompt_with_n_takes_a_list_of_one_sampling_params(start_server, flat):
+    """A single prompt with n = 2 and sampling_params as a list of one object is a batch of one to SGLang: served as
+    the same request with the object itself (the oracle: SGLang's own path, untouched by the checks); with n = 1 the
+    list would reach SamplingParams(**list) (HTTP 500): refused with 400."""
+    server = start_server(flat, "--context-length", "1024")
+    params = {"n": 2, "max_new_tokens": 3, "temperature": 0, "ignore_eos": True}
+    outs = []
+    for sampling_params in ([params], params):
+        status, out = _post(server, "/generate", {"text": "Hello there", "sampling_params": sampling_params})
+        assert status == 200 and len(out) == 2, out
+        outs.append([(o["text"], o["meta_info"]["completion_tokens"]) for o in out])
+    assert outs[0] == outs[1] and outs[0][0][1] == 3
+    status, out = _post(server, "/generate", {"text": "Hello there", "sampling_params": [{"max_new_tokens": 3}]})
+    assert status == 400 and "single prompt must be a JSON object" in out["error"]["message"], out
+
+
 def test_chat_body_that_is_not_a_json_object_is_refused_naming_its_type(start_server, flat):
     """SGLang 0.5.17 answered these with HTTP 500 (its chat request validators call .get on the raw body);
     the plugin's JsonObjectBody middleware answers 400 first, and the next well-formed chat is served."""

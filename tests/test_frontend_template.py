@@ -55,6 +55,7 @@ def test_frontend_prompts_equal_the_checkpoints_chat_template(ckpt, system, late
 
     backend = _recording_backend(chat_template(str(ckpt)))
     state = two_turns.run(backend=backend)
+    state.sync()  # (run returns while the program's thread may still be generating)
     tok = AutoTokenizer.from_pretrained(ckpt)
 
     def render(messages, generation):
@@ -86,6 +87,82 @@ def test_an_m3_checkpoint_path_selects_the_template_and_others_do_not(ckpt, tmp_
     named = shutil.copytree(ckpt, tmp_path / "llama-2-chat-m3")
     assert get_chat_template_by_model_path(str(named)).name.startswith("minimax-m3:")
     assert get_chat_template_by_model_path("meta-llama/Llama-2-7b-chat-hf").name == "llama-2-chat"
+
+
+def test_inline_reasoning_of_a_past_turn_stays_in_the_frontend_prompt(ckpt):
+    """README, known limitations: the chat template drops the <mm:think>R</mm:think> of an assistant turn before
+    the last user message; the frontend keeps the turn's text as the program wrote it (after the assistant prefix's
+    bare closer), and a program that leaves the reasoning out gets the chat API's prompt. Checked against
+    apply_chat_template, so the statement stays true (this test fails once the frontend matches)."""
+    import sglang as sgl
+    from transformers import AutoTokenizer
+
+    from sglang_m3.frontend import chat_template
+
+    @sgl.function
+    def history(s, answer):
+        s += sgl.user("Hi there")
+        s += sgl.assistant(answer)
+        s += sgl.user("And then?")
+        s += sgl.assistant(sgl.gen("a2", max_tokens=4))
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+
+    def chat_api(answer):
+        return tok.apply_chat_template([{"role": "user", "content": "Hi there"},
+                                        {"role": "assistant", "content": answer},
+                                        {"role": "user", "content": "And then?"}],
+                                       tokenize=False, add_generation_prompt=True, thinking_mode="disabled")
+
+    def frontend(answer):
+        backend = _recording_backend(chat_template(str(ckpt)))
+        assert history.run(answer, backend=backend).error() is None  # (error() waits for the program's thread)
+        return backend.prompts[0]
+
+    reasoned = "<mm:think>Greet back.</mm:think>Hello!"
+    assert chat_api(reasoned) == chat_api("Hello!")  # the chat API drops past reasoning
+    assert frontend("Hello!") == chat_api("Hello!")
+    assert frontend(reasoned) == chat_api("Hello!").replace("]~b]ai\n</mm:think>Hello!",
+                                                           "]~b]ai\n</mm:think>" + reasoned)
+
+
+@pytest.mark.parametrize("model_path, architecture, named, warned", [
+    ("MiniMaxAI/MiniMax-M3", "MiniMaxM3SparseForConditionalGeneration", None, True),  # an HF id
+    ("ckpts/m3-flat", "MiniMaxM3SparseForCausalLM", None, True),          # a path only the server sees
+    ("<tiny>", None, None, False),                                       # a local M3 checkpoint: M3's template
+    ("MiniMaxAI/MiniMax-M3", "MiniMaxM3SparseForConditionalGeneration", "chatml", False),  # the program chose
+    ("meta-llama/Llama-2-7b-chat-hf", "LlamaForCausalLM", None, False),   # not M3: SGLang's choice stands
+])
+def test_an_m3_server_whose_path_the_client_cannot_read_warns(ckpt, monkeypatch, caplog, model_path, architecture,
+                                                               named, warned):
+    """RuntimeEndpoint reads the server's /get_model_info (model_path, architectures) and picks its template by the
+    path; for an M3 server it keeps SGLang's own pick (get_chat_template_by_model_path: "default") unless the path
+    is a local M3 checkpoint, and then the warning names the path and the way to pass M3's template."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    import sglang as sgl
+    from sglang.lang.backend import runtime_endpoint
+
+    import sglang_m3.frontend  # noqa: F401  (registers the matching function and the endpoint's check)
+
+    if model_path == "<tiny>":
+        model_path = str(ckpt)
+        architecture = json.loads((ckpt / "config.json").read_text())["architectures"][0]
+    info = {"model_path": model_path, "architectures": [architecture]}
+    monkeypatch.setattr(runtime_endpoint, "http_request",
+                        lambda url, **_: SimpleNamespace(status_code=200, json=lambda: info))
+    with caplog.at_level(logging.WARNING, logger="sglang_m3.frontend"):
+        backend = sgl.RuntimeEndpoint("http://server", chat_template_name=named)
+    messages = [r.getMessage() for r in caplog.records if r.name == "sglang_m3.frontend"]
+    if not warned:
+        assert messages == []
+        return
+    assert backend.chat_template.name == "default"
+    assert len(messages) == 1 and f"model path {model_path!r}" in messages[0]
+    assert "not a MiniMax-M3 checkpoint directory this client can read" in messages[0]
+    assert "backend.chat_template = sglang_m3.frontend.chat_template(<local checkpoint copy>)" in messages[0]
 
 
 def test_a_template_without_m3s_layout_is_refused(tmp_path, ckpt):

@@ -259,6 +259,41 @@ def test_rid_must_be_a_string_or_one_per_prompt():
         ok.normalize_batch_and_arguments()
 
 
+def test_single_prompt_with_n_takes_a_list_of_one_sampling_params():
+    """A single prompt with n > 1 is a batch of one to SGLang (n read from the list's first object), so a list of
+    one sampling_params object is its per-prompt list. Oracle: SGLang's own normalize_batch_and_arguments, then
+    SamplingParams(**params) on each item as the tokenizer manager builds it."""
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    for ok in (req(text="hi", sampling_params=[{"n": 2, "max_new_tokens": 3}]),
+               req(input_ids=[5, 6], sampling_params=[{"n": 2}], rid=["a"])):
+        check_shape(ok, LIMITS)
+        ok.normalize_batch_and_arguments()
+        check_batch(ok, LIMITS)
+        assert ok.batch_size == 1 and ok.parallel_sample_num == 2
+        SamplingParams(**ok[0].sampling_params)
+    # n = 1: SGLang keeps the list as one prompt's sampling_params, and SamplingParams(**list) is a TypeError (500)
+    for n1 in ([{}], [{"n": 1}]):
+        bad = req(text="hi", sampling_params=n1)
+        assert "single prompt must be a JSON object" in refused(check_shape, bad, LIMITS)
+        bad.normalize_batch_and_arguments()
+        assert bad.is_single and isinstance(bad.sampling_params, list)
+        with pytest.raises(TypeError):
+            SamplingParams(**bad.sampling_params)
+    # a list of 2 for the one prompt: SGLang takes it but serves the first object only (a batch of one item)
+    two = req(text="hi", sampling_params=[{"n": 2}, {"n": 2, "temperature": 0.5}])
+    assert "list of 2: give one object per prompt (1)" in refused(check_shape, two, LIMITS)
+    two.normalize_batch_and_arguments()
+    assert two.batch_size == 1 and two[0].sampling_params == {"n": 2}
+    # an empty list: SGLang's n lookup is an IndexError (500)
+    assert "single prompt must be a JSON object" in refused(check_shape, req(text="hi", sampling_params=[]), LIMITS)
+    with pytest.raises(IndexError):
+        req(text="hi", sampling_params=[]).normalize_batch_and_arguments()
+    # n is checked inside the list as everywhere
+    assert "sampling_params.n (batch item 0) must be between 1 and 128" in refused(
+        check_shape, req(text="hi", sampling_params=[{"n": 129}]), LIMITS)
+
+
 @pytest.mark.parametrize("pattern,words", [
     ("(a|a)*c", ["unbounded", "at most 256"]),                # froze the scheduler (exponential backtracking)
     ("a+", ["unbounded"]),                                     # SGLang then re-searches the whole output per token
