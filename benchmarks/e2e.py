@@ -34,7 +34,10 @@ MXFP8 release's quantization_config (`sglang_m3.tiny --config-only --real-dims -
 and scales, served as 128x128 block FP8 on sm90 by the plugin's m3_mxfp8_block, Triton block-FP8 GEMMs). Per server:
 weights per rank (SGLang's "Load weight end" line), the KV pool it could then allocate (max_total_num_tokens, the
 same --mem-fraction-static for all), and nvidia-smi's peak per GPU (which, with the pool sized to the memory
-fraction, is about the same for every server: the weights saved go to the KV pool).
+fraction, is about the same for every server: the weights saved go to the KV pool). During each measured run, one
+sampler (gpu_memory.ServerSampler, every 0.5 s, the same one that gives the peak) records the GPUs' SM clock, power
+and temperature, and the server's processes' CPU use, cores, NUMA nodes and clock (proc_cpu.py): `gpu` and `cpu`
+per workload, each run's in e2e.json's `runs`.
 
 Writes e2e.json and e2e.md under --out (the device host returns at most 8 files); checkpoints, server logs and
 the serving benchmark's own outputs go to --work.
@@ -60,7 +63,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from servers import Server, flush  # noqa: E402
-from gpu_memory import PeakMemory, weight_memory_gb  # noqa: E402
+from gpu_memory import ServerSampler, weight_memory_gb  # noqa: E402
 from gpu_quant import ENV as QUANT_ENV  # noqa: E402  (the Triton block-FP8 GEMM; DeepGEMM's JIT is not installed)
 
 # name: (input tokens, output tokens, concurrency). The concurrency-1 workloads measure small-batch decode (TPOT at
@@ -130,14 +133,17 @@ def kv_pool_tokens(log: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, waves: int = WAVES) -> dict:
+def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, waves: int = WAVES,
+          sampler: ServerSampler | None = None) -> dict:
     """One workload: an unmeasured warm-up wave (concurrency requests of the same shape), then `waves` measured
     waves (at least MIN_WAVES[name]; the count used is in the result). Why the warm-up: the first batches of a new
     shape JIT-compile Triton kernels not in the cache (a fused-MoE config tuned since the cache was filled, a new
     batch size), and that compile landed inside the measured duration
     (session 8: ours' first workload after start-up ran with new MoE configs; session 7: a 128K x 2 outlier on a
     freshly started server). SGLang's bench would send one warm-up request only, of the first prompt. The measured
-    run then starts on a flushed radix cache, so no measured prompt is a cache hit."""
+    run then starts on a flushed radix cache, so no measured prompt is a cache hit. `sampler` (the server's, running):
+    its samples of the measured run's window give `gpu` (clocks, power, temperature per GPU) and `cpu` (the server's
+    processes' CPU use, cores, NUMA nodes, clock); {} without it."""
     inp, outp, conc = workload
 
     def run(tag: str, prompts: int, *extra: str) -> dict:
@@ -158,14 +164,25 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, wa
     # 400 SGLang answers while a finished request is still leaving; the bench's own --flush-cache does not.)
     flush(server)
     log_start = len(server.log())
-    with PeakMemory(interval=0.5) as gpu:  # the GPUs' clocks, power and temperature while it is measured
-        m = run("", waves * conc, "--warmup-requests", "0")
+    t0 = time.monotonic()
+    m = run("", waves * conc, "--warmup-requests", "0")
+    t1, gpus = time.monotonic(), visible_gpus()
     # ITL and end-to-end latency too: a cross-check of the TPOT (SGLang's bench derives it per request from the
     # latency, TTFT and completion_tokens).
     return {"waves": waves, **{k: m.get(k) for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms",
                                                      "median_itl_ms", "median_e2e_latency_ms", "completed",
                                                      "duration", "total_input_tokens", "total_output_tokens")},
-            "scheduler": scheduler_summary(server.log()[log_start:]), "gpu": gpu.summary(visible_gpus())}
+            "scheduler": scheduler_summary(server.log()[log_start:]),
+            "gpu": guarded(sampler and sampler.gpu_summary, t0, t1, gpus),
+            "cpu": guarded(sampler and sampler.cpu_summary, t0, t1, gpus)}
+
+
+def guarded(summary, *args) -> dict:
+    """summary(*args), {} without a summary, {"error": ...} where it raises: the workload's measurement stays."""
+    try:
+        return summary(*args) if summary else {}
+    except Exception as e:  # noqa: BLE001
+        return {"error": repr(e)[:300]}
 
 
 def visible_gpus() -> set[int] | None:
@@ -233,8 +250,11 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
     cache = triton_cache(work, name)
     cold = not cache.exists()
     env = {**SERVER_ENV[name], "TRITON_CACHE_DIR": str(cache)}
-    with PeakMemory() as peak:  # nvidia-smi from launch to stop: peak memory per GPU (empty on CPU)
+    # One sampler from launch to stop: peak memory per GPU over the server's life (empty on CPU); GPU clocks and
+    # the server's processes' CPU use over each measured window (bench)
+    with ServerSampler() as sampler:
         server = Server(name, ckpt, flags, log_dir=work, port=port, env=env)
+        sampler.root_pid = server.proc.pid
         try:
             server.wait(timeout=1200)
             info = {"triton_cache": "cold" if cold else "warm", "startup_s": round(server.startup_s, 1),
@@ -245,7 +265,7 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
             progress(info)
             for wname, workload in workloads.items():
                 try:
-                    m = bench(server, ckpt, wname, workload, work, waves)
+                    m = bench(server, ckpt, wname, workload, work, waves, sampler)
                     m["output_throughput_per_gpu"] = m["output_throughput"] / gpus
                     info["workloads"][wname] = m
                 except Exception as e:  # noqa: BLE001 -- one failed workload must not hide the others
@@ -256,7 +276,8 @@ def run_server(name: str, ckpt: Path, flags: list[str], workloads: dict, work: P
         finally:
             server.stop()
     gpus = visible_gpus()
-    info["peak_mem_mib_per_gpu"] = {i: mib for i, mib in peak.peak_mib.items() if gpus is None or i in gpus}
+    info["peak_mem_mib_per_gpu"] = {i: mib for i, mib in sampler.peak_mib.items() if gpus is None or i in gpus}
+    info["gpu_numa_node"] = {i: n for i, n in sampler.gpu_numa.items() if gpus is None or i in gpus}
     return info
 
 
@@ -299,6 +320,12 @@ def merge_run(earlier: dict, info: dict, run_id: str) -> dict:
         if warm:
             merged["warm_startup_s"] = warm[-1]["startup_s"]
     return merged
+
+
+def measured_runs(info: dict, workload: str) -> list[dict]:
+    """A label's measurements of `workload`, one per run that measured it (a state before runs were kept: its one)."""
+    runs = [r["workloads"].get(workload) for r in info.get("runs") or []] or [info.get("workloads", {}).get(workload)]
+    return [m for m in runs if m and "error" not in m]
 
 
 def compare(servers: dict, workloads: dict) -> list[dict]:
@@ -380,13 +407,35 @@ def markdown(results: dict) -> str:
         lines += [f"| {w} | {name} | {m['runs']} | {' / '.join(f'{x:.2f}' for x in m['itl_ms_runs'] if x)} | "
                   f"{' / '.join(f'{x:.2f}' for x in m['tpot_ms_runs'] if x)} |" for w, name, m in runs]
     clocks = [(r["workload"], name, gpu, g) for r in results["compare"] for name in SERVER_ENV
-              for gpu, g in ((r.get(name) or {}).get("gpu") or {}).items() if g.get("samples")]
+              for gpu, g in ((r.get(name) or {}).get("gpu") or {}).items()
+              if isinstance(g, dict) and g.get("samples")]
     if clocks:
         lines += ["", "GPU during the measured run (nvidia-smi every 0.5 s, samples with the GPU busy; the last run where there were several)",
                   "", "| workload | server | GPU | SM MHz median / min | power W median | temperature °C max |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {w} | {name} | {gpu} | {g['sm_mhz_median']} / {g['sm_mhz_min']} | {g['power_w_median']} | "
                   f"{g['temp_c_max']} |" for w, name, gpu, g in clocks]
+    cpu = [(r["workload"], name, k, m, kind, c) for r in results["compare"] for name in SERVER_ENV
+           for k, m in enumerate(measured_runs(results["servers"].get(name) or {}, r["workload"]), 1)
+           for kind, c in (m.get("cpu") or {}).items()
+           if isinstance(c, dict) and (c.get("cpu_pct") or 0) >= 1]
+    if cpu:
+        dash = lambda x: "—" if x is None else x  # noqa: E731
+        itl = lambda m: f"{m['median_itl_ms']:.2f}" if m.get("median_itl_ms") else "—"  # noqa: E731
+        lines += ["", "CPU during the measured run (the server's processes using ≥ 1 % of a core, over the intervals "
+                  "of the GPU table's busy samples; every run): CPU % of one core (all threads), the main thread's "
+                  "on-CPU % and run-queue wait % (runnable, no core free), the cores it ran on, their NUMA nodes "
+                  "(the GPUs' nodes), median clock. An SGLang scheduler polls and spins on the GPU: near 100 % "
+                  "whether or not it is the bottleneck", "",
+                  "| workload | server | run (ITL ms) | process | CPU % | main thread % / wait % | cores | NUMA nodes "
+                  "(GPUs') | MHz median |", "|---|---|---|---|---|---|---|---|---|"]
+        gpu_numa = lambda name: ",".join(str(n) for n in sorted(  # noqa: E731
+            set(((results["servers"].get(name) or {}).get("gpu_numa_node") or {}).values()))) or "?"
+        lines += [f"| {w} | {name} | {k} ({itl(m)}) | {kind}"
+                  f"{' x' + str(c['processes']) if c.get('processes', 1) > 1 else ''} | {c['cpu_pct']} | "
+                  f"{dash(c.get('main_pct'))} / {dash(c.get('wait_pct'))} | {c.get('cores')} | "
+                  f"{c.get('numa_nodes') or '?'} ({gpu_numa(name)}) | {dash(c.get('mhz_median'))} |"
+                  for w, name, k, m, kind, c in cpu]
     if any(r.get("flags_differ") for r in results["compare"]):
         lines += ["", "No ours ÷ in-tree ratios: the two servers in this state ran with different flags "
                   "(`flags` per server in e2e.json)."]

@@ -41,6 +41,9 @@ def test_e2e_benchmark_smoke(tmp_path):
         sched = m["scheduler"]
         assert sched["prefill_new_tokens"] + sched["prefill_cached_tokens"] == n * inp, sched
         assert sched["prefill_batches"] >= 1 and sched["median_prefill_gap_ms"] > 0, sched
+        # the server's processes over the measured run, by SGLang's process titles (no GPU: every interval)
+        assert "sglang.launch_server" in m["cpu"] and any(k.startswith("sglang::scheduler") for k in m["cpu"]), m
+        assert all(c["cores"] for c in m["cpu"].values()), m["cpu"]
     assert "| smoke (300/8, 2) |" in (tmp_path / "e2e.md").read_text()
 
 
@@ -205,16 +208,129 @@ def test_runs_of_one_label_are_kept_and_their_median_is_compared():
 
 
 def test_gpu_samples_are_summarised_per_gpu():
-    """nvidia-smi's csv lines (memory.used, utilization.gpu, clocks.sm, power.draw, temperature.gpu) become a peak
-    and, over the busy samples only, medians and extremes per GPU; "[N/A]" fields are skipped, other GPUs can be
-    left out."""
-    from gpu_memory import PeakMemory
+    """nvidia-smi's csv lines (memory.used, utilization.gpu, clocks.sm, power.draw, temperature.gpu), timestamped,
+    become a peak over all samples and, over a window's busy samples only, medians and extremes per GPU; "[N/A]"
+    fields are skipped, other GPUs can be left out, a line that does not parse is dropped."""
+    from gpu_memory import ServerSampler
 
-    p = PeakMemory()
-    for line in ("0, 1000, 100, 1980, 650.5, 61", "0, 1200, 97, 1755, [N/A], 63", "0, 900, 100, 1800, 600.5, 62",
-                 "0, 950, 0, 345, 90.0, 70", "1, 5, 0, 345, 70, 30"):
-        p.add(line)
-    assert p.peak_mib == {0: 1200, 1: 5}
-    assert p.summary({0}) == {0: {"sm_mhz_median": 1800.0, "sm_mhz_min": 1755.0, "power_w_median": 625.5,
-                                  "temp_c_max": 63.0, "samples": 3, "all_samples": 4}}
-    assert p.summary()[1]["samples"] == 0 and p.summary()[1]["sm_mhz_median"] is None
+    p = ServerSampler()
+    for t, line in enumerate(("0, 1000, 100, 1980, 650.5, 61", "0, 1200, 97, 1755, [N/A], 63",
+                              "0, 900, 100, 1800, 600.5, 62", "0, 950, 0, 345, 90.0, 70", "1, 5, 0, 345, 70, 30",
+                              "0, 2000, 100, 1000, 700, 90", "garbage")):
+        p.add(float(t), [line])
+    assert p.peak_mib == {0: 2000, 1: 5}
+    assert p.gpu_summary(0, 4, {0}) == {0: {"sm_mhz_median": 1800.0, "sm_mhz_min": 1755.0, "power_w_median": 625.5,
+                                            "temp_c_max": 63.0, "samples": 3, "all_samples": 4}}
+    assert p.gpu_summary(0, 4)[1]["samples"] == 0 and p.gpu_summary(0, 4)[1]["sm_mhz_median"] is None
+    assert p.gpu_summary()[0]["samples"] == 4  # no window: all
+
+
+def test_proc_stat_and_cpulist_parsing():
+    """/proc/<pid>/stat: comm (field 2) may hold spaces and parentheses, so the fields are counted from its last
+    ")"; utime + stime are fields 14 and 15, the core last run on field 39 (absent on old kernels: None). sysfs
+    cpulists ("0-7,16-23") and back."""
+    from proc_cpu import cpulist_text, parse_cpulist, parse_stat, process_kind
+
+    fields = ["S", "41", *["0"] * 9, "250", "50", *["0"] * 22, "17", "13", "0"]  # fields 3.. : ppid 41, core 13
+    assert parse_stat("1234 (sglang::sch (x) y)) " + " ".join(fields) + "\n") == ("sglang::sch (x) y)", 41, 300, 13)
+    assert parse_stat("7 (a) " + " ".join(fields[:34])) == ("a", 41, 300, None)
+    assert parse_cpulist("0-7,16-23\n") == set(range(8)) | set(range(16, 24)) and parse_cpulist("5") == {5}
+    assert parse_cpulist("") == set() and cpulist_text({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8" and cpulist_text([]) == ""
+    assert process_kind("sglang::scheduler_TP0", "sglang::schedul") == "sglang::scheduler_TP0"  # setproctitle
+    assert process_kind("/v/bin/python3 -m sglang.launch_server --model-path m", "python3") == "sglang.launch_server"
+    assert process_kind("/v/bin/python -c from multiprocessing.resource_tracker import main;main(5)",
+                        "python") == "resource_tracker"
+    assert process_kind("", "kworker") == "kworker"
+
+
+def test_cpu_pct_from_two_snapshots():
+    """CPU % of one core from the utime + stime delta at a known clock tick; the main thread's on-CPU and run-queue
+    wait from schedstat's ns; processes of one kind summed; a pid in one snapshot only counts for its cores, not its
+    time; no schedstat gives None. e2e.md shows it per run."""
+    from proc_cpu import cpu_summary
+
+    s0 = {10: ("sched", 1000, 3, 2000.0, 5 * 10**9, 1 * 10**9), 11: ("tok", 0, 1, None, None, None),
+          12: ("tok", 50, 2, None, None, None)}
+    s1 = {10: ("sched", 1150, 4, 3000.0, 6 * 10**9, 1 * 10**9 + 2 * 10**8), 11: ("tok", 20, 1, None, None, None),
+          12: ("tok", 80, 2, None, None, None), 13: ("tok", 999, 0, None, None, None)}
+    out = cpu_summary([((10.0, s0), (12.0, s1))], hz=100)
+    # 150 ticks at 100 Hz over 2 s: 75 % of a core; schedstat: 1 s on-CPU, 0.2 s waiting over 2 s
+    assert out["sched"] == {"cpu_pct": 75.0, "main_pct": 50.0, "wait_pct": 10.0, "cores": "4", "numa_nodes":
+                            out["sched"]["numa_nodes"], "mhz_median": 3000.0, "processes": 1, "seconds": 2.0}
+    assert (out["tok"]["cpu_pct"], out["tok"]["main_pct"], out["tok"]["processes"]) == (25.0, None, 3)
+    assert out["tok"]["cores"] == "0-2" and out["tok"]["mhz_median"] is None
+    assert cpu_summary([]) == {}
+
+    # e2e.md: each run's processes using >= 1 % of a core, beside that run's ITL and the GPUs' NUMA nodes
+    import e2e
+
+    def run(itl, core):
+        return {"output_throughput": 100.0, "median_ttft_ms": 10.0, "median_tpot_ms": itl, "median_itl_ms": itl,
+                "median_e2e_latency_ms": 50.0, "cpu": {**out, "sched": {**out["sched"], "cores": core}}}
+
+    entry = e2e.merge_run({}, {"workloads": {"128k-c1": run(1.74, "4")}, "gpu_numa_node": {0: 1}}, "r1")
+    entry = e2e.merge_run(entry, {"workloads": {"128k-c1": run(2.05, "9")}, "gpu_numa_node": {0: 1}}, "r2")
+    servers = {"ours": entry}
+    md = e2e.markdown({"servers": servers, "compare": e2e.compare(servers, {"128k-c1": (1, 1, 1)}), "tp": 1})
+    assert "CPU during the measured run" in md
+    numa = out["sched"]["numa_nodes"] or "?"
+    assert f"| 128k-c1 | ours | 1 (1.74) | sched | 75.0 | 50.0 / 10.0 | 4 | {numa} (1) | 3000.0 |" in md, md
+    assert f"| 128k-c1 | ours | 2 (2.05) | sched | 75.0 | 50.0 / 10.0 | 9 | {numa} (1) | 3000.0 |" in md, md
+    assert "| tok x3 | 25.0 | — / — | 0-2 |" in md, md
+    # a summary that raised is recorded as such; the measurement and the table stay
+    assert e2e.guarded(lambda *a: 1 / 0, 0, 1)["error"].startswith("ZeroDivisionError") and e2e.guarded(None) == {}
+    for m in [entry["workloads"]["128k-c1"], *(r["workloads"]["128k-c1"] for r in entry["runs"])]:
+        m.update(cpu={"error": "x"}, gpu={"error": "y"})
+    md = e2e.markdown({"servers": servers, "compare": e2e.compare(servers, {"128k-c1": (1, 1, 1)}), "tp": 1})
+    assert "| 128k-c1 | ours |" in md and "CPU during" not in md and "GPU during" not in md
+
+
+def test_sampler_measures_this_process_cpu():
+    """The sampler on this test process (a busy thread spinning): its CPU % over a window is at least half of what
+    time.process_time says over the same window (generous: any 2-core machine under load), the core it ran on is a
+    real one. Without nvidia-smi (or GPU rows) every interval of the window counts."""
+    import hashlib
+    import os
+    import threading
+    import time
+
+    from gpu_memory import ServerSampler
+    from proc_cpu import numa_node_of_core, parse_cpulist, snapshot
+
+    stop = threading.Event()
+
+    def spin():  # hashing a large buffer releases the GIL: a pure-Python loop would starve the sampler's thread
+        data = b"x" * (1 << 20)
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    with ServerSampler(interval=0.1, root_pid=os.getpid()) as sampler:
+        sampler._smi = False  # CPU only, also where nvidia-smi exists
+        thread = threading.Thread(target=spin)
+        thread.start()
+        time.sleep(0.3)
+        t0, c0 = time.monotonic(), time.process_time()
+        time.sleep(2.0)
+        t1, c1 = time.monotonic(), time.process_time()
+        stop.set()
+        thread.join()
+    expected = 100 * (c1 - c0) / (t1 - t0)
+    child = subprocess.Popen(["sleep", "30"])  # the tree: a child is found, named by its comm
+    try:
+        for _ in range(50):  # until the child has exec'd sleep
+            kinds = {v[0] for v in snapshot(os.getpid()).values()}
+            if "sleep" in kinds:
+                break
+            time.sleep(0.05)
+        assert "sleep" in kinds and snapshot(2**22 + 1) == {}, kinds  # and a pid that does not exist: nothing
+    finally:
+        child.kill()
+        child.wait()
+    out = sampler.cpu_summary(t0, t1)
+    assert len(out) == 1, out  # this process, no children
+    (kind, c), = out.items()
+    assert c["processes"] == 1 and c["seconds"] > 1.0, out
+    assert expected > 20 and c["cpu_pct"] > 0.5 * expected, (expected, out)
+    assert c["cores"] and all(0 <= core < os.cpu_count() for core in parse_cpulist(c["cores"])), out
+    assert not numa_node_of_core() or c["numa_nodes"], out
+    assert c["main_pct"] is None or 0 <= c["main_pct"] <= 110, out  # the main thread mostly sleeps here
