@@ -356,7 +356,10 @@ def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None
     """One generate request (a single request, or one item of a batch as `obj[i]`). Raises M3RequestError.
 
     `input_ids`: the prompt's final token ids when `tokenized` (from `_validate_one_request`); otherwise the
-    request's own fields are checked (ids given as ids, texts given as texts)."""
+    request's own fields are checked (ids given as ids, texts given as texts). `item` None: the batch item
+    check_batch noted on `req`, if any."""
+    if item is None:
+        item = getattr(req, _BATCH_ITEM, None)
     if tokenized or req.input_ids is not None:
         ids = input_ids if tokenized else req.input_ids
         if ids is None or not isinstance(ids, (list, tuple)) and not hasattr(ids, "__len__"):
@@ -373,10 +376,18 @@ def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None
     check_logprob_params(req, prompt_len, limits.vocab_size, item)
 
 
+# The attribute check_batch sets on each item object: SGLang's `_validate_one_request(obj[i], ids)` sees the item alone,
+# and a check that needs the token count (logprob_start_len of a text prompt) would not say which prompt it was.
+# (obj[i] returns the same cached object each time: GenerateReqInput.__getitem__.)
+_BATCH_ITEM = "_m3_batch_item"
+
+
 def check_batch(obj, limits: Limits) -> None:
-    """Every item of a normalized batch GenerateReqInput, before the first item is sent to the scheduler."""
+    """Every item of a normalized batch GenerateReqInput, before the first item is sent to the scheduler; notes
+    each item's index on it for the check after tokenization."""
     for i in range(obj.batch_size):
         check_request(obj[i], limits, item=i)
+        setattr(obj[i], _BATCH_ITEM, i)
 
 
 _PER_ITEM_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
@@ -408,7 +419,10 @@ def check_shape(obj, limits: Limits) -> None:
         else:
             raise M3RequestError("text must be a string or a non-empty list of strings")
     elif given[0] == "input_ids":
-        if not isinstance(prompt, list) or not prompt:
+        if not isinstance(prompt, list):  # (e.g. SGLang's /api/chat hands on transformers 5's BatchEncoding)
+            raise M3RequestError(f"input_ids must be a list of token ids or a list of lists of ids, got "
+                                 f"{type(prompt).__name__}")
+        if not prompt:
             raise M3RequestError("input_ids is empty: a prompt needs at least one token")
         batch = len(prompt) if isinstance(prompt[0], list) else None
         if batch is not None and not all(isinstance(row, list) for row in prompt):

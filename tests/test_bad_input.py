@@ -198,3 +198,32 @@ def test_chat_body_that_is_not_a_json_object_is_refused_naming_its_type(start_se
     status, out = _post(server, "/v1/chat/completions", {"model": "x", "max_tokens": 3,
                                                          "messages": [{"role": "user", "content": "hi"}]})
     assert status == 200 and out["usage"]["completion_tokens"] == 3, out
+
+
+def test_a_check_after_tokenization_names_the_batch_item(start_server, flat):
+    """A text batch's prompt lengths are known once SGLang has tokenized each item: item 1's logprob_start_len past
+    its prompt was refused without saying which prompt it was (newcomer probe, session 20)."""
+    server = start_server(flat, "--context-length", "1024")
+    for text, where in ((["abcdefghij", "abc"], " (batch item 1)"), ("abc", "")):
+        status, out = _post(server, "/generate", {"text": text, "return_logprob": True, "logprob_start_len": 5,
+                                                  "sampling_params": {"max_new_tokens": 2}})
+        assert status == 400, out
+        assert f"logprob_start_len{where} = 5 is past the prompt (3 tokens)" in out["error"]["message"], out
+
+
+def test_ollama_chat_refusal_names_what_sglang_passed(start_server, flat):
+    """SGLang 0.5.17's /api/chat passes transformers 5's apply_chat_template(tokenize=True) result, a BatchEncoding,
+    as input_ids, and its Ollama routes answer a ValueError with a bare 500 (README, Known limitations): the
+    refusal in the log names the type, where it said "input_ids is empty" (newcomer probe, session 20)."""
+    server = start_server(flat, "--context-length", "1024")
+    status, _ = _post(server, "/api/chat", {"model": "x", "stream": False, "options": {"num_predict": 2},
+                                             "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 500
+    refusal = "input_ids must be a list of token ids or a list of lists of ids, got BatchEncoding"
+    for _ in range(50):  # (the traceback reaches the log after the access line)
+        if refusal in server.log():
+            break
+        time.sleep(0.1)
+    assert refusal in server.log(), server.log()[-3000:]
+    status, out = _post(server, "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 2}})
+    assert status == 200 and out["meta_info"]["completion_tokens"] == 2, out

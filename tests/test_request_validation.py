@@ -75,6 +75,21 @@ def test_final_token_ids_are_checked_after_tokenization():
     assert "empty" in refused(check_request, obj, LIMITS, [], tokenized=True)
 
 
+def test_a_check_after_tokenization_names_the_batch_item():
+    """A text batch's prompt lengths are known only once SGLang tokenizes each item (`_validate_one_request(obj[i],
+    ids)`): item 1's logprob_start_len past its 3 tokens was refused without saying which of the prompts it was
+    (newcomer probe, session 20). SGLang's obj[i] returns the same cached item object every time."""
+    obj = req(text=["abcdefgh", "abc"], return_logprob=True, logprob_start_len=5)
+    obj.normalize_batch_and_arguments()
+    check_batch(obj, LIMITS)  # (text: the lengths are not known yet)
+    assert obj[1] is obj[1]
+    check_request(obj[0], LIMITS, [97] * 8, tokenized=True)
+    message = refused(check_request, obj[1], LIMITS, [97] * 3, tokenized=True)
+    assert "logprob_start_len (batch item 1) = 5 is past the prompt (3 tokens)" in message, message
+    assert "(batch item" not in refused(check_request, req(text="abc", return_logprob=True, logprob_start_len=5),
+                                        LIMITS, [97] * 3, tokenized=True)
+
+
 @pytest.mark.parametrize("params,words", [
     ({"max_new_tokens": "ten"}, ["max_new_tokens", "integer"]),
     ({"max_new_tokens": 2.5}, ["max_new_tokens", "integer"]),
@@ -214,6 +229,18 @@ def test_shape_before_normalization():
     assert "image_data" in refused(check_shape, req(text="look", image_data="data:image/png;base64,AAAA"), LIMITS)
     check_shape(req(input_ids=[[5], [6]], sampling_params=[{}, {"max_new_tokens": 3}]), LIMITS)
     check_shape(req(text=["a", "b"], sampling_params={"max_new_tokens": 3}), LIMITS)
+
+
+def test_input_ids_that_are_not_a_list_are_named_by_type_not_called_empty():
+    """SGLang's Ollama /api/chat passes transformers 5's apply_chat_template(tokenize=True) result, a BatchEncoding
+    (a dict), as input_ids; the refusal called a whole chat prompt "empty" (newcomer probe, session 20)."""
+    from transformers import BatchEncoding
+
+    encoding = BatchEncoding({"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]})
+    for value, kind in ((encoding, "BatchEncoding"), ((5, 6), "tuple"), (5, "int")):
+        message = refused(check_shape, req(input_ids=value), LIMITS)
+        assert "empty" not in message and "input_ids must be a list" in message and kind in message, message
+    assert "input_ids is empty" in refused(check_shape, req(input_ids=[]), LIMITS)
 
 
 @pytest.mark.parametrize("body, kind", [(b'{"a": 1}', "object"), (b"[1, 2]", "array"), (b'"x"', "string"),
