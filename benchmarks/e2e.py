@@ -67,9 +67,11 @@ from gpu_memory import ServerSampler, weight_memory_gb  # noqa: E402
 from gpu_quant import ENV as QUANT_ENV  # noqa: E402  (the Triton block-FP8 GEMM; DeepGEMM's JIT is not installed)
 
 # name: (input tokens, output tokens, concurrency). The concurrency-1 workloads measure small-batch decode (TPOT at
-# batch 1), where sparse attention should pay most and where our decode was behind (issue 9).
+# batch 1), where sparse attention should pay most and where our decode was behind (issue 9). 128k-c1-decode is a
+# diagnostic, no target: 128k-c1's measured run is ~75 % prefill (TTFT ~1.7 s, 256 tokens at ~2 ms), so its clock and
+# CPU samples describe prefill; 1792 new tokens (the most the 133120-token context leaves) make it ~2/3 decode.
 WORKLOADS = {"2k": (2048, 256, 64), "32k": (32768, 256, 8), "128k": (131072, 256, 2),
-             "32k-c1": (32768, 256, 1), "128k-c1": (131072, 256, 1)}
+             "32k-c1": (32768, 256, 1), "128k-c1": (131072, 256, 1), "128k-c1-decode": (131072, 1792, 1)}
 SMOKE_WORKLOADS = {"smoke": (300, 8, 2)}
 WAVES = 4  # requests per workload = WAVES × concurrency
 # Fewest measured waves per workload, whatever --waves says: the 2K workload's waves are short (~3 s each on an H200)
@@ -293,8 +295,9 @@ def merge_run(earlier: dict, info: dict, run_id: str) -> dict:
     fields, e.g. scheduler and gpu, are the last run's) -- one server start per side did not settle the 128K
     batch-1 target (sessions 18 and 19: ITL 2.14 and 1.81 ms). A run's failed workload counts only where no run
     measured it. Start-up figures: the first cold run's (a failed start, which has none, does not erase them), the
-    last warm run's start-up beside them. A state written before runs were kept counts as one run. Every run in a
-    state is pooled: start a new --state after a code change."""
+    last warm run's start-up beside them; peak memory and the GPUs' NUMA nodes (known once a server stops) the
+    last run's that has them. A state written before runs were kept counts as one run. Every run in a state is
+    pooled: start a new --state after a code change."""
     runs = list(earlier.get("runs") or ([{"run_id": "earlier", "workloads": earlier["workloads"],
                                            **{k: earlier.get(k) for k in ("triton_cache", "startup_s", "capture_s")}}]
                                          if earlier.get("workloads") else []))
@@ -312,6 +315,9 @@ def merge_run(earlier: dict, info: dict, run_id: str) -> dict:
         else:
             workloads[w] = done[0] if done else [r["workloads"][w] for r in runs if w in r["workloads"]][-1]
     merged = {**info, "runs": runs, "workloads": workloads}
+    for k in ("peak_mem_mib_per_gpu", "gpu_numa_node"):  # set when a server stops: a run cut before keeps the last
+        if merged.get(k) is None and earlier.get(k) is not None:
+            merged[k] = earlier[k]
     started = [r for r in runs if r.get("startup_s") is not None]
     first = next((r for r in started if r.get("triton_cache") == "cold"), started[0] if started else None)
     if first:
@@ -429,8 +435,9 @@ def markdown(results: dict) -> str:
                   "whether or not it is the bottleneck", "",
                   "| workload | server | run (ITL ms) | process | CPU % | main thread % / wait % | cores | NUMA nodes "
                   "(GPUs') | MHz median |", "|---|---|---|---|---|---|---|---|---|"]
-        gpu_numa = lambda name: ",".join(str(n) for n in sorted(  # noqa: E731
-            set(((results["servers"].get(name) or {}).get("gpu_numa_node") or {}).values()))) or "?"
+        gpu_numa = lambda name: ",".join(str(n) for n in sorted(  # noqa: E731  (None: a host without NUMA nodes)
+            {n for n in ((results["servers"].get(name) or {}).get("gpu_numa_node") or {}).values() if n is not None}
+        )) or "?"
         lines += [f"| {w} | {name} | {k} ({itl(m)}) | {kind}"
                   f"{' x' + str(c['processes']) if c.get('processes', 1) > 1 else ''} | {c['cpu_pct']} | "
                   f"{dash(c.get('main_pct'))} / {dash(c.get('wait_pct'))} | {c.get('cores')} | "

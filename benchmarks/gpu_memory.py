@@ -113,7 +113,8 @@ class ServerSampler:
                     idx, bus = (x.strip() for x in line.split(","))
                     domain, _, rest = bus.lower().partition(":")  # "00000000:18:00.0" -> sysfs "0000:18:00.0"
                     with open(f"/sys/bus/pci/devices/{domain[-4:]}:{rest}/numa_node") as f:
-                        self.gpu_numa[int(idx)] = int(f.read())
+                        node = int(f.read())
+                    self.gpu_numa[int(idx)] = node if node >= 0 else None  # -1: the host has no NUMA nodes
                 except (OSError, ValueError):
                     pass
         while not self._stop.wait(self.interval):

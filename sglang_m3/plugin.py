@@ -142,7 +142,7 @@ def _warn_unless_m3_template(init):
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        if signature.bind(self, *args, **kwargs).arguments.get("chat_template_name") is None:
+        if not signature.bind(self, *args, **kwargs).arguments.get("chat_template_name"):  # as RuntimeEndpoint tests it
             from sglang_m3.frontend import warn_unless_m3_template
 
             warn_unless_m3_template(self.model_info, self.chat_template)

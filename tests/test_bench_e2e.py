@@ -197,6 +197,13 @@ def test_runs_of_one_label_are_kept_and_their_median_is_compared():
     assert w["median_itl_ms"] == pytest.approx((2.14 + 1.81) / 2) and w["tpot_ms_runs"] == [2.14, 1.81, 2.50]
     assert entry["workloads"]["32k-c1"] == m(1.66)  # r1's failure does not hide r2's measurement
     assert (entry["startup_s"], entry["warm_startup_s"]) == (437.0, 95.0)
+    # Peak memory and the GPUs' NUMA nodes are set when a server stops: a run cut by a time limit reports without
+    # them and must not erase the earlier run's (session 20: the in-tree's peak memory became None).
+    entry["peak_mem_mib_per_gpu"], entry["gpu_numa_node"] = {0: 126516}, {0: 1}
+    cut = e2e.merge_run(entry, {"triton_cache": "warm", "startup_s": 99.0, "workloads": {}}, "r3")
+    assert (cut["peak_mem_mib_per_gpu"], cut["gpu_numa_node"]) == ({0: 126516}, {0: 1})
+    later = e2e.merge_run(cut, {"workloads": {}, "peak_mem_mib_per_gpu": {0: 120000}, "gpu_numa_node": {0: 0}}, "r3")
+    assert (later["peak_mem_mib_per_gpu"], later["gpu_numa_node"]) == ({0: 120000}, {0: 0})  # a stopped run's own
     only_failed = e2e.merge_run({}, {"workloads": {"2k": {"error": "boom"}}}, "x")
     assert only_failed["workloads"]["2k"] == {"error": "boom"}
 
@@ -327,9 +334,10 @@ def test_sampler_measures_this_process_cpu():
         child.kill()
         child.wait()
     out = sampler.cpu_summary(t0, t1)
-    assert len(out) == 1, out  # this process, no children
-    (kind, c), = out.items()
-    assert c["processes"] == 1 and c["seconds"] > 1.0, out
+    # This process's entry (a child another test left behind, e.g. multiprocessing's resource tracker, may add
+    # entries, or share this process's name and add to its sum: the lower bound below still holds).
+    c = out[snapshot(os.getpid())[os.getpid()][0]]
+    assert c["processes"] >= 1 and c["seconds"] > 1.0, out
     assert expected > 20 and c["cpu_pct"] > 0.5 * expected, (expected, out)
     assert c["cores"] and all(0 <= core < os.cpu_count() for core in parse_cpulist(c["cores"])), out
     assert not numa_node_of_core() or c["numa_nodes"], out
