@@ -169,6 +169,8 @@ def bench(server: Server, ckpt: Path, name: str, workload: tuple, work: Path, wa
     t0 = time.monotonic()
     m = run("", waves * conc, "--warmup-requests", "0")
     t1, gpus = time.monotonic(), visible_gpus()
+    if sampler is not None:
+        sampler.settle(t1)  # the window's last sample may still be on its way
     # ITL and end-to-end latency too: a cross-check of the TPOT (SGLang's bench derives it per request from the
     # latency, TTFT and completion_tokens).
     return {"waves": waves, **{k: m.get(k) for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms",

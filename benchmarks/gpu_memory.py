@@ -74,7 +74,19 @@ class ServerSampler:
         self.samples.append((t, gpus, procs or {}))
 
     def window(self, t0: float = float("-inf"), t1: float = float("inf")) -> list[tuple]:
+        """A copy of the samples taken at t0 <= time <= t1 (monotonic s). A sample is appended after its nvidia-smi
+        call returns: one taken just before t1 may still be on its way, so a caller summarizing [t0, now] calls
+        `settle(t1)` first."""
         return [s for s in list(self.samples) if t0 <= s[0] <= t1]
+
+    def settle(self, t1: float) -> None:
+        """Wait (at most interval + 2 s) until the thread has appended a sample taken after t1 (monotonic s); returns
+        at once when the thread is not running."""
+        deadline = time.monotonic() + self.interval + 2
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if self.samples and self.samples[-1][0] > t1:
+                return
+            time.sleep(0.05)
 
     def gpu_summary(self, t0: float = float("-inf"), t1: float = float("inf"), gpus=None) -> dict:
         """Per GPU (all, or the indices in `gpus`), over the samples in [t0, t1] (monotonic s) with the GPU busy

@@ -437,9 +437,10 @@ def check_shape(obj, limits: Limits) -> None:
     # SGLang reads n from a list's first object, and a single prompt with n > 1 becomes a batch of one
     # (_handle_parallel_sampling): a list of one object is then its per-prompt list. With n = 1 the list stays a
     # single prompt's sampling_params and reaches SamplingParams(**list) (TypeError, HTTP 500).
+    # (n = 2.0 passes SGLang's `> 1` too: counted here, so the per-object check names n's type, not the list)
     first_n = params[0].get("n") if isinstance(params, list) and params and isinstance(params[0], dict) else None
-    prompts = batch if batch is not None else (1 if isinstance(params, list) and _is_int(first_n) and first_n > 1
-                                               else None)
+    n_over_1 = isinstance(first_n, (int, float)) and not isinstance(first_n, bool) and first_n > 1
+    prompts = batch if batch is not None else (1 if isinstance(params, list) and n_over_1 else None)
     if prompts is None and params is not None and not isinstance(params, dict):
         raise M3RequestError(f"sampling_params of a single prompt must be a JSON object (or, with n > 1, a list of "
                              f"one), got {type(params).__name__}")

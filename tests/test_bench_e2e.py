@@ -319,6 +319,8 @@ def test_sampler_measures_this_process_cpu():
         t0, c0 = time.monotonic(), time.process_time()
         time.sleep(2.0)
         t1, c1 = time.monotonic(), time.process_time()
+        sampler.settle(t1)  # a sample taken after t1 is in: the window's last one is not on its way any more
+        assert sampler.samples[-1][0] > t1
         stop.set()
         thread.join()
     expected = 100 * (c1 - c0) / (t1 - t0)

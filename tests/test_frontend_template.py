@@ -158,6 +158,10 @@ def test_an_m3_server_whose_path_the_client_cannot_read_warns(ckpt, monkeypatch,
     messages = [r.getMessage() for r in caplog.records if r.name == "sglang_m3.frontend"]
     if not warned:
         assert messages == []
+        # ... and the template is what made the warning unneeded: M3's, the program's choice, SGLang's for Llama
+        expected = {str(ckpt): "minimax-m3", "chatml": "chatml"}.get(model_path if named is None else named)
+        assert backend.chat_template.name.split(":")[0] == (  # (M3's carries its checkpoint: "minimax-m3:<path>")
+            expected or sgl.lang.chat_template.get_chat_template_by_model_path(model_path).name), backend.chat_template
         return
     assert backend.chat_template.name == "default"
     assert len(messages) == 1 and f"model path {model_path!r}" in messages[0]

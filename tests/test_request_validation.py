@@ -319,6 +319,11 @@ def test_single_prompt_with_n_takes_a_list_of_one_sampling_params():
     # n is checked inside the list as everywhere
     assert "sampling_params.n (batch item 0) must be between 1 and 128" in refused(
         check_shape, req(text="hi", sampling_params=[{"n": 129}]), LIMITS)
+    # n = 2.0 passes SGLang's `> 1` and then breaks its batch expansion (TypeError, 500): the refusal names n's type
+    assert "sampling_params.n (batch item 0) must be an integer" in refused(
+        check_shape, req(text="hi", sampling_params=[{"n": 2.0}]), LIMITS)
+    with pytest.raises(TypeError):
+        req(text="hi", sampling_params=[{"n": 2.0}]).normalize_batch_and_arguments()
 
 
 @pytest.mark.parametrize("pattern,words", [
