@@ -63,7 +63,7 @@ def numa_node_of_core() -> dict[int, int]:
         try:
             node = int(re.search(r"node(\d+)/cpulist$", path).group(1))
             out.update(dict.fromkeys(parse_cpulist(_read(path) or ""), node))
-        except ValueError:
+        except (AttributeError, ValueError):  # a name the glob takes and the pattern not ("node1x"), a bad list
             pass
     return out
 
