@@ -434,13 +434,14 @@ def check_shape(obj, limits: Limits) -> None:
         raise M3RequestError("input_embeds is not supported for MiniMax-M3 (SGLang 0.5.17 cannot batch it with "
                              "token-id requests); send input_ids or text")
     params = obj.sampling_params
-    # SGLang reads n from a list's first object, and a single prompt with n > 1 becomes a batch of one
-    # (_handle_parallel_sampling): a list of one object is then its per-prompt list. With n = 1 the list stays a
-    # single prompt's sampling_params and reaches SamplingParams(**list) (TypeError, HTTP 500).
-    # (n = 2.0 passes SGLang's `> 1` too: counted here, so the per-object check names n's type, not the list)
-    first_n = params[0].get("n") if isinstance(params, list) and params and isinstance(params[0], dict) else None
-    n_over_1 = isinstance(first_n, (int, float)) and not isinstance(first_n, bool) and first_n > 1
-    prompts = batch if batch is not None else (1 if isinstance(params, list) and n_over_1 else None)
+    # SGLang reads n from sampling_params (a list's first object), and a single prompt with n > 1 becomes a batch of
+    # one (_handle_parallel_sampling): a list of one sampling_params object, or of one rid, is then its per-prompt
+    # list. With n = 1 a list stays a single prompt's sampling_params and reaches SamplingParams(**list) (TypeError,
+    # HTTP 500). (n = 2.0 passes SGLang's `> 1` too: counted here, so the per-object check names n's type.)
+    first = params[0] if isinstance(params, list) and params else params
+    n = first.get("n") if isinstance(first, dict) else None
+    prompts = batch if batch is not None else (
+        1 if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 1 else None)
     if prompts is None and params is not None and not isinstance(params, dict):
         raise M3RequestError(f"sampling_params of a single prompt must be a JSON object (or, with n > 1, a list of "
                              f"one), got {type(params).__name__}")
@@ -464,8 +465,7 @@ def check_shape(obj, limits: Limits) -> None:
                              f"{ns[0] if len(set(ns)) == 1 else ns}): at most {MAX_PARALLEL_SAMPLES} per request on "
                              "this server (prompts × n); send the prompts as separate requests")
     # rid: a single prompt's list of rids reached SGLang's request table as a dict key (TypeError: HTTP 500)
-    # (a single prompt with n > 1 is a batch of one to SGLang: a list of one rid is accepted there)
-    rid, prompts = obj.rid, batch if batch is not None else (1 if max(ns) > 1 else None)
+    rid = obj.rid
     if rid is not None and not isinstance(rid, str) and not (
             prompts and isinstance(rid, list) and len(rid) == prompts and all(isinstance(r, str) for r in rid)):
         form = f"a string or a list of one string per prompt ({prompts})" if prompts else "a string for a single prompt"
