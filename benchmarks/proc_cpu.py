@@ -55,11 +55,11 @@ def cpulist_text(cores) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
-@functools.lru_cache(maxsize=1)
-def numa_node_of_core() -> dict[int, int]:
-    """core -> NUMA node, from /sys/devices/system/node/node*/cpulist ({} without it)."""
+@functools.lru_cache(maxsize=4)
+def numa_node_of_core(node_dir: str = "/sys/devices/system/node") -> dict[int, int]:
+    """core -> NUMA node, from `node_dir`/node*/cpulist ({} without it)."""
     out = {}
-    for path in glob.glob("/sys/devices/system/node/node[0-9]*/cpulist"):
+    for path in glob.glob(os.path.join(node_dir, "node[0-9]*", "cpulist")):
         try:
             node = int(re.search(r"node(\d+)/cpulist$", path).group(1))
             out.update(dict.fromkeys(parse_cpulist(_read(path) or ""), node))
@@ -115,14 +115,14 @@ def snapshot(root: int) -> dict[int, tuple]:
     return out
 
 
-def cpu_summary(pairs, hz: float | None = None) -> dict:
+def cpu_summary(pairs, hz: float | None = None, numa: dict[int, int] | None = None) -> dict:
     """Per process kind over `pairs` of consecutive ((t, snapshot), (t, snapshot)), t in seconds: `cpu_pct`, CPU
     time of its processes' threads as % of one core (summed over its processes); `main_pct` / `wait_pct`, its main
     threads' on-CPU time / run-queue wait as % of the wall time (None without schedstat); `cores` and `numa_nodes`
     the main threads were seen on (cpulist text), `mhz_median` of those cores' clocks (None without cpufreq),
     `processes`, `seconds` (wall time covered). A pid is counted over a pair where both ends have it; `hz`: clock
-    ticks per second (default: SC_CLK_TCK)."""
-    numa, acc = numa_node_of_core(), {}
+    ticks per second (default: SC_CLK_TCK); `numa`: core -> NUMA node (default: this host's, numa_node_of_core)."""
+    numa, acc = numa_node_of_core() if numa is None else numa, {}
     for (t0, s0), (t1, s1) in pairs:
         kinds = set()
         for pid, (kind, ticks, core, mhz, run_ns, wait_ns) in s1.items():

@@ -3,9 +3,10 @@
 One server at a time on the real-dimension truncated model of `e2e.py` (dummy weights, the same flags), one request
 of `--ctx` random token ids decoding at concurrency 1 (graph replay at batch 1). While it decodes, SGLang's
 `/start_profile` records `--steps` decode steps with the torch profiler (GPU activity only); the kernels of the
-trace are summed by name and divided by the number of steps: µs per decode step per kernel, largest first.
+trace are summed by name and divided by the number of steps: µs per decode step per kernel, largest first; beside
+them the GPU timeline per step and its idle part (kernel time below the timeline: the GPU waited on the host).
 
-    python benchmarks/profile_decode.py --out $OUT --servers ours,intree --ctx 32768 [--phases prefill,decode]
+    python benchmarks/profile_decode.py --out $OUT --servers ours,intree --ctx 32768 [--phases prefill,decode] [--starts N]
 
 With --phases prefill too, the same server first profiles the prefill of --prompts fresh --ctx-token prompts sent
 as one batch (every chunk; µs per batch by kernel: where TTFT goes). `--ctx 2048 --prompts 8` is the prefill of
@@ -41,7 +42,7 @@ from servers import Server, post  # noqa: E402
 def kernel_table(trace_dir: Path, steps: int, pattern: str = "*.json*") -> dict:
     """Sum the GPU kernels of every trace under `trace_dir` (named like `pattern`) by name: {name: µs per step},
     largest first."""
-    per_name, calls, count, files = defaultdict(float), defaultdict(int), 0, []
+    per_name, calls, count, files, spans = defaultdict(float), defaultdict(int), 0, [], []
     for path in sorted(trace_dir.rglob(pattern)):
         files.append(path.name)
         opener = gzip.open if path.suffix == ".gz" else open
@@ -52,13 +53,32 @@ def kernel_table(trace_dir: Path, steps: int, pattern: str = "*.json*") -> dict:
                 per_name[ev["name"]] += float(ev.get("dur", 0.0))
                 calls[ev["name"]] += 1
                 count += 1
+                spans.append((float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0.0))))
     table = {k: round(v / steps, 2) for k, v in sorted(per_name.items(), key=lambda kv: -kv[1])}
     # The trace files read and the launch count of the largest kernels: a check of the division by `steps` (the
     # lm_head GEMM runs once per step, so its count is the number of steps the traces hold).
     top = list(table)[:8]
     return {"us_per_step": table, "total_us_per_step": round(sum(per_name.values()) / steps, 1),
             "kernels_per_step": round(count / steps, 1), "trace_files": files,
-            "launches_of_largest": {k: calls[k] for k in top}}
+            "launches_of_largest": {k: calls[k] for k in top}, **timeline(spans, steps)}
+
+
+def timeline(spans: list[tuple[float, float]], steps: int) -> dict:
+    """Where the GPU waited: over the traces' kernel intervals (start, end) in µs, the time from the first kernel's
+    start to the last one's end and the part of it in which no kernel ran (overlapping kernels of several streams
+    count once), per step, and the longest idle gap. A step whose span per step is well above its kernel time waited
+    on the host (SGLang's scheduler between graph replays); one whose kernel time itself grew ran slower kernels."""
+    if not spans:
+        return {"span_us_per_step": None, "idle_us_per_step": None, "longest_idle_us": None}
+    spans = sorted(spans)
+    idle, longest, reach = 0.0, 0.0, spans[0][1]
+    for start, end in spans[1:]:
+        if start > reach:
+            idle += start - reach
+            longest = max(longest, start - reach)
+        reach = max(reach, end)
+    return {"span_us_per_step": round((reach - spans[0][0]) / steps, 1), "idle_us_per_step": round(idle / steps, 1),
+            "longest_idle_us": round(longest, 1)}
 
 
 DECODE_TOKENS = 4000  # the profiled decode request's output length (see profile_decode)
@@ -168,6 +188,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=1, help="prefill phase: prompts of --ctx tokens in one batch")
     ap.add_argument("--phases", default="decode", help="comma list of prefill, decode (one server start for all)")
+    ap.add_argument("--starts", type=int, default=1, help="fresh starts of each server (labels NAME#1, NAME#2, ...)")
     ap.add_argument("--attention-backend", default="triton", help=f"as e2e.py's ({SERVER_DEFAULT}: each server's own)")
     args = ap.parse_args()
     phases = args.phases.split(",")
@@ -180,9 +201,11 @@ def main():
     results = {"ctx": args.ctx, "steps": args.steps, "prompts": args.prompts,
                "attention_backend": args.attention_backend, "servers": {}}
     for name in args.servers.split(","):
-        results["servers"][name] = profile(name, ckpt, args.ctx, args.steps, work, phases, args.prompts,
-                                           args.attention_backend)
-        (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
+        for start in range(args.starts):  # fresh starts: a server's decode speed can differ per start (session 20)
+            label = name if args.starts == 1 else f"{name}#{start + 1}"
+            results["servers"][label] = profile(name, ckpt, args.ctx, args.steps, work, phases, args.prompts,
+                                                args.attention_backend)
+            (out / "profile_decode.json").write_text(json.dumps(results, indent=1))
     title = {"decode": f"Decode step at batch 1, {args.ctx} context, µs per step (GPU kernels, {args.steps} steps)",
              "prefill": f"Prefill of {args.prompts} x {args.ctx}-token prompt(s) in one batch, µs per batch (GPU "
                         f"kernels, every chunk)"}
@@ -192,6 +215,9 @@ def main():
         for name, res in results["servers"].items():
             r = res.get(phase, {})
             extra = f", request {r['request_wall_ms']} ms wall" if "request_wall_ms" in r else ""
+            if r.get("span_us_per_step") is not None:
+                extra += (f"; GPU timeline {r['span_us_per_step']} µs per step, {r['idle_us_per_step']} of it idle "
+                          f"(longest gap {r['longest_idle_us']} µs)")
             lines.append(f"## {name}: total {r.get('total_us_per_step')} µs, {r.get('kernels_per_step')} kernels"
                          f"{extra}{' -- error: ' + res['error'][:200] if 'error' in res else ''}")
             for k, v in list(r.get("us_per_step", {}).items())[:30]:

@@ -110,15 +110,12 @@ def _is_float32(v: Any) -> bool:
 def check_token_ids(input_ids: Sequence[int], vocab_size: int, field: str = "input_ids",
                     item: Optional[int] = None) -> None:
     """Every id an int in [0, vocab_size). Raises M3RequestError naming the first bad id and its position.
-    min/max run in C, so a long prompt costs microseconds; the position is searched only on failure."""
+    The fast path (the set of the ids' types, min, max) runs in C: ~4 ms for a 128K-token prompt; the position is
+    searched only on failure. Types first: min/max alone let a bool or a float between two ints through
+    (`[1, true, 5]` would be served as [1, 1, 5])."""
     if not input_ids:
         raise M3RequestError(f"{field} is empty{_where(item)}: a prompt needs at least one token")
-    try:
-        lo, hi = min(input_ids), max(input_ids)
-        typed = _is_int(lo) and _is_int(hi)
-    except TypeError:
-        typed = False
-    if typed and 0 <= lo and hi < vocab_size and not any(isinstance(t, bool) for t in input_ids[:1]):
+    if set(map(type, input_ids)) == {int} and 0 <= min(input_ids) and max(input_ids) < vocab_size:
         return
     for pos, tok in enumerate(input_ids):
         if not _is_int(tok):

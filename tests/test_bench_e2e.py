@@ -250,6 +250,26 @@ def test_proc_stat_and_cpulist_parsing():
     assert process_kind("", "kworker") == "kworker"
 
 
+def test_numa_nodes_of_a_known_core_map(tmp_path):
+    """The NUMA column against a sysfs layout written here: node0 holds cores 0-1 and 4, node1 cores 2-3 and 5;
+    a folder the node pattern does not take is skipped; a summary names the nodes of the cores its threads ran on."""
+    from proc_cpu import cpu_summary, numa_node_of_core
+
+    for name, cpus in (("node0", "0-1,4\n"), ("node1", "2-3,5\n"), ("node1x", "6\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cpulist").write_text(cpus)
+    numa = numa_node_of_core(str(tmp_path))
+    assert numa == {0: 0, 1: 0, 4: 0, 2: 1, 3: 1, 5: 1}
+    assert numa_node_of_core(str(tmp_path / "absent")) == {}
+    snap = lambda core, ticks: {7: ("sched", ticks, core, None, None, None)}  # noqa: E731
+    one_node = cpu_summary([((0.0, snap(4, 0)), (1.0, snap(1, 10)))], hz=100, numa=numa)
+    assert (one_node["sched"]["cores"], one_node["sched"]["numa_nodes"]) == ("1", "0")
+    pairs = [((0.0, snap(4, 0)), (1.0, snap(4, 10))), ((1.0, snap(4, 10)), (2.0, snap(3, 20))),
+             ((2.0, snap(3, 20)), (3.0, snap(6, 30)))]  # core 6 is on no node here: not named
+    both = cpu_summary(pairs, hz=100, numa=numa)["sched"]
+    assert (both["cores"], both["numa_nodes"], both["cpu_pct"]) == ("3-4,6", "0-1", 10.0)
+
+
 def test_cpu_pct_from_two_snapshots():
     """CPU % of one core from the utime + stime delta at a known clock tick; the main thread's on-CPU and run-queue
     wait from schedstat's ns; processes of one kind summed; a pid in one snapshot only counts for its cores, not its

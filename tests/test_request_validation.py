@@ -47,6 +47,14 @@ def test_non_integer_ids_are_refused():
     assert "empty" in refused(check_token_ids, [], 512)
 
 
+@pytest.mark.parametrize("bad", [True, False, 2.0, 2.5, "3", None])
+def test_a_non_integer_id_between_integers_is_refused(bad):
+    # min/max of the list are then valid ints (True == 1, 2.0 == 2): the check must not stop at them
+    for ids, pos in (([1, bad, 5], 1), ([0, 1, 3, bad, 4, 5], 3)):  # (list.index(True) would find the 1)
+        msg = refused(check_token_ids, ids, 512)
+        assert f"input_ids[{pos}]" in msg and repr(bad) in msg
+
+
 def test_empty_prompt_anywhere_in_a_batch():
     obj = req(input_ids=[[5] * 20, [], [5]], sampling_params={"max_new_tokens": 2})
     check_shape(obj, LIMITS)  # a list of lists: the shape is fine
