@@ -147,7 +147,24 @@ def profile_decode(server: Server, ctx: int, steps: int, trace_dir: Path) -> dic
     _await_trace(trace_dir, "*.json*")
     out = kernel_table(trace_dir, steps)
     out["completion_tokens"] = done.get("r", {}).get("meta_info", {}).get("completion_tokens")
+    out["unprofiled"] = [decode_rate(server, body["input_ids"], n) for n in UNPROFILED_TOKENS]
     return out
+
+
+UNPROFILED_TOKENS = (256, 1792)  # e2e.py's 128k-c1 and 128k-c1-decode output lengths
+
+
+def decode_rate(server: Server, ids: list[int], tokens: int) -> dict:
+    """Wall time per output token of a request for `tokens` tokens on a prompt the radix cache holds (the profiled
+    request's: its prefill is one token), with the profiler off: the step time this server start decodes at, beside
+    the profiled steps' kernel time and timeline (session 21: the profiler's own host work lengthens the timeline)."""
+    t0 = time.perf_counter()
+    r = post(server.url + "/generate", {"input_ids": ids, "sampling_params": {
+        "max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}, timeout=900)
+    wall = time.perf_counter() - t0
+    meta = r.get("meta_info", {})
+    return {"tokens": meta.get("completion_tokens"), "cached_tokens": meta.get("cached_tokens"),
+            "prompt_tokens": meta.get("prompt_tokens"), "ms_per_token": round(wall * 1e3 / max(tokens, 1), 3)}
 
 
 def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: list[str], prompts: int = 1,
@@ -218,6 +235,9 @@ def main():
             if r.get("span_us_per_step") is not None:
                 extra += (f"; GPU timeline {r['span_us_per_step']} µs per step, {r['idle_us_per_step']} of it idle "
                           f"(longest gap {r['longest_idle_us']} µs)")
+            for u in r.get("unprofiled", []):
+                extra += (f"; unprofiled {u['tokens']} tokens {u['ms_per_token']} ms each ({u['cached_tokens']} of "
+                          f"{u['prompt_tokens']} prompt tokens cached)")
             lines.append(f"## {name}: total {r.get('total_us_per_step')} µs, {r.get('kernels_per_step')} kernels"
                          f"{extra}{' -- error: ' + res['error'][:200] if 'error' in res else ''}")
             for k, v in list(r.get("us_per_step", {}).items())[:30]:

@@ -73,3 +73,24 @@ def test_timeline_of_no_kernels_is_empty(tmp_path):
 
     out = kernel_table(tmp_path, 3)
     assert out["total_us_per_step"] == 0 and out["span_us_per_step"] is None and out["idle_us_per_step"] is None
+
+
+@pytest.mark.server
+def test_unprofiled_decode_rate_on_a_cached_prompt(start_server, tiny_dir):
+    """decode_rate against the tiny CPU server: the prompt is served from the radix cache (all but the one token
+    SGLang always extends), the tokens asked for are decoded, and the client's per-token wall time covers the server's
+    own end-to-end latency for the request (meta_info's e2e_latency: the server-side oracle) with little on top."""
+    from profile_decode import decode_rate
+
+    server = start_server(tiny_dir())
+    ids = [(i * 37) % 400 + 5 for i in range(300)]  # 300: not a multiple of the tiny model's blocks
+    servers_post = __import__("servers").post
+    servers_post(server.url + "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})
+    out = decode_rate(server, ids, 24)
+    assert (out["tokens"], out["prompt_tokens"], out["cached_tokens"]) == (24, 300, 299), out
+    latency = servers_post(server.url + "/generate", {"input_ids": ids, "sampling_params": {
+        "max_new_tokens": 24, "temperature": 0, "ignore_eos": True}})["meta_info"]["e2e_latency"]
+    again = decode_rate(server, ids, 24)
+    # the server's latency of one such request is inside the client's wall time of the next (same work), up to the
+    # run-to-run spread of a loaded 2-core machine (a factor 3 either way) plus HTTP's ~50 ms
+    assert latency * 1e3 / 3 <= again["ms_per_token"] * 24 <= latency * 1e3 * 3 + 50, (latency, again)
