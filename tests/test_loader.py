@@ -49,21 +49,59 @@ def load(model, weights: dict):
     model.load_weights(iter(list(weights.items())))
 
 
+def expected_parameter(name: str, ck: dict, prefix: str, params) -> torch.Tensor:
+    """What parameter `name` must hold after loading checkpoint `ck`, from M3_SPEC §4.1's tensor names and the fused
+    layouts the model builds (written out here, not read from loader.py): qkv_proj = q | k | v rows (sparse layers:
+    | index_q | index_k), gate_up_proj = gate | up rows, experts.w13_weight[e] = w1 | w3 rows of expert e,
+    experts.w2_weight[e] = w2 of expert e; every other parameter is the checkpoint tensor of the same name. (`params`:
+    the model's parameter names; a layer with its own index_proj keeps the index rows out of qkv_proj.)"""
+    module, _, leaf = name.rpartition(".")
+    base = module.rpartition(".")[0] + "."
+
+    def get(n):
+        return ck[prefix + n]
+
+    if module.endswith(".self_attn.qkv_proj"):
+        parts = ["q_proj", "k_proj", "v_proj"]
+        if prefix + base + "index_q_proj.weight" in ck and base + "index_proj.weight" not in params:
+            parts += ["index_q_proj", "index_k_proj"]
+        return torch.cat([get(base + p + ".weight") for p in parts])
+    if module.endswith(".self_attn.index_proj"):
+        return torch.cat([get(base + p + ".weight") for p in ("index_q_proj", "index_k_proj")])
+    if module.endswith(".gate_up_proj"):
+        return torch.cat([get(base + "gate_proj.weight"), get(base + "up_proj.weight")])
+    if module.endswith(".experts"):
+        n_experts = len({k for k in ck if k.startswith(prefix + module + ".") and k.endswith(".w2.weight")})
+        assert n_experts > 1, name
+        if leaf == "w13_weight":
+            return torch.stack([torch.cat([get(f"{module}.{e}.w1.weight"), get(f"{module}.{e}.w3.weight")])
+                                for e in range(n_experts)])
+        assert leaf == "w2_weight", name
+        return torch.stack([get(f"{module}.{e}.w2.weight") for e in range(n_experts)])
+    return get(name)
+
+
 def test_intact_checkpoints_load_every_parameter(sglang_env, tensors):  # noqa: F811
-    """Control: both packagings load (VL: the vision tensors skipped), and every parameter holds checkpoint data."""
+    """Control: both packagings load (VL: the vision tensors skipped), and every parameter holds the checkpoint data
+    of its place (expected_parameter). Bit-equal on purpose: an fp32 checkpoint copied into fp32 parameters, no
+    arithmetic in between."""
     for vl in (False, True):
         model = build(tensors, vl)
         for p in model.parameters():
             p.data.fill_(float("nan"))
-        load(model, tensors["vl" if vl else "flat"])
+        ck = tensors["vl" if vl else "flat"]
+        load(model, ck)
         left = [n for n, p in model.named_parameters() if torch.isnan(p).any()]
         assert not left, f"parameters not filled: {left}"
         assert any(k.startswith("vision_tower.") for k in tensors["vl"])  # there was something to skip
-    qkv = model.model.layers[1].self_attn.qkv_proj.weight
-    ck = tensors["vl"]
-    want = torch.cat([ck[f"language_model.{L1}.self_attn.{s}_proj.weight"]
-                      for s in ("q", "k", "v", "index_q", "index_k")])
-    assert torch.equal(qkv.data, want)  # shards in place (sparse layer: q | k | v | index_q | index_k rows)
+        names = dict(model.named_parameters())
+        assert any(n.endswith("experts.w13_weight") for n in names) and any(n.endswith("gate_up_proj.weight")
+                                                                             for n in names)
+        assert f"{L1}.self_attn.index_proj.weight" not in names  # unquantized sparse layer: q|k|v|index in one GEMM
+        for name, param in names.items():
+            want = expected_parameter(name, ck, "language_model." if vl else "", names)
+            assert param.dtype == want.dtype == torch.float32, name
+            assert torch.equal(param.data, want), f"{'vl' if vl else 'flat'}: {name} does not hold its checkpoint data"
 
 
 def _drop(*names):

@@ -20,7 +20,8 @@ import torch
 
 from sglang_m3.attention import reference as ref
 from tests.test_layers import sglang_env  # noqa: F401  (fixture: SGLang's parallel state on CPU)
-from tests.test_msa_reference import D, DI, DV, H, HQ, SM_SCALE, assert_selection, bf_attend, bf_select
+from tests.test_msa_reference import (D, DI, DV, H, HQ, SM_SCALE, assert_agree_up_to_ties, assert_selection, bf_attend,
+                                      bf_select)
 
 
 def chain(n):
@@ -195,11 +196,22 @@ def test_prefix_ending_on_a_block_boundary_at_block_128():
 
 
 def test_chain_layout_and_tree_rows_agree_on_a_chain():
-    b = make_batch([6, 19, 33], [chain(4)] * 3, seed=5)
+    """On a chain, the extend layout (N queries of one request in one score tile) and the tree rows (N one-query
+    requests over virtual req_to_token rows) compute the same function by different arithmetic (other matmul
+    shapes): selections equal up to near-tie swaps (float64 scores within 1e-4), outputs within 1e-6 where the
+    selections agree, and each side's output the brute-force attention over its own selection
+    (test_msa_reference.assert_agree_up_to_ties). Both sides are also held to the brute-force selection."""
+    prefix_lens, n = [6, 19, 33], 4
+    b = make_batch(prefix_lens, [chain(n)] * 3, seed=5)
     sel_c, o_c = run_chain(b, 4, 3)
     (sel_t, o_t), _ = run_tree(b, 4, 3)
-    assert torch.equal(sel_c, sel_t)
-    torch.testing.assert_close(o_c, o_t, atol=1e-6, rtol=1e-6)
+    check_bruteforce(b, sel_c, o_c, 4, 3)
+    check_bruteforce(b, sel_t, o_t, 4, 3)
+    # request i's contiguous sequence: prefix + all drafts (a chain's last path); row i*N + x is position s_i + x
+    seqs = [{k: torch.cat([rq["pre"][k], rq["draft"][k]]) for k in rq["pre"]} for rq in b["reqs"]]
+    rows = [(i, s + x) for i, s in enumerate(prefix_lens) for x in range(n)]
+    assert_agree_up_to_ties(sel_c, o_c, sel_t, o_t, seqs, rows, 4)
+    assert (sel_c >= 0).sum(-1).max() == 3 and max(prefix_lens) + n > 3 * 4  # sparse rows exist
 
 
 def test_uint8_mask_and_graph_buffers():
