@@ -269,7 +269,9 @@ def _request_limits(tokenizer_manager, obj):
     model_config = tokenizer_manager.model_config
     if not isinstance(obj, GenerateReqInput) or not _is_m3(model_config.hf_config):
         return None
-    return Limits(vocab_size=model_config.vocab_size, grammar_refusal=_grammar_refusal(tokenizer_manager.server_args))
+    server_args = tokenizer_manager.server_args
+    return Limits(vocab_size=model_config.vocab_size, grammar_refusal=_grammar_refusal(server_args),
+                  grammar_backend=server_args.grammar_backend)
 
 
 def _grammar_refusal(server_args) -> str | None:

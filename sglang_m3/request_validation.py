@@ -38,10 +38,12 @@ class M3RequestError(ValueError):
 @dataclass(frozen=True)
 class Limits:
     """What the served model accepts: ids in [0, vocab_size); `grammar_refusal`: why this server cannot constrain
-    decoding (None: it can), the message a grammar request gets."""
+    decoding (None: it can), the message a grammar request gets; `grammar_backend`: the server's
+    --grammar-backend, whose own parser judges a `regex` grammar where we can call it (llguidance)."""
 
     vocab_size: int
     grammar_refusal: Optional[str] = None
+    grammar_backend: Optional[str] = None
 
 
 # SamplingParams (sglang/srt/sampling/sampling_params.py) API fields by the type it needs; None means "default".
@@ -126,10 +128,11 @@ def check_token_ids(input_ids: Sequence[int], vocab_size: int, field: str = "inp
 
 
 def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = None,
-                          grammar_refusal: Optional[str] = None) -> None:
+                          grammar_refusal: Optional[str] = None, grammar_backend: Optional[str] = None) -> None:
     """Types of the SamplingParams fields, unknown keys, and ids inside them (stop_token_ids, logit_bias keys);
-    grammar strings must be strings, a JSON schema must parse and a regex must compile; with `grammar_refusal`
-    (Limits.grammar_refusal) any grammar at all is refused with that message."""
+    grammar strings must be strings, a JSON schema must parse and a regex must compile (`_check_grammar_regex`:
+    in the syntax of `grammar_backend`, Limits.grammar_backend); with `grammar_refusal` (Limits.grammar_refusal)
+    any grammar at all is refused with that message."""
     where = _where(item)
     if params is None:
         return
@@ -223,9 +226,28 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
         except ValueError as e:
             raise M3RequestError(f"sampling_params.json_schema{where} is not valid JSON: {e}") from None
     if "regex" in grammars:
-        _compile(params["regex"], f"sampling_params.regex{where}")
+        _check_grammar_regex(params["regex"], f"sampling_params.regex{where}", grammar_backend)
     if grammars and grammar_refusal:
         raise M3RequestError(grammar_refusal)
+
+
+def _check_grammar_regex(pattern: str, field: str, grammar_backend: Optional[str]) -> None:
+    """A `regex` grammar, in the syntax of the backend that compiles it. llguidance parses Rust regex syntax, which
+    Python's `re` refuses in part (`\\p{Lu}`, `\\x{41}`, `(?<name>...)`, `\\z`, `a**`): on an llguidance server,
+    llguidance's own validator judges (its message in the 400; the same check SGLang's GuidanceBackend would fail
+    the request with later). Other backends: Python's `re` (`_compile`), which is stricter than they are on what
+    matters (unbalanced groups, deep nesting, repeat counts past 2**32 that xgrammar reads as {0,0})."""
+    if grammar_backend == "llguidance":
+        import llguidance
+
+        error = llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("regex", pattern)).strip()
+        if error:  # (its "error: ..." line says why; the rest repeats the pattern with a caret under it)
+            lines = error.splitlines()
+            reason = next((line for line in lines if line.startswith("error:")), lines[0])
+            raise M3RequestError(f"{field} {_short(pattern)} is not a valid regular expression for the llguidance "
+                                 f"grammar backend: {reason[:200]}")
+        return
+    _compile(pattern, field)
 
 
 def _compile(pattern: str, field: str) -> None:
@@ -369,7 +391,7 @@ def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None
         if not req.text:
             raise M3RequestError(f"text{_where(item)} is empty: a prompt needs at least one token")
         prompt_len = None
-    check_sampling_params(req.sampling_params, limits.vocab_size, item, limits.grammar_refusal)
+    check_sampling_params(req.sampling_params, limits.vocab_size, item, limits.grammar_refusal, limits.grammar_backend)
     check_logprob_params(req, prompt_len, limits.vocab_size, item)
 
 
@@ -450,7 +472,8 @@ def check_shape(obj, limits: Limits) -> None:
         raise M3RequestError(f"sampling_params must be a JSON object, got {type(params).__name__}")
     for i, p in enumerate(params if isinstance(params, list) else [params]):
         # here too, as SGLang's normalization reads `n` (a string there is a TypeError)
-        check_sampling_params(p, limits.vocab_size, i if isinstance(params, list) else None)
+        check_sampling_params(p, limits.vocab_size, i if isinstance(params, list) else None,
+                              grammar_backend=limits.grammar_backend)
     # With n > 1, MAX_PARALLEL_SAMPLES bounds the sequences of the whole request: a batch of prompts is copied n times
     # as well (100 prompts × n = 100 on the tiny CPU server: 10,000 sequences, 102 s during which the next chat
     # waited 95 s; session 18's newcomer probe). A batch with n = 1 is the client's own list of requests (offline

@@ -315,3 +315,22 @@ def test_fa3_import_failure_falls_back_with_a_warning(monkeypatch, caplog):
         plugin._fa3_importable.cache_clear()
     warnings = [r for r in caplog.records if "FA3 module does not import" in r.getMessage()]
     assert len(warnings) == 1 and "sgl_kernel.flash_attn" in warnings[0].getMessage()
+
+
+def test_request_limits_carry_the_servers_grammar_backend():
+    """The tokenizer-manager checks judge a `regex` grammar by the server's --grammar-backend (llguidance's parser on
+    an llguidance server): the Limits the hook builds for an M3 request name it; other models get none."""
+    from types import SimpleNamespace as NS
+
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    from sglang_m3.config import TEXT_ARCH
+    from sglang_m3.plugin import _request_limits
+
+    for backend in ("llguidance", "xgrammar"):
+        tm = NS(model_config=NS(hf_config=NS(architectures=[TEXT_ARCH]), vocab_size=512),
+                server_args=NS(grammar_backend=backend, reasoning_parser=None))
+        limits = _request_limits(tm, GenerateReqInput(text="hi"))
+        assert (limits.vocab_size, limits.grammar_backend, limits.grammar_refusal) == (512, backend, None)
+    tm.model_config.hf_config.architectures = ["LlamaForCausalLM"]
+    assert _request_limits(tm, GenerateReqInput(text="hi")) is None

@@ -194,6 +194,42 @@ def test_grammar_refusal_applies_to_grammar_requests_only():
     check_request(req(input_ids=[1, 2], sampling_params={"max_new_tokens": 2}), limits)
 
 
+# Rust regex syntax that llguidance takes and Python's `re` does not, then patterns no backend takes.
+_LLGUIDANCE_ONLY = [r"\p{Lu}[a-z]{2,5}", r"\x{41}[a-z]{2}", r"(?<w>[a-z]{3})", r"[a-z]{3}\z", "a**"]
+_INVALID_EVERYWHERE = ["(ab", r"(a)\1", "(?=a)a", "(" * 500 + "a" + ")" * 500, "a{4294967296}"]
+
+
+@pytest.mark.parametrize("pattern", _LLGUIDANCE_ONLY + _INVALID_EVERYWHERE + ["[ab]{3}"])
+def test_grammar_regex_is_judged_by_the_llguidance_backend_that_compiles_it(pattern):
+    """On an llguidance server (`--grammar-backend llguidance`, what CPU servers use) a `regex` grammar is refused
+    exactly when SGLang's own GuidanceBackend cannot compile it (the oracle: its dispatch_regex over the tiny
+    checkpoint's tokenizer returns an InvalidGrammarObject), with the field named; before, Python's `re` judged and
+    refused valid patterns such as `\\p{Lu}` (a newcomer probe)."""
+    import re
+
+    from sglang.srt.constrained.base_grammar_backend import InvalidGrammarObject
+    from sglang.srt.constrained.llguidance_backend import GuidanceBackend
+    from transformers import PreTrainedTokenizerFast
+
+    from sglang_m3.tiny_tokenizer import build_tokenizer
+
+    backend = GuidanceBackend(PreTrainedTokenizerFast(tokenizer_object=build_tokenizer()))
+    backend_refuses = isinstance(backend.dispatch_regex(pattern), InvalidGrammarObject)
+    assert backend_refuses == (pattern in _INVALID_EVERYWHERE)  # the lists say what they claim
+    if pattern in _LLGUIDANCE_ONLY:  # (each is one Python's `re` refuses: the case the old check got wrong)
+        with pytest.raises(re.error):
+            re.compile(pattern)
+    limits = Limits(vocab_size=512, grammar_backend="llguidance")
+    r = req(input_ids=[1, 2], sampling_params={"max_new_tokens": 2, "regex": pattern})
+    if backend_refuses:
+        msg = refused(check_request, r, limits)
+        assert "sampling_params.regex" in msg and "llguidance" in msg, msg
+        assert "sampling_params.regex" in refused(check_shape, r, limits)
+    else:
+        check_request(r, limits)
+        check_shape(r, limits)
+
+
 def test_well_formed_sampling_params_pass():
     check_sampling_params({"max_new_tokens": 0, "temperature": 0, "top_k": -1, "stop": ["\n"], "regex": "[ab]{3}",
                            "logit_bias": {"5": -1.5}, "stop_token_ids": [511], "n": 2, "ignore_eos": True,
