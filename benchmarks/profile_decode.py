@@ -14,7 +14,7 @@ e2e.py's 2K workload (64 such prompts arrive at once; chunked prefill packs them
 8192 tokens on an H200 at these flags: 4 prompts, so 8 prompts are two batches).
 
 Writes profile_decode.json (per server and phase: the kernel time table, its total, the kernel count) and
-profile_decode.md under --out; the raw traces stay under --work.
+profile_decode.md under --out; the raw traces of each server's last start stay under --work.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ from e2e import SERVER_DEFAULT, SERVER_ENV, checkpoint, gpu_flags, triton_cache 
 from servers import Server, post  # noqa: E402
 
 
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # the torch profiler's device-activity categories
+
+
 def kernel_table(trace_dir: Path, steps: int, pattern: str = "*.json*") -> dict:
     """Sum the GPU kernels of every trace under `trace_dir` (named like `pattern`) by name: {name: µs per step},
     largest first."""
@@ -49,11 +52,13 @@ def kernel_table(trace_dir: Path, steps: int, pattern: str = "*.json*") -> dict:
         with opener(path, "rt") as f:
             trace = json.load(f)
         for ev in trace.get("traceEvents", []):
-            if ev.get("cat") == "kernel" and ev.get("ph") == "X":
+            if ev.get("ph") != "X" or ev.get("cat") not in GPU_WORK:
+                continue
+            spans.append((float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0.0))))
+            if ev["cat"] == "kernel":
                 per_name[ev["name"]] += float(ev.get("dur", 0.0))
                 calls[ev["name"]] += 1
                 count += 1
-                spans.append((float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0.0))))
     table = {k: round(v / steps, 2) for k, v in sorted(per_name.items(), key=lambda kv: -kv[1])}
     # The trace files read and the launch count of the largest kernels: a check of the division by `steps` (the
     # lm_head GEMM runs once per step, so its count is the number of steps the traces hold).
@@ -64,10 +69,11 @@ def kernel_table(trace_dir: Path, steps: int, pattern: str = "*.json*") -> dict:
 
 
 def timeline(spans: list[tuple[float, float]], steps: int) -> dict:
-    """Where the GPU waited: over the traces' kernel intervals (start, end) in µs, the time from the first kernel's
-    start to the last one's end and the part of it in which no kernel ran (overlapping kernels of several streams
-    count once), per step, and the longest idle gap. A step whose span per step is well above its kernel time waited
-    on the host (SGLang's scheduler between graph replays); one whose kernel time itself grew ran slower kernels."""
+    """Where the GPU was idle: over the traces' device intervals (start, end) in µs (kernels, copies, memsets), the
+    time from the first one's start to the last one's end and the part of it in which none ran (overlapping work of
+    several streams counts once), per step (averaged: not each step's own), and the longest idle gap. Idle time is
+    the GPU waiting on the host, the profiler's own host work included; a kernel total that grows means slower
+    kernels. One GPU's traces (TP 1): with several ranks' files the union would hide one rank's idle time."""
     if not spans:
         return {"span_us_per_step": None, "idle_us_per_step": None, "longest_idle_us": None}
     spans = sorted(spans)
@@ -147,24 +153,37 @@ def profile_decode(server: Server, ctx: int, steps: int, trace_dir: Path) -> dic
     _await_trace(trace_dir, "*.json*")
     out = kernel_table(trace_dir, steps)
     out["completion_tokens"] = done.get("r", {}).get("meta_info", {}).get("completion_tokens")
-    out["unprofiled"] = [decode_rate(server, body["input_ids"], n) for n in UNPROFILED_TOKENS]
+    try:  # a failure here must not lose the profile above
+        out["unprofiled"] = decode_rates(server, body["input_ids"])
+    except Exception as e:  # noqa: BLE001
+        out["unprofiled"] = {"error": repr(e)[:500]}
     return out
 
 
-UNPROFILED_TOKENS = (256, 1792)  # e2e.py's 128k-c1 and 128k-c1-decode output lengths
+UNPROFILED_TOKENS = (1, 256, 1792)  # 1: the fixed cost; 256 and 1792: e2e.py's 128k-c1 and 128k-c1-decode outputs
 
 
-def decode_rate(server: Server, ids: list[int], tokens: int) -> dict:
-    """Wall time per output token of a request for `tokens` tokens on a prompt the radix cache holds (the profiled
-    request's: its prefill is one token), with the profiler off: the step time this server start decodes at, beside
-    the profiled steps' kernel time and timeline (session 21: the profiler's own host work lengthens the timeline)."""
-    t0 = time.perf_counter()
-    r = post(server.url + "/generate", {"input_ids": ids, "sampling_params": {
-        "max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}, timeout=900)
-    wall = time.perf_counter() - t0
-    meta = r.get("meta_info", {})
-    return {"tokens": meta.get("completion_tokens"), "cached_tokens": meta.get("cached_tokens"),
-            "prompt_tokens": meta.get("prompt_tokens"), "ms_per_token": round(wall * 1e3 / max(tokens, 1), 3)}
+def decode_rates(server: Server, ids: list[int], lengths=UNPROFILED_TOKENS) -> dict:
+    """This server start's decode step time with the profiler off (the profiler's own host work lengthens the
+    profiled timeline). Requests of `lengths` output tokens on `ids`, a prompt the radix cache holds (the profiled
+    request's: what is left to prefill is one token at page size 1, up to a page at 128), one after the other; from
+    their wall times (`requests`: each one's tokens, cached tokens, wall ms and the server's own e2e_latency ms) the
+    ms per step between consecutive lengths, `ms_per_step` {"1-256": ..., "256-1792": ...}: the differences cancel
+    what every request pays once (the prompt's JSON, the radix match, the short prefill, HTTP)."""
+    reqs = []
+    for n in lengths:
+        t0 = time.perf_counter()
+        r = post(server.url + "/generate", {"input_ids": ids, "sampling_params": {
+            "max_new_tokens": n, "temperature": 0, "ignore_eos": True}}, timeout=900)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        meta = r.get("meta_info", {})
+        latency = meta.get("e2e_latency")
+        reqs.append({"tokens": meta.get("completion_tokens"), "cached_tokens": meta.get("cached_tokens"),
+                     "prompt_tokens": meta.get("prompt_tokens"), "wall_ms": round(wall_ms, 2),
+                     "server_e2e_latency_ms": None if latency is None else round(latency * 1e3, 2)})
+    steps = {f"{a['tokens']}-{b['tokens']}": round((b["wall_ms"] - a["wall_ms"]) / (b["tokens"] - a["tokens"]), 4)
+             for a, b in zip(reqs, reqs[1:]) if a["tokens"] and b["tokens"] and b["tokens"] > a["tokens"]}
+    return {"requests": reqs, "ms_per_step": steps}
 
 
 def profile(name: str, ckpt: Path, ctx: int, steps: int, work: Path, phases: list[str], prompts: int = 1,
@@ -235,9 +254,13 @@ def main():
             if r.get("span_us_per_step") is not None:
                 extra += (f"; GPU timeline {r['span_us_per_step']} µs per step, {r['idle_us_per_step']} of it idle "
                           f"(longest gap {r['longest_idle_us']} µs)")
-            for u in r.get("unprofiled", []):
-                extra += (f"; unprofiled {u['tokens']} tokens {u['ms_per_token']} ms each ({u['cached_tokens']} of "
-                          f"{u['prompt_tokens']} prompt tokens cached)")
+            unprofiled = r.get("unprofiled", {})
+            if unprofiled.get("ms_per_step"):
+                cached = ", ".join(f"{u['cached_tokens']}" for u in unprofiled["requests"])
+                extra += (f"; unprofiled ms per step {unprofiled['ms_per_step']} (prompt tokens cached: {cached} of "
+                          f"{unprofiled['requests'][0]['prompt_tokens']})")
+            elif "error" in unprofiled:
+                extra += f"; unprofiled rates failed: {unprofiled['error'][:200]}"
             lines.append(f"## {name}: total {r.get('total_us_per_step')} µs, {r.get('kernels_per_step')} kernels"
                          f"{extra}{' -- error: ' + res['error'][:200] if 'error' in res else ''}")
             for k, v in list(r.get("us_per_step", {}).items())[:30]:

@@ -240,7 +240,10 @@ def _check_grammar_regex(pattern: str, field: str, grammar_backend: Optional[str
     if grammar_backend == "llguidance":
         import llguidance
 
-        error = llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("regex", pattern)).strip()
+        try:
+            error = llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("regex", pattern)).strip()
+        except UnicodeError as e:  # a lone surrogate ("\ud800" in the JSON) does not encode for its parser
+            raise M3RequestError(f"{field} {_short(pattern)} is not valid Unicode: {e.reason}") from None
         if error:  # (its "error: ..." line says why; the rest repeats the pattern with a caret under it)
             lines = error.splitlines()
             reason = next((line for line in lines if line.startswith("error:")), lines[0])

@@ -230,6 +230,13 @@ def test_grammar_regex_is_judged_by_the_llguidance_backend_that_compiles_it(patt
         check_shape(r, limits)
 
 
+def test_grammar_regex_that_is_not_unicode_is_refused_naming_the_field():
+    # JSON's "\ud800" decodes to a lone surrogate, which llguidance's parser cannot take (a UnicodeEncodeError)
+    limits = Limits(vocab_size=512, grammar_backend="llguidance")
+    msg = refused(check_request, req(input_ids=[1, 2], sampling_params={"regex": "a\ud800"}), limits)
+    assert "sampling_params.regex" in msg and "Unicode" in msg, msg
+
+
 def test_well_formed_sampling_params_pass():
     check_sampling_params({"max_new_tokens": 0, "temperature": 0, "top_k": -1, "stop": ["\n"], "regex": "[ab]{3}",
                            "logit_bias": {"5": -1.5}, "stop_token_ids": [511], "n": 2, "ignore_eos": True,
