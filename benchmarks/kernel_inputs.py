@@ -45,15 +45,17 @@ SMOKE_ATOL = 5e-3  # fp16 outputs of |x| <~ 2; the in-tree rounds split-K partia
 
 
 def decode_bytes_needed(bs: int, context: int, geo: Geometry) -> int:
-    """HBM bytes one decode step of one sparse layer must move at least, over the batch.
+    """HBM bytes one decode step of one sparse layer must move, over the batch (the HBM floor's numerator).
 
     Per request with ``context`` visible tokens (the new one included):
       * the index key of every visible token: context * Di * elt (one shared index-key head; 256 B at bf16),
       * K and V of the selected tokens: min(context, topk * block) tokens per KV head, each KV head
         selecting its own blocks: 2 * Hkv * min(context, topk * block) * D * elt,
       * the new token's writes: its K and V (Hkv heads each) and its index key.
-    Not counted (so this is a lower bound): queries, outputs, req_to_token reads (4 B per visible token,
-    1.6% of the index-key bytes at bf16), scratch traffic.
+    Not counted: queries, outputs, req_to_token reads (4 B per visible token, 1.6% of the index-key bytes at
+    bf16), scratch traffic. The K/V term is exact when ``context`` is a multiple of ``block`` (every context the
+    benchmark runs); otherwise a selected partial last block holds fewer than ``block`` tokens and the term
+    overstates by at most ``block - 1`` tokens' K/V per KV head.
     """
     elt = torch.finfo(geo.dtype).bits // 8
     selected = min(context, geo.topk * geo.block)

@@ -41,6 +41,9 @@ if __name__ == "__main__" and "--worker" in sys.argv:  # before anything can imp
 
 import pytest
 
+if __name__ != "__main__":  # under pytest: the in-process test's fixture (the worker process needs none)
+    from tests.test_layers import sglang_env  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny M3: 4 q heads, 2 KV heads (= index heads), D = Di = Dv = 32, 16-token blocks, top-2 (sparse past 32 tokens).
@@ -491,6 +494,39 @@ def test_backend_kernel_path(name, worker_results):
     r = worker_results[name]
     assert r["ok"], r.get("error")
     print(name, r)
+
+
+
+def test_unfused_store_path_torch(sglang_env):  # noqa: F811
+    """The sparse layers' other store path (backend.fused_store False: a pool whose K/V write is not the plain row
+    scatter the one-launch store assumes, e.g. a subclass with its own _store_kv_layer): K/V through the pool's
+    set_kv_buffer, then the index key. Torch path, in process (no Triton). Same oracle as the worker cases: every
+    new token's K, V and index key at its slot, nothing else written, outputs the float64 attention over a valid
+    top-k selection of the index keys just stored."""
+    import torch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.runtime_context import get_parallel
+
+    from sglang_m3.attention.pool import M3KVPool
+
+    class OwnRowStore(M3KVPool):
+        def _store_kv_layer(self, layer_idx, loc, cache_k, cache_v):
+            self.k_buffer[layer_idx][loc] = cache_k
+            self.v_buffer[layer_idx][loc] = cache_v
+
+    with get_parallel().override(tp_size=1, tp_rank=0):
+        backend = make_backend(False)
+        backend.token_to_kv_pool.__class__ = OwnRowStore
+        assert not backend.fused_store
+        reqs = make_requests([(70, 30), (40, 40), (65, 1)], seed=5)
+        fill_background(backend, 5)
+        install_prefixes(backend, reqs)
+        fb, inputs = forward_batch(reqs, ForwardMode.EXTEND)
+        before = snapshot(backend)
+        backend.init_forward_metadata(fb)
+        outs = run_layers(backend, fb, inputs, decode=False)
+    check_writes(before, snapshot(backend), reqs, fb.out_cache_loc, fb.out_cache_loc.numel(), inputs, "unfused")
+    oracle_check(reqs, outs, backend.impl.selections, "unfused")
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

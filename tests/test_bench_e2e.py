@@ -364,3 +364,71 @@ def test_sampler_measures_this_process_cpu():
     assert c["cores"] and all(0 <= core < os.cpu_count() for core in parse_cpulist(c["cores"])), out
     assert not numa_node_of_core() or c["numa_nodes"], out
     assert c["main_pct"] is None or 0 <= c["main_pct"] <= 110, out  # the main thread mostly sleeps here
+
+
+# SGLang 0.5.17's scheduler / model-runner log lines (format of metrics_reporter.py and model_runner.py, as in the
+# server logs under benchmarks/results), with values chosen so that every field differs from the others.
+SCHED_LOG = """\
+[2026-12-01 15:29:19] Prefill batch, #new-seq: 2, #new-token: 4096, #cached-token: 100, token usage: 0.00, \
+#running-req: 0, #queue-req: 3, #pending-token: 0, cuda graph: False, input throughput (token/s): 2048.00
+[2026-12-01 15:29:19] Decode batch, #running-req: 1, #token: 0, token usage: 0.00, cuda graph: True, \
+gen throughput (token/s): 1.06, #queue-req: 0
+[2026-12-01 15:29:20] Prefill batch, #new-seq: 1, #new-token: 2048, #cached-token: 0, token usage: 0.01, \
+#running-req: 2, #queue-req: 1, #pending-token: 0, cuda graph: False, input throughput (token/s): 4096.00
+[2026-12-01 15:29:21] Prefill batch, #new-seq: 4, #new-token: 512, #cached-token: 1536, token usage: 0.01, \
+#running-req: 3, #queue-req: 0, #pending-token: 0, cuda graph: False, input throughput (token/s): 0.00
+[2026-12-01 15:29:22] Decode batch, #running-req: 64, #token: 133632, token usage: 0.02, cuda graph: True, \
+gen throughput (token/s): 865.15, #queue-req: 0
+[2026-12-01 15:29:23] Decode batch, #running-req: 32, #token: 9000, token usage: 0.02, cuda graph: True, \
+gen throughput (token/s): 400.00, #queue-req: 0
+"""
+
+
+def test_scheduler_summary_and_log_readers_on_sglang_lines():
+    """e2e.scheduler_summary (the scheduler table of e2e.md) and the start-up readers, on log lines in SGLang's
+    format. Oracle: the numbers worked out by hand from the lines above -- new tokens 4096 + 2048 + 512, cached
+    100 + 0 + 1536, prefill gaps 4096 / 2048 s = 2000 ms and 2048 / 4096 s = 500 ms (a line at 0 tok/s has no
+    gap), medians of three."""
+    import e2e
+    from gpu_memory import weight_memory_gb
+
+    assert e2e.scheduler_summary(SCHED_LOG) == {
+        "prefill_batches": 3, "prefill_new_tokens": 6656, "prefill_cached_tokens": 1636, "median_new_seqs": 2,
+        "median_new_tokens": 2048, "max_queue_req": 3, "median_prefill_gap_ms": 1250.0, "decode_lines": 3,
+        "median_decode_running_req": 32, "median_gen_throughput": 400.0}
+    assert e2e.scheduler_summary("") == {
+        "prefill_batches": 0, "prefill_new_tokens": 0, "prefill_cached_tokens": 0, "median_new_seqs": None,
+        "median_new_tokens": None, "max_queue_req": 0, "median_prefill_gap_ms": None, "decode_lines": 0,
+        "median_decode_running_req": None, "median_gen_throughput": None}
+    startup = ("[x] Load weight end. elapsed=0.19 s, type=MiniMaxM3SparseForCausalLM, avail mem=92.17 GB, "
+               "mem usage=46.95 GB.\n"
+               "[x] Capture target decode CUDA graph end. elapsed=20.82 s, mem usage=0.33 GB, avail mem=17.99 GB.\n"
+               "[x] Capture target verify CUDA graph end. elapsed=60.19 s, mem usage=0.04 GB, avail mem=35.94 GB.\n"
+               "[x] Load weight end. elapsed=0.20 s, type=MiniMaxM3SparseForCausalLM, avail mem=139.02 GB, "
+               "mem usage=0.11 GB.\n"
+               "[x] Capture target decode CUDA graph end. elapsed=21.16 s, mem usage=0.04 GB, avail mem=35.90 GB.\n")
+    assert weight_memory_gb(startup) == [46.95, 0.11]  # per rank, the weights (not the memory left)
+    assert e2e.capture_seconds(startup) == 21.16  # the log's last decode capture
+    assert e2e.capture_seconds(startup.rsplit("[x] Load", 1)[0]) == 20.82  # not the verify capture after it
+    assert e2e.capture_seconds("no capture") is None
+    assert e2e.kv_pool_tokens("max_total_num_tokens=5, x\nmax_total_num_tokens=123, y\n") == 123  # the last start
+
+
+def test_every_ratio_is_ours_over_the_other():
+    """compare's ratios with a different value per metric and side: each is ours (or ours_mxfp8) over the other."""
+    import e2e
+
+    ours = {"output_throughput": 300.0, "median_ttft_ms": 12.0, "median_tpot_ms": 3.0, "median_itl_ms": 2.0,
+            "median_e2e_latency_ms": 70.0}
+    intree = {"output_throughput": 200.0, "median_ttft_ms": 48.0, "median_tpot_ms": 4.0, "median_itl_ms": 8.0,
+              "median_e2e_latency_ms": 35.0}
+    mx = {"output_throughput": 450.0, "median_ttft_ms": 1.0, "median_tpot_ms": 1.5, "median_itl_ms": 1.0,
+          "median_e2e_latency_ms": 1.0}
+    servers = {"ours": {"workloads": {"32k-c1": ours}}, "intree": {"workloads": {"32k-c1": intree}},
+               "ours_mxfp8": {"workloads": {"32k-c1": mx}}}
+    row = e2e.compare(servers, {"32k-c1": e2e.WORKLOADS["32k-c1"]})[0]
+    assert {k: row[k] for k in ("throughput_ratio", "ttft_ratio", "tpot_ratio", "itl_ratio", "e2e_latency_ratio",
+                                "mxfp8_throughput_ratio", "mxfp8_tpot_ratio")} == pytest.approx(
+        {"throughput_ratio": 1.5, "ttft_ratio": 0.25, "tpot_ratio": 0.75, "itl_ratio": 0.25, "e2e_latency_ratio": 2.0,
+         "mxfp8_throughput_ratio": 1.5, "mxfp8_tpot_ratio": 0.5})
+    assert (row["throughput_target"], row["itl_target"]) == (None, e2e.ITL_TARGET["32k-c1"])

@@ -193,3 +193,33 @@ def test_kernel_decode_paged_matches_reference():
     assert max(r["seq_lens"]) > r["dense_max"], r  # some request selects fewer blocks than it can see
     assert r["sel_ours_vs_ref"] == 0 and r["sel_intree_vs_ref"] == 0, r
     assert r["max_abs_ours_vs_ref"] <= ATOL and r["max_abs_intree_vs_ref"] <= ATOL, r
+
+
+def test_decode_floor_bytes_count_what_a_decode_step_reads(monkeypatch):
+    """kernel_inputs.decode_bytes_needed (the HBM floor of kernel_decode.py's table) against the bytes of the cache
+    rows one decode step of the torch reference reads and writes, counted from its own block selection: every
+    visible token's index key, the K and V rows of each KV head's selected blocks, and the new token's K, V and
+    index key. Lengths of whole blocks (the benchmark's contexts are multiples of 128), below, at and past the
+    dense limit topk * block, for both smoke head layouts and one whose index dim is not the head dim."""
+    from sglang_m3.attention import reference
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    ki = importlib.import_module("kernel_inputs")
+    narrow_index = ki.Geometry("index-dim-16", 4, 2, 32, 16, 16, 2, dtype=torch.bfloat16)  # Di != D, bf16
+    for geo in (*ki.SMOKE_HEADS.values(), narrow_index):
+        for n, bs in ((16, 1), (32, 2), (64, 3), (96, 2)):
+            b = ki.make_batch(geo, [n] * bs, [1] * bs, context_len=128, device="cpu", seed=n)
+            sel = reference.index_block_topk(
+                b.index_q, b.index_k_cache, b.req_to_token, b.req_pool_indices, b.seq_lens, b.extend_seq_lens,
+                b.extend_start_loc, block_size=geo.block, topk_blocks=geo.topk, init_blocks=geo.init_blocks,
+                local_blocks=geo.local_blocks)
+            elt = b.k_cache.element_size()
+            want = 0
+            for t in range(bs):
+                want += n * b.index_k_cache.shape[1] * elt  # index keys of every visible token
+                for h in range(geo.hkv):
+                    blocks = set(sel[t, h].tolist()) - {-1}
+                    tokens = sum(min(geo.block, n - blk * geo.block) for blk in blocks)
+                    want += tokens * (b.k_cache.shape[2] + b.v_cache.shape[2]) * elt  # K and V of its blocks
+                want += (b.k.shape[1] * b.k.shape[2] + b.v.shape[1] * b.v.shape[2] + b.index_k.shape[1]) * elt
+            assert ki.decode_bytes_needed(bs, n, geo) == want, (geo.name, n, bs)

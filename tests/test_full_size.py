@@ -75,3 +75,35 @@ def test_layers_that_fit_is_the_largest(tp):
     n = full_size.layers_that_fit(tp)
     assert 4 <= n <= 60 and full_size.budget(n, tp)["fits"]
     assert n == 60 or not full_size.budget(n + 1, tp)["fits"]
+
+
+@pytest.mark.parametrize("tp", [1, 8])
+def test_budget_fits_exactly_up_to_the_static_fraction(tp):
+    """budget() at the edge of its rule (weights + runtime allowance + the workload's KV <= mem_fraction x GPU
+    bytes): a GPU of exactly that many bytes fits and its pool holds exactly the workload's tokens, one byte less
+    does not fit; the dense-layer count, the memory fraction and the token count are the ones asked for. Oracles:
+    rank_weight_bytes and kv_bytes_per_token, checked above against a written checkpoint and the KV pool."""
+    layers, dense, tokens, frac = 6, 2, 1000, 0.5
+    cfg = full_size.real_config(layers, dense)
+    assert cfg["moe_layer_freq"] == [0, 0, 1, 1, 1, 1]
+    need = full_size.rank_weight_bytes(cfg, tp) + full_size.RUNTIME_OVERHEAD + tokens * full_size.kv_bytes_per_token(
+        cfg, tp)
+    edge = full_size.budget(layers, tp, dense_layers=dense, gpu_bytes=int(need / frac), mem_fraction=frac,
+                            tokens=tokens)
+    assert edge["fits"] and edge["kv_tokens_that_fit"] == tokens and edge["dense_layers"] == dense
+    assert edge["weights_gb"] * 1e9 == pytest.approx(full_size.rank_weight_bytes(cfg, tp), abs=1e3)
+    short = full_size.budget(layers, tp, dense_layers=dense, gpu_bytes=int(need / frac) - 2, mem_fraction=frac,
+                             tokens=tokens)
+    assert not short["fits"] and short["kv_tokens_that_fit"] == tokens - 1
+
+
+def test_layers_that_fit_reaches_sixty():
+    """On a GPU sized for exactly 60 layers (at the default fraction and workload) the answer is 60, and 59 on one
+    byte less; 61 layers are never counted."""
+    tp = 8
+    need = full_size.budget(60, tp, gpu_bytes=1, mem_fraction=1.0)
+    need = (need["weights_gb"] + need["runtime_gb"] + need["kv_gb"]) * 1e9
+    gpu = int(need / full_size.MEM_FRACTION_STATIC) + 64
+    assert full_size.layers_that_fit(tp, gpu_bytes=gpu) == 60
+    assert full_size.layers_that_fit(tp, gpu_bytes=gpu * 4) == 60
+    assert full_size.layers_that_fit(tp, gpu_bytes=int(need / full_size.MEM_FRACTION_STATIC) - 2**20) == 59

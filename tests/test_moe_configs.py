@@ -74,6 +74,9 @@ show("m3_384", cfg.get_moe_configs(128, 384, None, 0, 0))
 show("sglang_384", sglang_own(128, 384, None, 0, 0))
 up, (down, _) = cfg.try_get_optimal_moe_config(*shape(768), 4, None, 200, return_down_config=True)
 print("picked_768", json.dumps([up, down]))
+publish(ServerArgs(model_path="dummy", device="cpu", enable_deterministic_inference=True), role="test")
+assert cfg.get_exec().deterministic.enable_deterministic_inference
+show("deterministic_768", cfg.get_moe_configs(128, 768, None, 0, 0))
 """
 
 
@@ -81,7 +84,7 @@ def test_hooked_get_moe_configs_answers_our_names_only_while_m3_is_served(tmp_pa
     """The registered hook, in a fresh process with the plugin enabled, through SGLang's own module attribute and
     its caller try_get_optimal_moe_config: for the one name we ship (N=768, which SGLang also bundles a file for,
     tuned for another model), ours once an M3 ModelConfig is built and SGLang's before; for N=384 (no file of ours)
-    SGLang's answer. Oracles: the JSON written here; SGLang's function below the hook (``__wrapped__``)."""
+    SGLang's answer; under deterministic inference SGLang's answer again. Oracles: the JSON written here; SGLang's function below the hook (``__wrapped__``)."""
     import subprocess
     import sys
 
@@ -107,6 +110,7 @@ def test_hooked_get_moe_configs_answers_our_names_only_while_m3_is_served(tmp_pa
     assert json.loads(seen["m3_384"]) == sglang_384
     up, down = json.loads(seen["picked_768"])
     assert up == ours["256"] and down is None  # nearest M to 200; no _down file: the down GEMM runs the up config
+    assert json.loads(seen["deterministic_768"]) == sglang_768  # deterministic inference: SGLang's answer
     assert "fused-MoE kernel configs from" in out.stderr and "E=128,N=768" in out.stderr  # the file, logged
     assert out.stderr.count("fused-MoE kernel configs from") == 1  # once
 

@@ -160,9 +160,13 @@ def test_prefill_graphs_off_for_m3_only():
     assert other.disable_prefill_cuda_graph is False and seen[-1] is other
 
 
-def test_enable_multimodal_is_refused_for_the_vl_packaging():
+def test_enable_multimodal_is_refused_for_the_vl_packaging(monkeypatch):
     """The VL packaging is served text-only; asking for multimodal is refused, not silently ignored."""
     from sglang_m3 import plugin
+
+    # The hook notes that this process serves M3 (plugin._m3_served, which switches the packaged MoE configs on):
+    # restored afterwards, or later tests in this process see SGLang's get_moe_configs answer with ours.
+    monkeypatch.setattr(plugin, "_m3_served", plugin._m3_served)
 
     calls = []
 
@@ -334,3 +338,78 @@ def test_request_limits_carry_the_servers_grammar_backend():
         assert (limits.vocab_size, limits.grammar_backend, limits.grammar_refusal) == (512, backend, None)
     tm.model_config.hf_config.architectures = ["LlamaForCausalLM"]
     assert _request_limits(tm, GenerateReqInput(text="hi")) is None
+
+
+def test_dense_backend_wrapped_once_and_only_for_m3(monkeypatch):
+    """attn_backend_wrapper hook: an M3 runner's dense backend is wrapped in the sparse backend (which gets the runner
+    and that dense backend), an already wrapped one is returned as it is (SGLang may call the wrapper on its own
+    result), and any other model's call goes to SGLang's wrapper unchanged."""
+    from types import SimpleNamespace as NS
+
+    from sglang_m3 import plugin
+    from sglang_m3.attention import backend as m3_backend
+
+    class Sparse:  # stands in for M3SparseAttnBackend (whose constructor needs a whole model runner)
+        def __init__(self, runner, dense):
+            self.runner, self.dense = runner, dense
+
+    monkeypatch.setattr(m3_backend, "M3SparseAttnBackend", Sparse)
+    monkeypatch.setattr(plugin, "_widen_dense_kv_splits", lambda dense, runner: dense)
+    m3 = NS(model_config=NS(hf_config=_hf_config()))
+    dense = object()
+    wrapped = plugin._wrap_dense_backend(lambda *a: pytest.fail("SGLang's wrapper called for M3"), m3, dense)
+    assert isinstance(wrapped, Sparse) and (wrapped.runner, wrapped.dense) == (m3, dense)
+    assert plugin._wrap_dense_backend(lambda *a: pytest.fail("rewrapped"), m3, wrapped) is wrapped
+    llama = NS(model_config=NS(hf_config=_hf_config(arch="LlamaForCausalLM")))
+    assert plugin._wrap_dense_backend(lambda runner, b: ("sglang", runner, b), llama, dense) == ("sglang", llama, dense)
+
+
+@pytest.mark.parametrize("flags, draft_flag, expect", [
+    (dict(attention_backend="m3_msa"), None, "torch_native"),             # M3's default: the draft gets a dense one
+    (dict(attention_backend="triton", decode_attention_backend="m3_msa"), None, "torch_native"),
+    (dict(attention_backend="triton", prefill_attention_backend="m3_msa"), None, "torch_native"),
+    (dict(attention_backend="m3_msa"), "triton", "triton"),              # a draft backend named: kept
+    (dict(attention_backend="triton"), None, None),                      # ours not involved: SGLang's choice
+])
+def test_eagle_draft_never_gets_the_sparse_backend(flags, draft_flag, expect):
+    """DraftBackendFactory hook: where the draft's backend would fall back to m3_msa (SGLang takes the decode /
+    prefill / attention backend when --speculative-draft-attention-backend is not given), the dense Llama-style
+    draft gets the backend m3_msa would put under M3's dense layers (torch_native on CPU)."""
+    from types import SimpleNamespace as NS
+
+    from sglang_m3 import plugin
+
+    args = NS(**{"decode_attention_backend": None, "prefill_attention_backend": None, **flags})
+
+    def original(factory, server_args):
+        factory.draft_attn_backend = draft_flag
+
+    factory = NS(draft_model_runner=NS(device="cpu"))
+    plugin._draft_backends_not_ours(original, factory, args)
+    assert factory.draft_attn_backend == expect
+
+
+def test_m3_pool_class_gets_the_index_lane_at_the_model_dtype():
+    """KV-pool hook: for M3, SGLang's MHA pool class becomes M3KVPool with the sparse layers, the index dim and the
+    lane at the model dtype (bf16 under an fp8 K/V cache: the lane is never fp8); other models keep SGLang's."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from sglang_m3 import plugin
+    from sglang_m3.attention.pool import M3KVPool
+
+    seen = {}
+
+    def original(configurator, *, max_total_num_tokens, mha_pool_class, **kwargs):
+        seen.update(cls=mha_pool_class, tokens=max_total_num_tokens, kwargs=kwargs)
+        return "pool"
+
+    cfg = NS(model_config=NS(hf_config=_hf_config()), model_dtype=torch.bfloat16, kv_cache_dtype=torch.float8_e4m3fn)
+    assert plugin._build_m3_pool(original, cfg, max_total_num_tokens=77, mha_pool_class="sglang's", x=1) == "pool"
+    cls = seen["cls"]
+    assert cls.func is M3KVPool and (seen["tokens"], seen["kwargs"]) == (77, {"x": 1})
+    assert cls.keywords == {"sparse_layer_ids": (1, 2, 3), "index_dim": 32, "index_dtype": torch.bfloat16}
+    other = NS(model_config=NS(hf_config=_hf_config(arch="LlamaForCausalLM")), model_dtype=torch.bfloat16)
+    plugin._build_m3_pool(original, other, max_total_num_tokens=5, mha_pool_class="sglang's")
+    assert seen["cls"] == "sglang's"

@@ -136,6 +136,7 @@ def test_fused_sparse_store_only_for_plain_row_pools(sglang_env):  # noqa: F811
 
     assert _plain_kv_rows(pool(torch.float32)) and _plain_kv_rows(pool(torch.float8_e4m3fn))
     assert not _plain_kv_rows(pool(torch.float32, kv_cache_layout="hnd", use_hnd=True))
+    assert not _plain_kv_rows(pool(torch.bfloat16))  # K/V neither at the lane's (model) dtype nor fp8
 
     class Quantized(M3KVPool):
         is_quantized_kv_cache = True

@@ -161,6 +161,57 @@ def test_overrides_and_cli(tmp_path):
         tiny.write_tiny_checkpoint(tmp_path / "bad", not_a_field=1)
 
 
+
+def test_every_cli_flag_reaches_its_config_field(tmp_path):
+    """Each size flag of `python -m sglang_m3.tiny` lands in its own config field (values all distinct, so a flag
+    wired to another field shows)."""
+    out = tiny.main([str(tmp_path / "c"), "--flat", "--config-only", "--layers", "5", "--dense-layers", "2",
+                     "--hidden-size", "96", "--heads", "6", "--num-kv-heads", "3", "--index-heads", "6",
+                     "--head-dim", "48", "--vocab-size", "700", "--num-experts", "7", "--experts-per-tok", "3",
+                     "--intermediate-size", "40", "--dense-intermediate-size", "88", "--topk-blocks", "4",
+                     "--block-size", "32", "--max-position-embeddings", "4096"])
+    cfg = _config(out)
+    sp = cfg["sparse_attention_config"]
+    assert {k: cfg[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                                "head_dim", "vocab_size", "num_local_experts", "num_experts_per_tok",
+                                "intermediate_size", "dense_intermediate_size", "max_position_embeddings")} == dict(
+        num_hidden_layers=5, hidden_size=96, num_attention_heads=6, num_key_value_heads=3, head_dim=48,
+        vocab_size=700, num_local_experts=7, num_experts_per_tok=3, intermediate_size=40, dense_intermediate_size=88,
+        max_position_embeddings=4096)
+    assert (sp["sparse_num_index_heads"], sp["sparse_topk_blocks"], sp["sparse_block_size"]) == (6, 4, 32)
+    assert cfg["moe_layer_freq"] == sp["sparse_attention_freq"] == [0, 0, 1, 1, 1]
+
+
+def test_tied_sizes_follow_their_anchor_unless_given():
+    """The release ties some sizes together (M3_SPEC §1): index dim = head dim, rotary dim = head dim x 0.5, index
+    heads = KV heads, shared-expert width = routed width x n_shared_experts (1). Overriding the anchor moves the
+    tied size; an explicit value wins; partial_rotary_factor is always rotary_dim / head_dim (HF reads the factor,
+    SGLang the dim). Aliases name their own field; forced blocks that cannot fit in top-k are refused."""
+    from sglang_m3.tiny_config import build_text_config
+
+    cfg = build_text_config(head_dim=64, intermediate_size=48, num_kv_heads=4, heads=8)
+    sp = cfg["sparse_attention_config"]
+    assert (sp["sparse_index_dim"], cfg["rotary_dim"], cfg["partial_rotary_factor"]) == (64, 32, 0.5)
+    assert (cfg["shared_intermediate_size"], sp["sparse_num_index_heads"]) == (48, 4)
+    cfg = build_text_config(head_dim=64, index_dim=16, rotary_dim=16, intermediate_size=48,
+                            shared_intermediate_size=40, num_kv_heads=2, index_heads=4)
+    sp = cfg["sparse_attention_config"]
+    assert (sp["sparse_index_dim"], cfg["rotary_dim"], cfg["partial_rotary_factor"]) == (16, 16, 0.25)
+    assert (cfg["shared_intermediate_size"], sp["sparse_num_index_heads"]) == (40, 4)
+    sp = build_text_config(topk_blocks=4, init_blocks=1, local_blocks=2)["sparse_attention_config"]
+    assert (sp["sparse_topk_blocks"], sp["sparse_init_block"], sp["sparse_local_block"]) == (4, 1, 2)
+    with pytest.raises(AssertionError, match="forced blocks must fit"):
+        build_text_config(topk_blocks=2, init_blocks=1, local_blocks=2)
+
+
+def test_config_only_over_a_weighted_checkpoint_removes_its_weights(tmp_path):
+    """Rewriting a directory as config-only removes the old model.safetensors (it would contradict the config)."""
+    d = tiny.write_tiny_checkpoint(tmp_path / "d", layers=2)
+    assert (d / "model.safetensors").exists()
+    tiny.write_tiny_checkpoint(d, layers=3, config_only=True)
+    assert not (d / "model.safetensors").exists() and _config(d)["text_config"]["num_hidden_layers"] == 3
+
+
 def test_config_only_real_dims(tmp_path):
     vl = tiny.write_tiny_checkpoint(tmp_path / "vl", config_only=True, real_dims=True, layers=4, dense_layers=1)
     flat = tiny.main([str(tmp_path / "flat"), "--config-only", "--real-dims", "--layers", "5", "--flat"])
@@ -255,6 +306,10 @@ def test_weights_deterministic_per_seed_and_name(tmp_path):
     assert set(b) < set(a)
     assert all(torch.equal(a[k], b[k]) for k in b)  # a tensor depends only on (seed, name)
     assert not torch.equal(a["model.layers.1.self_attn.q_proj.weight"], c["model.layers.1.self_attn.q_proj.weight"])
+    # ... and on the name: tensors of one shape under different names differ
+    assert not torch.equal(a["model.layers.1.self_attn.q_proj.weight"], a["model.layers.2.self_attn.q_proj.weight"])
+    assert not torch.equal(a["model.layers.1.block_sparse_moe.experts.0.w1.weight"],
+                           a["model.layers.1.block_sparse_moe.experts.1.w1.weight"])
     bias = a["model.layers.1.block_sparse_moe.e_score_correction_bias"]
     assert bias.std() > 0.03  # random correction bias, so it changes some expert choices
     assert a["model.layers.1.input_layernorm.weight"].abs().max() > 0  # Gemma offsets are not all zero
