@@ -77,13 +77,44 @@ def _get(cfg, name: str, default: Any = None) -> Any:
 
 
 def _per_layer(value, num_layers: int, field: str) -> list[int]:
-    """`moe_layer_freq`-style fields: a per-layer 0/1 list (an int means every layer)."""
-    if isinstance(value, int):
-        return [value] * num_layers
-    value = list(value)
+    """`moe_layer_freq`-style fields: a per-layer 0/1 list (a single 0/1 means every layer)."""
+    if _is_flag(value):
+        return [int(value)] * num_layers
+    if not isinstance(value, (list, tuple)):
+        raise M3ConfigError(f"unsupported MiniMax-M3 config: {field}={value!r} (must be a list of 0/1 per layer)")
     if len(value) != num_layers:
         raise M3ConfigError(f"config field {field!r} has {len(value)} entries, expected num_hidden_layers={num_layers}")
+    for layer, v in enumerate(value):
+        if not _is_flag(v):
+            raise M3ConfigError(f"unsupported MiniMax-M3 config: {field}[{layer}]={v!r} (must be 0 or 1)")
     return [int(v) for v in value]
+
+
+def _is_flag(value) -> bool:
+    """0/1 (or false/true), the values of a per-layer switch."""
+    return isinstance(value, (bool, int)) and value in (0, 1)
+
+
+_REQUIRED = object()
+
+
+def _int_field(cfg, name: str, default: Any = _REQUIRED, *, minimum: int | None = None, where: str = "") -> int:
+    """An integer config field, checked: a missing field (or null) takes `default` or, without one, is an error
+    naming it; a string, a bool, a fractional number or a value below `minimum` is an error naming the field and
+    the value (`int()` on them raised a bare ValueError/TypeError, or silently truncated 2.5 to 2)."""
+    field = where + name
+    value = _get(cfg, name)
+    if value is None:
+        if default is _REQUIRED:
+            raise M3ConfigError(f"unsupported MiniMax-M3 config: {field} is missing (required)")
+        return default
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise M3ConfigError(f"unsupported MiniMax-M3 config: {field}={value!r} (must be an integer, "
+                            f"got {type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise M3ConfigError(f"unsupported MiniMax-M3 config: {field}={value!r} (must be >= {minimum})")
+    return value
 
 
 @dataclass(frozen=True)
@@ -168,12 +199,17 @@ def _check_quantization_config(quant) -> None:
 def m3_text_view(hf_config) -> M3TextView:
     """Read and validate the text config (either packaging). Raises M3ConfigError naming the field."""
     cfg = text_config_of(hf_config)
-    n_layers = int(_get(cfg, "num_hidden_layers"))
-    heads, kv_heads = int(_get(cfg, "num_attention_heads")), int(_get(cfg, "num_key_value_heads"))
-    head_dim = int(_get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads)
-    rotary_dim = _get(cfg, "rotary_dim")
+    n_layers = _int_field(cfg, "num_hidden_layers", minimum=1)
+    hidden = _int_field(cfg, "hidden_size", minimum=1)
+    heads = _int_field(cfg, "num_attention_heads", minimum=1)
+    kv_heads = _int_field(cfg, "num_key_value_heads", minimum=1)
+    head_dim = _int_field(cfg, "head_dim", hidden // heads, minimum=1)
+    rotary_dim = _int_field(cfg, "rotary_dim", None)
     if rotary_dim is None:
-        rotary_dim = int(head_dim * float(_get(cfg, "partial_rotary_factor", 1.0)))
+        factor = _get(cfg, "partial_rotary_factor", 1.0)
+        _require(isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor <= 1,
+                 "partial_rotary_factor", factor, "must be a number in (0, 1] when rotary_dim is absent")
+        rotary_dim = int(head_dim * float(factor))
 
     # Values whose alternatives exist in some M3-family code but are not part of the released model.
     _require(not _get(cfg, "attention_output_gate", False), "attention_output_gate", True, "no output gate is implemented")
@@ -189,17 +225,25 @@ def m3_text_view(hf_config) -> M3TextView:
     _require(scoring == "sigmoid", "scoring_func", scoring, "only sigmoid routing is implemented")
     _require(_get(cfg, "rope_scaling") is None, "rope_scaling", _get(cfg, "rope_scaling"), "M3 uses plain RoPE")
     _require(_get(cfg, "use_routing_bias", True), "use_routing_bias", False, "the router's correction bias is required")
-    n_shared = int(_get(cfg, "n_shared_experts", 1))
+    n_shared = _int_field(cfg, "n_shared_experts", 1)
     _require(n_shared == 1, "n_shared_experts", n_shared, "exactly one shared expert is implemented")
     for holder in (hf_config, cfg):  # top level (the release's place) or inside text_config
         _check_quantization_config(_get(holder, "quantization_config"))
     _require(not _get(cfg, "tie_word_embeddings", False), "tie_word_embeddings", True, "M3 has a separate lm_head")
-    _require(rotary_dim % 2 == 0 and rotary_dim <= head_dim, "rotary_dim", rotary_dim, f"must be even and <= head_dim={head_dim}")
+    _require(rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim, "rotary_dim", rotary_dim,
+             f"must be even, positive and <= head_dim={head_dim}")
     _require(heads % kv_heads == 0, "num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
 
     moe_layers = _per_layer(_get(cfg, "moe_layer_freq", 1), n_layers, "moe_layer_freq")
-    sac = _get(cfg, "sparse_attention_config") or {}
-    use_sparse = bool(_get(sac, "use_sparse_attention", False))
+    num_experts = _int_field(cfg, "num_local_experts", _REQUIRED if any(moe_layers) else 1, minimum=1)
+    top_k = _int_field(cfg, "num_experts_per_tok", _REQUIRED if any(moe_layers) else 1, minimum=1)
+    _require(top_k <= num_experts, "num_experts_per_tok", top_k, f"must be <= num_local_experts={num_experts}")
+    sac = _get(cfg, "sparse_attention_config")
+    if sac is None:
+        sac = {}
+    _require(isinstance(sac, (dict, PretrainedConfig)), "sparse_attention_config", sac, "must be an object")
+    use_sparse = _get(sac, "use_sparse_attention", False)
+    _require(_is_flag(use_sparse), "sparse_attention_config.use_sparse_attention", use_sparse, "must be true or false")
     sparse_freq = _per_layer(_get(sac, "sparse_attention_freq", 1 if use_sparse else 0), n_layers, "sparse_attention_config.sparse_attention_freq")
     if not use_sparse:
         sparse_freq = [0] * n_layers
@@ -210,36 +254,50 @@ def m3_text_view(hf_config) -> M3TextView:
 
     score_type = _get(sac, "sparse_score_type", "max")
     _require(score_type == "max", "sparse_attention_config.sparse_score_type", score_type, "only 'max' block scoring is implemented")
-    block_size = int(_get(sac, "sparse_block_size", 128))
-    topk = int(_get(sac, "sparse_topk_blocks", 16))
-    init_blocks = int(_get(sac, "sparse_init_block", 0))
-    local_blocks = int(_get(sac, "sparse_local_block", 1))
+    # The MSA geometry has no safe default when a layer is sparse (SGLang's in-tree M3 needs these keys too):
+    # a missing one would silently serve the release's value (top-16 of 128) for another model.
+    required = any(sparse_freq)
+    where = "sparse_attention_config."
+    for tokens_key, blocks_key in (("sparse_init_tokens", "sparse_init_block"), ("sparse_local_tokens", "sparse_local_block")):
+        # SGLang's in-tree backend derives the block count from a token count when the *_block key is absent;
+        # we read only the *_block keys, so the token form would otherwise be ignored without a word.
+        _require(_get(sac, tokens_key) is None or _get(sac, blocks_key) is not None, f"sparse_attention_config.{tokens_key}",
+                 _get(sac, tokens_key), f"not supported: give {where + blocks_key} (a number of blocks) instead")
+    block_size = _int_field(sac, "sparse_block_size", _REQUIRED if required else 128, where=where)
+    topk = _int_field(sac, "sparse_topk_blocks", _REQUIRED if required else 16, where=where)
+    init_blocks = _int_field(sac, "sparse_init_block", 0, where=where)
+    local_blocks = _int_field(sac, "sparse_local_block", 1, where=where)
+    index_dim = _int_field(sac, "sparse_index_dim", _REQUIRED if required else head_dim, minimum=1, where=where)
     _require(block_size > 0, "sparse_attention_config.sparse_block_size", block_size, "must be positive")
     _require(topk > 0, "sparse_attention_config.sparse_topk_blocks", topk, "must be positive")
+    _require(init_blocks >= 0, "sparse_attention_config.sparse_init_block", init_blocks, "must be >= 0")
     _require(local_blocks >= 1, "sparse_attention_config.sparse_local_block", local_blocks, "the query's own block must be forced (>= 1)")
     _require(init_blocks + local_blocks <= topk, "sparse_attention_config.sparse_init_block + sparse_local_block",
              init_blocks + local_blocks, f"forced blocks must fit in sparse_topk_blocks={topk}")
-    index_heads = int(_get(sac, "sparse_num_index_heads", kv_heads))
+    index_heads = _int_field(sac, "sparse_num_index_heads", kv_heads, where=where)
     if any(sparse_freq):
         _require(index_heads == kv_heads, "sparse_attention_config.sparse_num_index_heads", index_heads,
                  f"one index head per KV head is implemented (num_key_value_heads={kv_heads})")
+        _require(index_dim >= rotary_dim, "sparse_attention_config.sparse_index_dim", index_dim,
+                 f"the index heads take the same partial RoPE: must be >= rotary_dim={rotary_dim}")
 
+    intermediate = _int_field(cfg, "intermediate_size", minimum=1)
     return M3TextView(
-        hidden_size=int(_get(cfg, "hidden_size")),
+        hidden_size=hidden,
         num_layers=n_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rotary_dim=int(rotary_dim),
         rope_theta=float(_get(cfg, "rope_theta", 5e6)),
-        max_position_embeddings=int(_get(cfg, "max_position_embeddings", 1 << 20)),
+        max_position_embeddings=_int_field(cfg, "max_position_embeddings", 1 << 20, minimum=1),
         rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
-        vocab_size=int(_get(cfg, "vocab_size")),
-        dense_intermediate_size=int(_get(cfg, "dense_intermediate_size", _get(cfg, "intermediate_size"))),
-        moe_intermediate_size=int(_get(cfg, "intermediate_size")),
-        shared_intermediate_size=int(_get(cfg, "shared_intermediate_size") or _get(cfg, "intermediate_size")),
-        num_experts=int(_get(cfg, "num_local_experts")),
-        top_k=int(_get(cfg, "num_experts_per_tok")),
+        vocab_size=_int_field(cfg, "vocab_size", minimum=1),
+        dense_intermediate_size=_int_field(cfg, "dense_intermediate_size", intermediate, minimum=1),
+        moe_intermediate_size=intermediate,
+        shared_intermediate_size=_int_field(cfg, "shared_intermediate_size", intermediate, minimum=1),
+        num_experts=num_experts,
+        top_k=top_k,
         routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", 1.0)),
         swiglu_alpha=float(_get(cfg, "swiglu_alpha", 1.702)),
         swiglu_limit=float(_get(cfg, "swiglu_limit", 7.0)),
@@ -247,7 +305,7 @@ def m3_text_view(hf_config) -> M3TextView:
         sparse_layers=tuple(i for i, s in enumerate(sparse_freq) if s),
         sparse=SparseAttentionConfig(
             num_index_heads=index_heads,
-            index_dim=int(_get(sac, "sparse_index_dim", head_dim)),
+            index_dim=index_dim,
             block_size=block_size,
             topk_blocks=topk,
             init_blocks=init_blocks,

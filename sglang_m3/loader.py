@@ -62,6 +62,12 @@ def checkpoint_weight_shape(module: str, view) -> Optional[tuple[int, ...]]:
     (M3_SPEC §4.1), or None for tensors whose parameter checks its own shape. Needed because SGLang's parallel
     linear weight loaders zero-pad a tensor that is too small along the TP-sharded dim instead of refusing it."""
     hidden, d, di = view.hidden_size, view.head_dim, view.sparse.index_dim
+    # Vocabulary-parallel and router weights: SGLang's loaders refuse a wrong shape with a bare assert (or a
+    # broadcast RuntimeError) that names neither the tensor nor config.json's value.
+    if module in ("model.embed_tokens", "lm_head"):
+        return (view.vocab_size, hidden)
+    if module.endswith(".block_sparse_moe.gate"):
+        return (view.num_experts, hidden)
     tail = module.rpartition(".self_attn.")[2] if ".self_attn." in module else None
     attn = {"q_proj": (view.num_heads * d, hidden), "k_proj": (view.num_kv_heads * d, hidden),
             "v_proj": (view.num_kv_heads * d, hidden), "o_proj": (hidden, view.num_heads * d),
@@ -160,6 +166,11 @@ class _Loader:
             raise CheckpointMismatchError(
                 f"checkpoint tensor {ckpt_name} has shape {tuple(tensor.shape)}, config.json implies {want} "
                 "(does config.json match the weights?)")
+        if not leaf.endswith(quant.SCALE_SUFFIX) and not tensor.is_floating_point():
+            # SGLang's loaders copy_() an integer or bool tensor into the float parameter without a word
+            raise CheckpointMismatchError(
+                f"checkpoint tensor {ckpt_name} is {tensor.dtype}: a weight must be a floating-point tensor "
+                "(corrupt or mislabelled checkpoint?)")
         if leaf.endswith(quant.SCALE_SUFFIX) or param_name + quant.SCALE_SUFFIX in self.params:
             self._pair(module, leaf, ckpt_name, tensor, target)
             return

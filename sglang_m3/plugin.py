@@ -179,6 +179,7 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
                          "does not carry the per-slot index keys of the sparse layers (they would be lost on "
                          "reload, corrupting sparse attention). Run without HiCache.")
     spec_declared = _speculative_overrides(server_args)
+    _cpu_engine_refusals(server_args)
     if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
         raise ValueError("sglang-m3: PD disaggregation is not supported for MiniMax-M3 yet "
                          "(the index-key lane is not transferred).")
@@ -215,6 +216,33 @@ def _m3_server_overrides(server_args, hf_config) -> dict:
                          "MiniMax-M3 (its clamped SwiGLU needs the triton runner).")
     declared.update(_quantization_overrides(server_args, hf_config))
     return declared
+
+
+# SGLang's CPU engine (--device cpu) has its own attention backends only (it fills in intel_amx on x86, torch_native on
+# Arm), allocates K/V one token at a time and has no speculative decoding; other flags failed deep in its start-up
+# instead (Triton's "0 active drivers", a NameError from flashinfer's wrapper, no module sgl_kernel.speculative:
+# session 22's probe).
+CPU_ATTENTION_BACKENDS = (BACKEND_NAME, "torch_native", "intel_amx")
+
+
+def _cpu_engine_refusals(server_args) -> None:
+    """Raise ValueError naming the flag for what SGLang's CPU engine cannot serve; nothing off CPU."""
+    if getattr(server_args, "device", None) != "cpu":
+        return
+    for field in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        backend = getattr(server_args, field, None)
+        if backend is not None and backend not in CPU_ATTENTION_BACKENDS:
+            raise ValueError(f"sglang-m3: --{field.replace('_', '-')} {backend} does not run on SGLang's CPU engine "
+                             f"(--device cpu): name one of {', '.join(CPU_ATTENTION_BACKENDS)} or none (the default "
+                             f"{BACKEND_NAME}).")
+    page_size = getattr(server_args, "page_size", None)
+    if page_size not in (None, 1):
+        raise ValueError(f"sglang-m3: --page-size {page_size} is not supported on SGLang's CPU engine (--device cpu): "
+                         "it allocates the K/V cache one token at a time (use --page-size 1).")
+    algo = getattr(server_args, "speculative_algorithm", None)
+    if algo:
+        raise ValueError(f"sglang-m3: --speculative-algorithm {algo} is not supported on SGLang's CPU engine "
+                         "(--device cpu): it has no speculative decoding (served on CUDA).")
 
 
 def _quantization_overrides(server_args, hf_config) -> dict:

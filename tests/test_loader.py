@@ -179,13 +179,18 @@ def test_broken_checkpoint_is_refused_naming_the_tensor(sglang_env, tensors, cas
     ("model.layers.0.mlp.down_proj.weight", (128, 96), True),
     (f"{L1}.block_sparse_moe.shared_experts.gate_proj.weight", (32, 128), True),
     (f"{L1}.block_sparse_moe.experts.2.w2.weight", (64, 64), True),
-    (f"{L1}.block_sparse_moe.gate.weight", (8, 64), False),
-    ("lm_head.weight", (512, 64), False),
-    ("model.embed_tokens.weight", (500, 128), False),
+    # router and vocabulary weights: SGLang's own loaders refused these with a bare assert / broadcast RuntimeError
+    # naming neither the tensor nor config.json's shape (probe, session 22)
+    (f"{L1}.block_sparse_moe.gate.weight", (8, 64), True),
+    (f"{L1}.block_sparse_moe.gate.weight", (7, 128), True),
+    ("lm_head.weight", (512, 64), True),
+    ("lm_head.weight", (500, 128), True),
+    ("model.embed_tokens.weight", (500, 128), True),
+    ("model.embed_tokens.weight", (600, 128), True),
 ])
 def test_wrong_shape_of_a_sharded_weight_is_an_error(sglang_env, tensors, name, shape, ours):  # noqa: F811
-    """A projection weight of the wrong shape stops loading, naming the tensor and the shape config.json implies;
-    router and embedding weights are refused by SGLang's own loaders (assertion / size mismatch)."""
+    """A projection, router or embedding weight of the wrong shape stops loading, naming the tensor and the shape
+    config.json implies."""
     from sglang_m3.loader import CheckpointMismatchError
 
     weights = dict(tensors["flat"])
@@ -194,3 +199,25 @@ def test_wrong_shape_of_a_sharded_weight_is_an_error(sglang_env, tensors, name, 
         load(build(tensors), weights)
     if ours:
         assert name in str(info.value) and str(shape) in str(info.value), str(info.value)
+        assert "config.json implies" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("name,dtype", [
+    (f"{L1}.self_attn.index_k_norm.weight", torch.int32),
+    (f"{L1}.self_attn.index_q_proj.weight", torch.int64),
+    (f"{L1}.block_sparse_moe.experts.2.w1.weight", torch.int32),
+    ("model.embed_tokens.weight", torch.bool),
+])
+def test_non_float_weight_is_an_error_naming_it(sglang_env, tensors, name, dtype):  # noqa: F811
+    """An integer or bool tensor where a weight belongs (corrupt or mislabelled file) was copied into the float
+    parameter without a word (SGLang's loaders cast) and served; it stops loading, naming the tensor and dtype.
+    A float tensor of another precision (fp16 into an fp32 model) is still cast, as SGLang does for any --dtype."""
+    from sglang_m3.loader import CheckpointMismatchError
+
+    weights = dict(tensors["flat"])
+    weights[name] = torch.ones(tuple(weights[name].shape), dtype=dtype)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load(build(tensors), weights)
+    assert name in str(info.value) and str(dtype) in str(info.value), str(info.value)
+    weights[name] = tensors["flat"][name].half()
+    load(build(tensors), weights)

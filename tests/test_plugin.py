@@ -84,6 +84,12 @@ REFUSED = {
     "kv_cache_bf16_under_fp16": (dict(kv_cache_dtype="bfloat16", dtype="float16"),
                                  "--kv-cache-dtype bfloat16 with --dtype float16"),
     "moe_runner_backend": (dict(moe_runner_backend="flashinfer_cutlass"), "--moe-runner-backend flashinfer_cutlass"),
+    # SGLang's CPU engine (_server_args() is --device cpu): no Triton/FlashInfer attention, no pages, no speculation
+    "cpu_attention_triton": (dict(attention_backend="triton"), "--attention-backend triton"),
+    "cpu_decode_attention_flashinfer": (dict(decode_attention_backend="flashinfer"),
+                                        "--decode-attention-backend flashinfer"),
+    "cpu_page_size": (dict(page_size=16), "--page-size 16"),
+    "cpu_speculative_ngram": (dict(speculative_algorithm="NGRAM"), "--speculative-algorithm NGRAM"),
     # _hf_config() names no dtype, which SGLang reads as float32 and, under "auto", serves as float16
     "kv_cache_bf16_under_auto_fp32_ckpt": (dict(kv_cache_dtype="bf16", dtype="auto"),
                                            "--kv-cache-dtype bf16 with --dtype auto (= float16 for this checkpoint)"),
@@ -97,8 +103,8 @@ def test_server_overrides_defaults():
 
     declared = plugin._m3_server_overrides(_server_args(), _hf_config())
     assert declared.get("attention_backend") == "m3_msa" and declared.get("moe_runner_backend") == "triton"
-    declared = plugin._m3_server_overrides(_server_args(attention_backend="triton", moe_runner_backend="triton"),
-                                           _hf_config())
+    declared = plugin._m3_server_overrides(_server_args(attention_backend="triton", moe_runner_backend="triton",
+                                                        device="cuda"), _hf_config())
     assert "attention_backend" not in declared and "moe_runner_backend" not in declared
     plugin._m3_server_overrides(_server_args(kv_cache_dtype="bf16", dtype="bfloat16"), _hf_config())  # model dtype
     import torch
@@ -106,6 +112,12 @@ def test_server_overrides_defaults():
     bf16_ckpt = _hf_config()
     bf16_ckpt.dtype = torch.bfloat16  # as M3's release: "auto" resolves to bf16, so a bf16 cache is the model dtype
     plugin._m3_server_overrides(_server_args(kv_cache_dtype="bf16", dtype="auto"), bf16_ckpt)
+    # SGLang's CPU engine: its own attention backend named, page size 1 pass; off CPU its rules do not apply
+    for fields in (dict(attention_backend="torch_native"), dict(attention_backend="m3_msa", page_size=1),
+                   dict(attention_backend="intel_amx"), dict(decode_attention_backend="torch_native")):
+        plugin._m3_server_overrides(_server_args(**fields), _hf_config())
+    plugin._m3_server_overrides(_server_args(device="cuda", page_size=16, speculative_algorithm="NGRAM",
+                                             attention_backend="flashinfer"), _hf_config())
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
