@@ -12,7 +12,7 @@ Comparisons (teacher-forced, so decode positions are compared on identical token
   each server against itself: decode vs prefill, radix-cache hit vs flushed (see consistency()).
 Writes results.json and results.md under --out.
 
-    python scripts/gpu_e2e.py --out $OUT [--servers ours,ours_eager,ours_torch,intree]
+    python scripts/gpu_e2e.py --out $OUT [--servers ours,ours_eager,ours_torch,intree] [--attention-backend server-default]
 """
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ DECODE_TOKENS = 48
 MEAN_TOL = 0.15
 COMMON_FLAGS = ["--trust-remote-code", "--attention-backend", "triton", "--cuda-graph-max-bs", "16", "--mem-fraction-static", "0.5",
                 "--max-running-requests", "16", "--disable-prefill-cuda-graph"]
+
+
+def common_flags(attention_backend: str = "triton") -> list[str]:
+    """COMMON_FLAGS with `--attention-backend attention_backend`; "server-default" names none, so that each server
+    runs its own default (ours: m3_msa over FA3 on Hopper where sgl_kernel's FA3 module imports; the in-tree: fa3 at
+    page size 128 there)."""
+    i = COMMON_FLAGS.index("--attention-backend")
+    rest = COMMON_FLAGS[:i] + COMMON_FLAGS[i + 2:]
+    return rest if attention_backend == "server-default" else [*rest, "--attention-backend", attention_backend]
 
 
 def write_checkpoint(work: Path) -> Path:
@@ -121,7 +130,10 @@ def main():
     ap.add_argument("--seeds", type=int, default=3, help="prompts per sparse length in the self-consistency checks "
                     "(default 3: with 1, one near-tie flip moves a prompt's 32-token mean by ~0.1, and session 10's "
                     "three prompts read 0.17 for ours against 0.04 for the in-tree on flips alone)")
+    ap.add_argument("--attention-backend", default="triton",
+                    help="every server's --attention-backend (default triton); server-default names none")
     args = ap.parse_args()
+    flags_common = common_flags(args.attention_backend)
     if args.seeds < 1:
         ap.error(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out)
@@ -151,7 +163,7 @@ def main():
     cons_prompts = prompts[1:] + [prompt(n, seed=100 * k + i) for k in range(1, args.seeds)
                                   for i, n in enumerate(PROMPT_LENS) if i > 0]
     results: dict = {"checkpoint": CKPT_SHAPE, "prompt_lens": PROMPT_LENS, "decode_tokens": DECODE_TOKENS,
-                     "flags": COMMON_FLAGS, "servers": {}}
+                     "flags": flags_common, "servers": {}}
     state_path = Path(args.state)
     state = json.loads(state_path.read_text()) if state_path.exists() else {"servers": {}, "scores": {}}
     results["servers"] = state["servers"]
@@ -159,7 +171,7 @@ def main():
     scores: dict = state["scores"]
     for i, name in enumerate(names):
         flags, env = configs[name]
-        server = Server(name, ckpt, [*COMMON_FLAGS, *flags], log_dir=work, port=30100 + i, env=env)
+        server = Server(name, ckpt, [*flags_common, *flags], log_dir=work, port=30100 + i, env=env)
         try:
             server.wait()
             info = {"startup_s": round(server.startup_s, 1)}

@@ -81,7 +81,8 @@ def _per_layer(value, num_layers: int, field: str) -> list[int]:
     if _is_flag(value):
         return [int(value)] * num_layers
     if not isinstance(value, (list, tuple)):
-        raise M3ConfigError(f"unsupported MiniMax-M3 config: {field}={value!r} (must be a list of 0/1 per layer)")
+        raise M3ConfigError(f"unsupported MiniMax-M3 config: {field}={value!r} (must be 0/1 or a list of 0/1 per "
+                            "layer)")
     if len(value) != num_layers:
         raise M3ConfigError(f"config field {field!r} has {len(value)} entries, expected num_hidden_layers={num_layers}")
     for layer, v in enumerate(value):
@@ -91,8 +92,8 @@ def _per_layer(value, num_layers: int, field: str) -> list[int]:
 
 
 def _is_flag(value) -> bool:
-    """0/1 (or false/true), the values of a per-layer switch."""
-    return isinstance(value, (bool, int)) and value in (0, 1)
+    """0/1 (or false/true, or 0.0/1.0 as _int_field takes integral floats), the values of a per-layer switch."""
+    return isinstance(value, (bool, int, float)) and value in (0, 1)
 
 
 _REQUIRED = object()

@@ -233,8 +233,7 @@ def _cpu_engine_refusals(server_args) -> None:
         backend = getattr(server_args, field, None)
         if backend is not None and backend not in CPU_ATTENTION_BACKENDS:
             raise ValueError(f"sglang-m3: --{field.replace('_', '-')} {backend} does not run on SGLang's CPU engine "
-                             f"(--device cpu): name one of {', '.join(CPU_ATTENTION_BACKENDS)} or none (the default "
-                             f"{BACKEND_NAME}).")
+                             f"(--device cpu): name one of {', '.join(CPU_ATTENTION_BACKENDS)} or leave it unset.")
     page_size = getattr(server_args, "page_size", None)
     if page_size not in (None, 1):
         raise ValueError(f"sglang-m3: --page-size {page_size} is not supported on SGLang's CPU engine (--device cpu): "

@@ -175,6 +175,30 @@ def test_dense_only_config_skips_the_sparse_checks():
     assert view.sparse_layers == () and view.moe_layers == (1, 2, 3)
 
 
+@pytest.mark.parametrize("packaging", list(PACKAGINGS))
+def test_integral_floats_and_unneeded_keys_are_accepted(packaging):
+    """Controls for the type checks: integers written as floats (JSON writers may emit 128.0) read as those
+    integers, per-layer switches included; a dense-only config needs no MSA geometry keys, a MoE-less one no
+    expert counts; a *_tokens key beside its *_block key is not refused (the block count is read)."""
+    cfg = build_text_config()
+    sac = cfg["sparse_attention_config"]
+    sac.update(sparse_block_size=128.0, sparse_topk_blocks=2.0, sparse_local_block=1.0, sparse_local_tokens=128,
+               sparse_attention_freq=[0, 1.0, 1, 1.0])
+    cfg.update(num_experts_per_tok=float(cfg["num_experts_per_tok"]), moe_layer_freq=[0.0, 1, 1.0, 1])
+    view = m3_text_view(PACKAGINGS[packaging](cfg))
+    assert (view.sparse.block_size, view.sparse.topk_blocks, view.sparse.local_blocks) == (128, 2, 1)
+    assert view.sparse_layers == view.moe_layers == (1, 2, 3) and isinstance(view.sparse.block_size, int)
+    assert view.top_k == build_text_config()["num_experts_per_tok"]
+
+    dense = build_text_config()
+    dense["sparse_attention_config"] = {"use_sparse_attention": False}
+    dense.update(moe_layer_freq=0)
+    for key in ("num_local_experts", "num_experts_per_tok"):
+        dense.pop(key, None)
+    view = m3_text_view(PACKAGINGS[packaging](dense))
+    assert view.sparse_layers == () and view.moe_layers == ()
+
+
 def _checked_fields() -> set[str]:
     """The field argument of every _require call in config.py (f-strings: their literal prefix)."""
     fields = set()

@@ -47,3 +47,18 @@ def test_verdict_passes_noise_with_few_flips_and_fails_a_systematic_shift_or_man
     # flips at 10 % of the positions with a small mean elsewhere: the flip bound fails
     many = judge(_deltas(288, 0.01, 29))
     assert not many["ours decode_vs_prefill flips"], many
+
+
+def test_common_flags_set_or_drop_the_attention_backend():
+    """--attention-backend of gpu_e2e.py: the named backend replaces COMMON_FLAGS' triton, server-default names none
+    (each server at its own default), and every other flag keeps its value."""
+    def pairs(flags):
+        return {(f, flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("--") else None)
+                for i, f in enumerate(flags) if f.startswith("--")}
+
+    base = pairs(gpu_e2e.COMMON_FLAGS)
+    assert ("--attention-backend", "triton") in base
+    others = {p for p in base if p[0] != "--attention-backend"}
+    assert pairs(gpu_e2e.common_flags()) == base
+    assert pairs(gpu_e2e.common_flags("fa3")) == others | {("--attention-backend", "fa3")}
+    assert pairs(gpu_e2e.common_flags("server-default")) == others
