@@ -42,17 +42,18 @@ DECODE_TOKENS = 48
 # measured mean 0.10 / max 4.9 (GPU_RESULTS.md), our CPU bf16 path mean 0.08; the bug this script once caught
 # gave mean 2. Maxima are reported, not judged: one near-tied routing flip moves a position by several nats.
 MEAN_TOL = 0.15
-COMMON_FLAGS = ["--trust-remote-code", "--attention-backend", "triton", "--cuda-graph-max-bs", "16", "--mem-fraction-static", "0.5",
-                "--max-running-requests", "16", "--disable-prefill-cuda-graph"]
+_FLAGS = ["--trust-remote-code", "--cuda-graph-max-bs", "16", "--mem-fraction-static", "0.5", "--max-running-requests",
+          "16", "--disable-prefill-cuda-graph"]
 
 
 def common_flags(attention_backend: str = "triton") -> list[str]:
-    """COMMON_FLAGS with `--attention-backend attention_backend`; "server-default" names none, so that each server
-    runs its own default (ours: m3_msa over FA3 on Hopper where sgl_kernel's FA3 module imports; the in-tree: fa3 at
-    page size 128 there)."""
-    i = COMMON_FLAGS.index("--attention-backend")
-    rest = COMMON_FLAGS[:i] + COMMON_FLAGS[i + 2:]
-    return rest if attention_backend == "server-default" else [*rest, "--attention-backend", attention_backend]
+    """Every server's flags with `--attention-backend attention_backend`; "server-default" names none, so that each
+    server runs its own default (ours: m3_msa over FA3 on Hopper where sgl_kernel's FA3 module imports; the in-tree:
+    fa3 at page size 128 there)."""
+    return [*_FLAGS, *([] if attention_backend == "server-default" else ["--attention-backend", attention_backend])]
+
+
+COMMON_FLAGS = common_flags()  # (the other GPU scripts' flags: Triton)
 
 
 def write_checkpoint(work: Path) -> Path:

@@ -266,12 +266,11 @@ def m3_text_view(hf_config) -> M3TextView:
                  _get(sac, tokens_key), f"not supported: give {where + blocks_key} (a number of blocks) instead")
     block_size = _int_field(sac, "sparse_block_size", _REQUIRED if required else 128, where=where)
     topk = _int_field(sac, "sparse_topk_blocks", _REQUIRED if required else 16, where=where)
-    init_blocks = _int_field(sac, "sparse_init_block", 0, where=where)
+    init_blocks = _int_field(sac, "sparse_init_block", 0, minimum=0, where=where)
     local_blocks = _int_field(sac, "sparse_local_block", 1, where=where)
     index_dim = _int_field(sac, "sparse_index_dim", _REQUIRED if required else head_dim, minimum=1, where=where)
     _require(block_size > 0, "sparse_attention_config.sparse_block_size", block_size, "must be positive")
     _require(topk > 0, "sparse_attention_config.sparse_topk_blocks", topk, "must be positive")
-    _require(init_blocks >= 0, "sparse_attention_config.sparse_init_block", init_blocks, "must be >= 0")
     _require(local_blocks >= 1, "sparse_attention_config.sparse_local_block", local_blocks, "the query's own block must be forced (>= 1)")
     _require(init_blocks + local_blocks <= topk, "sparse_attention_config.sparse_init_block + sparse_local_block",
              init_blocks + local_blocks, f"forced blocks must fit in sparse_topk_blocks={topk}")
@@ -289,7 +288,7 @@ def m3_text_view(hf_config) -> M3TextView:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rotary_dim=int(rotary_dim),
+        rotary_dim=rotary_dim,
         rope_theta=float(_get(cfg, "rope_theta", 5e6)),
         max_position_embeddings=_int_field(cfg, "max_position_embeddings", 1 << 20, minimum=1),
         rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),

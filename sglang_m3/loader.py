@@ -166,12 +166,13 @@ class _Loader:
             raise CheckpointMismatchError(
                 f"checkpoint tensor {ckpt_name} has shape {tuple(tensor.shape)}, config.json implies {want} "
                 "(does config.json match the weights?)")
-        if not leaf.endswith(quant.SCALE_SUFFIX) and not tensor.is_floating_point():
+        is_scale = leaf.endswith(quant.SCALE_SUFFIX)
+        if not is_scale and not tensor.is_floating_point():
             # SGLang's loaders copy_() an integer or bool tensor into the float parameter without a word
             raise CheckpointMismatchError(
                 f"checkpoint tensor {ckpt_name} is {tensor.dtype}: a weight must be a floating-point tensor "
                 "(corrupt or mislabelled checkpoint?)")
-        if leaf.endswith(quant.SCALE_SUFFIX) or param_name + quant.SCALE_SUFFIX in self.params:
+        if is_scale or param_name + quant.SCALE_SUFFIX in self.params:
             self._pair(module, leaf, ckpt_name, tensor, target)
             return
         if quant.is_fp8(tensor) and not quant.is_fp8(self.params[param_name]):
