@@ -85,11 +85,26 @@ class Server:
         leftover still starting when the port was checked)."""
         return re.search(rf"Uvicorn running on http://\S+:{self.port}\b", self.log()) is not None
 
+    def bind_failed(self) -> bool:
+        """Whether uvicorn logged that it could not bind this server's port. SGLang then neither listens nor exits
+        (it waits in "application shutdown"), so without this check `wait` would sit out its whole timeout: CI's
+        stop 32 lost 600 s that way when another process took the port between `_require_free_port` and the bind."""
+        return re.search(rf"error while attempting to bind on address \S+ {self.port}\): address already in use",
+                         self.log()) is not None
+
     def wait(self, timeout: float = 900) -> "Server":
-        """Until /health_generate answers (a real forward pass) and `listening()`; sets `startup_s`."""
+        """Until /health_generate answers (a real forward pass) and `listening()`; sets `startup_s`.
+
+        Raises:
+            RuntimeError: the server exited, or could not bind its port (it is stopped first).
+            TimeoutError: neither within `timeout` seconds."""
         while time.time() - self.t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if self.bind_failed():
+                self.stop()
+                raise RuntimeError(f"{self.name}: port {self.port} was taken by another process during start-up "
+                                   f"(uvicorn could not bind it):\n{self.log()[-2000:]}")
             try:
                 if not self.listening():
                     raise ConnectionError("not listening yet")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -43,10 +44,31 @@ def script_worker(script, flag: str, timeout: float, **env_overrides: str) -> di
     return json.loads(line[-1][len("@@RESULT@@"):])
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free 127.0.0.1 port below the kernel's ephemeral range, not handed out before in this process.
+
+    Not the ephemeral port that bind(0) gives: the server binds it only after ~15 s of start-up, and in that window
+    the kernel may hand the same port to any outgoing connection or to another server's `get_free_port()` (SGLang's
+    nccl_port), which is how CI's stop 32 lost a server to "address already in use"."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # not Linux: the IANA dynamic range starts at 49152
+        low = 49152
+    for _ in range(1000):
+        port = random.randrange(10000, max(low, 10001))
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise RuntimeError(f"no free port in [10000, {low})")
 
 
 class Server(servers.Server):

@@ -45,3 +45,32 @@ def test_health_counts_only_once_the_servers_own_log_says_it_listens(tmp_path, m
     finally:
         s.proc.kill()
         s.proc.wait()
+
+
+def test_a_port_taken_during_start_up_fails_at_once_not_after_the_timeout(tmp_path):
+    """uvicorn's bind error for this server's port (its wording in SGLang 0.5.17's log) stops the wait at once and
+    stops the server, which would otherwise hang in "application shutdown"; the same error for another port does
+    not. Oracle: a real child process that keeps running, and the wall time."""
+    s = servers.Server.__new__(servers.Server)
+    s.name, s.port, s.url, s.log_path = "x", 31999, "http://127.0.0.1:31999", tmp_path / "x.log"
+    s.proc, s.t0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True), \
+        time.time()
+    line = "ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', {}): address already in use\n"
+    s.log_path.write_text(line.format(32000))
+    assert not s.bind_failed()
+    s.log_path.write_text(line.format(31999))
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="port 31999 was taken"):
+        s.wait(timeout=120)
+    assert time.time() - t0 < 45 and s.proc.poll() is not None  # stopped, well inside the timeout
+
+
+def test_test_ports_lie_below_the_ephemeral_range_and_are_not_reused():
+    """conftest.free_port: CI's stop 32 lost a server whose bind(0) port went to another socket during start-up."""
+    from pathlib import Path
+
+    from tests.conftest import free_port
+
+    ports = [free_port() for _ in range(50)]
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert len(set(ports)) == 50 and all(10000 <= p < low for p in ports)
