@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def main():
         server = Server(name, ckpt, [*flags_common, *flags], log_dir=work, port=30100 + i, env=env)
         try:
             server.wait()
-            info = {"startup_s": round(server.startup_s, 1)}
+            info = {"startup_s": round(server.startup_s, 1), "attention": resolved_attention(server.log())}
             if forced is None:
                 forced = []
                 for p in prompts:
@@ -256,8 +257,19 @@ def markdown(results: dict) -> str:
             else:
                 lines.append(f"| {name} | batched greedy tokens equal | {row['batch_greedy_tokens_equal']} | |")
     lines += ["", "Each server against itself (mean over prompts of mean |Δ| / largest max; see consistency()):", "",
-              *consistency_table(results["servers"])]
+              *consistency_table(results["servers"]), "",
+              *(f"- {name}: {info['attention']}" for name, info in results["servers"].items() if "attention" in info)]
     return "\n".join(lines) + "\n"
+
+
+def resolved_attention(log: str) -> str:
+    """What a server's own log says it attends with: SGLang's `attention_backend` and `page_size` as ServerArgs
+    logged them, and ours' "sglang-m3 MSA backend: ..." line (which names the dense layers' backend). Kept in the
+    results because with `--attention-backend server-default` the flags alone do not say it (session 23's run kept
+    no server log, so its dense FA3 path was inferred from "FA3 importable")."""
+    found = [m.group(0) for m in (re.search(r"\battention_backend='[^']*'", log), re.search(r"\bpage_size=\d+", log),
+                                  re.search(r"sglang-m3 MSA backend: [^\n]*", log)) if m]
+    return "; ".join(found) or "not in the log"
 
 
 def consistency_table(servers: dict) -> list[str]:

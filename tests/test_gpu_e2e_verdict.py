@@ -62,3 +62,16 @@ def test_common_flags_set_or_drop_the_attention_backend():
     assert pairs(gpu_e2e.common_flags()) == base
     assert pairs(gpu_e2e.common_flags("fa3")) == others | {("--attention-backend", "fa3")}
     assert pairs(gpu_e2e.common_flags("server-default")) == others
+
+
+def test_resolved_attention_reads_what_the_server_logged(tmp_path):
+    """Oracle: lines in the wording of a real CPU test server's log (SGLang 0.5.17's ServerArgs dump, ours' backend
+    line), where `decode_attention_backend=None` must not pass for the backend; a log without them says so."""
+    log = ("server_args=ServerArgs(model_path='x', page_size=1, attention_backend='torch_native', "
+           "decode_attention_backend=None, prefill_attention_backend=None)\n"
+           "[2026-12-02] sglang-m3 MSA backend: 3 sparse layers (block 128, top-3) via torch reference, dense layers "
+           "via TorchNativeAttnBackend\n")
+    got = gpu_e2e.resolved_attention(log)
+    assert got.startswith("attention_backend='torch_native'; page_size=1; sglang-m3 MSA backend: 3 sparse")
+    assert got.endswith("via TorchNativeAttnBackend")
+    assert gpu_e2e.resolved_attention("decode_attention_backend=None\nstarting\n") == "not in the log"
