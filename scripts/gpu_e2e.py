@@ -100,7 +100,7 @@ def diff(a, b, start=0, raw=False):
     return {"max": max(d), "mean": sum(d) / len(d), "n": len(d), **({"abs": d} if raw else {})}
 
 
-# Bounds on ours' self-consistency apart from its mean (session 11, nine prompts, GPU_RESULTS.md §0k: mean without
+# Bounds on ours' self-consistency apart from its mean (session 11, nine prompts, GPU_RESULTS.md §0l: mean without
 # flips ours 0.025-0.035 / in-tree 0.027-0.034, flips 1.4-2.8 % / 1.0-1.6 % of positions; a decode path that reads a
 # wrong block or a stale cache entry moves every position, not a few).
 NOISE_TOL = 0.05
