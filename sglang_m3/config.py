@@ -8,6 +8,7 @@ misread would produce plausible garbage.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,21 @@ def _int_field(cfg, name: str, default: Any = _REQUIRED, *, minimum: int | None 
     return value
 
 
+def _float_field(cfg, name: str, default: float) -> float:
+    """A positive finite real config field (a missing field or null takes `default`); a string, a bool, NaN, an
+    infinity or a value <= 0 is an error naming the field and the value (`float()` raised a bare ValueError on a
+    string, and eps, theta, scales and clamps of 0, < 0 or NaN would have served garbage)."""
+    value = _get(cfg, name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise M3ConfigError(f"unsupported MiniMax-M3 config: {name}={value!r} (must be a number, "
+                            f"got {type(value).__name__})")
+    if not (math.isfinite(value) and value > 0):
+        raise M3ConfigError(f"unsupported MiniMax-M3 config: {name}={value!r} (must be a finite number > 0)")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class SparseAttentionConfig:
     """`sparse_attention_config` of M3_SPEC §1.1: geometry of MSA and the lightning indexer."""
@@ -221,7 +237,7 @@ def m3_text_view(hf_config) -> M3TextView:
     act = _get(cfg, "hidden_act", "swigluoai")
     _require(act == "swigluoai", "hidden_act", act, "only the clamped SwiGLU 'swigluoai' is implemented")
     beta = _get(cfg, "swiglu_beta", 1.0)
-    _require(beta is None or float(beta) == 1.0, "swiglu_beta", beta, "FusedMoE fixes the up-projection offset at 1.0")
+    _require(_float_field(cfg, "swiglu_beta", 1.0) == 1.0, "swiglu_beta", beta, "FusedMoE fixes the up-projection offset at 1.0")
     scoring = _get(cfg, "scoring_func", "sigmoid")
     _require(scoring == "sigmoid", "scoring_func", scoring, "only sigmoid routing is implemented")
     _require(_get(cfg, "rope_scaling") is None, "rope_scaling", _get(cfg, "rope_scaling"), "M3 uses plain RoPE")
@@ -264,13 +280,11 @@ def m3_text_view(hf_config) -> M3TextView:
         # we read only the *_block keys, so the token form would otherwise be ignored without a word.
         _require(_get(sac, tokens_key) is None or _get(sac, blocks_key) is not None, f"sparse_attention_config.{tokens_key}",
                  _get(sac, tokens_key), f"not supported: give {where + blocks_key} (a number of blocks) instead")
-    block_size = _int_field(sac, "sparse_block_size", _REQUIRED if required else 128, where=where)
-    topk = _int_field(sac, "sparse_topk_blocks", _REQUIRED if required else 16, where=where)
+    block_size = _int_field(sac, "sparse_block_size", _REQUIRED if required else 128, minimum=1, where=where)
+    topk = _int_field(sac, "sparse_topk_blocks", _REQUIRED if required else 16, minimum=1, where=where)
     init_blocks = _int_field(sac, "sparse_init_block", 0, minimum=0, where=where)
     local_blocks = _int_field(sac, "sparse_local_block", 1, where=where)
     index_dim = _int_field(sac, "sparse_index_dim", _REQUIRED if required else head_dim, minimum=1, where=where)
-    _require(block_size > 0, "sparse_attention_config.sparse_block_size", block_size, "must be positive")
-    _require(topk > 0, "sparse_attention_config.sparse_topk_blocks", topk, "must be positive")
     _require(local_blocks >= 1, "sparse_attention_config.sparse_local_block", local_blocks, "the query's own block must be forced (>= 1)")
     _require(init_blocks + local_blocks <= topk, "sparse_attention_config.sparse_init_block + sparse_local_block",
              init_blocks + local_blocks, f"forced blocks must fit in sparse_topk_blocks={topk}")
@@ -289,18 +303,18 @@ def m3_text_view(hf_config) -> M3TextView:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rotary_dim=rotary_dim,
-        rope_theta=float(_get(cfg, "rope_theta", 5e6)),
+        rope_theta=_float_field(cfg, "rope_theta", 5e6),
         max_position_embeddings=_int_field(cfg, "max_position_embeddings", 1 << 20, minimum=1),
-        rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
+        rms_norm_eps=_float_field(cfg, "rms_norm_eps", 1e-6),
         vocab_size=_int_field(cfg, "vocab_size", minimum=1),
         dense_intermediate_size=_int_field(cfg, "dense_intermediate_size", intermediate, minimum=1),
         moe_intermediate_size=intermediate,
         shared_intermediate_size=_int_field(cfg, "shared_intermediate_size", intermediate, minimum=1),
         num_experts=num_experts,
         top_k=top_k,
-        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", 1.0)),
-        swiglu_alpha=float(_get(cfg, "swiglu_alpha", 1.702)),
-        swiglu_limit=float(_get(cfg, "swiglu_limit", 7.0)),
+        routed_scaling_factor=_float_field(cfg, "routed_scaling_factor", 1.0),
+        swiglu_alpha=_float_field(cfg, "swiglu_alpha", 1.702),
+        swiglu_limit=_float_field(cfg, "swiglu_limit", 7.0),
         moe_layers=tuple(i for i, m in enumerate(moe_layers) if m),
         sparse_layers=tuple(i for i, s in enumerate(sparse_freq) if s),
         sparse=SparseAttentionConfig(

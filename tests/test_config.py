@@ -3,7 +3,8 @@
 Fast unit tests (no server): m3_text_view on the tiny release-shaped config with one field changed, in each
 packaging (plain dict, flat MiniMaxM3Config, VL config with the text under text_config). The unchanged config is
 the control (it is accepted in every packaging). `test_every_check_has_a_case` reads the `_require(...)` calls of
-config.py and fails when a check has no case here, so a new refusal cannot go untested. The quantization_config
+config.py and fails when a check has no case here, so a new refusal cannot go untested. Likewise `test_every_bound_refuses_the_value_just_outside_it`
+reads every bounded `_int_field` / `_float_field` call and sets each field just outside its bound. The quantization_config
 checks are tested with the quantization code (tests/test_quant.py).
 """
 
@@ -197,6 +198,41 @@ def test_integral_floats_and_unneeded_keys_are_accepted(packaging):
         dense.pop(key, None)
     view = m3_text_view(PACKAGINGS[packaging](dense))
     assert view.sparse_layers == () and view.moe_layers == ()
+
+
+def _bounded_fields() -> list[tuple[str, str, object]]:
+    """Every `_int_field(..., minimum=m)` and `_float_field(...)` call of config.py, read from its source:
+    (where the field lives: "top" or "sparse", name, m; None for a float field, which must be > 0)."""
+    found = []
+    for node in ast.walk(ast.parse(inspect.getsource(config_module))):
+        name = getattr(getattr(node, "func", None), "id", None) if isinstance(node, ast.Call) else None
+        if name not in ("_int_field", "_float_field"):
+            continue
+        holder = "sparse" if ast.unparse(node.args[0]) == "sac" else "top"
+        minimum = {k.arg: k.value for k in node.keywords}.get("minimum")
+        if name == "_float_field":
+            found.append((holder, node.args[1].value, None))
+        elif minimum is not None:
+            found.append((holder, node.args[1].value, ast.literal_eval(minimum)))
+    return found
+
+
+def test_every_bound_refuses_the_value_just_outside_it():
+    """Each bound found in config.py (so a new one cannot go untested), set to the nearest value it must refuse:
+    minimum - 1 for an integer field, 0 and -1.0 and NaN and a string for a positive real one. The message names the
+    field and the value. Controls: test_release_shaped_config_is_accepted and the integral-floats test."""
+    bounds = _bounded_fields()
+    assert len(bounds) >= 18, bounds  # the parse found the checks (14 integer minimums, 6 positive reals)
+    for holder, name, minimum in bounds:
+        field = ("sparse_attention_config." if holder == "sparse" else "") + name
+        edit = sparse if holder == "sparse" else top
+        bad = [0, -1.0, float("nan"), "7.0", True] if minimum is None else [minimum - 1]
+        for value in bad:
+            cfg = build_text_config()
+            edit(name, value)(cfg)
+            with pytest.raises(M3ConfigError) as info:
+                m3_text_view(cfg)
+            assert field in str(info.value) and repr(value)[:3] in str(info.value), (field, value, str(info.value))
 
 
 def _checked_fields() -> set[str]:
