@@ -1,6 +1,8 @@
 # Source me: creates (once) or reuses the Python environment with SGLang 0.5.17 + this package, and sets the
 # variables SGLang needs on a CPU-only machine. The environment lives outside the checkout so clones share it.
 #   SGLANG_M3_VENV   where the venv lives (default ~/.cache/sglang-m3/venv)
+# The caller's errexit setting is restored at the end (set -e holds only while this file sets up).
+case $- in *e*) _m3_errexit=1 ;; *) _m3_errexit= ;; esac
 set -e
 _repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SGLANG_M3_VENV=${SGLANG_M3_VENV:-$HOME/.cache/sglang-m3/venv}
@@ -22,4 +24,5 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then
 else
   export SGLANG_M3_DEVICE=cuda
 fi
-set +e
+[ -n "$_m3_errexit" ] || set +e
+unset _m3_errexit

@@ -284,8 +284,9 @@ class MiniMaxM3SparseForCausalLM(nn.Module):
 class MiniMaxM3SparseForConditionalGeneration(MiniMaxM3SparseForCausalLM):
     """The released VL packaging served as a text model: text tensors under `language_model.`, vision skipped.
 
-    Image inputs are not supported; SGLang is told this architecture is text-only (plugin.py), so requests
-    carrying images are refused by the tokenizer manager instead of being silently dropped.
+    Image inputs are not supported; SGLang is told this architecture is text-only (plugin.py), so an image part
+    in a chat request gets SGLang's own 400 from its OpenAI chat route, and `/generate`'s image/video/audio data a
+    400 from request_validation.py, instead of being silently dropped.
     """
 
     checkpoint_prefix = "language_model."

@@ -127,7 +127,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--hidden-size", type=int)
     ap.add_argument("--heads", type=int, help="num_attention_heads")
     ap.add_argument("--num-kv-heads", type=int, help="num_key_value_heads (= index heads unless --index-heads)")
-    ap.add_argument("--index-heads", type=int, help="sparse_num_index_heads")
+    ap.add_argument("--index-heads", type=int, help="sparse_num_index_heads (the server refuses a value other "
+                    "than the KV heads' count)")
     ap.add_argument("--head-dim", type=int, help="head_dim (rotary_dim and index dim follow)")
     ap.add_argument("--vocab-size", type=int)
     ap.add_argument("--num-experts", type=int)
