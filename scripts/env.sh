@@ -1,5 +1,7 @@
 # Source me: creates (once) or reuses the Python environment with SGLang 0.5.17 + this package, and sets the
-# variables SGLang needs on a CPU-only machine. The environment lives outside the checkout so clones share it.
+# variables SGLang needs on a CPU-only machine. The environment lives outside the checkout so clones share it;
+# the checkout that sourced it last is the installed one (a process started inside a checkout imports that
+# checkout's files first anyway: the current directory leads sys.path).
 #   SGLANG_M3_VENV   where the venv lives (default ~/.cache/sglang-m3/venv)
 # The caller's errexit setting is restored at the end (set -e holds only while this file sets up).
 case $- in *e*) _m3_errexit=1 ;; *) _m3_errexit= ;; esac
