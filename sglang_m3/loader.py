@@ -20,7 +20,9 @@ it (MXFP8 → 128×128 block FP8 on sm90, on the parameter's device, one tensor 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 from collections import defaultdict
 from typing import Iterable, Optional
@@ -55,6 +57,67 @@ _STACKED = (
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model built from its config."""
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file is not a complete safetensors file (truncated copy, interrupted download, corrupt header)."""
+
+
+# safetensors' own limit on the JSON header (100 MB); a larger length field is garbage, not a header to read
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_safetensors_file(path) -> None:
+    """Check that `path` is a complete safetensors file, reading only its header: an 8-byte little-endian header
+    length n, n bytes of JSON {tensor name: {"dtype", "shape", "data_offsets": [start, end]}, "__metadata__"?},
+    then the tensor data, whose offsets must tile [0, D) with D = the largest end; the file must be exactly
+    8 + n + D bytes long (safetensors itself refuses any other length).
+
+    Raises CheckpointFileError naming the file and what is wrong with it (truncated: how many bytes are missing;
+    header that is not a safetensors header). Why: safetensors refuses such a file with a bare SafetensorError
+    ("incomplete metadata, file not fully covered") that names neither the file nor the cause, and SGLang reads
+    the shards only after building the model, deep in its weight iterator."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    what = f"checkpoint file {path} ({size} bytes) is truncated or corrupt"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointFileError(f"{what}: a safetensors file starts with an 8-byte header length "
+                                      "(re-download or re-copy it)")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise CheckpointFileError(f"{what}: its header length field says {n} bytes, but {size - 8} bytes follow "
+                                      "(a truncated file, or not a safetensors file; re-download or re-copy it)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        spans = sorted((int(start), int(stop)) for name, entry in header.items() if name != "__metadata__"
+                       for start, stop in [entry["data_offsets"]])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointFileError(f"{what}: its {n}-byte safetensors header is not a JSON object of tensors with "
+                                  f"data_offsets ({type(e).__name__}: {e})") from None
+    end = 0
+    for start, stop in spans:
+        if start != end or stop < start:
+            raise CheckpointFileError(f"{what}: its header's tensor data_offsets do not tile the data (a tensor "
+                                      f"spans [{start}, {stop}) where the previous one ended at {end})")
+        end = stop
+    need = 8 + n + end
+    if size < need:
+        raise CheckpointFileError(f"{what}: it is truncated — its header places tensor data up to byte {need}, "
+                                  f"{need - size} bytes past the end of the file (re-download or re-copy it)")
+    if size > need:
+        raise CheckpointFileError(f"{what}: it has {size - need} bytes after the last tensor's data (its header "
+                                  f"ends the data at byte {need}; safetensors refuses such a file)")
+
+
+def check_safetensors_files(paths: Iterable) -> None:
+    """check_safetensors_file for every path ending in .safetensors (others are SGLang's business); raises
+    CheckpointFileError for the first bad one."""
+    for path in paths:
+        if os.fspath(path).endswith(".safetensors"):
+            check_safetensors_file(path)
 
 
 def checkpoint_weight_shape(module: str, view) -> Optional[tuple[int, ...]]:

@@ -15,6 +15,7 @@ What it changes, all keyed on the two released M3 architecture names:
 - KV pool: `M3KVPool` (index-key lane, at the model dtype even with an fp8 K/V cache) with a cell size that
   counts it;
 - flags that would silently drop the index lane (HiCache) or that we do not serve are refused;
+- checkpoint files: a truncated or corrupt safetensors shard stops loading, naming the file, before any is read;
 - requests: a generate request the model or the scheduler cannot serve (id outside the vocabulary, empty prompt
   in a batch, mistyped sampling field, ...) is refused with HTTP 400 before it is sent (request_validation.py).
 Client side (the frontend language's process, which loads no plugins): `register_frontend_chat_template()`, called
@@ -84,6 +85,10 @@ def register() -> None:
                           _build_m3_pool, HookType.AROUND)
     HookRegistry.register("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
                           _cell_size_with_index_k, HookType.AROUND)
+    # Checkpoint files: every safetensors shard's header against its size before SGLang reads any (a truncated
+    # shard otherwise fails mid-load with a SafetensorError that names no file).
+    HookRegistry.register("sglang.srt.model_loader.loader.DefaultModelLoader._prepare_weights",
+                          _check_checkpoint_files, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs._handle_cuda_graph_config",
                           _eager_prefill, HookType.AROUND)
     HookRegistry.register("sglang.srt.speculative.draft_utils.DraftBackendFactory.__init__",
@@ -515,6 +520,18 @@ def _build_m3_pool(original, configurator, *, max_total_num_tokens, mha_pool_cla
                                            index_dim=view.sparse.index_dim, index_dtype=configurator.model_dtype)
     return original(configurator, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
                     **kwargs)
+
+
+def _check_checkpoint_files(original, model_loader, *args, **kwargs):
+    """DefaultModelLoader._prepare_weights ((folder, weight files, use_safetensors)), then, while M3 is served in
+    this process, loader.check_safetensors_files on those files: raises loader.CheckpointFileError naming a
+    truncated or corrupt shard before SGLang's weight iterator opens any (its SafetensorError names no file)."""
+    result = original(model_loader, *args, **kwargs)
+    if _m3_served and isinstance(result, tuple) and len(result) == 3 and result[2]:
+        from sglang_m3.loader import check_safetensors_files
+
+        check_safetensors_files(result[1])
+    return result
 
 
 def _cell_size_with_index_k(original, pool_configurator, kvc, num_layers: int) -> int:
