@@ -487,14 +487,75 @@ def check_shape(obj, limits: Limits) -> None:
         raise M3RequestError(f"the request asks for {sequences} sequences ({batch} prompts, n = "
                              f"{ns[0] if len(set(ns)) == 1 else ns}): at most {MAX_PARALLEL_SAMPLES} per request on "
                              "this server (prompts × n); send the prompts as separate requests")
-    # rid: a single prompt's list of rids reached SGLang's request table as a dict key (TypeError: HTTP 500)
-    rid = obj.rid
-    if rid is not None and not isinstance(rid, str) and not (
-            prompts and isinstance(rid, list) and len(rid) == prompts and all(isinstance(r, str) for r in rid)):
-        form = f"a string or a list of one string per prompt ({prompts})" if prompts else "a string for a single prompt"
-        raise M3RequestError(f"rid must be {form}, got {_short(json.dumps(rid, default=str))}")
+    # rid: a single prompt's list of rids reached SGLang's request table as a dict key (TypeError: HTTP 500).
+    # extra_key: SGLang normalizes it only for a batch; a single prompt's list reached the scheduler's radix cache as
+    # part of a hash key (TypeError: unhashable type: 'list' in RadixCache.match_prefix), which ended the server and
+    # every request in flight (breaker probe).
+    for name in ("rid", "extra_key"):
+        value = getattr(obj, name, None)
+        if value is not None and not isinstance(value, str) and not (
+                prompts and isinstance(value, list) and len(value) == prompts
+                and all(isinstance(v, str) for v in value)):
+            form = (f"a string or a list of one string per prompt ({prompts})" if prompts
+                    else "a string for a single prompt")
+            raise M3RequestError(f"{name} must be {form}, got {_short(json.dumps(value, default=str))}")
+    # lora_id (set by the tokenizer manager from lora_path when LoRA is on; otherwise the client's value reaches the
+    # scheduler, which appends it to extra_key): a single prompt's list ended the server (TypeError: can only
+    # concatenate str (not "list") to str, in Req.__init__; breaker probe); a batch's string is indexed
+    # per item (obj[i].lora_id = lora_id[i]: one character, or IndexError).
+    lora_id = getattr(obj, "lora_id", None)
+    if lora_id is not None and not (isinstance(lora_id, str) and not prompts) and not (
+            prompts and isinstance(lora_id, list) and len(lora_id) == prompts
+            and all(v is None or isinstance(v, str) for v in lora_id)):
+        form = (f"a list of one string (or null) per prompt ({prompts})" if prompts
+                else "a string for a single prompt")
+        raise M3RequestError(f"lora_id must be {form}, got {_short(json.dumps(lora_id, default=str))}")
     for name in _PER_ITEM_FIELDS:
         value = getattr(obj, name)
         if isinstance(value, list) and (batch is None or len(value) != batch):
             raise M3RequestError(f"{name} is a list of {len(value)}: give one value per prompt "
                                  f"({batch or 'a single prompt takes a single value'})")
+    check_scheduler_passthrough(obj)
+
+
+# session_params: SGLang's SessionParams fields and the type each declares (sglang/srt/managers/io_struct.py).
+_SESSION_FIELDS = {"id": str, "rid": str, "offset": int, "replace": bool, "drop_previous_output": bool}
+_TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def check_scheduler_passthrough(obj) -> None:
+    """GenerateReqInput fields that SGLang 0.5.17 hands to the scheduler as the JSON gave them (the request is
+    pickled; FastAPI types the field only as a dict or `Any`, and SessionParams(**d), a msgspec Struct, checks no
+    types). A wrong type raised inside the scheduler's loop, which ended the server and every request in flight
+    (breaker probe):
+    - `positional_embed_overrides` (typed Any): 1 → `AttributeError: 'int' object has no attribute 'positions'` in
+      ScheduleBatch.prepare_for_extend. SGLang's /v1/score sets it itself, to PositionalEmbeds objects, which JSON
+      cannot express: only those (or a list of them and None) pass.
+    - `session_params`: {"id": ["x"]} → `TypeError: unhashable type: 'list'` (the session lookup), {"id": s, "rid": r,
+      "offset": "abc"} → `TypeError: slice indices must be integers` (SessionController). Each field must have the
+      type SessionParams declares, and no other key (SessionParams(**d) raised TypeError on one: HTTP 500)."""
+    overrides = getattr(obj, "positional_embed_overrides", None)
+    if overrides is not None:
+        from sglang.srt.managers.embed_types import PositionalEmbeds
+
+        items = overrides if isinstance(overrides, list) else [overrides]
+        if not all(o is None or isinstance(o, PositionalEmbeds) for o in items):
+            raise M3RequestError(
+                f"positional_embed_overrides {_short(json.dumps(overrides, default=str))} is not supported in a "
+                "generate request: SGLang sets it internally (/v1/score's embed overrides); leave it out")
+    params = getattr(obj, "session_params", None)
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise M3RequestError(f"session_params must be a JSON object, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(_SESSION_FIELDS))
+    if unknown:
+        raise M3RequestError(f"session_params has unknown field(s) {unknown}; known: {sorted(_SESSION_FIELDS)}")
+    for name, kind in _SESSION_FIELDS.items():
+        value = params.get(name)
+        if value is None:
+            continue
+        ok = isinstance(value, bool) if kind is bool else _is_int(value) if kind is int else isinstance(value, str)
+        if not ok:
+            raise M3RequestError(f"session_params.{name} must be {_TYPE_WORDS[kind]} (or null), got "
+                                 f"{_short(json.dumps(value, default=str))}")

@@ -457,3 +457,101 @@ def test_sequences_per_request_bound_a_batch_of_prompts_times_n():
     assert "129 sequences" in refused(check_shape, req(input_ids=[[5], [6]], sampling_params=[{"n": 100},
                                                                                              {"n": 29}]), LIMITS)
     check_shape(req(text=["hi"] * 1000), LIMITS)  # n = 1: a batch is the client's own list of requests
+
+
+_SESSION_CASES = [{}, {"id": "s"}, {"id": "s", "rid": "r", "offset": 3}, {"id": "s", "offset": -2, "replace": True},
+                  {"id": "s", "drop_previous_output": False}, {"id": "s", "rid": None, "offset": 10**30},
+                  {"id": ["x"]}, {"id": 5}, {"id": {"a": 1}}, {"id": "s", "rid": ["r"]}, {"id": "s", "offset": "abc"},
+                  {"id": "s", "offset": 2.0}, {"id": "s", "offset": True}, {"id": "s", "replace": 1},
+                  {"id": "s", "drop_previous_output": "yes"}, {"id": "s", "bogus": 1}]
+
+
+@pytest.mark.parametrize("params", _SESSION_CASES)
+def test_session_params_have_the_types_sglangs_session_params_declares(params):
+    """SGLang passes session_params to the scheduler as given (SessionParams(**d) is a msgspec Struct, which checks no
+    types): {"id": ["x"]} ended the server (unhashable session lookup), {"offset": "abc"} too (a slice index),
+    breaker probe. Oracle: msgspec's own validation of the same values against SessionParams'
+    declared field types, and SessionParams(**d) for the keys."""
+    import msgspec
+    from sglang.srt.managers.io_struct import SessionParams
+
+    try:
+        msgspec.convert(msgspec.to_builtins(SessionParams(**params)), SessionParams)
+        valid = True
+    except (TypeError, msgspec.ValidationError):
+        valid = False
+    body = req(input_ids=[5, 6], session_params=params)
+    if valid:
+        check_shape(body, LIMITS)
+    else:
+        assert "session_params" in refused(check_shape, body, LIMITS)
+
+
+def test_positional_embed_overrides_from_json_are_refused():
+    """The scheduler reads `.positions` and `.embeds` of a PositionalEmbeds; a JSON value (the field is typed Any)
+    reached it as an int, dict or list and ended the server (AttributeError in prepare_for_extend; breaker
+    probe). Oracle: the attribute the scheduler reads; SGLang's own /v1/score objects still pass."""
+    import torch
+    from sglang.srt.managers.embed_types import PositionalEmbeds
+
+    for value in (1, {"positions": [0], "embeds": [[0.1]]}, [[0.1, 0.2]], "x", [None, 3]):
+        items = value if isinstance(value, list) else [value]
+        assert not all(v is None or hasattr(v, "positions") for v in items)  # the scheduler would raise
+        assert "positional_embed_overrides" in refused(check_shape, req(input_ids=[5, 6],
+                                                                        positional_embed_overrides=value), LIMITS)
+    score = PositionalEmbeds(embeds=[torch.zeros(4)], positions=[1])  # as tokenizer_manager_score_mixin builds it
+    assert hasattr(score, "positions")
+    check_shape(req(input_ids=[[5, 6]], positional_embed_overrides=[score]), LIMITS)
+    check_shape(req(input_ids=[5, 6], positional_embed_overrides=score), LIMITS)
+
+
+@pytest.mark.parametrize("fields", [dict(text="hi", extra_key="k"), dict(text="hi", extra_key=["a", "b"]),
+                                    dict(text="hi", extra_key=["a"]), dict(input_ids=[5, 6], extra_key=["a"]),
+                                    dict(text=["a", "b"], extra_key=["x", "y"]), dict(text=["a", "b"], extra_key="x"),
+                                    dict(text="hi", extra_key=["a"], sampling_params={"n": 2}),
+                                    dict(text="hi", extra_key=["a", "b"], sampling_params={"n": 2}),
+                                    dict(text=["a", "b"], extra_key=["x", ["y"]])])
+def test_extra_key_reaches_the_radix_cache_hashable(fields):
+    """SGLang normalizes extra_key only for a batch: a single prompt's list reached the radix cache's key and ended the
+    server (TypeError: unhashable type: 'list' in RadixCache.match_prefix; breaker probe). Oracle: SGLang's
+    own normalization, then the extra_key each request it sends carries must be hashable (None or a string)."""
+    body = req(**fields)
+    try:
+        oracle = req(**fields)
+        oracle.normalize_batch_and_arguments()
+        sent = [oracle.extra_key] if oracle.is_single else [oracle[i].extra_key for i in range(oracle.batch_size)]
+        valid = all(k is None or isinstance(k, str) for k in sent)
+    except ValueError:  # SGLang refuses it itself (HTTP 400)
+        valid = False
+    if valid:
+        check_shape(body, LIMITS)
+    else:
+        assert "extra_key must be" in refused(check_shape, body, LIMITS)
+
+
+@pytest.mark.parametrize("fields", [dict(text="hi", lora_id="a"), dict(text="hi", lora_id=["a", "b"]),
+                                    dict(input_ids=[5], lora_id=["a"]), dict(text=["a", "b"], lora_id=["x", None]),
+                                    dict(text=["a", "b", "c"], lora_id="x"), dict(text=["a", "b"], lora_id=["x"]),
+                                    dict(text="hi", lora_id=["a"], sampling_params={"n": 2})])
+def test_lora_id_reaches_the_scheduler_as_a_string_per_request(fields):
+    """Without LoRA, the client's lora_id reaches the scheduler, which appends it to extra_key: a single prompt's list
+    ended the server (TypeError in Req.__init__; breaker probe). Oracle: SGLang's own normalization and
+    per-item split (obj[i]), then each request's lora_id must be None or a string that is the one given for it."""
+    body = req(**fields)
+    try:
+        oracle = req(**fields)
+        oracle.normalize_batch_and_arguments()
+        given = fields["lora_id"]
+        if oracle.is_single:
+            valid = isinstance(oracle.lora_id, str)
+        else:
+            per_prompt = given if isinstance(given, list) else None
+            sent = [oracle[i].lora_id for i in range(oracle.batch_size)]
+            valid = per_prompt is not None and len(per_prompt) == len(sent) and all(
+                s == per_prompt[i] and (s is None or isinstance(s, str)) for i, s in enumerate(sent))
+    except (ValueError, IndexError):
+        valid = False
+    if valid:
+        check_shape(body, LIMITS)
+    else:
+        assert "lora_id must be" in refused(check_shape, body, LIMITS)
