@@ -16,6 +16,7 @@ What it changes, all keyed on the two released M3 architecture names:
   counts it;
 - flags that would silently drop the index lane (HiCache) or that we do not serve are refused;
 - checkpoint files: a truncated or corrupt safetensors shard stops loading, naming the file, before any is read;
+- logprobs: SGLang's `token_ids_logprob` results keep one type per batch (its mixed list ended the scheduler);
 - requests: a generate request the model or the scheduler cannot serve (id outside the vocabulary, empty prompt
   in a batch, mistyped sampling field, ...) is refused with HTTP 400 before it is sent (request_validation.py).
 Client side (the frontend language's process, which loads no plugins): `register_frontend_chat_template()`, called
@@ -87,6 +88,10 @@ def register() -> None:
                           _cell_size_with_index_k, HookType.AROUND)
     # Checkpoint files: every safetensors shard's header against its size before SGLang reads any (a truncated
     # shard otherwise fails mid-load with a SafetensorError that names no file).
+    # SGLang bug (sgl-project/sglang#34719): a `token_ids_logprob` request (or /v1/score) in a batch with a request
+    # without one ended the scheduler, every request in flight with it.
+    HookRegistry.register("sglang.srt.layers.logprob_processor.get_token_ids_logprobs_raw",
+                          _token_ids_logprobs_all_tensors, HookType.AROUND)
     HookRegistry.register("sglang.srt.model_loader.loader.DefaultModelLoader._prepare_weights",
                           _check_checkpoint_files, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs._handle_cuda_graph_config",
@@ -520,6 +525,23 @@ def _build_m3_pool(original, configurator, *, max_total_num_tokens, mha_pool_cla
                                            index_dim=view.sparse.index_dim, index_dtype=configurator.model_dtype)
     return original(configurator, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
                     **kwargs)
+
+
+def _token_ids_logprobs_all_tensors(original, logprobs, token_ids_logprobs_list, stage, *args, **kwargs):
+    """SGLang's get_token_ids_logprobs_raw, with an empty tensor instead of `[]` for a request that asked for no
+    token ids when the values stay on the device (`no_copy_to_cpu`, the decode stage).
+
+    Why: there SGLang returns tensors for the requests that asked and a bare `[]` for the others, and both result
+    processors then call `.tolist()` on every entry (`AttributeError: 'list' object has no attribute 'tolist'` in
+    the scheduler: a `/generate` with `token_ids_logprob`, or `/v1/score`, next to any other running request ended
+    the server; sgl-project/sglang#34719, open for 0.5.14-0.5.17). `logprobs.new_empty(0)` is what SGLang's own
+    batched variant puts there (`get_token_ids_logprobs_batch_optimized`); its `.tolist()` is the `[]` the request
+    would have had. Only while M3 is served in this process; the prefill stage is left as SGLang made it."""
+    vals, idxs = original(logprobs, token_ids_logprobs_list, stage, *args, **kwargs)
+    no_copy = kwargs.get("no_copy_to_cpu", args[1] if len(args) > 1 else False)
+    if _m3_served and no_copy and getattr(stage, "name", None) == "DECODE":
+        vals = [logprobs.new_empty(0) if isinstance(v, list) and not v else v for v in vals]
+    return vals, idxs
 
 
 def _check_checkpoint_files(original, model_loader, *args, **kwargs):

@@ -227,3 +227,45 @@ def test_ollama_chat_refusal_names_what_sglang_passed(start_server, flat):
     assert refusal in server.log(), server.log()[-3000:]
     status, out = _post(server, "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 2}})
     assert status == 200 and out["meta_info"]["completion_tokens"] == 2, out
+
+
+def test_token_ids_logprob_beside_a_running_request_keeps_the_server(start_server, flat):
+    """sgl-project/sglang#34719 (a breaker found it here): a request with `token_ids_logprob`, or a /v1/score, decoded
+    in one batch with a request without it ended the scheduler and every request in flight. Now both answer and the
+    asked log-probabilities are those of the same request served alone (oracle; CPU fp32, another batch: 1e-4)."""
+    import threading
+
+    server = start_server(flat, "--context-length", "1024")
+    asked = {"input_ids": [(5 * i) % 200 + 40 for i in range(20)], "return_logprob": True,
+             "token_ids_logprob": [5, 6], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    status, alone = _post(server, "/generate", asked)
+    assert status == 200, alone
+    running = {}
+
+    def long_decode():
+        running["reply"] = _post(server, "/generate", {"input_ids": [(3 * i) % 200 + 32 for i in range(300)],
+                                                       "sampling_params": {"max_new_tokens": 400, "temperature": 0,
+                                                                           "ignore_eos": True}})
+
+    thread = threading.Thread(target=long_decode)
+    thread.start()
+    try:
+        deadline = time.time() + 120
+        while "#running-req: 1" not in server.log().split("Prefill batch")[-1] and time.time() < deadline:
+            time.sleep(0.2)  # until the long request decodes (a decode log line after its prefill)
+        status, mixed = _post(server, "/generate", asked)
+        assert status == 200, mixed
+        status, score = _post(server, "/v1/score", {"query": "hello", "items": [" a", " b"],
+                                                    "label_token_ids": [65, 66]})
+        assert status == 200, score
+    finally:
+        thread.join(timeout=600)
+    assert running["reply"][0] == 200, running["reply"]
+    assert running["reply"][1]["meta_info"]["completion_tokens"] == 400  # still decoding when the others came
+    pairs = list(zip(alone["meta_info"]["output_token_ids_logprobs"], mixed["meta_info"]["output_token_ids_logprobs"]))
+    assert len(pairs) == 4
+    for a, b in pairs:
+        assert [t for _, t, _ in a] == [t for _, t, _ in b] == [5, 6]
+        assert max(abs(x[0] - y[0]) for x, y in zip(a, b)) < 1e-4, (a, b)
+    with urllib.request.urlopen(server.url + "/health_generate", timeout=120) as r:
+        assert r.status == 200

@@ -425,3 +425,32 @@ def test_m3_pool_class_gets_the_index_lane_at_the_model_dtype():
     other = NS(model_config=NS(hf_config=_hf_config(arch="LlamaForCausalLM")), model_dtype=torch.bfloat16)
     plugin._build_m3_pool(original, other, max_total_num_tokens=5, mha_pool_class="sglang's")
     assert seen["cls"] == "sglang's"
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_token_ids_logprobs_are_tensors_for_every_request_of_a_decode_batch(monkeypatch, served):
+    """sgl-project/sglang#34719: with the values left on the device, SGLang's get_token_ids_logprobs_raw gave a
+    bare [] for a request without token ids beside tensors for the others, and the scheduler's `.tolist()` on
+    every entry ended the server. Oracle: SGLang's own function (the values it computes for the requests that ask),
+    and what the result processors do with the list. Only while M3 is served; the prefill stage is untouched."""
+    import torch
+    from sglang.srt.layers import logprob_processor as lp
+
+    from sglang_m3 import plugin
+
+    monkeypatch.setattr(plugin, "_m3_served", served)
+    logprobs = torch.randn(3, 11).log_softmax(-1)
+    asked = [[5, 6], None, [1]]
+    hooked = lambda *a, **k: plugin._token_ids_logprobs_all_tensors(lp.get_token_ids_logprobs_raw, *a, **k)  # noqa
+    vals, idxs = hooked(logprobs, asked, lp.LogprobStage.DECODE, no_copy_to_cpu=True)
+    want, want_idx = lp.get_token_ids_logprobs_raw(logprobs, asked, lp.LogprobStage.DECODE, no_copy_to_cpu=True)
+    assert idxs == want_idx and torch.equal(vals[0], want[0]) and torch.equal(vals[2], want[2])
+    if served:
+        assert [v.tolist() for v in vals] == [logprobs[0, [5, 6]].tolist(), [], logprobs[2, [1]].tolist()]
+    else:
+        assert vals[1] == [] and not torch.is_tensor(vals[1])  # SGLang's own result, untouched
+    # copied to the host already: unchanged either way
+    assert hooked(logprobs, asked, lp.LogprobStage.DECODE, None, False) == \
+        lp.get_token_ids_logprobs_raw(logprobs, asked, lp.LogprobStage.DECODE, None, False)
+    pre = hooked(logprobs, asked, lp.LogprobStage.PREFILL, [1, 1, 1], True)
+    assert pre[0][1] == []  # the prefill stage is left as SGLang made it
