@@ -515,7 +515,7 @@ def check_shape(obj, limits: Limits) -> None:
         if isinstance(value, list) and (batch is None or len(value) != batch):
             raise M3RequestError(f"{name} is a list of {len(value)}: give one value per prompt "
                                  f"({batch or 'a single prompt takes a single value'})")
-    check_scheduler_passthrough(obj)
+    check_scheduler_passthrough(obj, prompts)
 
 
 # session_params: SGLang's SessionParams fields and the type each declares (sglang/srt/managers/io_struct.py).
@@ -523,14 +523,14 @@ _SESSION_FIELDS = {"id": str, "rid": str, "offset": int, "replace": bool, "drop_
 _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 
-def check_scheduler_passthrough(obj) -> None:
+def check_scheduler_passthrough(obj, prompts: int | None = None) -> None:
     """GenerateReqInput fields that SGLang 0.5.17 hands to the scheduler as the JSON gave them (the request is
     pickled; FastAPI types the field only as a dict or `Any`, and SessionParams(**d), a msgspec Struct, checks no
     types). A wrong type raised inside the scheduler's loop, which ended the server and every request in flight
     (breaker probe):
     - `positional_embed_overrides` (typed Any): 1 → `AttributeError: 'int' object has no attribute 'positions'` in
       ScheduleBatch.prepare_for_extend. SGLang's /v1/score sets it itself, to PositionalEmbeds objects, which JSON
-      cannot express: only those (or a list of them and None) pass.
+      cannot express: only those pass (for a batch of `prompts`, also a list of one object or None per prompt).
     - `session_params`: {"id": ["x"]} → `TypeError: unhashable type: 'list'` (the session lookup), {"id": s, "rid": r,
       "offset": "abc"} → `TypeError: slice indices must be integers` (SessionController). Each field must have the
       type SessionParams declares, and no other key (SessionParams(**d) raised TypeError on one: HTTP 500)."""
@@ -538,8 +538,12 @@ def check_scheduler_passthrough(obj) -> None:
     if overrides is not None:
         from sglang.srt.managers.embed_types import PositionalEmbeds
 
-        items = overrides if isinstance(overrides, list) else [overrides]
-        if not all(o is None or isinstance(o, PositionalEmbeds) for o in items):
+        # A single prompt's value reaches the scheduler as given (so [] or [null] raised there too); a batch's list
+        # is indexed per prompt (GenerateReqInput._get_positional_embed_overrides_item), so it needs one entry each.
+        ok = isinstance(overrides, PositionalEmbeds) or (
+            prompts is not None and isinstance(overrides, list) and len(overrides) == prompts
+            and all(o is None or isinstance(o, PositionalEmbeds) for o in overrides))
+        if not ok:
             raise M3RequestError(
                 f"positional_embed_overrides {_short(json.dumps(overrides, default=str))} is not supported in a "
                 "generate request: SGLang sets it internally (/v1/score's embed overrides); leave it out")

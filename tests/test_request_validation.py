@@ -494,15 +494,29 @@ def test_positional_embed_overrides_from_json_are_refused():
     import torch
     from sglang.srt.managers.embed_types import PositionalEmbeds
 
-    for value in (1, {"positions": [0], "embeds": [[0.1]]}, [[0.1, 0.2]], "x", [None, 3]):
-        items = value if isinstance(value, list) else [value]
-        assert not all(v is None or hasattr(v, "positions") for v in items)  # the scheduler would raise
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    score = PositionalEmbeds(embeds=[torch.zeros(4)], positions=[1])  # as tokenizer_manager_score_mixin builds it
+    # A single prompt's value reaches the scheduler as given: it reads `.positions` of it (a list of None too: [],
+    # [None] were let through once, found by review)
+    for value in (1, {"positions": [0], "embeds": [[0.1]]}, [[0.1, 0.2]], "x", [None, 3], [], [None], [score]):
+        assert not hasattr(value, "positions")  # the scheduler would raise
         assert "positional_embed_overrides" in refused(check_shape, req(input_ids=[5, 6],
                                                                         positional_embed_overrides=value), LIMITS)
-    score = PositionalEmbeds(embeds=[torch.zeros(4)], positions=[1])  # as tokenizer_manager_score_mixin builds it
-    assert hasattr(score, "positions")
-    check_shape(req(input_ids=[[5, 6]], positional_embed_overrides=[score]), LIMITS)
     check_shape(req(input_ids=[5, 6], positional_embed_overrides=score), LIMITS)
+    # A batch's list is indexed per prompt by SGLang's own split (oracle): one entry (object or None) per prompt
+    two = [[5, 6], [7]]
+    for ids, value, ok in (([[5, 6]], [score], True), (two, [None, score], True), (two, score, True),
+                           (two, [score], False), (two, [None, score, None], False), (two, [None, 3], False),
+                           (two, 3, False)):
+        batch = GenerateReqInput(input_ids=ids, positional_embed_overrides=value)
+        if ok:
+            check_shape(batch, LIMITS)
+            batch.normalize_batch_and_arguments()
+            items = [batch[i].positional_embed_overrides for i in range(batch.batch_size)]
+            assert all(v is None or hasattr(v, "positions") for v in items)
+        else:
+            assert "positional_embed_overrides" in refused(check_shape, batch, LIMITS)
 
 
 @pytest.mark.parametrize("fields", [dict(text="hi", extra_key="k"), dict(text="hi", extra_key=["a", "b"]),
