@@ -86,12 +86,12 @@ def register() -> None:
                           _build_m3_pool, HookType.AROUND)
     HookRegistry.register("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
                           _cell_size_with_index_k, HookType.AROUND)
-    # Checkpoint files: every safetensors shard's header against its size before SGLang reads any (a truncated
-    # shard otherwise fails mid-load with a SafetensorError that names no file).
     # SGLang bug (sgl-project/sglang#34719): a `token_ids_logprob` request (or /v1/score) in a batch with a request
     # without one ended the scheduler, every request in flight with it.
     HookRegistry.register("sglang.srt.layers.logprob_processor.get_token_ids_logprobs_raw",
                           _token_ids_logprobs_all_tensors, HookType.AROUND)
+    # Checkpoint files: every safetensors shard's header against its size before SGLang reads any (a truncated
+    # shard otherwise fails mid-load with a SafetensorError that names no file).
     HookRegistry.register("sglang.srt.model_loader.loader.DefaultModelLoader._prepare_weights",
                           _check_checkpoint_files, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs._handle_cuda_graph_config",

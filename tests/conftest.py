@@ -47,16 +47,21 @@ def script_worker(script, flag: str, timeout: float, **env_overrides: str) -> di
 _ports_given: set[int] = set()
 
 
+def ephemeral_port_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's ip_local_port_range; elsewhere IANA's 49152)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:
+        return 49152
+
+
 def free_port() -> int:
     """A free 127.0.0.1 port below the kernel's ephemeral range, not handed out before in this process.
 
     Not the ephemeral port that bind(0) gives: the server binds it only after ~15 s of start-up, and in that window
     the kernel may hand the same port to any outgoing connection or to another server's `get_free_port()` (SGLang's
     nccl_port), which is how CI's stop 32 lost a server to "address already in use"."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except OSError:  # not Linux: the IANA dynamic range starts at 49152
-        low = 49152
+    low = ephemeral_port_low()
     for _ in range(1000):
         port = random.randrange(10000, max(low, 10001))
         if port in _ports_given:

@@ -67,10 +67,8 @@ def test_a_port_taken_during_start_up_fails_at_once_not_after_the_timeout(tmp_pa
 
 def test_test_ports_lie_below_the_ephemeral_range_and_are_not_reused():
     """conftest.free_port: CI's stop 32 lost a server whose bind(0) port went to another socket during start-up."""
-    from pathlib import Path
-
-    from tests.conftest import free_port
+    from tests.conftest import ephemeral_port_low, free_port
 
     ports = [free_port() for _ in range(50)]
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low = ephemeral_port_low()
     assert len(set(ports)) == 50 and all(10000 <= p < low for p in ports)
