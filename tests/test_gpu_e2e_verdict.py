@@ -75,3 +75,32 @@ def test_resolved_attention_reads_what_the_server_logged(tmp_path):
     assert got.startswith("attention_backend='torch_native'; page_size=1; sglang-m3 MSA backend: 3 sparse")
     assert got.endswith("via TorchNativeAttnBackend")
     assert gpu_e2e.resolved_attention("decode_attention_backend=None\nstarting\n") == "not in the log"
+
+
+def test_verdict_counts_only_requested_servers_and_every_failed_one():
+    """A call that asks for ours and the in-tree (session 24's `--servers ours,intree`) is judged on those two: the
+    servers it did not run are not failures, one it ran that failed is, and so is a failed server joined from an
+    earlier call's state. With nothing requested, all four servers are expected."""
+    cons = {"consistency": _consistency(_deltas(288, 0.03, 8))}
+    row = {"mean": 0.03, "max": 0.1}
+    compare = {"ours_vs_intree": [{"len": 300, "prompt": row, "decode": row}]}
+    two = {"ours": cons, "intree": {}}
+    assert gpu_e2e.verdict(compare, two, ["ours", "intree"])["pass"]
+    assert gpu_e2e.verdict(compare, two)["servers_missing_or_failed"] == ["ours_eager", "ours_torch"]
+    broken = {**two, "intree": {"error": "boom"}}
+    assert not gpu_e2e.verdict(compare, broken, ["ours", "intree"])["pass"]
+    earlier = {**two, "ours_eager": {"error": "boom"}}
+    assert gpu_e2e.verdict(compare, earlier, ["ours", "intree"])["servers_missing_or_failed"] == ["ours_eager"]
+    far = {"ours_vs_intree": [{"len": 300, "prompt": {"mean": 0.5, "max": 3.0}, "decode": row}]}
+    assert not gpu_e2e.verdict(far, two, ["ours", "intree"])["pass"]
+
+
+def test_greedy_divergence_finds_the_first_differing_token_and_its_margins():
+    """Oracle: hand-built decodes. Equal tokens report their largest logprob gap; differing ones the first step
+    where the tokens part, each side's top-1 margin there, and the gap only over the steps before it."""
+    a = [(5, -0.10, 2.0), (7, -0.50, 0.01), (9, -1.0, 0.3)]
+    assert gpu_e2e.greedy_divergence(a, a) == {"equal": True, "first_diff": None, "max_dlp_before": 0.0}
+    b = [(5, -0.13, 1.9), (8, -0.51, 0.02), (9, -4.0, 0.3)]
+    got = gpu_e2e.greedy_divergence(a, b)
+    assert (got["equal"], got["first_diff"], got["margins"]) == (False, 1, [0.01, 0.02])
+    assert abs(got["max_dlp_before"] - 0.03) < 1e-9  # step 2's gap (3.0) lies after the divergence
