@@ -94,6 +94,10 @@ def register() -> None:
     # shard otherwise fails mid-load with a SafetensorError that names no file).
     HookRegistry.register("sglang.srt.model_loader.loader.DefaultModelLoader._prepare_weights",
                           _check_checkpoint_files, HookType.AROUND)
+    # /update_weights_from_disk: an unknown load_format, or a checkpoint our strict loader refuses, ended the
+    # server (the first raised in the scheduler; for the second SGLang's rollback re-read the refused checkpoint).
+    HookRegistry.register("sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater."
+                          "update_weights_from_disk", _weight_update_keeps_the_model, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs._handle_cuda_graph_config",
                           _eager_prefill, HookType.AROUND)
     HookRegistry.register("sglang.srt.speculative.draft_utils.DraftBackendFactory.__init__",
@@ -542,6 +546,34 @@ def _token_ids_logprobs_all_tensors(original, logprobs, token_ids_logprobs_list,
     if _m3_served and no_copy and getattr(stage, "name", None) == "DECODE":
         vals = [logprobs.new_empty(0) if isinstance(v, list) and not v else v for v in vals]
     return vals, idxs
+
+
+def _weight_update_keeps_the_model(original, updater, model_path, load_format=None, *args, **kwargs):
+    """WeightUpdater.update_weights_from_disk while M3 is served; returns (success, message) as SGLang's does.
+    A `load_format` that is not a LoadFormat is answered (False, message) before anything is touched (SGLang's
+    LoadConfig raised inside the scheduler). When loading fails, SGLang rolls back by reading
+    `model_config.model_path`, which it has already set to the new checkpoint, so the rollback raises again (our
+    loader refuses a mismatched checkpoint by name, CheckpointMismatchError) and the server ends: here the old path
+    is put back and the weights the server was started with are read again, then (False, the error) is returned."""
+    if not _m3_served:
+        return original(updater, model_path, load_format, *args, **kwargs)
+    from sglang.srt.configs.load_config import LoadFormat
+
+    if isinstance(load_format, str) and load_format.lower() not in {f.value for f in LoadFormat}:
+        return False, (f"load_format {load_format!r} is not one of SGLang's load formats "
+                       f"({', '.join(sorted(f.value for f in LoadFormat))}); the weights are unchanged")
+    old_path = updater.model_config.model_path
+    old_format = updater.get_model_runner().load_config.load_format
+    try:
+        return original(updater, model_path, load_format, *args, **kwargs)
+    except Exception as e:  # (SGLang's rollback itself raised: the model may hold part of the new weights)
+        logger.error("sglang-m3: weight update from %s failed (%s); reloading %s", model_path, e, old_path)
+        updater.model_config.model_path = old_path
+        ok, message = original(updater, old_path, old_format)
+        if not ok:
+            raise RuntimeError(f"weight update from {model_path} failed ({e}) and reloading {old_path} failed too "
+                               f"({message})") from e
+        return False, f"Failed to update weights from {model_path}: {e}. The original weights were reloaded."
 
 
 def _check_checkpoint_files(original, model_loader, *args, **kwargs):

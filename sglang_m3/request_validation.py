@@ -61,6 +61,7 @@ _INT32_FIELDS = ("top_k", "min_new_tokens")
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+SAMPLING_EPS = 1e-6  # sglang/srt/sampling/sampling_params.py _SAMPLING_EPS: a temperature below it means greedy
 # Parallel samples per request. SGLang's tokenizer manager copies a request n times (GenerateReqInput.
 # normalize_batch_and_arguments) with no bound; each copy is a request of its own. One request with n = 10**6 on the
 # tiny CPU server queued ~10**6 requests ahead of every other: the next requests timed out for minutes, and
@@ -210,6 +211,19 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
             if not _is_float32(value):
                 raise M3RequestError(f"sampling_params.logit_bias[{key}]{where} must be a finite float32 number "
                                      f"(|x| <= {_FLOAT32_MAX:.4g}), got {value!r}")
+        # The sampler adds the bias to the logits, then divides by the temperature (sglang/srt/layers/sampler.py)
+        # in float32: a bias that fits can still overflow there to inf, the probabilities become NaN and the
+        # scheduler's multinomial draw raises, ending the server (bias 3e38 at temperature 0.5). Below
+        # SAMPLING_EPS the request is greedy and nothing is divided.
+        temperature = params.get("temperature")
+        temperature = 1.0 if temperature is None else temperature
+        if SAMPLING_EPS <= temperature < 1.0:
+            for key, value in bias.items():
+                if abs(value) / temperature > _FLOAT32_MAX:
+                    raise M3RequestError(
+                        f"sampling_params.logit_bias[{key}]{where} = {value!r} divided by temperature "
+                        f"{temperature!r} leaves the float32 range the sampler works in (|bias| / temperature "
+                        f"<= {_FLOAT32_MAX:.4g})")
     custom = params.get("custom_params")
     if custom is not None and not isinstance(custom, dict):
         raise M3RequestError(f"sampling_params.custom_params{where} must be a JSON object")
@@ -229,6 +243,13 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
         _check_grammar_regex(params["regex"], f"sampling_params.regex{where}", grammar_backend)
     if grammars and grammar_refusal:
         raise M3RequestError(grammar_refusal)
+    # min_new_tokens masks the stop tokens until that many are out; once a grammar's match is complete it allows
+    # only those, so every token is masked, the probabilities are NaN and the scheduler's multinomial draw raises,
+    # ending the server (regex "a" with min_new_tokens 5). Whether a grammar can end early is not decidable here.
+    if grammars and (params.get("min_new_tokens") or 0) > 0:
+        raise M3RequestError(f"sampling_params{where}: min_new_tokens cannot be combined with {grammars[0]}: once "
+                             "the grammar's match is complete only a stop token is allowed, which min_new_tokens "
+                             "forbids (leave min_new_tokens out, or make the grammar ask for the length)")
 
 
 def _check_grammar_regex(pattern: str, field: str, grammar_backend: Optional[str]) -> None:

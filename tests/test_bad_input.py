@@ -273,3 +273,49 @@ def test_token_ids_logprob_beside_a_running_request_keeps_the_server(start_serve
         assert max(abs(x[0] - y[0]) for x, y in zip(a, b)) < 1e-4, (a, b)
     with urllib.request.urlopen(server.url + "/health_generate", timeout=120) as r:
         assert r.status == 200
+
+
+def test_sampling_that_would_leave_no_token_is_refused_and_the_server_answers_as_before(start_server, flat):
+    """Two requests a breaker found to end the scheduler, every request in flight with it: a logit_bias that fits
+    float32 but overflows once the sampler divides by a temperature below 1 (NaN probabilities, multinomial
+    raises), and a grammar whose match ends before min_new_tokens (every token masked). Both are now a 400 naming
+    the fields; the server then answers a reference request with the same bits."""
+    server = start_server(flat, "--context-length", "1024")
+    before = _reference(server)
+    for body, words in (
+            ({"text": "Hi", "sampling_params": {"max_new_tokens": 4, "temperature": 0.5, "logit_bias": {"65": 3e38}}},
+             ["logit_bias[65]", "temperature 0.5", "float32"]),
+            ({"text": "Hello there", "sampling_params": {"max_new_tokens": 8, "regex": "a", "min_new_tokens": 5}},
+             ["min_new_tokens", "regex"])):
+        status, out = _post(server, "/generate", body)
+        assert status == 400 and all(w in out["error"]["message"] for w in words), (body, status, out)
+    status, out = _post(server, "/v1/chat/completions", {"model": "x", "max_tokens": 4, "temperature": 0.5,
+                                                         "messages": [{"role": "user", "content": "Hi"}],
+                                                         "logit_bias": {"65": 3e38}})
+    assert status == 400 and "logit_bias[65]" in json.dumps(out), out
+    # the same bias at temperature 1 is served (the sampler's float32 holds it)
+    status, out = _post(server, "/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2,
+                                                                               "logit_bias": {"65": 3e38}}})
+    assert status == 200 and out["meta_info"]["completion_tokens"] == 2, out
+    assert _reference(server) == before
+
+
+def test_weight_update_from_a_refused_checkpoint_keeps_the_server_and_its_weights(start_server, flat, tmp_path):
+    """/update_weights_from_disk with a checkpoint our loader refuses (an extra tensor, every other one changed)
+    ended the server: SGLang's rollback re-read the new path. Now it is a 400 naming the tensor, the original
+    weights are back (a reference request gives the same bits as before), and an unknown load_format is a 400
+    that touches nothing."""
+    import torch
+
+    server = start_server(flat, "--context-length", "1024")
+    before = _reference(server)
+    scaled = {name: t * 1.5 for name, t in load_file(flat / "model.safetensors").items()}
+    ckpt = broken_copy(flat, tmp_path / "ckpt",
+                       add={**scaled, "model.layers.1.self_attn.index_v_proj.weight": torch.zeros(32, 128)})
+    status, out = _post(server, "/update_weights_from_disk", {"model_path": str(ckpt)})
+    assert status == 400 and not out["success"], out
+    assert "index_v_proj" in out["message"] and "original weights were reloaded" in out["message"], out
+    assert _reference(server) == before
+    status, out = _post(server, "/update_weights_from_disk", {"model_path": str(flat), "load_format": "bogus"})
+    assert status == 400 and "'bogus'" in out["message"] and "load format" in out["message"], out
+    assert _reference(server) == before

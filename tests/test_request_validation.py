@@ -9,7 +9,7 @@ import json
 import pytest
 
 from sglang_m3.request_validation import (Limits, M3RequestError, check_batch, check_request, check_sampling_params,
-                                          check_shape, check_token_ids)
+                                          SAMPLING_EPS, check_shape, check_token_ids)
 
 LIMITS = Limits(vocab_size=512)
 
@@ -116,6 +116,9 @@ def test_a_check_after_tokenization_names_the_batch_item():
     ({"logit_bias": {"512": 1.0}}, ["logit_bias", "512", "vocabulary"]),
     ({"logit_bias": {"x": 1.0}}, ["logit_bias", "'x'", "not a token id"]),
     ({"logit_bias": [1]}, ["logit_bias", "object"]),
+    ({"logit_bias": {"5": -3e38}, "temperature": 0.5}, ["logit_bias[5]", "temperature 0.5", "float32"]),
+    ({"regex": "a", "min_new_tokens": 5}, ["min_new_tokens", "regex", "stop token"]),
+    ({"json_schema": "{}", "min_new_tokens": 1}, ["min_new_tokens", "json_schema"]),
     ({"tempreature": 0}, ["unknown", "tempreature"]),
     ({"regex": "(ab"}, ["regex", "regular expression"]),
     ({"regex": "(" * 500 + "a" + ")" * 500}, ["regex", "RecursionError", "1001 characters"]),
@@ -163,6 +166,29 @@ def test_sampler_tensor_bounds_are_the_tensors_own():
             elif not fits:
                 msg = refused(check_sampling_params, params, 512)
                 assert field in msg and "float32" in msg, msg
+
+
+def test_logit_bias_bound_is_the_samplers_float32_after_the_temperature():
+    """Oracle: the sampler's own arithmetic in float32 (sglang/srt/layers/sampler.py: bias added to the logits, then
+    divided by the temperature). A bias is accepted exactly when every logit stays finite; a temperature below
+    SAMPLING_EPS is greedy (nothing divided) and takes any bias that fits float32. Values away from the boundary,
+    where float64 (ours) and float32 (the sampler's) division agree."""
+    import torch
+    from sglang.srt.sampling.sampling_params import _SAMPLING_EPS
+
+    assert SAMPLING_EPS == _SAMPLING_EPS
+    for value in (3e38, -3e38, 1e38, 2e38, 3.3e38, 1e30, 1e33, 7.0):
+        for temperature in (1.0, 0.9, 0.5, 1e-6, 0.0, 1e-7, 2.0):
+            params = {"logit_bias": {"5": value}, "temperature": temperature}
+            logits = torch.zeros(8, dtype=torch.float32)
+            logits[5] += value
+            if temperature >= SAMPLING_EPS:
+                logits /= temperature
+            if bool(torch.isfinite(logits).all()):
+                check_sampling_params(params, 512)
+            else:
+                msg = refused(check_sampling_params, params, 512)
+                assert "logit_bias[5]" in msg and f"temperature {temperature!r}" in msg, msg
 
 
 def test_integer_messages_fit_the_field():
