@@ -311,8 +311,10 @@ def _request_limits(tokenizer_manager, obj):
     if not isinstance(obj, GenerateReqInput) or not _is_m3(model_config.hf_config):
         return None
     server_args = tokenizer_manager.server_args
+    preferred = server_args.preferred_sampling_params
     return Limits(vocab_size=model_config.vocab_size, grammar_refusal=_grammar_refusal(server_args),
-                  grammar_backend=server_args.grammar_backend)
+                  grammar_backend=server_args.grammar_backend,
+                  preferred_sampling_params=preferred if isinstance(preferred, dict) else None)
 
 
 def _grammar_refusal(server_args) -> str | None:

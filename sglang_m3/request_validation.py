@@ -39,11 +39,14 @@ class M3RequestError(ValueError):
 class Limits:
     """What the served model accepts: ids in [0, vocab_size); `grammar_refusal`: why this server cannot constrain
     decoding (None: it can), the message a grammar request gets; `grammar_backend`: the server's
-    --grammar-backend, whose own parser judges a `regex` grammar where we can call it (llguidance)."""
+    --grammar-backend, whose own parser judges a `regex` grammar where we can call it (llguidance);
+    `preferred_sampling_params`: the server's --preferred-sampling-params, under each request's own (a temperature
+    there bounds a request's logit_bias as its own would)."""
 
     vocab_size: int
     grammar_refusal: Optional[str] = None
     grammar_backend: Optional[str] = None
+    preferred_sampling_params: Optional[dict] = None
 
 
 # SamplingParams (sglang/srt/sampling/sampling_params.py) API fields by the type it needs; None means "default".
@@ -415,7 +418,10 @@ def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None
         if not req.text:
             raise M3RequestError(f"text{_where(item)} is empty: a prompt needs at least one token")
         prompt_len = None
-    check_sampling_params(req.sampling_params, limits.vocab_size, item, limits.grammar_refusal, limits.grammar_backend)
+    params = req.sampling_params
+    if limits.preferred_sampling_params and (params is None or isinstance(params, dict)):
+        params = {**limits.preferred_sampling_params, **(params or {})}  # as SGLang merges them (tokenizer manager)
+    check_sampling_params(params, limits.vocab_size, item, limits.grammar_refusal, limits.grammar_backend)
     check_logprob_params(req, prompt_len, limits.vocab_size, item)
 
 

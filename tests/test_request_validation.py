@@ -191,6 +191,18 @@ def test_logit_bias_bound_is_the_samplers_float32_after_the_temperature():
                 assert "logit_bias[5]" in msg and f"temperature {temperature!r}" in msg, msg
 
 
+def test_preferred_sampling_params_count_as_the_requests_own():
+    """SGLang merges --preferred-sampling-params under each request's sampling_params before the scheduler sees them
+    (TokenizerManager: {**preferred, **request}); a preferred temperature of 0.5 therefore bounds a request's
+    logit_bias as its own would, and the request's own temperature still wins."""
+    limits = Limits(vocab_size=512, preferred_sampling_params={"temperature": 0.5})
+    body = dict(input_ids=[5, 6], sampling_params={"max_new_tokens": 2, "logit_bias": {"5": 3e38}})
+    assert "temperature 0.5" in refused(check_request, req(**body), limits, [5, 6], tokenized=True)
+    check_request(req(**body), LIMITS, [5, 6], tokenized=True)
+    own = dict(body, sampling_params={**body["sampling_params"], "temperature": 1.0})
+    check_request(req(**own), limits, [5, 6], tokenized=True)
+
+
 def test_integer_messages_fit_the_field():
     """The top_k hint appears for top_k only; an integer literal beyond 64 bits, which SGLang's JSON parsing hands
     over as a float (seen on a served request: sampling_seed 2**70 arrived as 1.1805916207174113e+21), is called out
