@@ -99,11 +99,13 @@ def greedy_divergence(a: list[tuple[int, float, float]], b: list[tuple[int, floa
     side's top-1 margin there (a near-tie when small: bf16 noise on this model is ~0.01-0.05 nats), and the largest
     |Δ logprob| of the tokens before it (0.0 for bit-identical decode steps)."""
     first = next((i for i, (x, y) in enumerate(zip(a, b)) if x[0] != y[0]), None)
+    if first is None and len(a) != len(b):
+        first = min(len(a), len(b))  # one decode stopped early: they part where it ends
     same = a[:first] if first is not None else a
     row = {"equal": first is None, "first_diff": first,
            "max_dlp_before": round(max((abs(x[1] - y[1]) for x, y in zip(same, b)), default=0.0), 5)}
-    if first is not None:
-        row["margins"] = [round(a[first][2], 4), round(b[first][2], 4)]
+    if first is not None:  # (rows of a state file written before margins were kept have two fields: no margin)
+        row["margins"] = [round(r[first][2], 4) if first < len(r) and len(r[first]) > 2 else None for r in (a, b)]
     return row
 
 
@@ -277,8 +279,9 @@ def markdown(results: dict) -> str:
             else:
                 lines.append(f"| {name} | batched greedy tokens equal | {row['batch_greedy_tokens_equal']} | |")
                 for plen, g in zip(PROMPT_LENS, row.get("batch_greedy", [])):
+                    margins = " / ".join("-" if m is None else f"{m:.3f}" for m in g.get("margins", []))
                     where = ("equal" if g["equal"] else f"first differ at decode step {g['first_diff']}, top-1 "
-                             f"margins {g['margins'][0]:.3f} / {g['margins'][1]:.3f} nats")
+                             f"margins {margins} nats")
                     lines.append(f"| {name} | batched greedy {plen} | {where}; max |Δ logprob| before: "
                                  f"{g['max_dlp_before']:.4f} | |")
     lines += ["", "Each server against itself (mean over prompts of mean |Δ| / largest max; see consistency()):", "",

@@ -552,30 +552,44 @@ def _token_ids_logprobs_all_tensors(original, logprobs, token_ids_logprobs_list,
 
 def _weight_update_keeps_the_model(original, updater, model_path, load_format=None, *args, **kwargs):
     """WeightUpdater.update_weights_from_disk while M3 is served; returns (success, message) as SGLang's does.
-    A `load_format` that is not a LoadFormat is answered (False, message) before anything is touched (SGLang's
-    LoadConfig raised inside the scheduler). When loading fails, SGLang rolls back by reading
-    `model_config.model_path`, which it has already set to the new checkpoint, so the rollback raises again (our
-    loader refuses a mismatched checkpoint by name, CheckpointMismatchError) and the server ends: here the old path
-    is put back and the weights the server was started with are read again, then (False, the error) is returned."""
+
+    A `load_format` whose loader is not SGLang's DefaultModelLoader (the only one it updates from; an unknown name
+    raised inside the scheduler and ended the server) is answered (False, message) before anything is touched.
+    SGLang sets `model_config.model_path` to the new checkpoint before loading and leaves it there when the update
+    fails; its rollback after a failed load reads that path, so it raises again (our loader refuses a mismatched
+    checkpoint by name, CheckpointMismatchError) and the server ended. Here a failed update puts the old path and
+    the runner's LoadConfig back, and one that raised has the served weights read again; (False, the error) is
+    returned."""
     if not _m3_served:
         return original(updater, model_path, load_format, *args, **kwargs)
-    from sglang.srt.configs.load_config import LoadFormat
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.model_loader.loader import DefaultModelLoader, get_model_loader
 
-    if isinstance(load_format, str) and load_format.lower() not in {f.value for f in LoadFormat}:
-        return False, (f"load_format {load_format!r} is not one of SGLang's load formats "
-                       f"({', '.join(sorted(f.value for f in LoadFormat))}); the weights are unchanged")
-    old_path = updater.model_config.model_path
-    old_format = updater.get_model_runner().load_config.load_format
     try:
-        return original(updater, model_path, load_format, *args, **kwargs)
+        loader = get_model_loader(LoadConfig(load_format=load_format), updater.model_config)
+    except Exception as e:  # (an unknown name: LoadFormat's ValueError)
+        return False, f"load_format {load_format!r}: {e}; the weights are unchanged"
+    if not isinstance(loader, DefaultModelLoader):
+        return False, (f"load_format {load_format!r} gives {type(loader).__name__}; weights are updated from disk "
+                       "only through SGLang's DefaultModelLoader (e.g. auto, safetensors, pt); the weights are "
+                       "unchanged")
+    runner = updater.get_model_runner()
+    old_path, old_load_config = updater.model_config.model_path, runner.load_config
+    try:
+        ok, message = original(updater, model_path, load_format, *args, **kwargs)
     except Exception as e:  # (SGLang's rollback itself raised: the model may hold part of the new weights)
         logger.error("sglang-m3: weight update from %s failed (%s); reloading %s", model_path, e, old_path)
         updater.model_config.model_path = old_path
-        ok, message = original(updater, old_path, old_format)
+        ok, reload_message = original(updater, old_path, old_load_config.load_format)
+        runner.load_config = old_load_config
         if not ok:
             raise RuntimeError(f"weight update from {model_path} failed ({e}) and reloading {old_path} failed too "
-                               f"({message})") from e
+                               f"({reload_message})") from e
         return False, f"Failed to update weights from {model_path}: {e}. The original weights were reloaded."
+    if not ok:
+        updater.model_config.model_path = old_path
+        runner.load_config = old_load_config
+    return ok, message
 
 
 def _check_checkpoint_files(original, model_loader, *args, **kwargs):

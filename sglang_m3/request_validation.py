@@ -250,9 +250,11 @@ def check_sampling_params(params: Any, vocab_size: int, item: Optional[int] = No
     # only those, so every token is masked, the probabilities are NaN and the scheduler's multinomial draw raises,
     # ending the server (regex "a" with min_new_tokens 5). Whether a grammar can end early is not decidable here.
     if grammars and (params.get("min_new_tokens") or 0) > 0:
-        raise M3RequestError(f"sampling_params{where}: min_new_tokens cannot be combined with {grammars[0]}: once "
-                             "the grammar's match is complete only a stop token is allowed, which min_new_tokens "
-                             "forbids (leave min_new_tokens out, or make the grammar ask for the length)")
+        raise M3RequestError(f"sampling_params{where}: min_new_tokens (min_tokens on the OpenAI routes) cannot be "
+                             f"combined with a grammar ({grammars[0]}; also what response_format, a strict tool or "
+                             "tool_choice 'required' or a named function ask for): once the grammar's match is "
+                             "complete only a stop token is allowed, which min_new_tokens forbids (leave "
+                             "min_new_tokens out, or make the grammar ask for the length)")
 
 
 def _check_grammar_regex(pattern: str, field: str, grammar_backend: Optional[str]) -> None:
@@ -418,10 +420,15 @@ def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None
         if not req.text:
             raise M3RequestError(f"text{_where(item)} is empty: a prompt needs at least one token")
         prompt_len = None
-    params = req.sampling_params
-    if limits.preferred_sampling_params and (params is None or isinstance(params, dict)):
-        params = {**limits.preferred_sampling_params, **(params or {})}  # as SGLang merges them (tokenizer manager)
-    check_sampling_params(params, limits.vocab_size, item, limits.grammar_refusal, limits.grammar_backend)
+    own = req.sampling_params
+    check_sampling_params(own, limits.vocab_size, item, limits.grammar_refusal, limits.grammar_backend)
+    if limits.preferred_sampling_params and (own is None or isinstance(own, dict)):
+        merged = {**limits.preferred_sampling_params, **(own or {})}  # as SGLang merges them (tokenizer manager)
+        try:
+            check_sampling_params(merged, limits.vocab_size, item, limits.grammar_refusal, limits.grammar_backend)
+        except M3RequestError as e:  # the request alone passed: say where the other value came from
+            raise M3RequestError(f"{e} (with the server's --preferred-sampling-params "
+                                 f"{json.dumps(limits.preferred_sampling_params)})") from None
     check_logprob_params(req, prompt_len, limits.vocab_size, item)
 
 

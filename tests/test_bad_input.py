@@ -303,12 +303,16 @@ def test_sampling_that_would_leave_no_token_is_refused_and_the_server_answers_as
 def test_weight_update_from_a_refused_checkpoint_keeps_the_server_and_its_weights(start_server, flat, tmp_path):
     """/update_weights_from_disk with a checkpoint our loader refuses (an extra tensor, every other one changed)
     ended the server: SGLang's rollback re-read the new path. Now it is a 400 naming the tensor, the original
-    weights are back (a reference request gives the same bits as before), and an unknown load_format is a 400
-    that touches nothing."""
+    weights are back (a reference request gives the same bits as before), also after an earlier failed update; an
+    unknown load_format, or one whose loader SGLang cannot update from, is a 400 that touches nothing."""
     import torch
 
     server = start_server(flat, "--context-length", "1024")
     before = _reference(server)
+    # first a failure SGLang answers itself (no such path) but which left its model_path on the new path, so that
+    # the next failed update's rollback read that one (a reviewer's sequence)
+    status, out = _post(server, "/update_weights_from_disk", {"model_path": str(tmp_path / "nowhere")})
+    assert status == 400 and not out["success"], out
     scaled = {name: t * 1.5 for name, t in load_file(flat / "model.safetensors").items()}
     ckpt = broken_copy(flat, tmp_path / "ckpt",
                        add={**scaled, "model.layers.1.self_attn.index_v_proj.weight": torch.zeros(32, 128)})
@@ -316,6 +320,7 @@ def test_weight_update_from_a_refused_checkpoint_keeps_the_server_and_its_weight
     assert status == 400 and not out["success"], out
     assert "index_v_proj" in out["message"] and "original weights were reloaded" in out["message"], out
     assert _reference(server) == before
-    status, out = _post(server, "/update_weights_from_disk", {"model_path": str(flat), "load_format": "bogus"})
-    assert status == 400 and "'bogus'" in out["message"] and "load format" in out["message"], out
+    for fmt, words in (("bogus", ["'bogus'", "not a valid LoadFormat"]), ("dummy", ["DummyModelLoader"])):
+        status, out = _post(server, "/update_weights_from_disk", {"model_path": str(flat), "load_format": fmt})
+        assert status == 400 and all(w in out["message"] for w in words), out
     assert _reference(server) == before

@@ -104,3 +104,7 @@ def test_greedy_divergence_finds_the_first_differing_token_and_its_margins():
     got = gpu_e2e.greedy_divergence(a, b)
     assert (got["equal"], got["first_diff"], got["margins"]) == (False, 1, [0.01, 0.02])
     assert abs(got["max_dlp_before"] - 0.03) < 1e-9  # step 2's gap (3.0) lies after the divergence
+    short = gpu_e2e.greedy_divergence(a, a[:2])  # one side stopped early: not equal, parted where it ended
+    assert (short["equal"], short["first_diff"], short["margins"]) == (False, 2, [0.3, None])
+    old = [(t, lp) for t, lp, _ in b]  # a state file's rows from before margins were kept
+    assert gpu_e2e.greedy_divergence(a, old)["margins"] == [0.01, None]

@@ -197,7 +197,8 @@ def test_preferred_sampling_params_count_as_the_requests_own():
     logit_bias as its own would, and the request's own temperature still wins."""
     limits = Limits(vocab_size=512, preferred_sampling_params={"temperature": 0.5})
     body = dict(input_ids=[5, 6], sampling_params={"max_new_tokens": 2, "logit_bias": {"5": 3e38}})
-    assert "temperature 0.5" in refused(check_request, req(**body), limits, [5, 6], tokenized=True)
+    msg = refused(check_request, req(**body), limits, [5, 6], tokenized=True)
+    assert "temperature 0.5" in msg and "--preferred-sampling-params" in msg, msg
     check_request(req(**body), LIMITS, [5, 6], tokenized=True)
     own = dict(body, sampling_params={**body["sampling_params"], "temperature": 1.0})
     check_request(req(**own), limits, [5, 6], tokenized=True)
