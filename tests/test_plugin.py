@@ -345,7 +345,8 @@ def test_request_limits_carry_the_servers_grammar_backend():
 
     for backend in ("llguidance", "xgrammar"):
         tm = NS(model_config=NS(hf_config=NS(architectures=[TEXT_ARCH]), vocab_size=512),
-                server_args=NS(grammar_backend=backend, reasoning_parser=None))
+                server_args=NS(grammar_backend=backend, reasoning_parser=None,
+                                preferred_sampling_params=None))
         limits = _request_limits(tm, GenerateReqInput(text="hi"))
         assert (limits.vocab_size, limits.grammar_backend, limits.grammar_refusal) == (512, backend, None)
     tm.model_config.hf_config.architectures = ["LlamaForCausalLM"]
