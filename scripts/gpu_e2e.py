@@ -43,6 +43,7 @@ DECODE_TOKENS = 48
 # measured mean 0.10 / max 4.9 (GPU_RESULTS.md), our CPU bf16 path mean 0.08; the bug this script once caught
 # gave mean 2. Maxima are reported, not judged: one near-tied routing flip moves a position by several nats.
 MEAN_TOL = 0.15
+SERVERS = ("ours", "ours_eager", "ours_torch", "intree")  # the module docstring's servers; --servers' default
 _FLAGS = ["--trust-remote-code", "--cuda-graph-max-bs", "16", "--mem-fraction-static", "0.5", "--max-running-requests",
           "16", "--disable-prefill-cuda-graph"]
 
@@ -143,7 +144,7 @@ def noise_and_flips(deltas: list[float]) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_e2e"))
-    ap.add_argument("--servers", default="ours,ours_eager,ours_torch,intree")
+    ap.add_argument("--servers", default=",".join(SERVERS))
     # Servers of one comparison may run in separate device calls (each call is time-limited): their scores
     # and the shared teacher-forced tokens persist here between calls on the same host.
     ap.add_argument("--state", default="/tmp/m3_gpu_e2e_state.json")
@@ -260,7 +261,7 @@ def verdict(compare: dict, servers: dict, requested=None) -> dict:
             if "flips" in cons[k]:
                 checks[f"ours {k} noise"] = (cons[k]["mean_without_flips"] or 0.0) <= NOISE_TOL
                 checks[f"ours {k} flips"] = cons[k]["flips"] <= FLIP_RATE * cons[k]["positions"]
-    wanted = set(requested or ("ours", "ours_eager", "ours_torch", "intree")) | set(servers)
+    wanted = set(requested or SERVERS) | set(servers)
     missing = sorted(s for s in wanted if "error" in servers.get(s, {"error": 1}))
     return {"pass": bool(checks) and all(checks.values()) and not missing, "checks": checks,
             "servers_missing_or_failed": missing, "mean_tol": MEAN_TOL}

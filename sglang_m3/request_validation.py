@@ -421,14 +421,17 @@ def check_request(req, limits: Limits, input_ids: Optional[Sequence[int]] = None
             raise M3RequestError(f"text{_where(item)} is empty: a prompt needs at least one token")
         prompt_len = None
     own = req.sampling_params
-    check_sampling_params(own, limits.vocab_size, item, limits.grammar_refusal, limits.grammar_backend)
+    check = lambda params: check_sampling_params(  # noqa: E731
+        params, limits.vocab_size, item, limits.grammar_refusal, limits.grammar_backend)
     if limits.preferred_sampling_params and (own is None or isinstance(own, dict)):
-        merged = {**limits.preferred_sampling_params, **(own or {})}  # as SGLang merges them (tokenizer manager)
-        try:
-            check_sampling_params(merged, limits.vocab_size, item, limits.grammar_refusal, limits.grammar_backend)
-        except M3RequestError as e:  # the request alone passed: say where the other value came from
+        try:  # what the scheduler will see: SGLang merges them so (tokenizer manager)
+            check({**limits.preferred_sampling_params, **(own or {})})
+        except M3RequestError as e:
+            check(own)  # the request's own fault is reported as its own
             raise M3RequestError(f"{e} (with the server's --preferred-sampling-params "
                                  f"{json.dumps(limits.preferred_sampling_params)})") from None
+    else:
+        check(own)
     check_logprob_params(req, prompt_len, limits.vocab_size, item)
 
 
